@@ -1,0 +1,316 @@
+"""Bit-packed binary codes and exact Hamming ranking, in jitted `jnp` bitwise ops.
+
+Contract (relied on by every metric and by `search`):
+
+* A K-bit code is packed into `ceil(K / 32)` uint32 words, bit `b` of the code in
+  bit `b % 32` (least significant first) of word `b // 32`. Unused high bits of the
+  last word are zero in every code, so they never add to a distance.
+* The ranking of a database for a query is by Hamming distance, ties broken by the
+  lower database index (a stable order). `hamming_topk`, `HammingIndex.search` and
+  the full rankings of `rshash_jax.metrics` all give exactly this order.
+
+How the top-k stays exact and fast on CPU: `lax.top_k` is fast only on float32 (on
+integers it falls back to a full sort), and distances are small integers. So each
+database chunk is cut into groups of L items; one fused pass computes, per group, the
+minimum of the composite key `distance * L + offset`. The k best items of a chunk
+always lie in the k groups whose minimum (distance, index) is smallest (an item
+outside those groups has k better group minima before it), so a `top_k` over the
+group keys and a second one over the gathered k * L candidates are exact. Both run
+on float32 keys `distance * M + position` that are unique and below 2^24, hence
+exact; where a shape would break that bound, an exact two-key sort is used instead.
+The database is sharded by rows across the devices of a ('data',) mesh; each device
+ranks its shard and the per-device lists are merged with the same exact selection.
+"""
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rshash_jax import sharding
+
+WORD_BITS = 32
+_F32_EXACT = 1 << 24  # integers below this are exact in float32
+
+
+def num_words(bits: int) -> int:
+  """Number of uint32 words that hold a `bits`-bit code."""
+  return -(-int(bits) // WORD_BITS)
+
+
+def pack_codes(codes, *, binary: Optional[bool] = None) -> np.ndarray:
+  """Packs codes [N, K] into uint32 words [N, ceil(K / 32)] (LSB-first bit order).
+
+  Args:
+    codes: array [N, K], N >= 0, K >= 1: real-valued network outputs, {-1, +1}
+      codes, or {0, 1} / boolean codes.
+    binary: how a value becomes a bit. False: bit set where value >= 0 (so real
+      outputs and {-1, +1} codes: 0 counts as +1, never a "zero bit"). True: bit set
+      where value == 1 ({0, 1} input; other values are an error). None (default):
+      True for boolean arrays and for arrays whose values are all 0 or 1 with at
+      least one 0 and no negative, else False. Pass it explicitly when in doubt.
+
+  Returns:
+    np.ndarray of dtype uint32 and shape [N, ceil(K / 32)].
+  """
+  arr = np.asarray(codes)
+  if arr.ndim != 2:
+    raise ValueError(f"codes must be a 2-D array [N, K], got shape {arr.shape}")
+  if arr.shape[1] < 1:
+    raise ValueError("codes must have at least one bit (K >= 1), got K = 0")
+  if arr.dtype == bool:
+    bits = arr
+  else:
+    if not (np.issubdtype(arr.dtype, np.number)):
+      raise TypeError(f"codes must be numeric or boolean, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
+      raise ValueError("codes contain NaN or infinity; cannot take their sign")
+    if binary is None:
+      binary = bool(arr.size) and bool(np.isin(arr, (0, 1)).all()) and bool((arr == 0).any())
+    if binary:
+      if arr.size and not np.isin(arr, (0, 1)).all():
+        raise ValueError("binary=True needs codes in {0, 1}; found other values")
+      bits = arr == 1
+    else:
+      bits = arr >= 0
+  n, k = bits.shape
+  packed8 = np.packbits(bits, axis=1, bitorder="little")
+  pad = num_words(k) * 4 - packed8.shape[1]
+  if pad:
+    packed8 = np.pad(packed8, ((0, 0), (0, pad)))
+  return np.ascontiguousarray(packed8).view("<u4").astype(np.uint32, copy=False).reshape(n, -1)
+
+
+def pack_signs(x: jax.Array) -> jax.Array:
+  """In-graph packing of real values [..., K] (bit set where x >= 0) -> uint32 [..., W].
+
+  Same layout as `pack_codes`; use it inside jitted encoders so that only the
+  packed words (32x smaller than float codes) leave the device.
+  """
+  k = x.shape[-1]
+  w = num_words(k)
+  bits = (x >= 0).astype(jnp.uint32)
+  bits = jnp.pad(bits, [(0, 0)] * (x.ndim - 1) + [(0, w * WORD_BITS - k)])
+  bits = bits.reshape(x.shape[:-1] + (w, WORD_BITS))
+  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+  return jnp.sum(jnp.left_shift(bits, shifts), axis=-1, dtype=jnp.uint32)
+
+
+def unpack_codes(packed, bits: int) -> np.ndarray:
+  """Inverse of `pack_codes`: uint32 [N, W] -> int8 codes in {-1, +1} of shape [N, bits]."""
+  packed = check_packed("packed", packed, allow_empty=True)
+  if not 1 <= bits <= packed.shape[1] * WORD_BITS:
+    raise ValueError(f"bits={bits} does not fit {packed.shape[1]} uint32 words")
+  as8 = np.ascontiguousarray(packed.astype("<u4")).view(np.uint8)
+  b = np.unpackbits(as8, axis=1, bitorder="little")[:, :bits]
+  return (b.astype(np.int8) * 2 - 1)
+
+
+def check_packed(name: str, arr, *, allow_empty: bool = False) -> np.ndarray:
+  """Validates a packed code array and returns it as a host uint32 ndarray."""
+  a = np.asarray(arr)
+  if a.ndim != 2:
+    raise ValueError(f"{name} must be packed codes [N, W], got shape {a.shape}")
+  if a.dtype != np.uint32:
+    raise TypeError(f"{name} must be uint32 packed codes (see pack_codes), got dtype {a.dtype}")
+  if a.shape[1] < 1:
+    raise ValueError(f"{name} has no code words (W = 0)")
+  if not allow_empty and a.shape[0] == 0:
+    raise ValueError(f"{name} is empty (0 codes)")
+  return a
+
+
+def _check_pair(q, db) -> Tuple[np.ndarray, np.ndarray]:
+  q = check_packed("q_packed", q)
+  db = check_packed("db_packed", db)
+  if q.shape[1] != db.shape[1]:
+    raise ValueError(
+        f"code length mismatch: queries have {q.shape[1]} words "
+        f"({q.shape[1] * 32} bits max), database {db.shape[1]} words")
+  return q, db
+
+
+def _popcount_sum(pairs) -> jax.Array:
+  """Sum over words of popcount(a ^ b), for (a, b) pairs that broadcast together."""
+  total = None
+  for a, b in pairs:
+    c = lax.population_count(jnp.bitwise_xor(a, b)).astype(jnp.int32)
+    total = c if total is None else total + c
+  return total
+
+
+@jax.jit
+def _distances(q: jax.Array, db: jax.Array) -> jax.Array:
+  w = q.shape[1]
+  return _popcount_sum((q[:, None, i], db[None, :, i]) for i in range(w))
+
+
+def hamming_distances(q_packed, db_packed) -> jax.Array:
+  """All Hamming distances between packed queries [Q, W] and database [N, W] -> int32 [Q, N].
+
+  Jitted XOR + population_count. It materialises Q x N distances: for large N use
+  `hamming_topk` (bounded memory) instead.
+  """
+  q, db = _check_pair(q_packed, db_packed)
+  return _distances(jnp.asarray(q), jnp.asarray(db))
+
+
+def _select_k(d: jax.Array, idx: jax.Array, k: int, max_key: int) -> Tuple[jax.Array, jax.Array]:
+  """Exact k smallest by (d, idx) along the last axis, where idx ascends along it.
+
+  `max_key` bounds d. Uses float32 `top_k` on unique composite keys when they are
+  exact in float32, otherwise a two-key sort.
+  """
+  m = d.shape[-1]
+  if k > m:
+    raise ValueError(f"internal: selecting {k} of {m}")
+  if (max_key + 1) * m < _F32_EXACT:
+    key = (d * m + jnp.arange(m, dtype=jnp.int32)).astype(jnp.float32)
+    _, pos = lax.top_k(-key, k)
+    return jnp.take_along_axis(d, pos, axis=-1), jnp.take_along_axis(idx, pos, axis=-1)
+  d_sorted, idx_sorted = lax.sort((d, idx), dimension=d.ndim - 1, num_keys=2)
+  return d_sorted[..., :k], idx_sorted[..., :k]
+
+
+def _plan(bits_max: int, k: int, n_local: int, chunk_target: int) -> Tuple[int, int]:
+  """Chooses (chunk, group) sizes: powers of two with float32-exact keys.
+
+  Selection work per chunk is about G + k * L with G = chunk / L groups, smallest
+  at L ~ sqrt(chunk / k); larger chunks mean fewer selection rounds.
+  """
+  sentinel = bits_max + 1
+  chunk = min(chunk_target, 1 << max(0, math.ceil(math.log2(max(n_local, 1)))))
+  while True:
+    group = 1 << max(0, round(math.log2(max(1.0, math.sqrt(chunk / k)))))
+    group = min(group, chunk)
+    n_groups = chunk // group
+    kg = min(k, n_groups)
+    if ((sentinel + 1) * n_groups < _F32_EXACT and (sentinel + 1) * kg * group < _F32_EXACT) or chunk == 1:
+      return chunk, group
+    chunk //= 2
+
+
+def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices):
+  """Per-device body: exact top-k of one database shard, merged over devices."""
+  w, n_local = db_t.shape
+  qn = q.shape[0]
+  sentinel = w * WORD_BITS + 1
+  n_groups = chunk // group
+  kg = min(k, n_groups)
+  kc = min(k, chunk)
+  base = lax.axis_index(sharding.DATA_AXIS) * n_local
+  offs = jnp.arange(group, dtype=jnp.int32)
+
+  def one_chunk(c, best):
+    start = c * chunk
+    block = lax.dynamic_slice_in_dim(db_t, start, chunk, axis=1).reshape(w, n_groups, group)
+    first = base + start
+    if kg == n_groups:  # every group survives: rank the whole chunk directly
+      pos = first + jnp.arange(chunk, dtype=jnp.int32)
+      d = _popcount_sum((q[:, i, None], block[i].reshape(1, chunk)) for i in range(w))
+      d = jnp.where(pos < n_valid, d, sentinel)
+      cd, ci = _select_k(d, jnp.broadcast_to(pos, d.shape), kc, sentinel)
+    else:
+      pos = first + jnp.arange(chunk, dtype=jnp.int32).reshape(n_groups, group)
+      d = _popcount_sum((q[:, i, None, None], block[i][None]) for i in range(w))
+      d = jnp.where(pos < n_valid, d, sentinel)
+      gkey = jnp.min(d * group + offs, axis=-1) // group  # (qn, G): group min distance
+      gsel = _select_k(gkey, jnp.broadcast_to(jnp.arange(n_groups, dtype=jnp.int32), gkey.shape),
+                       kg, sentinel)[1]
+      gsel = jnp.sort(gsel, axis=-1)  # candidates in ascending index order
+      cand = block[:, gsel, :]  # (w, qn, kg, L)
+      cd = _popcount_sum((q[:, i, None, None], cand[i]) for i in range(w))
+      cpos = first + gsel[..., None] * group + offs
+      cd = jnp.where(cpos < n_valid, cd, sentinel)
+      cd, ci = _select_k(cd.reshape(qn, -1), cpos.reshape(qn, -1), kc, sentinel)
+    # Earlier chunks hold lower indices, so [best, new] ascends in index.
+    return _select_k(jnp.concatenate([best[0], cd], axis=1),
+                     jnp.concatenate([best[1], ci], axis=1), k, sentinel)
+
+  init = (jnp.full((qn, k), sentinel, jnp.int32), jnp.full((qn, k), -1, jnp.int32))
+  best_d, best_i = lax.fori_loop(0, n_local // chunk, one_chunk, init)
+  if n_devices > 1:  # device order is index order: merge the shards' lists exactly
+    best_d = lax.all_gather(best_d, sharding.DATA_AXIS, axis=1, tiled=True)
+    best_i = lax.all_gather(best_i, sharding.DATA_AXIS, axis=1, tiled=True)
+    best_d, best_i = _select_k(best_d, best_i, k, sentinel)
+  return best_d, best_i
+
+
+class HammingIndex:
+  """An exact Hamming top-k index over packed codes, sharded over a ('data',) mesh.
+
+  The database is padded, transposed to word-major order and placed on the
+  devices once; `search` then streams queries in batches. Memory per search call
+  is O(query_batch * (chunk / L + k * L)) beyond the database itself.
+  """
+
+  def __init__(self, db_packed, *, mesh: Optional[Mesh] = None, chunk_size: int = 1 << 16):
+    db = check_packed("db_packed", db_packed)
+    if chunk_size < 1:
+      raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    self.mesh = mesh if mesh is not None else sharding.data_mesh(jax.local_devices())
+    self.n_devices = self.mesh.devices.size
+    self.num_codes, self.num_words = db.shape
+    self._chunk_target = 1 << int(math.floor(math.log2(chunk_size)))
+    per_device = -(-self.num_codes // self.n_devices)
+    # Shards are padded to a multiple of the largest chunk any k can use.
+    self._chunk_cap = min(self._chunk_target, 1 << max(0, math.ceil(math.log2(per_device))))
+    self.n_local = -(-per_device // self._chunk_cap) * self._chunk_cap
+    padded = np.zeros((self.num_words, self.n_local * self.n_devices), np.uint32)
+    padded[:, :self.num_codes] = db.T
+    self._db_t = jax.device_put(padded, NamedSharding(self.mesh, P(None, sharding.DATA_AXIS)))
+    self._fns = {}
+
+  def _search_fn(self, k: int):
+    if k not in self._fns:
+      chunk, group = _plan(self.num_words * WORD_BITS, k, self.n_local, self._chunk_cap)
+      body = functools.partial(_local_topk, k=k, chunk=chunk, group=group, n_devices=self.n_devices)
+      fn = jax.shard_map(body, mesh=self.mesh,
+                         in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
+                         out_specs=(P(), P()), check_vma=False)
+      self._fns[k] = jax.jit(fn)
+    return self._fns[k]
+
+  def search(self, q_packed, k: int, *, query_batch: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact top-k: returns (distances int32 [Q, k], indices int32 [Q, k]).
+
+    Rows are sorted by (distance, database index). 1 <= k <= number of codes.
+    """
+    q = check_packed("q_packed", q_packed)
+    if q.shape[1] != self.num_words:
+      raise ValueError(f"code length mismatch: queries have {q.shape[1]} words, "
+                       f"the index {self.num_words}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_codes:
+      raise ValueError(f"k must be an integer in [1, {self.num_codes}] (database size), got {k!r}")
+    k = int(k)
+    fn = self._search_fn(k)
+    batch = min(query_batch, 1 << math.ceil(math.log2(q.shape[0])))
+    n_valid = jnp.int32(self.num_codes)
+    out_d, out_i = [], []
+    for s in range(0, q.shape[0], batch):
+      qb = q[s:s + batch]
+      n = qb.shape[0]
+      if n < batch:
+        qb = np.concatenate([qb, np.zeros((batch - n, self.num_words), np.uint32)])
+      d, i = fn(qb, self._db_t, n_valid)
+      out_d.append(d[:n])
+      out_i.append(i[:n])
+    return (np.asarray(jnp.concatenate(out_d)), np.asarray(jnp.concatenate(out_i)))
+
+
+def hamming_topk(q_packed, db_packed, k: int, *, mesh: Optional[Mesh] = None,
+                 query_batch: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+  """Exact Hamming top-k of packed queries [Q, W] in a packed database [N, W].
+
+  Returns (distances int32 [Q, k], indices int32 [Q, k]) sorted by distance, ties
+  by lower database index. Memory is bounded by chunking over queries and the
+  database; the database is sharded over all devices of `mesh` (default: all
+  local devices). For repeated searches build a `HammingIndex` once.
+  """
+  q, db = _check_pair(q_packed, db_packed)
+  return HammingIndex(db, mesh=mesh).search(q, k, query_batch=query_batch)

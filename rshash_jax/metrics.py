@@ -1,0 +1,305 @@
+"""Retrieval and classification metrics, each defined once.
+
+Definitions (the same in README.md):
+
+* Ranking. The database is ranked for each query by Hamming distance, ties broken
+  by the lower database index (`rshash_jax.hamming` contract). A tie-aware score
+  would differ; a stable order is what the papers' code computes and is exactly
+  reproducible.
+* Relevance. Labels are class ids [N] or multi-hot [N, C]; a database item is
+  relevant to a query iff they share at least one label.
+* Average precision over the first n ranked items (n = N for the full ranking,
+  n = k for mAP@k): AP = (1 / Z) * sum over relevant ranks r <= n of P@r, where
+  P@r = (relevant among the first r) / r. The normaliser Z is named by
+  `normalization`:
+    - "retrieved" (default; DPSH/DHCNN/HashNet code): relevant items among the n;
+    - "min": min(n, relevant items in the whole database);
+    - "all": relevant items in the whole database.
+  For the full ranking all three are equal.
+* A query with no relevant item among the n (so Z would be 0) scores AP = 0 with
+  `no_relevant="zero"` (default: the system found nothing) or is left out of the
+  mean with `no_relevant="skip"`. mAP is the mean of AP over the counted queries.
+* P@k = relevant among the first k / k; R@k = relevant among the first k / all
+  relevant (queries with no relevant item in the database are left out of R@k).
+* Hamming-radius P-R curve, for every radius r = 0..bits: precision(r) = relevant
+  items within distance <= r / items within <= r, recall(r) = relevant within r /
+  all relevant. Queries that retrieve nothing within r count as precision 0 with
+  `empty="zero"` (default) or are left out with `empty="skip"`; recall leaves out
+  queries with no relevant item in the database.
+* Accuracy = fraction of predictions equal to the label (argmax of logits).
+"""
+
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+from rshash_jax import hamming
+
+NORMALIZATIONS = ("retrieved", "min", "all")
+NO_RELEVANT = ("zero", "skip")
+
+# DHCNN's protocol: precision/recall at 1, 11, 21, 31, 50, 100, ..., 1000 retrieved.
+DHCNN_KS = (1, 11, 21, 31) + tuple(range(50, 1001, 50))
+
+_MAX_BLOCK = 1 << 24  # elements of a [queries, database] block held at once
+
+
+def _codes(name: str, codes) -> Tuple[np.ndarray, Optional[int]]:
+  """Returns packed codes and their bit count (None when given already packed)."""
+  arr = np.asarray(codes)
+  if arr.dtype == np.uint32:
+    return hamming.check_packed(name, arr), None
+  if arr.ndim != 2 or arr.shape[0] == 0:
+    raise ValueError(f"{name} must be a non-empty 2-D array of codes, got shape {arr.shape}")
+  return hamming.pack_codes(arr), arr.shape[1]
+
+
+def _labels(name: str, labels, n: int) -> np.ndarray:
+  lab = np.asarray(labels)
+  if lab.ndim not in (1, 2):
+    raise ValueError(f"{name} must be class ids [N] or multi-hot [N, C], got shape {lab.shape}")
+  if lab.shape[0] != n:
+    raise ValueError(f"{name} has {lab.shape[0]} rows but there are {n} codes")
+  if lab.ndim == 1 and not np.issubdtype(lab.dtype, np.integer):
+    raise TypeError(f"{name} as class ids must be integers, got dtype {lab.dtype}")
+  return lab
+
+
+class _Problem:
+  """Validated inputs of a retrieval evaluation, and the relevance they imply."""
+
+  def __init__(self, q_codes, db_codes, q_labels, db_labels, bits=None):
+    self.q, qbits = _codes("q_codes", q_codes)
+    self.db, dbbits = _codes("db_codes", db_codes)
+    if self.q.shape[1] != self.db.shape[1] or (qbits and dbbits and qbits != dbbits):
+      raise ValueError(f"code length mismatch: queries {qbits or self.q.shape[1] * 32} bits, "
+                       f"database {dbbits or self.db.shape[1] * 32} bits")
+    self.bits = int(bits or qbits or dbbits or self.q.shape[1] * hamming.WORD_BITS)
+    self.q_labels = _labels("q_labels", q_labels, self.q.shape[0])
+    self.db_labels = _labels("db_labels", db_labels, self.db.shape[0])
+    if self.q_labels.ndim != self.db_labels.ndim or (
+        self.q_labels.ndim == 2 and self.q_labels.shape[1] != self.db_labels.shape[1]):
+      raise ValueError(f"q_labels {self.q_labels.shape} and db_labels {self.db_labels.shape} "
+                       "are not the same kind of label")
+    self.num_query, self.num_db = self.q.shape[0], self.db.shape[0]
+    if self.db_labels.ndim == 1:
+      _, inv = np.unique(np.concatenate([self.db_labels, self.q_labels]), return_inverse=True)
+      counts = np.bincount(inv[:self.num_db], minlength=inv.max() + 1)
+      self.num_relevant = counts[inv[self.num_db:]]
+    else:
+      self.num_relevant = np.concatenate(
+          [self.relevance(s, e).sum(1) for s, e in self.query_blocks()])
+
+  def query_blocks(self) -> Iterator[Tuple[int, int]]:
+    step = max(1, _MAX_BLOCK // self.num_db)
+    for s in range(0, self.num_query, step):
+      yield s, min(s + step, self.num_query)
+
+  def relevance(self, s: int, e: int, db_index: Optional[np.ndarray] = None) -> np.ndarray:
+    """Bool [e - s, N] (or [e - s, k] at `db_index`): shares at least one label."""
+    ql = self.q_labels[s:e]
+    if db_index is None:
+      if ql.ndim == 1:
+        return ql[:, None] == self.db_labels[None, :]
+      return (ql.astype(np.float32) @ self.db_labels.T.astype(np.float32)) > 0
+    dl = self.db_labels[db_index]  # [e - s, k] or [e - s, k, C]
+    if ql.ndim == 1:
+      return ql[:, None] == dl
+    return np.einsum("qc,qkc->qk", ql.astype(np.float32), dl.astype(np.float32)) > 0
+
+  def distances(self, s: int, e: int) -> np.ndarray:
+    return np.asarray(hamming.hamming_distances(self.q[s:e], self.db)).astype(np.uint16)
+
+  def ranked_relevance(self, topk: Optional[int]) -> Iterator[Tuple[int, int, np.ndarray]]:
+    """Yields (start, end, relevance of the first n ranked items [e - s, n])."""
+    n = self.num_db if topk is None else int(topk)
+    if not 1 <= n <= self.num_db:
+      raise ValueError(f"topk must be in [1, {self.num_db}] (database size), got {topk}")
+    if n == self.num_db:
+      for s, e in self.query_blocks():
+        # Stable sort of small unsigned ints (radix sort): ties keep index order.
+        order = np.argsort(self.distances(s, e), axis=1, kind="stable")
+        yield s, e, np.take_along_axis(self.relevance(s, e), order, axis=1)
+    else:
+      _, idx = hamming.hamming_topk(self.q, self.db, n)
+      for s, e in self.query_blocks():
+        yield s, e, self.relevance(s, e, idx[s:e])
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _average_precision(rel: np.ndarray, num_relevant: np.ndarray, normalization: str):
+  """AP of ranked relevance rows [Q, n]; returns (ap [Q], has_relevant [Q])."""
+  n = rel.shape[1]
+  hits = np.cumsum(rel, axis=1, dtype=np.int64)
+  prec_sum = (hits / np.arange(1, n + 1) * rel).sum(axis=1)
+  retrieved = hits[:, -1]
+  z = {"retrieved": retrieved,
+       "min": np.minimum(n, num_relevant),
+       "all": num_relevant}[normalization]
+  has = retrieved > 0
+  ap = np.where(has, prec_sum / np.maximum(z, 1), 0.0)
+  return ap, has
+
+
+def _mean(values: np.ndarray, counted: np.ndarray) -> float:
+  return float(values[counted].mean()) if counted.any() else 0.0
+
+
+def mean_average_precision(q_codes, db_codes, q_labels, db_labels, topk: Optional[int] = None, *,
+                           normalization: str = "retrieved", no_relevant: str = "zero") -> float:
+  """mAP of Hamming ranking (full ranking when topk is None, else mAP@topk).
+
+  Codes: packed uint32 (`hamming.pack_codes`) or unpacked [N, K] real / {-1,+1} /
+  {0,1}. Labels: class ids [N] or multi-hot [N, C]; relevant = shares a label.
+  Ties in distance are broken by lower database index. AP normaliser
+  (`normalization`): "retrieved" relevant in the top-k (default), "min"
+  min(k, all relevant) or "all" relevant; queries with no relevant item in the
+  evaluated list count as 0 (`no_relevant="zero"`) or are skipped ("skip").
+  See the module docstring for the full definition.
+  """
+  _check_choice("normalization", normalization, NORMALIZATIONS)
+  _check_choice("no_relevant", no_relevant, NO_RELEVANT)
+  prob = _Problem(q_codes, db_codes, q_labels, db_labels)
+  aps, has = [], []
+  for s, e, rel in prob.ranked_relevance(topk):
+    ap, h = _average_precision(rel, prob.num_relevant[s:e], normalization)
+    aps.append(ap)
+    has.append(h)
+  ap, has = np.concatenate(aps), np.concatenate(has)
+  return _mean(ap, has if no_relevant == "skip" else np.ones_like(has))
+
+
+def _at_k(rel: np.ndarray, num_relevant: np.ndarray, ks: Sequence[int]):
+  hits = np.cumsum(rel, axis=1, dtype=np.int64)
+  idx = np.asarray(ks) - 1
+  p = hits[:, idx] / np.asarray(ks)
+  r = hits[:, idx] / np.maximum(num_relevant, 1)[:, None]
+  return p, r
+
+
+def _valid_ks(ks: Sequence[int], n: int) -> Tuple[int, ...]:
+  ks = tuple(int(k) for k in ks)
+  if not ks or any(k < 1 for k in ks):
+    raise ValueError(f"ks must be positive integers, got {ks}")
+  return tuple(sorted(set(min(k, n) for k in ks)))
+
+
+def precision_recall_at_k(q_codes, db_codes, q_labels, db_labels,
+                          ks: Sequence[int] = DHCNN_KS) -> Dict[str, Dict[int, float]]:
+  """Mean P@k and R@k for each k (k larger than the database is clipped to it).
+
+  Returns {"precision": {k: P@k}, "recall": {k: R@k}}; R@k leaves out queries with
+  no relevant item in the database.
+  """
+  prob = _Problem(q_codes, db_codes, q_labels, db_labels)
+  ks = _valid_ks(ks, prob.num_db)
+  ps, rs = [], []
+  for s, e, rel in prob.ranked_relevance(max(ks)):
+    p, r = _at_k(rel, prob.num_relevant[s:e], ks)
+    ps.append(p)
+    rs.append(r)
+  p, r = np.concatenate(ps), np.concatenate(rs)
+  has = prob.num_relevant > 0
+  return {"precision": {k: float(p[:, j].mean()) for j, k in enumerate(ks)},
+          "recall": {k: _mean(r[:, j], has) for j, k in enumerate(ks)}}
+
+
+def _radius_counts(prob: _Problem) -> Tuple[np.ndarray, np.ndarray]:
+  """Cumulative counts [Q, bits + 1] of all / relevant items within radius r."""
+  nb = prob.bits + 1
+  within, within_rel = [], []
+  for s, e in prob.query_blocks():
+    d = prob.distances(s, e).astype(np.int64)
+    rows = np.arange(e - s)[:, None] * nb
+    flat = (rows + np.minimum(d, prob.bits)).ravel()
+    size = (e - s) * nb
+    hist_all = np.bincount(flat, minlength=size).reshape(e - s, nb)
+    hist_rel = np.bincount(flat, weights=prob.relevance(s, e).ravel(), minlength=size)
+    within.append(np.cumsum(hist_all, axis=1))
+    within_rel.append(np.cumsum(hist_rel.reshape(e - s, nb), axis=1))
+  return np.concatenate(within), np.concatenate(within_rel)
+
+
+def _pr_curve(prob: _Problem, empty: str) -> Dict[str, np.ndarray]:
+  within, within_rel = _radius_counts(prob)
+  prec = within_rel / np.maximum(within, 1)
+  counted = within > 0 if empty == "skip" else np.ones_like(within, bool)
+  has = prob.num_relevant > 0
+  recall = within_rel[has] / prob.num_relevant[has][:, None]
+  return {
+      "radius": np.arange(prob.bits + 1),
+      "precision": np.array([_mean(prec[:, r], counted[:, r]) for r in range(prob.bits + 1)]),
+      "recall": recall.mean(0) if has.any() else np.zeros(prob.bits + 1),
+  }
+
+
+def pr_curve_by_radius(q_codes, db_codes, q_labels, db_labels, *, bits: Optional[int] = None,
+                       empty: str = "zero") -> Dict[str, np.ndarray]:
+  """Precision and recall within Hamming radius r, for every r in 0..bits.
+
+  `bits` defaults to the code length (known from unpacked codes, else 32 * words).
+  Returns {"radius": [bits + 1], "precision": [bits + 1], "recall": [bits + 1]}.
+  """
+  _check_choice("empty", empty, NO_RELEVANT)
+  prob = _Problem(q_codes, db_codes, q_labels, db_labels, bits=bits)
+  return _pr_curve(prob, empty)
+
+
+def precision_at_radius(q_codes, db_codes, q_labels, db_labels, radius: int = 2, *,
+                        empty: str = "zero") -> float:
+  """Mean precision of the items within Hamming distance <= radius (see pr_curve_by_radius)."""
+  curve = pr_curve_by_radius(q_codes, db_codes, q_labels, db_labels, empty=empty)
+  if not 0 <= radius < len(curve["precision"]):
+    raise ValueError(f"radius must be in [0, {len(curve['precision']) - 1}], got {radius}")
+  return float(curve["precision"][radius])
+
+
+def accuracy(predictions, labels) -> float:
+  """Fraction of correct predictions; `predictions` are class ids [N] or logits [N, C]."""
+  pred = np.asarray(predictions)
+  lab = np.asarray(labels)
+  if pred.ndim == 2:
+    pred = pred.argmax(-1)
+  if pred.ndim != 1 or lab.ndim != 1 or pred.shape != lab.shape:
+    raise ValueError(f"predictions {np.asarray(predictions).shape} and labels {lab.shape} "
+                     "must be [N] (or logits [N, C]) with the same N")
+  if pred.size == 0:
+    raise ValueError("accuracy of an empty set is undefined")
+  return float((pred == lab).mean())
+
+
+def retrieval_report(q_codes, db_codes, q_labels, db_labels, *, map_ks: Sequence[int] = (),
+                     ks: Sequence[int] = DHCNN_KS, bits: Optional[int] = None) -> Dict:
+  """Everything an evaluation writes, from one full ranking (same definitions as above).
+
+  Returns map (full ranking), map_at {k: mAP@k}, precision_at / recall_at {k: ...},
+  and pr_curve {radius, precision, recall} lists, with default options.
+  """
+  prob = _Problem(q_codes, db_codes, q_labels, db_labels, bits=bits)
+  p_ks = _valid_ks(ks, prob.num_db)
+  m_ks = _valid_ks(map_ks, prob.num_db) if map_ks else ()
+  full_ap, at_ap, ps, rs = [], {k: [] for k in m_ks}, [], []
+  for s, e, rel in prob.ranked_relevance(None):
+    nrel = prob.num_relevant[s:e]
+    full_ap.append(_average_precision(rel, nrel, "retrieved")[0])
+    for k in m_ks:
+      at_ap[k].append(_average_precision(rel[:, :k], nrel, "retrieved")[0])
+    p, r = _at_k(rel, nrel, p_ks)
+    ps.append(p)
+    rs.append(r)
+  p, r = np.concatenate(ps), np.concatenate(rs)
+  has = prob.num_relevant > 0
+  pr = _pr_curve(prob, "zero")
+  return {
+      "num_query": prob.num_query,
+      "num_database": prob.num_db,
+      "map": float(np.concatenate(full_ap).mean()),
+      "map_at": {k: float(np.concatenate(v).mean()) for k, v in at_ap.items()},
+      "precision_at": {k: float(p[:, j].mean()) for j, k in enumerate(p_ks)},
+      "recall_at": {k: _mean(r[:, j], has) for j, k in enumerate(p_ks)},
+      "pr_curve": {name: values.tolist() for name, values in pr.items()},
+  }

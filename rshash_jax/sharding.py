@@ -1,0 +1,33 @@
+"""The one device mesh the project uses: a 1-D ('data',) mesh over all devices.
+
+Training shards the batch along 'data' and replicates the state; retrieval shards
+the database rows along 'data'. Axis type is Auto on purpose: under the Explicit
+default of `jax.make_mesh`, pairwise expressions such as `y[:, None] == y[None, :]`
+on a data-sharded batch fail to trace, and we want XLA to choose the collectives.
+"""
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """Returns a 1-D Auto-typed mesh named ('data',) over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("data_mesh needs at least one device")
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding that keeps a full copy of an array on every device of `mesh`."""
+  return NamedSharding(mesh, P())
+
+
+def sharded_rows(mesh: Mesh) -> NamedSharding:
+  """Sharding that splits an array's leading axis across the 'data' axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))

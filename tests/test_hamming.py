@@ -1,0 +1,129 @@
+"""rshash_jax.hamming against numpy brute force, on tie-heavy random codes."""
+
+import jax
+import numpy as np
+import pytest
+
+from rshash_jax import hamming, sharding
+
+
+def np_distances(q, db):
+  return np.bitwise_count(q[:, None, :] ^ db[None, :, :]).sum(-1).astype(np.int32)
+
+
+def np_topk(q, db, k):
+  d = np_distances(q, db)
+  order = np.argsort(d, axis=1, kind="stable")[:, :k]  # ties: lower index first
+  return np.take_along_axis(d, order, 1), order
+
+
+def random_codes(rng, n, bits, p=0.5):
+  return np.where(rng.random((n, bits)) < p, 1, -1).astype(np.int8)
+
+
+def test_pack_layout_hand_worked():
+  codes = np.array([[1, -1, 1, 1], [-1, -1, -1, -1]])
+  np.testing.assert_array_equal(hamming.pack_codes(codes), np.array([[0b1101], [0]], np.uint32))
+  # 33 bits: bit 32 lands in bit 0 of the second word.
+  c = -np.ones((1, 33))
+  c[0, 32] = 1
+  c[0, 0] = 1
+  np.testing.assert_array_equal(hamming.pack_codes(c), [[1, 1]])
+
+
+@pytest.mark.parametrize("bits", [1, 7, 31, 32, 33, 64, 100, 128])
+def test_pack_formats_agree_and_roundtrip(bits):
+  rng = np.random.default_rng(bits)
+  pm = random_codes(rng, 50, bits)
+  real = pm * rng.uniform(0.01, 3.0, pm.shape)
+  zero_one = (pm > 0).astype(np.int32)
+  packed = hamming.pack_codes(pm)
+  assert packed.dtype == np.uint32 and packed.shape == (50, -(-bits // 32))
+  np.testing.assert_array_equal(hamming.pack_codes(real), packed)
+  np.testing.assert_array_equal(hamming.pack_codes(zero_one), packed)
+  np.testing.assert_array_equal(hamming.pack_codes(pm > 0), packed)
+  np.testing.assert_array_equal(np.asarray(hamming.pack_signs(real)), packed)
+  np.testing.assert_array_equal(hamming.unpack_codes(packed, bits), pm)
+
+
+def test_pack_zero_is_positive_and_format_flags():
+  np.testing.assert_array_equal(hamming.pack_codes(np.array([[0.0, -0.5]]), binary=False), [[1]])
+  np.testing.assert_array_equal(hamming.pack_codes(np.array([[0, 1]]), binary=True), [[2]])
+  with pytest.raises(ValueError, match="binary=True"):
+    hamming.pack_codes(np.array([[-1, 1]]), binary=True)
+
+
+@pytest.mark.parametrize("bad, err, msg", [
+    (np.zeros(5), ValueError, "2-D"),
+    (np.zeros((3, 0)), ValueError, "K >= 1"),
+    (np.array([[np.nan, 1.0]]), ValueError, "NaN"),
+    (np.array([["a", "b"]]), TypeError, "numeric"),
+])
+def test_pack_rejects_bad_input(bad, err, msg):
+  with pytest.raises(err, match=msg):
+    hamming.pack_codes(bad)
+
+
+@pytest.mark.parametrize("bits", [5, 32, 40, 64, 128])
+def test_distances_match_numpy(bits):
+  rng = np.random.default_rng(1)
+  q = hamming.pack_codes(random_codes(rng, 9, bits))
+  db = hamming.pack_codes(random_codes(rng, 301, bits))
+  d = hamming.hamming_distances(q, db)
+  assert d.dtype == np.int32
+  np.testing.assert_array_equal(np.asarray(d), np_distances(q, db))
+
+
+@pytest.mark.parametrize("n, bits, k, chunk", [
+    (400, 16, 10, 1 << 16),
+    (5000, 64, 100, 1 << 16),
+    (20000, 12, 100, 4096),    # 12 bits: huge ties, many chunks and groups
+    (3000, 40, 3000, 1 << 16),  # k = N: full ranking
+    (9000, 128, 700, 1 << 11),  # k larger than the group count
+    (37, 7, 37, 8),
+    (1, 3, 1, 8),
+])
+def test_topk_exact_with_ties(n, bits, k, chunk):
+  rng = np.random.default_rng(n + bits)
+  db = hamming.pack_codes(random_codes(rng, n, bits, p=0.8))
+  q = hamming.pack_codes(random_codes(rng, 13, bits, p=0.8))
+  d, i = hamming.HammingIndex(db, chunk_size=chunk).search(q, k, query_batch=8)
+  rd, ri = np_topk(q, db, k)
+  np.testing.assert_array_equal(d, rd)
+  np.testing.assert_array_equal(i, ri)
+
+
+def test_topk_8_devices_equals_1_device():
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  rng = np.random.default_rng(7)
+  db = hamming.pack_codes(random_codes(rng, 12345, 24))
+  q = hamming.pack_codes(random_codes(rng, 50, 24))
+  one = hamming.HammingIndex(db, mesh=sharding.data_mesh(jax.devices()[:1])).search(q, 64)
+  eight = hamming.HammingIndex(db, mesh=sharding.data_mesh()).search(q, 64)
+  np.testing.assert_array_equal(one[0], eight[0])
+  np.testing.assert_array_equal(one[1], eight[1])
+  np.testing.assert_array_equal(eight[1], np_topk(q, db, 64)[1])
+
+
+def test_topk_all_identical_codes_orders_by_index():
+  db = hamming.pack_codes(np.ones((1000, 32)))
+  d, i = hamming.hamming_topk(db[:3], db, 5)
+  np.testing.assert_array_equal(d, 0)
+  np.testing.assert_array_equal(i, np.tile(np.arange(5), (3, 1)))
+
+
+def test_topk_rejects_bad_input():
+  db = hamming.pack_codes(np.ones((10, 64)))
+  q64 = db[:2]
+  with pytest.raises(ValueError, match="k must be"):
+    hamming.hamming_topk(q64, db, 11)
+  with pytest.raises(ValueError, match="k must be"):
+    hamming.hamming_topk(q64, db, 0)
+  with pytest.raises(ValueError, match="code length mismatch"):
+    hamming.hamming_topk(hamming.pack_codes(np.ones((2, 32))), db, 3)
+  with pytest.raises(TypeError, match="uint32"):
+    hamming.hamming_topk(q64.astype(np.int64), db, 3)
+  with pytest.raises(ValueError, match="empty"):
+    hamming.hamming_topk(q64, db[:0], 1)
+  with pytest.raises(ValueError, match="empty"):
+    hamming.hamming_distances(q64[:0], db)
