@@ -283,3 +283,13 @@ def test_real_weights_see_the_window(name):
   out = bb.module.apply(bb.variables, bb.preprocessing(np.asarray(img)[None]))
   top5 = np.argsort(-np.asarray(out["logits"][0]))[:5].tolist()
   assert set(top5) & set(_WINDOW_CLASSES), top5
+
+
+@pytest.mark.parametrize("k,stride,size", [(3, 1, 9), (3, 2, 9), (5, 2, 8), (5, 1, 7)])
+def test_depthwise_conv_matches_grouped_conv(k, stride, size):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, size, size, 6)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, 1, 6)), jnp.float32)
+  want = jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=6)
+  np.testing.assert_allclose(efficientnet_lite.depthwise_conv_same(x, w, stride), want, rtol=1e-5, atol=1e-5)

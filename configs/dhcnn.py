@@ -1,0 +1,138 @@
+r"""DHCNN (Song, Li, Benediktsson, TGRS 2021) on UC Merced: retrieval + classification.
+
+Command (the full config: UC Merced through TFDS, EfficientNet-Lite0 frozen, 64 bits):
+
+  python -m rshash_jax.main --config=configs/dhcnn.py --workdir=/tmp/dhcnn
+  # UC Merced from a class folder instead of TFDS (the extracted zip or ../shared):
+  python -m rshash_jax.main --config=configs/dhcnn.py \
+      --config.data.source=folder:../shared/data/ucmerced --workdir=/tmp/dhcnn
+
+Presets (`configs/dhcnn.py:ARGS`, comma-separated; `key=value` items set fields below):
+  local       offline default: UC Merced from ../shared/data/ucmerced if present, else
+              generated scenes (the log and results.json say which), frozen EfficientNet-Lite0.
+  tiny        tiny_cnn on 6x20 generated 32x32 scenes, 2 epochs: tests and a quick look.
+  paper       the paper's setup: vgg_f (needs imagenet-vgg-f.mat: model.weights_path),
+              finetune, 100 epochs, batch 10, SGD 1e-2 -> 1e-5 log-spaced, beta 25, eta 0.2.
+  finetune    end-to-end training of the chosen backbone.
+  bits=16|32|48|64, backbone=vgg_f|alexnet|efficientnet_lite0|squeezenet|..., mode=frozen|finetune
+
+Measured on the 2-core CPU of this project (EPYC, no accelerator), ../shared/data/ucmerced,
+80/20 per-class split (1680 database / 420 queries), seed 0:
+  see README.md "Results" for the table of mAP / accuracy / runtime per preset.
+
+The official code's choices are the defaults: theta = u.U/32 (dhcnn.theta_scale), its
+gradient without the 1/32 (dhcnn.gradient='official'), the classifier trained with the
+unscaled CE gradient (dhcnn.ce_to_classifier='full'). 'autodiff' / 'scaled' are the clean
+alternatives (re-tune the learning rate with them).
+"""
+
+import ml_collections
+
+from rshash_jax import metrics
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "dhcnn"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds:uc_merced"   # auto | generated | folder:DIR | tfds:NAME
+  c.data.name = ""                   # display name (default: folder/TFDS name)
+  c.data.train_ratio = 0.8           # per-class split (UCMD 0.8, AID 0.5)
+  c.data.seed = 0
+  c.data.manual_dir = ""             # TFDS manual dir (UCMerced_LandUse.zip)
+  c.data.tfds_data_dir = ""
+  c.data.tfds_split = "train"
+  c.data.download = True
+  c.data.resize_size = 0             # 0: resize straight to the input size; 256: resize, centre-crop
+  c.data.augment = False             # flips / 90-degree rotations (finetune mode)
+  c.data.threads = 2                 # tf.data threads (bounded: XLA needs the cores)
+  c.data.generated_classes = 6
+  c.data.generated_per_class = 20
+  c.data.generated_size = 64
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "efficientnet_lite0"
+  c.model.pretrained = True
+  c.model.weights_path = ""          # local weights file; "" = the weights package's file
+  c.model.image_size = 0             # 0: the backbone's own input size
+  c.model.bits = 64
+  c.model.head_hidden = 0            # 0: the paper's linear hash layer on the features
+  c.model.dropout = 0.0
+  c.model.dtype = "float32"          # bfloat16 on TPU
+
+  c.dhcnn = ml_collections.ConfigDict()
+  c.dhcnn.eta = 0.2
+  c.dhcnn.beta = 25.0                # UCMD, AID; 10 for WHU-RS19
+  c.dhcnn.theta_scale = 1.0 / 32     # the code's DHNNL2=32; the paper's formula: 1/2
+  c.dhcnn.gradient = "official"      # official | autodiff
+  c.dhcnn.ce_to_classifier = "full"  # full | scaled
+
+  c.train = ml_collections.ConfigDict()
+  c.train.mode = "frozen"            # frozen | finetune
+  c.train.epochs = 100
+  c.train.batch_size = 10            # global, over all devices
+  c.train.optimizer = "sgd"          # sgd | momentum | adam | adamw
+  c.train.momentum = 0.9             # used by 'momentum'
+  c.train.schedule = "log_epoch"     # log_epoch | constant | cosine | step
+  c.train.lr_start = 1e-2
+  c.train.lr_end = 1e-5
+  c.train.lr_decay = 0.5             # 'step' schedule
+  c.train.lr_decay_epochs = 40
+  c.train.weight_decay = 5e-4
+  c.train.grad_clip = 0.0
+  c.train.backbone_lr_mult = 1.0
+  c.train.log_every_steps = 100
+  c.train.checkpoint_every_steps = 1000
+  c.train.max_steps_per_run = 0      # >0: stop (checkpointed) after this many steps; rerun resumes
+
+  c.features = ml_collections.ConfigDict()
+  c.features.cache_dir = ""          # frozen mode: "" = WORKDIR/cache
+  c.features.batch_size = 32
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64
+  c.eval.map_ks = (5, 10, 20, 50, 100)
+  c.eval.ks = metrics.DHCNN_KS
+
+  for item in filter(None, (a.strip() for a in arg.split(","))):
+    _apply(c, item)
+  return c
+
+
+def _apply(c, item: str):
+  if "=" in item:
+    key, value = item.split("=", 1)
+    if key == "bits":
+      c.model.bits = int(value)
+    elif key == "backbone":
+      c.model.backbone = value
+    elif key == "mode":
+      c.train.mode = value
+    else:
+      raise ValueError(f"unknown preset item {item!r}; use bits=, backbone=, mode= or a named preset")
+  elif item == "local":
+    c.data.source = "auto"
+  elif item == "tiny":
+    c.data.source = "generated"
+    c.data.generated_size = 32
+    c.model.backbone = "tiny_cnn"
+    c.model.pretrained = False
+    c.model.bits = 16
+    c.train.epochs = 2
+    c.train.batch_size = 8
+    c.train.log_every_steps = 5
+    c.train.checkpoint_every_steps = 10
+    c.features.batch_size = 16
+    c.eval.batch_size = 16
+    c.eval.map_ks = (5, 10)
+    c.eval.ks = (1, 5, 10, 20)
+  elif item == "paper":
+    c.model.backbone = "vgg_f"
+    c.train.mode = "finetune"
+    c.data.resize_size = 256
+  elif item == "finetune":
+    c.train.mode = "finetune"
+  else:
+    raise ValueError(f"unknown preset {item!r}; choose from local, tiny, paper, finetune, bits=, backbone=, mode=")

@@ -1,0 +1,70 @@
+"""Config validation before any long work: every error names the field and the value."""
+
+from rshash_jax import backbones, dhcnn, train_state
+
+MODES = ("frozen", "finetune")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(field, value, want):
+  raise ValueError(f"config.{field}={value!r} is invalid: {want}")
+
+
+def _positive_int(cfg, field):
+  v = _get(cfg, field)
+  if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    _fail(field, v, "expected a positive integer")
+
+
+def _choice(cfg, field, choices):
+  v = _get(cfg, field)
+  if v not in choices:
+    _fail(field, v, f"expected one of {', '.join(map(str, choices))}")
+
+
+def _range(cfg, field, lo, hi, lo_open=False):
+  v = _get(cfg, field)
+  if not isinstance(v, (int, float)) or isinstance(v, bool) or v > hi or v < lo or (lo_open and v == lo):
+    _fail(field, v, f"expected a number in {'(' if lo_open else '['}{lo}, {hi}]")
+
+
+def _get(cfg, field):
+  node = cfg
+  for part in field.split("."):
+    if part not in node:
+      raise ValueError(f"config.{field} is missing")
+    node = node[part]
+  return node
+
+
+def check_common(config):
+  """Fields shared by every method."""
+  src = _get(config, "data.source")
+  if not isinstance(src, str) or not (src in ("auto", "generated") or src.startswith(("folder:", "tfds:"))):
+    _fail("data.source", src, "expected 'auto', 'generated', 'folder:DIR' or 'tfds:NAME'")
+  _range(config, "data.train_ratio", 0.0, 1.0, lo_open=True)
+  if _get(config, "data.train_ratio") == 1.0:
+    _fail("data.train_ratio", 1.0, "the test split would be empty")
+  _choice(config, "model.backbone", backbones.NAMES)
+  _choice(config, "model.dtype", DTYPES)
+  _positive_int(config, "model.bits")
+  for f in ("train.epochs", "train.batch_size", "train.log_every_steps", "train.checkpoint_every_steps",
+            "eval.batch_size", "features.batch_size", "data.threads"):
+    _positive_int(config, f)
+  _choice(config, "train.optimizer", train_state.OPTIMIZERS)
+  _choice(config, "train.schedule", train_state.SCHEDULES)
+  _range(config, "train.lr_start", 0.0, 10.0, lo_open=True)
+  _range(config, "train.lr_end", 0.0, 10.0, lo_open=True)
+  _range(config, "train.weight_decay", 0.0, 1.0)
+  if config.model.backbone == "tiny_cnn" and config.model.pretrained:
+    _fail("model.pretrained", True, "tiny_cnn has no pretrained weights; set model.pretrained=False")
+
+
+def check_dhcnn(config):
+  check_common(config)
+  _choice(config, "train.mode", MODES)
+  _range(config, "dhcnn.eta", 0.0, 1.0)
+  _range(config, "dhcnn.beta", 0.0, 1e6)
+  _range(config, "dhcnn.theta_scale", 0.0, 1e3, lo_open=True)
+  _choice(config, "dhcnn.gradient", dhcnn.GRADIENTS)
+  _choice(config, "dhcnn.ce_to_classifier", dhcnn.CE_MODES)

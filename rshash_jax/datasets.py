@@ -1,0 +1,226 @@
+"""Image datasets as tables of (stable id, label, source): class folders, TFDS, generated.
+
+Every example gets a stable integer id: its position in a deterministic order (sorted
+class folder, sorted file name; TFDS's unshuffled split order). The DHCNN memory bank
+indexes by it and cached features are keyed by it. Splits are seeded and per class.
+
+Sources, as written in `config.data.source`:
+  folder:/path/to/root     a class-folder tree (tif, tiff, jpg, jpeg, png, webp, bmp)
+  tfds:uc_merced           any TFDS builder (download, or its manual dir)
+  generated                small synthetic scenes written to a directory (offline default)
+  auto                     ../shared/data/ucmerced when it is there, else `generated`
+"""
+
+import dataclasses
+import hashlib
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Where `auto` looks for UC Merced, relative to the working directory and to this package.
+LOCAL_UCMERCED = ("../shared/data/ucmerced",
+                  os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ucmerced"))
+
+
+@dataclasses.dataclass
+class ImageTable:
+  """All examples of a dataset. Exactly one of `paths` / `tfds_name` describes the source."""
+  name: str
+  labels: np.ndarray            # int32 [N]
+  class_names: List[str]
+  paths: Optional[List[str]] = None
+  tfds_name: Optional[str] = None
+  tfds_split: Optional[str] = None
+  tfds_data_dir: Optional[str] = None
+  image_key: str = "image"
+  description: str = ""
+
+  @property
+  def ids(self) -> np.ndarray:
+    return np.arange(len(self.labels), dtype=np.int64)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def __len__(self):
+    return len(self.labels)
+
+  def fingerprint(self) -> str:
+    """Changes whenever the examples or their order change (cache keys)."""
+    h = hashlib.sha1(self.name.encode())
+    h.update(self.labels.tobytes())
+    for p in self.paths or []:
+      h.update(p.encode())
+    return h.hexdigest()[:12]
+
+
+def class_folder(root: str, name: Optional[str] = None, check_images: bool = True) -> ImageTable:
+  """A tree root/<class>/<image>. Classes and files in sorted order define the ids.
+
+  check_images opens every file's header up front, so a corrupt or non-image file is
+  reported by name before any long work starts.
+  """
+  root = os.path.abspath(os.path.expanduser(root))
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"dataset directory not found: {root}")
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+  paths, labels, names = [], [], []
+  for c in classes:
+    files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      continue
+    names.append(c)
+    paths += [os.path.join(root, c, f) for f in files]
+    labels += [len(names) - 1] * len(files)
+  if len(names) < 2:
+    raise ValueError(f"{root}: expected a class-folder tree (root/<class>/<image>) with at least two "
+                     f"classes of {'/'.join(IMAGE_EXTENSIONS)} images, found {len(names)}")
+  if check_images:
+    for p in paths:
+      check_image(p)
+  return ImageTable(name=name or os.path.basename(root), labels=np.asarray(labels, np.int32),
+                    class_names=names, paths=paths, description=f"class folders under {root}")
+
+
+def check_image(path: str):
+  """Raises ValueError naming `path` if it is not a readable image."""
+  try:
+    with Image.open(path) as im:
+      im.size  # pylint: disable=pointless-statement
+  except Exception as e:
+    raise ValueError(f"corrupt or unreadable image: {path} ({e})") from e
+
+
+def load_image(path: str, size: int, resize_size: Optional[int] = None) -> np.ndarray:
+  """Decodes `path` as RGB uint8 [size, size, 3]: bicubic resize (to resize_size, then a
+  centre crop of size when resize_size is given). Errors name the file."""
+  try:
+    with Image.open(path) as im:
+      im = im.convert("RGB")
+      target = resize_size or size
+      if im.size != (target, target):
+        im = im.resize((target, target), Image.BICUBIC)
+      a = np.asarray(im, np.uint8)
+  except Exception as e:
+    raise ValueError(f"corrupt or unreadable image: {path} ({e})") from e
+  if resize_size and resize_size != size:
+    o = (resize_size - size) // 2
+    a = a[o:o + size, o:o + size]
+  return a
+
+
+def split_per_class(labels: np.ndarray, train_ratio: float, seed: int):
+  """Seeded per-class split: (train indices, test indices), each sorted.
+
+  In every class, round(train_ratio * n) random examples go to train (at least one to
+  each side when the class has two or more).
+  """
+  if not 0.0 < train_ratio < 1.0:
+    raise ValueError(f"data.train_ratio must be in (0, 1), got {train_ratio}")
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    idx = idx[rng.permutation(len(idx))]
+    n = int(round(train_ratio * len(idx)))
+    if len(idx) >= 2:
+      n = min(max(n, 1), len(idx) - 1)
+    train.append(idx[:n])
+    test.append(idx[n:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _draw_scene(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
+  """A synthetic 'scene': class-specific stripe orientation/frequency and colour, plus noise."""
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  angle = np.pi * cls / 7.0
+  freq = 3 + 2 * (cls % 4)
+  phase = rng.uniform(0, 2 * np.pi)
+  wave = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
+  base = np.array([(37 * cls) % 200 + 30, (91 * cls) % 200 + 30, (53 * cls) % 200 + 30], np.float64)
+  img = base + 50 * wave[..., None] + rng.normal(0, 20, (size, size, 3))
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def generate(directory: str, num_classes: int = 6, per_class: int = 20, size: int = 64,
+             seed: int = 0) -> ImageTable:
+  """Writes (once) a class-folder tree of synthetic PNG scenes and returns its table."""
+  root = os.path.join(directory, f"generated_c{num_classes}_n{per_class}_s{size}_seed{seed}")
+  done = os.path.join(root, ".complete")
+  if not os.path.exists(done):
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+      os.makedirs(os.path.join(root, f"class{c:02d}"), exist_ok=True)
+      for i in range(per_class):
+        Image.fromarray(_draw_scene(rng, c, size)).save(os.path.join(root, f"class{c:02d}", f"img{i:04d}.png"))
+    open(done, "w").close()
+  table = class_folder(root, name="generated")
+  table.description = f"{num_classes} classes x {per_class} generated {size}x{size} scenes in {root}"
+  return table
+
+
+def tfds_table(name: str, split: str = "train", data_dir: Optional[str] = None,
+               manual_dir: Optional[str] = None, download: bool = True) -> ImageTable:
+  """Any TFDS image-classification builder; ids follow the unshuffled split order.
+
+  Prepares the dataset if needed: from `manual_dir` (e.g. UCMerced_LandUse.zip for
+  uc_merced, resisc45's rar contents) or by download when `download` is true.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:
+    raise ValueError(f"unknown TFDS dataset {name!r}: {e}") from e
+  if not builder.is_prepared():
+    if not download and not manual_dir:
+      raise FileNotFoundError(
+          f"TFDS dataset {name} is not prepared in {builder.data_dir} and downloads are off; "
+          "set data.manual_dir to the directory holding its archive, or data.download=True")
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as e:
+      raise FileNotFoundError(
+          f"could not prepare TFDS dataset {name} (manual_dir={manual_dir}): {e}. For uc_merced put "
+          "UCMerced_LandUse.zip in data.manual_dir, or use data.source=folder:/path/to/UCMerced_LandUse/Images") from e
+  info = builder.info
+  label_key = "label" if "label" in info.features else next(
+      k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel))
+  image_key = "image" if "image" in info.features else next(
+      k for k, f in info.features.items() if isinstance(f, tfds.features.Image))
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={image_key: tfds.decode.SkipDecoding()})
+  labels = np.fromiter((int(ex[label_key]) for ex in ds.as_numpy_iterator()), np.int32)
+  return ImageTable(name=name.replace("/", "_"), labels=labels, class_names=info.features[label_key].names,
+                    tfds_name=name, tfds_split=split, tfds_data_dir=data_dir, image_key=image_key,
+                    description=f"TFDS {name} split {split} in {builder.data_dir}")
+
+
+def from_config(data_cfg, workdir: str) -> ImageTable:
+  """Resolves `data.source` (see the module docstring) into a table, and logs which."""
+  source = data_cfg.source
+  if source == "auto":
+    for cand in LOCAL_UCMERCED:
+      if os.path.isdir(cand):
+        source = f"folder:{cand}"
+        break
+    else:
+      source = "generated"
+  if source.startswith("folder:"):
+    table = class_folder(source[len("folder:"):], name=data_cfg.get("name") or None)
+  elif source.startswith("tfds:"):
+    table = tfds_table(source[len("tfds:"):], split=data_cfg.get("tfds_split", "train"),
+                       data_dir=data_cfg.get("tfds_data_dir") or None,
+                       manual_dir=data_cfg.get("manual_dir") or None, download=data_cfg.get("download", True))
+  elif source == "generated":
+    table = generate(os.path.join(workdir, "generated_data"), num_classes=data_cfg.get("generated_classes", 6),
+                     per_class=data_cfg.get("generated_per_class", 20), size=data_cfg.get("generated_size", 64),
+                     seed=data_cfg.get("seed", 0))
+  else:
+    raise ValueError(f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}")
+  logging.info("Dataset %s: %d images, %d classes (%s)", table.name, len(table), table.num_classes, table.description)
+  return table

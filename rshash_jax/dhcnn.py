@@ -1,0 +1,144 @@
+"""DHCNN (Song, Li, Benediktsson, TGRS 2021): hash layer + classifier, and its loss.
+
+Model: backbone feature f -> hash layer u = W_h f + v_h (K units, no activation) ->
+classifier logits = W_c u + v_c. Codes b = +1 where u >= 0 else -1; the predicted
+class is argmax(logits). In frozen mode the backbone is dropped and f comes from cached
+features; `head_hidden` optionally puts one ReLU layer between f and the hash layer.
+
+Loss, as the official MatConvNet code optimises it (reference section 1):
+
+  theta_ij = theta_scale * u_i . U_j             U: memory bank [N_train, K]
+  pairwise = sum_ij softplus(theta_ij) - S_ij theta_ij      S_ij = same class
+  quant    = sum_i ||sgn(u_i) - u_i||^2          sgn(u) held constant
+  loss     = eta * (pairwise + beta * quant) / (B * N_train) + (1 - eta) * CE
+
+with two explicit choices (config `dhcnn.*`):
+  gradient = "official": d theta / d u is taken as U_j, i.e. without theta_scale, as the
+             MatConvNet code does (32x its own loss's gradient at theta_scale 1/32);
+             "autodiff": the true gradient of the loss above.
+  ce_to_classifier = "full": the classifier layer receives the unscaled CE gradient and
+             the hash layer (1 - eta) of it, as in the official code; "scaled": (1 - eta) * CE
+             everywhere, a plain weighted sum.
+The bank rows of the batch are overwritten with the batch's u (held constant) before the
+loss is computed, as DPSH does, so each image also pairs with itself.
+"""
+
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+GRADIENTS = ("official", "autodiff")
+CE_MODES = ("full", "scaled")
+
+
+def codes_from(u):
+  """Binary codes in {-1, +1}: never a zero bit (u >= 0 -> +1)."""
+  return jnp.where(u >= 0, 1.0, -1.0).astype(u.dtype)
+
+
+class HashHead(nn.Module):
+  """f -> (u [B, K], logits [B, C]); weights and biases of both layers ~ N(0, 0.01^2)."""
+  bits: int
+  num_classes: int
+  hidden: int = 0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, f, train: bool = False, ce_grad_scale: float = 1.0):
+    init = nn.initializers.normal(0.01)
+    h = f.astype(self.dtype)
+    if self.hidden:
+      h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(h))
+    if self.dropout:
+      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    u = nn.Dense(self.bits, kernel_init=init, bias_init=init, dtype=self.dtype, name="hash")(h)
+    u = u.astype(jnp.float32)
+    # ce_grad_scale < 1 lets the classifier take the full CE gradient while u receives only
+    # that fraction of it (the official code's weighting; see ce_grad_scale()).
+    logits = nn.Dense(self.num_classes, kernel_init=init, bias_init=init, name="classifier")(
+        _scale_grad(u, ce_grad_scale))
+    return u, logits
+
+
+class DHCNN(nn.Module):
+  """Backbone + HashHead. `backbone` is a module returning {'features', ...}; None takes
+  features directly (frozen mode over cached features)."""
+  backbone: Optional[nn.Module]
+  bits: int
+  num_classes: int
+  hidden: int = 0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, ce_grad_scale: float = 1.0):
+    f = x if self.backbone is None else self.backbone(x, train=train)["features"]
+    return HashHead(self.bits, self.num_classes, self.hidden, self.dropout, self.dtype,
+                    name="head")(f, train, ce_grad_scale)
+
+
+def _scale_grad(x, scale):
+  """Value x, gradient scaled by `scale`."""
+  return scale * x + (1.0 - scale) * jax.lax.stop_gradient(x)
+
+
+def similarity(labels_a, labels_b):
+  """S_ij = 1 where a_i and b_j share a class (ids [N] or multi-hot [N, C])."""
+  if labels_a.ndim == 1:
+    return (labels_a[:, None] == labels_b[None, :]).astype(jnp.float32)
+  return (labels_a.astype(jnp.float32) @ labels_b.astype(jnp.float32).T > 0).astype(jnp.float32)
+
+
+def pairwise_terms(u, bank, s, *, theta_scale: float, gradient: str):
+  """(sum_ij softplus(theta) - S theta, sum_i ||sgn(u_i) - u_i||^2) of a batch."""
+  if gradient not in GRADIENTS:
+    raise ValueError(f"dhcnn.gradient must be one of {GRADIENTS}, got {gradient!r}")
+  uu = u @ bank.T
+  grad_mult = 1.0 if gradient == "official" else theta_scale
+  theta = theta_scale * jax.lax.stop_gradient(uu) + grad_mult * (uu - jax.lax.stop_gradient(uu))
+  pairwise = jnp.sum(jax.nn.softplus(theta) - s * theta)
+  quant = jnp.sum(jnp.square(jax.lax.stop_gradient(codes_from(u)) - u))
+  return pairwise, quant
+
+
+def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta: float,
+            theta_scale: float, gradient: str = "official", ce_to_classifier: str = "full",
+            num_classes: int, mask=None) -> Dict[str, Any]:
+  """DHCNN loss of one batch. Returns dict(loss, pairwise, quant, ce, bank) where `bank`
+  is the memory bank with this batch's rows written (the caller keeps it).
+
+  u [B, K], logits [B, C] (computed from u), labels [B] (or multi-hot), bank_rows [B]
+  rows of the batch in the bank [N, K], bank_labels [N]; mask [B] drops padded rows.
+  """
+  if ce_to_classifier not in CE_MODES:
+    raise ValueError(f"dhcnn.ce_to_classifier must be one of {CE_MODES}, got {ce_to_classifier!r}")
+  b = u.shape[0]
+  mask = jnp.ones((b,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+  rows = jnp.where(mask > 0, bank_rows, bank.shape[0])  # padded rows write out of bounds: dropped
+  bank = bank.at[rows].set(jax.lax.stop_gradient(u), mode="drop")
+  s = similarity(labels, bank_labels)
+  pairwise, quant = pairwise_terms(u * mask[:, None], bank, s, theta_scale=theta_scale, gradient=gradient)
+  n_valid = jnp.maximum(jnp.sum(mask), 1.0)
+  norm = n_valid * bank.shape[0]
+  # Masked rows have u = 0: softplus(0) = log 2 per bank entry; remove that constant.
+  pairwise = pairwise - (b - jnp.sum(mask)) * bank.shape[0] * jnp.log(2.0)
+  onehot = jax.nn.one_hot(labels, num_classes) if labels.ndim == 1 else labels / jnp.maximum(
+      labels.sum(-1, keepdims=True), 1)
+  ce_each = -jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1)
+  ce = jnp.sum(ce_each * mask) / n_valid
+  hash_part = (pairwise + beta * quant) / norm
+  if ce_to_classifier == "full":
+    total = eta * hash_part + ce  # logits were computed from a (1 - eta)-grad-scaled u
+  else:
+    total = eta * hash_part + (1.0 - eta) * ce
+  return dict(loss=total, reported=eta * hash_part + (1.0 - eta) * ce, pairwise=pairwise / norm,
+              quant=quant / norm, ce=ce, bank=bank)
+
+
+def ce_grad_scale(eta: float, ce_to_classifier: str) -> float:
+  """Gradient fraction of CE that reaches u: (1 - eta) in 'full' mode (the loss then adds
+  CE unweighted, so the classifier gets all of it), 1 in 'scaled' mode."""
+  return 1.0 - eta if ce_to_classifier == "full" else 1.0

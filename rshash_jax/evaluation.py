@@ -1,0 +1,91 @@
+"""Evaluation common to all methods: metrics of database/query codes, results.json, plots."""
+
+import json
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+from absl import logging
+
+from rshash_jax import hamming, metrics
+
+
+def evaluate_codes(db_codes: np.ndarray, q_codes: np.ndarray, db_labels: np.ndarray,
+                   q_labels: np.ndarray, *, map_ks: Sequence[int] = (), ks: Sequence[int] = metrics.DHCNN_KS,
+                   q_predictions: Optional[np.ndarray] = None) -> Dict[str, Any]:
+  """Retrieval report of {-1,+1} (or real-valued) codes; adds accuracy when predictions given."""
+  bits = db_codes.shape[1]
+  db_p, q_p = hamming.pack_codes(db_codes), hamming.pack_codes(q_codes)
+  report = metrics.retrieval_report(q_p, db_p, q_labels, db_labels, map_ks=map_ks, ks=ks, bits=bits)
+  report["bits"] = int(bits)
+  report["bit_balance"] = float(np.mean(np.asarray(db_codes) >= 0))
+  if q_predictions is not None:
+    report["accuracy"] = metrics.accuracy(q_predictions, q_labels)
+  return report
+
+
+def write_results(workdir: str, results: Dict[str, Any]) -> str:
+  """WORKDIR/results.json (atomically) and the P-R / P@k plots next to it."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "results.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(_jsonable(results), f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+  try:
+    plot_curves(results, workdir)
+  except Exception as e:  # plots are a convenience: never lose results.json over them
+    logging.warning("could not write plots: %s", e)
+  return path
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return x
+
+
+def plot_curves(results: Dict[str, Any], workdir: str):
+  """pr_curve.png (precision vs recall over Hamming radii) and precision_at_k.png."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  title = f"{results.get('method', '')} {results.get('dataset', '')} {results.get('bits', '')} bits"
+  pr = results["pr_curve"]
+  fig, ax = plt.subplots(figsize=(4.5, 4))
+  ax.plot(pr["recall"], pr["precision"], marker="o", ms=3)
+  for r, x, y in zip(pr["radius"], pr["recall"], pr["precision"]):
+    if r in (0, 1, 2, 4, 8):
+      ax.annotate(f"r={r}", (x, y), fontsize=7)
+  ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+         title=f"P-R by Hamming radius\n{title}")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "pr_curve.png"), dpi=120)
+  plt.close(fig)
+  pk = results["precision_at"]
+  ks = sorted(int(k) for k in pk)
+  fig, ax = plt.subplots(figsize=(4.5, 4))
+  ax.plot(ks, [pk[k] if k in pk else pk[str(k)] for k in ks], marker="o", ms=3)
+  ax.set(xlabel="number of retrieved images k", ylabel="precision@k", ylim=(0, 1.02),
+         title=f"Precision@k\n{title}")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "precision_at_k.png"), dpi=120)
+  plt.close(fig)
+
+
+def summary_line(results: Dict[str, Any]) -> str:
+  parts = [f"{results.get('method')} {results.get('dataset')} {results.get('backbone')} "
+           f"{results.get('bits')} bits: mAP={results['map']:.4f}"]
+  for k, v in sorted((int(k), v) for k, v in results.get("map_at", {}).items()):
+    parts.append(f"mAP@{k}={v:.4f}")
+  if "accuracy" in results:
+    parts.append(f"accuracy={results['accuracy']:.4f}")
+  return " ".join(parts)

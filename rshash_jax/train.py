@@ -1,0 +1,255 @@
+"""DHCNN training and evaluation: `train_and_evaluate(config, workdir)`.
+
+Data-parallel the modern way: one jitted step over a 1-D ('data',) mesh, the global batch
+sharded along 'data', the state (params, optimizer, memory bank) replicated and donated.
+The same global batches are drawn on any device count, so 1 and 8 devices compute the
+same loss and gradients (up to float summation order).
+
+Modes (config.train.mode):
+  finetune: backbone + hash head trained end to end on images (the paper).
+  frozen:   backbone features of every image computed once (cached in the workdir), the
+            hash head trained on them: minutes on a laptop CPU.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from rshash_jax import (backbones, config_checks, datasets, dhcnn, evaluation, features,
+                        input_pipeline, sharding, train_state)
+
+
+@dataclasses.dataclass
+class _Setup:
+  config: Any
+  mesh: Any
+  table: datasets.ImageTable
+  train_idx: np.ndarray
+  test_idx: np.ndarray
+  bb: backbones.Backbone
+  model: dhcnn.DHCNN
+  feats: Any  # [N, D] in frozen mode, else None
+
+
+def _setup(config, workdir: str) -> _Setup:
+  mesh = sharding.data_mesh()
+  table = datasets.from_config(config.data, workdir)
+  train_idx, test_idx = datasets.split_per_class(table.labels, config.data.train_ratio, config.data.seed)
+  mc = config.model
+  dtype = jnp.dtype(mc.dtype)
+  bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
+                        image_size=mc.image_size or None, dtype=dtype, seed=config.seed)
+  feats = None
+  if config.train.mode == "frozen":
+    cache = config.features.cache_dir or os.path.join(workdir, "cache")
+    feats = features.cached_features(bb, table, mesh, cache, weights_path=mc.weights_path or None,
+                                     batch_size=config.features.batch_size,
+                                     resize_size=config.data.resize_size or None, threads=config.data.threads)
+  model = dhcnn.DHCNN(backbone=None if feats is not None else bb.module, bits=mc.bits,
+                      num_classes=table.num_classes, hidden=mc.head_hidden, dropout=mc.dropout, dtype=dtype)
+  return _Setup(config, mesh, table, train_idx, test_idx, bb, model, feats)
+
+
+def _init_state(s: _Setup, tx) -> train_state.TrainState:
+  """Head initialised N(0, 0.01^2); backbone variables from the (pretrained) backbone."""
+  config = s.config
+  if s.feats is not None:
+    dummy = jnp.zeros((1, s.feats.shape[1]), jnp.float32)
+  else:
+    dummy = jnp.zeros((1, s.bb.image_size, s.bb.image_size, 3), jnp.float32)
+  variables = jax.eval_shape(s.model.init, jax.random.key(config.seed), dummy)
+  head = jax.jit(lambda k: s.model.init(k, dummy)["params"]["head"])(jax.random.key(config.seed))
+  params = {"head": head}
+  constants = {}
+  if s.feats is None:
+    params["backbone"] = s.bb.variables["params"]
+    constants = {k: {"backbone": v} for k, v in s.bb.variables.items() if k != "params"}
+  del variables
+  n_train = len(s.train_idx)
+  extra = {"bank": jnp.zeros((n_train, config.model.bits), jnp.float32)}
+  return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                constants=constants, extra=extra)
+
+
+def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh):
+  """The jitted data-parallel step: (state, batch) -> (state, metrics)."""
+  dc = config.dhcnn
+  ce_scale = dhcnn.ce_grad_scale(dc.eta, dc.ce_to_classifier)
+  rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
+
+  def step(state, batch, rng):
+    def loss_of(params):
+      variables = {"params": params, **state.constants}
+      u, logits = model.apply(variables, batch["x"], train=True, ce_grad_scale=ce_scale,
+                              rngs={"dropout": jax.random.fold_in(rng, state.step)})
+      out = dhcnn.loss_fn(u, logits, batch["label"], batch["row"], state.extra["bank"], bank_labels,
+                          eta=dc.eta, beta=dc.beta, theta_scale=dc.theta_scale, gradient=dc.gradient,
+                          ce_to_classifier=dc.ce_to_classifier, num_classes=model.num_classes)
+      return out["loss"], out
+    grads, out = jax.grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra={"bank": out["bank"]})
+    metrics = {k: out[k] for k in ("reported", "pairwise", "quant", "ce")}
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    return new, metrics
+
+  return jax.jit(step, in_shardings=(rep, rows, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def _batches(s: _Setup, global_batch: int, start: int, total: int):
+  """Per-process training batches {'x', 'label', 'row'} from step `start`."""
+  config = s.config
+  row_of = np.full(len(s.table), -1, np.int64)
+  row_of[s.train_idx] = np.arange(len(s.train_idx))
+  if s.feats is not None:
+    for row, _ in input_pipeline.global_steps(s.train_idx, global_batch, config.data.seed, start, total):
+      mine = input_pipeline.process_rows(row)
+      yield {"x": s.feats[mine], "label": s.table.labels[mine], "row": row_of[mine]}
+    return
+  source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None)
+  for b in input_pipeline.train_batches(source, s.train_idx, global_batch=global_batch, seed=config.data.seed,
+                                        start_step=start, num_steps=total, augment=config.data.augment,
+                                        threads=config.data.threads):
+    yield {"x": b["image"], "label": b["label"], "row": row_of[b["id"]]}
+
+
+def _to_global(mesh, batch):
+  return {k: features.to_global(mesh, v) for k, v in batch.items()}
+
+
+def encode(s: _Setup, params, constants, indices: np.ndarray):
+  """(u [n, K], logits [n, C]) of the examples `indices`, every one encoded once."""
+  mesh, config = s.mesh, s.config
+  rep = sharding.replicated(mesh)
+  apply = jax.jit(lambda v, x: s.model.apply(v, x), in_shardings=(rep, sharding.sharded_rows(mesh)))
+  variables = {"params": params, **constants}
+  n_dev = mesh.devices.size
+  gb = -(-config.eval.batch_size // n_dev) * n_dev
+  u_out = np.zeros((len(indices), config.model.bits), np.float32)
+  l_out = np.zeros((len(indices), s.table.num_classes), np.float32)
+  pos = {int(i): j for j, i in enumerate(indices)}
+  if s.feats is not None:
+    padded = -(-len(indices) // gb) * gb
+    idx = np.concatenate([indices, np.full(padded - len(indices), indices[0])])
+    for start in range(0, padded, gb):
+      row = idx[start:start + gb]
+      u, logits = apply(variables, features.to_global(mesh, s.feats[input_pipeline.process_rows(row)]))
+      u, logits = features.gather_rows(u), features.gather_rows(logits)
+      keep = slice(0, max(0, min(gb, len(indices) - start)))
+      u_out[start:start + gb][:keep.stop] = u[keep]
+      l_out[start:start + gb][:keep.stop] = logits[keep]
+    return u_out, l_out
+  source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None)
+  for b in input_pipeline.eval_batches(source, indices, global_batch=gb, threads=config.data.threads):
+    u, logits = apply(variables, features.to_global(mesh, b["image"]))
+    u, logits = features.gather_rows(u), features.gather_rows(logits)
+    ids = features.gather_rows(features.to_global(mesh, b["id"]))
+    mask = features.gather_rows(features.to_global(mesh, b["mask"]))
+    for j in np.flatnonzero(mask):
+      u_out[pos[int(ids[j])]] = u[j]
+      l_out[pos[int(ids[j])]] = logits[j]
+  return u_out, l_out
+
+
+def evaluate(s: _Setup, state, workdir: str) -> Dict[str, Any]:
+  """Encodes database (train) and queries (test), ranks, writes results.json + plots."""
+  config = s.config
+  t = time.perf_counter()
+  db_u, _ = encode(s, state.params, state.constants, s.train_idx)
+  q_u, q_logits = encode(s, state.params, state.constants, s.test_idx)
+  db_labels, q_labels = s.table.labels[s.train_idx], s.table.labels[s.test_idx]
+  report = evaluation.evaluate_codes(np.where(db_u >= 0, 1, -1), np.where(q_u >= 0, 1, -1), db_labels, q_labels,
+                                     map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks),
+                                     q_predictions=np.argmax(q_logits, axis=1))
+  results = dict(method="dhcnn", dataset=s.table.name, dataset_description=s.table.description,
+                 backbone=s.bb.name, pretrained=s.bb.pretrained, mode=config.train.mode,
+                 num_classes=s.table.num_classes,
+                 class_names=s.table.class_names, step=int(jax.device_get(state.step)),
+                 eval_seconds=time.perf_counter() - t, devices=jax.device_count(),
+                 config=config.to_dict(), **report)
+  if jax.process_index() == 0:
+    evaluation.write_results(workdir, results)
+  logging.info("%s", evaluation.summary_line(results))
+  return results
+
+
+def _check_and_write(pending, step, writer, mngr, workdir):
+  """Stops on a non-finite loss (before it can be checkpointed); logs the mean metrics."""
+  host = jax.device_get(pending)
+  for k, m in enumerate(host):
+    if not np.isfinite(m["reported"]):
+      mngr.wait_until_finished()
+      raise FloatingPointError(
+          f"non-finite loss at step {step - len(host) + k + 1} (pairwise={m['pairwise']}, quant={m['quant']}, "
+          f"ce={m['ce']}); lower train.lr_start or check the data. The last good checkpoint "
+          f"(step {mngr.latest_step()}) in {os.path.join(workdir, 'checkpoints')} is kept.")
+  mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  writer.write_scalars(step, {f"train/{k}": v for k, v in mean.items()})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains DHCNN per `config`, checkpointing to and resuming from `workdir`; returns the
+  evaluation results (also written to WORKDIR/results.json) or {} when stopped early."""
+  config_checks.check_dhcnn(config)
+  os.makedirs(workdir, exist_ok=True)
+  s = _setup(config, workdir)
+  tc = config.train
+  global_batch = tc.batch_size
+  if global_batch % s.mesh.devices.size:
+    raise ValueError(f"train.batch_size={global_batch} must be a multiple of the {s.mesh.devices.size} devices")
+  spe = input_pipeline.steps_per_epoch(len(s.train_idx), global_batch)
+  total = tc.epochs * spe
+  lr_mults = {"backbone": tc.backbone_lr_mult} if s.feats is None and tc.backbone_lr_mult != 1.0 else None
+  tx = train_state.make_optimizer(tc, spe, lr_mults)
+  state = _init_state(s, tx)
+  mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps)
+  state = train_state.restore_or_keep(mngr, state)
+  state = jax.device_put(state, sharding.replicated(s.mesh))
+  bank_labels = jax.device_put(s.table.labels[s.train_idx], sharding.replicated(s.mesh))
+  step_fn = make_train_step(s.model, tx, config, bank_labels, s.mesh)
+  rng = jax.device_put(jax.random.key(config.seed), sharding.replicated(s.mesh))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  start = int(jax.device_get(state.step))
+  stop = total if not tc.max_steps_per_run else min(total, start + tc.max_steps_per_run)
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                           every_steps=tc.log_every_steps)
+  logging.info("Training %s (%s) %d bits: steps %d -> %d of %d (%d/epoch, global batch %d, %d devices)",
+               s.bb.name, tc.mode, config.model.bits, start, stop, total, spe, global_batch, s.mesh.devices.size)
+  step, pending = start, []
+  for batch in _batches(s, global_batch, start, stop):
+    state, metrics = step_fn(state, _to_global(s.mesh, batch), rng)
+    step += 1
+    pending.append(metrics)
+    preempted = mngr.reached_preemption(step)
+    saving = mngr.should_save(step) or preempted or step == stop
+    if saving or step % tc.log_every_steps == 0:
+      _check_and_write(pending, step, writer, mngr, workdir)  # never checkpoint unchecked steps
+      pending = []
+    report(step)
+    if saving:
+      train_state.save(mngr, state, force=True)
+    if preempted:
+      mngr.wait_until_finished()
+      logging.warning("Preemption signal at step %d: checkpoint saved, exiting.", step)
+      return {}
+  mngr.wait_until_finished()
+  writer.flush()
+  if int(jax.device_get(state.step)) < total:
+    logging.info("Stopped at step %d of %d (train.max_steps_per_run); rerun to continue.",
+                 int(jax.device_get(state.step)), total)
+    return {}
+  results = evaluate(s, state, workdir)
+  writer.write_scalars(total, {"eval/map": results["map"], "eval/accuracy": results.get("accuracy", 0.0)})
+  writer.flush()
+  return results

@@ -1,0 +1,104 @@
+"""Train state, optimizers and the orbax checkpoint manager shared by both methods."""
+
+import math
+import os
+from typing import Any, Dict, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("log_epoch", "constant", "cosine", "step")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. `extra` holds method state (DHCNN's memory bank)."""
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+  constants: Any          # non-trained variables, e.g. frozen BatchNorm statistics
+  extra: Dict[str, Any]
+
+
+def learning_rate_schedule(tc, steps_per_epoch: int):
+  """optax schedule from config.train: lr_start, lr_end, schedule, epochs.
+
+  log_epoch: the DHCNN paper's schedule, constant within an epoch and log-spaced from
+  lr_start to lr_end across epochs (MatConvNet `logspace(-2, -5, epochs)`).
+  step: lr_start multiplied by lr_decay every lr_decay_epochs (MrHash).
+  """
+  if tc.schedule not in SCHEDULES:
+    raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {tc.schedule!r}")
+  total = tc.epochs * steps_per_epoch
+  if tc.schedule == "constant":
+    return optax.constant_schedule(tc.lr_start)
+  if tc.schedule == "cosine":
+    return optax.cosine_decay_schedule(tc.lr_start, total, alpha=tc.lr_end / tc.lr_start)
+  if tc.schedule == "step":
+    return optax.exponential_decay(tc.lr_start, tc.lr_decay_epochs * steps_per_epoch, tc.lr_decay,
+                                   staircase=True)
+  lo, hi = math.log10(tc.lr_start), math.log10(tc.lr_end)
+  n = max(tc.epochs - 1, 1)
+
+  def schedule(step):
+    epoch = jnp.minimum(step // steps_per_epoch, tc.epochs - 1)
+    return 10.0 ** (lo + (hi - lo) * epoch / n)
+  return schedule
+
+
+def make_optimizer(tc, steps_per_epoch: int, lr_mults: Optional[Dict[str, float]] = None):
+  """optax chain per config.train (optimizer, momentum, weight_decay) with optional
+  per-top-level-module learning-rate multipliers, e.g. {'backbone': 0.1}."""
+  if tc.optimizer not in OPTIMIZERS:
+    raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
+  schedule = learning_rate_schedule(tc, steps_per_epoch)
+
+  def one(mult):
+    lr = (lambda s: schedule(s) * mult) if mult != 1.0 else schedule
+    if tc.optimizer == "adamw":
+      return optax.adamw(lr, weight_decay=tc.weight_decay)
+    parts = [optax.add_decayed_weights(tc.weight_decay)] if tc.weight_decay else []
+    if tc.optimizer == "adam":
+      parts.append(optax.adam(lr))
+    else:
+      parts.append(optax.sgd(lr, momentum=tc.momentum if tc.optimizer == "momentum" else None))
+    return optax.chain(*parts)
+
+  if not lr_mults:
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), one(1.0)) if tc.grad_clip else one(1.0)
+  labels = lambda params: {k: (k if k in lr_mults else "default") for k in params}
+  txs = {k: one(v) for k, v in lr_mults.items()}
+  txs["default"] = one(1.0)
+  return optax.multi_transform(txs, labels)
+
+
+def checkpoint_manager(workdir: str, every_steps: int, keep: int = 2) -> ocp.CheckpointManager:
+  """Periodic checkpoints in WORKDIR/checkpoints; orbax also saves at preemption signals."""
+  options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, every_steps), max_to_keep=keep,
+                                         create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  """The latest checkpoint restored into `state`'s structure and shardings, or `state`."""
+  step = mngr.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:
+    raise ValueError(f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
+                     f"config (model, bits, mode?). Use a fresh --workdir. ({e})") from e
+  logging.info("Resumed from checkpoint at step %d in %s", step, mngr.directory)
+  return restored
+
+
+def save(mngr: ocp.CheckpointManager, state: TrainState, force: bool = False) -> bool:
+  step = int(jax.device_get(state.step))
+  return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
