@@ -9,8 +9,12 @@ Command (the full config: UC Merced through TFDS, EfficientNet-Lite0 frozen, 64 
 
 Presets (`configs/dhcnn.py:ARGS`, comma-separated; `key=value` items set fields below):
   local       offline default: UC Merced from ../shared/data/ucmerced if present, else
-              generated scenes (the log and results.json say which), frozen EfficientNet-Lite0.
-  tiny        tiny_cnn on 6x20 generated 32x32 scenes, 2 epochs: tests and a quick look.
+              generated scenes (the log and results.json say which), frozen EfficientNet-Lite0,
+              with the `adam` settings.
+  adam        Adam 1e-3 -> 1e-6 log-spaced per epoch and theta = u.U/2 (the paper's formula):
+              the best of the optimiser settings measured in frozen mode (README "Results").
+  tiny        tiny_cnn (random init) on 6x20 generated 32x32 scenes, 4 epochs, Adam: tests
+              and a quick look (~10 s).
   paper       the paper's setup: vgg_f (needs imagenet-vgg-f.mat: model.weights_path),
               finetune, 100 epochs, batch 10, SGD 1e-2 -> 1e-5 log-spaced, beta 25, eta 0.2.
   finetune    end-to-end training of the chosen backbone.
@@ -114,14 +118,23 @@ def _apply(c, item: str):
       raise ValueError(f"unknown preset item {item!r}; use bits=, backbone=, mode= or a named preset")
   elif item == "local":
     c.data.source = "auto"
+    _apply(c, "adam")
+  elif item == "adam":
+    c.train.optimizer = "adam"
+    c.train.lr_start = 1e-3
+    c.train.lr_end = 1e-6
+    c.dhcnn.theta_scale = 0.5
   elif item == "tiny":
     c.data.source = "generated"
     c.data.generated_size = 32
     c.model.backbone = "tiny_cnn"
     c.model.pretrained = False
     c.model.bits = 16
-    c.train.epochs = 2
+    c.train.epochs = 4
     c.train.batch_size = 8
+    c.train.optimizer = "adam"
+    c.train.lr_start = 1e-2
+    c.train.lr_end = 1e-3
     c.train.log_every_steps = 5
     c.train.checkpoint_every_steps = 10
     c.features.batch_size = 16
@@ -135,4 +148,5 @@ def _apply(c, item: str):
   elif item == "finetune":
     c.train.mode = "finetune"
   else:
-    raise ValueError(f"unknown preset {item!r}; choose from local, tiny, paper, finetune, bits=, backbone=, mode=")
+    raise ValueError(f"unknown preset {item!r}; choose from local, adam, tiny, paper, finetune, bits=, "
+                     "backbone=, mode=")

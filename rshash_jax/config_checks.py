@@ -53,8 +53,8 @@ def check_common(config):
     _positive_int(config, f)
   _choice(config, "train.optimizer", train_state.OPTIMIZERS)
   _choice(config, "train.schedule", train_state.SCHEDULES)
-  _range(config, "train.lr_start", 0.0, 10.0, lo_open=True)
-  _range(config, "train.lr_end", 0.0, 10.0, lo_open=True)
+  _range(config, "train.lr_start", 0.0, float("inf"), lo_open=True)
+  _range(config, "train.lr_end", 0.0, float("inf"), lo_open=True)
   _range(config, "train.weight_decay", 0.0, 1.0)
   if config.model.backbone == "tiny_cnn" and config.model.pretrained:
     _fail("model.pretrained", True, "tiny_cnn has no pretrained weights; set model.pretrained=False")

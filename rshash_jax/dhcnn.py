@@ -92,15 +92,16 @@ def similarity(labels_a, labels_b):
   return (labels_a.astype(jnp.float32) @ labels_b.astype(jnp.float32).T > 0).astype(jnp.float32)
 
 
-def pairwise_terms(u, bank, s, *, theta_scale: float, gradient: str):
-  """(sum_ij softplus(theta) - S theta, sum_i ||sgn(u_i) - u_i||^2) of a batch."""
+def pairwise_terms(u, bank, s, *, theta_scale: float, gradient: str, mask=None):
+  """(sum_ij softplus(theta) - S theta, sum_i ||sgn(u_i) - u_i||^2) over rows with mask 1."""
   if gradient not in GRADIENTS:
     raise ValueError(f"dhcnn.gradient must be one of {GRADIENTS}, got {gradient!r}")
+  mask = jnp.ones((u.shape[0], 1), u.dtype) if mask is None else mask.astype(u.dtype)[:, None]
   uu = u @ bank.T
   grad_mult = 1.0 if gradient == "official" else theta_scale
   theta = theta_scale * jax.lax.stop_gradient(uu) + grad_mult * (uu - jax.lax.stop_gradient(uu))
-  pairwise = jnp.sum(jax.nn.softplus(theta) - s * theta)
-  quant = jnp.sum(jnp.square(jax.lax.stop_gradient(codes_from(u)) - u))
+  pairwise = jnp.sum(mask * (jax.nn.softplus(theta) - s * theta))
+  quant = jnp.sum(mask * jnp.square(jax.lax.stop_gradient(codes_from(u)) - u))
   return pairwise, quant
 
 
@@ -120,11 +121,9 @@ def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta
   rows = jnp.where(mask > 0, bank_rows, bank.shape[0])  # padded rows write out of bounds: dropped
   bank = bank.at[rows].set(jax.lax.stop_gradient(u), mode="drop")
   s = similarity(labels, bank_labels)
-  pairwise, quant = pairwise_terms(u * mask[:, None], bank, s, theta_scale=theta_scale, gradient=gradient)
+  pairwise, quant = pairwise_terms(u, bank, s, theta_scale=theta_scale, gradient=gradient, mask=mask)
   n_valid = jnp.maximum(jnp.sum(mask), 1.0)
   norm = n_valid * bank.shape[0]
-  # Masked rows have u = 0: softplus(0) = log 2 per bank entry; remove that constant.
-  pairwise = pairwise - (b - jnp.sum(mask)) * bank.shape[0] * jnp.log(2.0)
   onehot = jax.nn.one_hot(labels, num_classes) if labels.ndim == 1 else labels / jnp.maximum(
       labels.sum(-1, keepdims=True), 1)
   ce_each = -jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1)

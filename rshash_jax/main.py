@@ -23,9 +23,17 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and result
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietOrbax:
+  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint); keeps warnings."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   import jax  # pylint: disable=g-import-not-at-top
   from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.configure_tf()

@@ -1,0 +1,174 @@
+"""DHCNN loss against independent numpy formulas and finite differences; 1 vs 8 devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rshash_jax import dhcnn, sharding, train, train_state
+
+import sys, os  # noqa: E401
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import dhcnn as dhcnn_config  # noqa: E402  (configs/dhcnn.py)
+
+
+def _softplus(x):
+  return np.logaddexp(0.0, x)
+
+
+def numpy_loss(u, logits, labels, rows, bank, bank_labels, eta, beta, scale, num_classes, sgn=None):
+  """The reference's formula, written independently (float64)."""
+  u, logits, bank = (np.asarray(a, np.float64) for a in (u, logits, bank))
+  bank = bank.copy()
+  bank[rows] = u
+  s = (labels[:, None] == bank_labels[None, :]).astype(np.float64)
+  theta = scale * u @ bank.T
+  pairwise = np.sum(_softplus(theta) - s * theta)
+  sgn = np.where(u >= 0, 1.0, -1.0) if sgn is None else sgn
+  quant = np.sum((sgn - u) ** 2)
+  logp = logits - logits.max(1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+  ce = -np.mean(logp[np.arange(len(labels)), labels])
+  n = bank.shape[0]
+  return eta * (pairwise + beta * quant) / (len(u) * n) + (1 - eta) * ce, bank
+
+
+def _problem(seed=0, b=5, n=12, k=8, c=3):
+  rng = np.random.default_rng(seed)
+  bank_labels = rng.integers(0, c, n)
+  rows = rng.choice(n, b, replace=False)
+  labels = bank_labels[rows]
+  bank = rng.standard_normal((n, k)).astype(np.float32)
+  u = (3 * rng.standard_normal((b, k))).astype(np.float32)
+  logits = rng.standard_normal((b, c)).astype(np.float32)
+  return u, logits, labels, rows, bank, bank_labels
+
+
+@pytest.mark.parametrize("scale", [1 / 32, 0.5])
+def test_loss_value_matches_numpy(scale):
+  u, logits, labels, rows, bank, bank_labels = _problem()
+  out = dhcnn.loss_fn(jnp.asarray(u), jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(rows),
+                      jnp.asarray(bank), jnp.asarray(bank_labels), eta=0.2, beta=25.0, theta_scale=scale,
+                      gradient="autodiff", ce_to_classifier="scaled", num_classes=3)
+  want, want_bank = numpy_loss(u, logits, labels, rows, bank, bank_labels, 0.2, 25.0, scale, 3)
+  np.testing.assert_allclose(float(out["loss"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(out["reported"]), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(out["bank"]), want_bank, rtol=1e-6)
+
+
+def test_autodiff_gradient_matches_finite_differences():
+  u, logits, labels, rows, bank, bank_labels = _problem(1)
+  scale, eta, beta = 0.5, 0.3, 2.0
+  sgn = np.where(u >= 0, 1.0, -1.0)
+  bank_after = bank.astype(np.float64).copy()
+  bank_after[rows] = u
+
+  def f_np(uu, ll):  # bank rows and sgn held at their values for u (as the loss treats them)
+    b2 = bank_after.copy()
+    s = (labels[:, None] == bank_labels[None, :]).astype(np.float64)
+    theta = scale * uu @ b2.T
+    pw = np.sum(_softplus(theta) - s * theta)
+    q = np.sum((sgn - uu) ** 2)
+    lp = ll - ll.max(1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+    return eta * (pw + beta * q) / (len(uu) * len(b2)) + (1 - eta) * -np.mean(lp[np.arange(len(labels)), labels])
+
+  def f_jax(uu, ll):
+    return dhcnn.loss_fn(uu, ll, jnp.asarray(labels), jnp.asarray(rows), jnp.asarray(bank), jnp.asarray(bank_labels),
+                         eta=eta, beta=beta, theta_scale=scale, gradient="autodiff", ce_to_classifier="scaled",
+                         num_classes=3)["loss"]
+
+  gu, gl = jax.grad(f_jax, argnums=(0, 1))(jnp.asarray(u), jnp.asarray(logits))
+  eps = 1e-4
+  u64, l64 = u.astype(np.float64), logits.astype(np.float64)
+  for arr, g, which in ((u64, gu, 0), (l64, gl, 1)):
+    num = np.zeros_like(arr)
+    for idx in np.ndindex(arr.shape):
+      plus, minus = arr.copy(), arr.copy()
+      plus[idx] += eps
+      minus[idx] -= eps
+      args_p = (plus, l64) if which == 0 else (u64, plus)
+      args_m = (minus, l64) if which == 0 else (u64, minus)
+      num[idx] = (f_np(*args_p) - f_np(*args_m)) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(g), num, rtol=2e-3, atol=1e-6)
+
+
+def test_official_gradient_omits_theta_scale():
+  u, logits, labels, rows, bank, bank_labels = _problem(2)
+  args = (jnp.asarray(labels), jnp.asarray(rows), jnp.asarray(bank), jnp.asarray(bank_labels))
+
+  def pairwise_grad(gradient):
+    f = lambda uu: dhcnn.loss_fn(uu, jnp.asarray(logits), *args, eta=1.0, beta=0.0, theta_scale=1 / 32,
+                                 gradient=gradient, ce_to_classifier="scaled", num_classes=3)["loss"]
+    return np.asarray(jax.grad(f)(jnp.asarray(u)))
+
+  np.testing.assert_allclose(pairwise_grad("official"), 32 * pairwise_grad("autodiff"), rtol=1e-5)
+
+
+def test_full_ce_reaches_classifier_unscaled_and_hash_layer_scaled():
+  rng = np.random.default_rng(3)
+  head = dhcnn.HashHead(bits=6, num_classes=4)
+  f = jnp.asarray(rng.standard_normal((5, 10)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 4, 5))
+  params = head.init(jax.random.key(0), f)["params"]
+  eta = 0.2
+
+  def ce(p, scale):
+    _, logits = head.apply({"params": p}, f, ce_grad_scale=scale)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+  g_full, g_plain = jax.grad(ce)(params, 1 - eta), jax.grad(ce)(params, 1.0)
+  np.testing.assert_allclose(g_full["classifier"]["kernel"], g_plain["classifier"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(g_full["hash"]["kernel"], (1 - eta) * g_plain["hash"]["kernel"], rtol=1e-5)
+
+
+def test_masked_rows_do_not_count():
+  u, logits, labels, rows, bank, bank_labels = _problem(4, b=6)
+  kw = dict(eta=0.2, beta=25.0, theta_scale=1 / 32, gradient="autodiff", ce_to_classifier="scaled", num_classes=3)
+  full = dhcnn.loss_fn(*(jnp.asarray(a) for a in (u[:4], logits[:4], labels[:4], rows[:4], bank, bank_labels)), **kw)
+  masked = dhcnn.loss_fn(*(jnp.asarray(a) for a in (u, logits, labels, rows, bank, bank_labels)),
+                         mask=jnp.asarray([1, 1, 1, 1, 0, 0]), **kw)
+  np.testing.assert_allclose(float(masked["loss"]), float(full["loss"]), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(masked["bank"]), np.asarray(full["bank"]))
+
+
+def test_codes_never_zero():
+  np.testing.assert_array_equal(np.asarray(dhcnn.codes_from(jnp.asarray([-1.0, 0.0, 2.0, -0.0]))), [-1, 1, 1, 1])
+
+
+def test_log_epoch_schedule():
+  c = dhcnn_config.get_config()
+  sched = train_state.learning_rate_schedule(c.train, steps_per_epoch=7)
+  assert np.isclose(sched(0), 1e-2) and np.isclose(sched(6), 1e-2)
+  assert np.isclose(sched(7 * 99), 1e-5) and np.isclose(sched(7 * 99 + 6), 1e-5)
+  assert np.isclose(sched(7 * 33), 10 ** (-2 - 3 * 33 / 99))
+
+
+def test_train_step_same_on_1_and_8_devices():
+  """Same global batch, same state: the step's loss and new params agree across meshes."""
+  assert jax.device_count() >= 8
+  c = dhcnn_config.get_config("tiny")
+  rng = np.random.default_rng(5)
+  n_train, d, b = 40, 12, 8
+  model = dhcnn.DHCNN(backbone=None, bits=c.model.bits, num_classes=3)
+  params = jax.device_get({"head": model.init(jax.random.key(0), jnp.zeros((1, d)))["params"]["head"]})
+  tx = train_state.make_optimizer(c.train, steps_per_epoch=5)
+  bank = rng.standard_normal((n_train, c.model.bits)).astype(np.float32)
+  bank_labels = rng.integers(0, 3, n_train)
+  batch = {"x": rng.standard_normal((b, d)).astype(np.float32), "label": bank_labels[:b], "row": np.arange(b)}
+  outs = []
+  for n_dev in (1, 8):
+    mesh = sharding.data_mesh(jax.devices()[:n_dev])
+    state = train_state.TrainState(step=np.zeros((), np.int32), params=params, opt_state=jax.device_get(tx.init(params)),
+                                   constants={}, extra={"bank": bank})
+    state = jax.device_put(state, sharding.replicated(mesh))
+    step = train.make_train_step(model, tx, c, jax.device_put(bank_labels, sharding.replicated(mesh)), mesh)
+    gbatch = {k: jax.device_put(v, sharding.sharded_rows(mesh)) for k, v in batch.items()}
+    for _ in range(3):
+      state, metrics = step(state, gbatch, jax.random.key(0))
+    outs.append((jax.device_get(state.params), jax.device_get(state.extra["bank"]), jax.device_get(metrics)))
+  (p1, b1, m1), (p8, b8, m8) = outs
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p1, p8)
+  np.testing.assert_allclose(b1, b8, rtol=1e-5, atol=1e-7)
+  for k in m1:
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5)

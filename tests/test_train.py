@@ -1,0 +1,146 @@
+"""DHCNN end to end: CLI run, resume == uninterrupted, bad inputs, data splits and pipelines."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from rshash_jax import datasets, input_pipeline, train
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import dhcnn as dhcnn_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = ("method", "dataset", "backbone", "bits", "num_database", "num_query", "map", "map_at",
+            "precision_at", "pr_curve", "accuracy")
+
+
+def _tiny(tmp_path, *items, **overrides):
+  c = dhcnn_config.get_config(",".join(("tiny",) + items))
+  c.data.generated_per_class = 10
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split("__")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def test_cli_tiny_run_writes_results(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "rshash_jax.main", "--config=configs/dhcnn.py:tiny", f"--workdir={workdir}",
+         "--config.data.generated_per_class=10"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mAP=" in proc.stdout
+  res = json.loads((workdir / "results.json").read_text())
+  for key in REQUIRED:
+    assert key in res, key
+  assert res["num_database"] + res["num_query"] == 60 and res["num_query"] == 12
+  assert 0.0 <= res["map"] <= 1.0 and res["bits"] == 16
+  assert set(res["pr_curve"]) >= {"radius", "precision", "recall"} and len(res["pr_curve"]["radius"]) == 17
+  assert (workdir / "pr_curve.png").stat().st_size > 1000
+  assert "generated" in res["dataset_description"]
+
+
+def test_cli_rejects_bad_config_value(tmp_path):
+  cmd = [sys.executable, "-m", "rshash_jax.main", "--config=configs/dhcnn.py:tiny", f"--workdir={tmp_path}",
+         "--config.train.mode=sideways"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "config.train.mode='sideways' is invalid" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["finetune", "frozen"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, mode):
+  c = _tiny(tmp_path, f"mode={mode}", train__checkpoint_every_steps=4)
+  full = train.train_and_evaluate(c, str(tmp_path / "full"))
+  c_int = _tiny(tmp_path, f"mode={mode}", train__checkpoint_every_steps=4, train__max_steps_per_run=7)
+  part = train.train_and_evaluate(c_int, str(tmp_path / "resumed"))
+  assert part == {}  # stopped early, checkpointed
+  assert not (tmp_path / "resumed" / "results.json").exists()
+  c_int.unlock()
+  c_int.train.max_steps_per_run = 0
+  resumed = train.train_and_evaluate(c_int, str(tmp_path / "resumed"))
+  assert resumed["step"] == full["step"] == 4 * (48 // 8)
+  for key in ("map", "accuracy", "map_at", "precision_at", "pr_curve"):
+    assert resumed[key] == full[key], key
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = _tiny(tmp_path, train__checkpoint_every_steps=4, train__max_steps_per_run=4)
+  train.train_and_evaluate(c, str(tmp_path / "w"))
+  c = _tiny(tmp_path, train__checkpoint_every_steps=4, train__lr_start=1e30, train__lr_end=1e30)
+  with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+.*last good checkpoint \(step 4\)"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert max(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()) == 4
+
+
+def test_checkpoint_of_another_config_is_rejected(tmp_path):
+  c = _tiny(tmp_path, train__max_steps_per_run=2, train__checkpoint_every_steps=2)
+  train.train_and_evaluate(c, str(tmp_path / "w"))
+  c = _tiny(tmp_path, "bits=32", train__max_steps_per_run=2)
+  with pytest.raises(ValueError, match="does not match this config"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+
+
+def test_missing_dataset_and_corrupt_image_are_named(tmp_path):
+  c = _tiny(tmp_path, data__source=f"folder:{tmp_path / 'nowhere'}")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  root = tmp_path / "folder"
+  for cls in ("a", "b"):
+    (root / cls).mkdir(parents=True)
+    for i in range(3):
+      Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / cls / f"{i}.png")
+  (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+  c = _tiny(tmp_path, data__source=f"folder:{root}")
+  with pytest.raises(ValueError, match="broken.jpg"):
+    train.train_and_evaluate(c, str(tmp_path / "w2"))
+
+
+def test_class_folder_ids_and_split_are_stable(tmp_path):
+  table = datasets.generate(str(tmp_path), num_classes=3, per_class=7, size=16)
+  again = datasets.class_folder(os.path.dirname(table.paths[0]) + "/..")
+  assert [os.path.basename(p) for p in again.paths] == [os.path.basename(p) for p in table.paths]
+  assert table.class_names == ["class00", "class01", "class02"]
+  tr, te = datasets.split_per_class(table.labels, 0.8, seed=3)
+  tr2, te2 = datasets.split_per_class(table.labels, 0.8, seed=3)
+  np.testing.assert_array_equal(tr, tr2)
+  assert len(np.intersect1d(tr, te)) == 0 and len(tr) + len(te) == 21
+  assert all(np.sum(table.labels[tr] == c) == 6 for c in range(3))  # round(0.8 * 7) per class
+  tr3, _ = datasets.split_per_class(table.labels, 0.8, seed=4)
+  assert not np.array_equal(tr, tr3)
+  with pytest.raises(ValueError, match="train_ratio"):
+    datasets.split_per_class(table.labels, 1.5, seed=0)
+
+
+def test_eval_batches_cover_every_example_once(tmp_path):
+  table = datasets.generate(str(tmp_path), num_classes=3, per_class=7, size=16)
+  source = input_pipeline.ImageSource(table, 16)
+  idx = np.arange(3, 21)
+  seen, padded = [], 0
+  for b in input_pipeline.eval_batches(source, idx, global_batch=8):
+    assert b["image"].shape == (8, 16, 16, 3)
+    seen += b["id"][b["mask"]].tolist()
+    padded += int((~b["mask"]).sum())
+  assert sorted(seen) == idx.tolist() and padded == 6
+
+
+def test_train_batches_resume_mid_epoch(tmp_path):
+  table = datasets.generate(str(tmp_path), num_classes=3, per_class=7, size=16)
+  source = input_pipeline.ImageSource(table, 16)
+  idx = np.arange(21)
+  full = [b["id"] for b in input_pipeline.train_batches(source, idx, global_batch=4, seed=1, num_steps=12)]
+  tail = [b["id"] for b in input_pipeline.train_batches(source, idx, global_batch=4, seed=1, start_step=7,
+                                                       num_steps=12)]
+  assert len(full) == 12 and all(len(set(b)) == 4 for b in full)
+  for a, b in zip(full[7:], tail):
+    np.testing.assert_array_equal(a, b)
+  assert jax.process_count() == 1
