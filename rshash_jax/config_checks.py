@@ -68,3 +68,26 @@ def check_dhcnn(config):
   _range(config, "dhcnn.theta_scale", 0.0, 1e3, lo_open=True)
   _choice(config, "dhcnn.gradient", dhcnn.GRADIENTS)
   _choice(config, "dhcnn.ce_to_classifier", dhcnn.CE_MODES)
+
+
+def check_mrhash(config):
+  """MrHash fields; data.source may also be release:DIR (the MrHash release format)."""
+  src = _get(config, "data.source")
+  if isinstance(src, str) and src.startswith("release:"):
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    config.data.source = "generated"  # the rest of check_common applies unchanged
+  check_common(config)
+  _positive_int(config, "mrhash.num_clusters")
+  _positive_int(config, "mrhash.kmeans_n_init")
+  _positive_int(config, "mrhash.ae_epochs")
+  _positive_int(config, "mrhash.ae_batch_size")
+  _positive_int(config, "eval.map_at_r")
+  _choice(config, "mrhash.kl_reduction", ("batchmean", "mean"))
+  _choice(config, "mrhash.baseline", ("", "lsh", "itq"))
+  if len(_get(config, "mrhash.sources")) < 1:
+    _fail("mrhash.sources", config.mrhash.sources, "expected one or more source views")
+  for spec in list(config.mrhash.sources) + [config.mrhash.image_view]:
+    if not (spec == "full" or spec.startswith("folder:") or
+            (spec.startswith("coarse") and spec[6:].isdigit() and int(spec[6:]) >= 1)):
+      _fail("mrhash.sources/image_view", spec, "expected full, coarseN or folder:DIR")

@@ -38,6 +38,9 @@ class ImageTable:
   tfds_data_dir: Optional[str] = None
   image_key: str = "image"
   description: str = ""
+  # >1: a coarse-resolution view, as a sensor with `degrade` times larger ground sampling
+  # distance sees the scene (area-averaged down by this factor, bicubic back up).
+  degrade: int = 1
 
   @property
   def ids(self) -> np.ndarray:
@@ -54,6 +57,7 @@ class ImageTable:
     """Changes whenever the examples or their order change (cache keys)."""
     h = hashlib.sha1(self.name.encode())
     h.update(self.labels.tobytes())
+    h.update(f"degrade={self.degrade}".encode() if self.degrade != 1 else b"")
     for p in self.paths or []:
       h.update(p.encode())
     return h.hexdigest()[:12]
@@ -96,12 +100,15 @@ def check_image(path: str):
     raise ValueError(f"corrupt or unreadable image: {path} ({e})") from e
 
 
-def load_image(path: str, size: int, resize_size: Optional[int] = None) -> np.ndarray:
+def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1) -> np.ndarray:
   """Decodes `path` as RGB uint8 [size, size, 3]: bicubic resize (to resize_size, then a
-  centre crop of size when resize_size is given). Errors name the file."""
+  centre crop of size when resize_size is given). degrade > 1 first box-averages the
+  image down by that factor (a coarser sensor). Errors name the file."""
   try:
     with Image.open(path) as im:
       im = im.convert("RGB")
+      if degrade > 1:
+        im = im.resize((max(1, im.width // degrade), max(1, im.height // degrade)), Image.BOX)
       target = resize_size or size
       if im.size != (target, target):
         im = im.resize((target, target), Image.BICUBIC)

@@ -39,7 +39,7 @@ def _decoder(table: datasets.ImageTable, size: int, resize_size: Optional[int]):
   paths = np.asarray(table.paths)
 
   def load(i):
-    return datasets.load_image(paths[int(i)], size, resize_size)
+    return datasets.load_image(paths[int(i)], size, resize_size, table.degrade)
 
   def fn(i):
     img = tf.numpy_function(load, [i], tf.uint8, stateful=False)
@@ -56,6 +56,9 @@ def _tfds_images(table: datasets.ImageTable, size: int, resize_size: Optional[in
 
   def prep(ex):
     img = tf.image.convert_image_dtype(ex[table.image_key][..., :3], tf.float32) * 255.0
+    if table.degrade > 1:
+      hw = tf.shape(img)[:2] // table.degrade
+      img = tf.image.resize(img, hw, method="area")
     img = tf.image.resize(img, (target, target), method="bicubic", antialias=True)
     img = tf.image.resize_with_crop_or_pad(img, size, size)
     return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)

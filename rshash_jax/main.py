@@ -2,6 +2,7 @@ r"""rshash_jax command line: train and evaluate a deep hashing model.
 
   python -m rshash_jax.main --config=configs/dhcnn.py:local --workdir=/tmp/dhcnn
   python -m rshash_jax.main --config=configs/dhcnn.py --config.model.bits=32 --workdir=DIR
+  python -m rshash_jax.main --config=configs/mrhash.py:local --workdir=/tmp/mrhash
 
 --config takes an ml_collections config file, optionally `file.py:PRESETS` (see the
 file's docstring), and `--config.FIELD=VALUE` overrides any field. Re-running the same
@@ -45,8 +46,11 @@ def main(argv):
   if config.method == "dhcnn":
     from rshash_jax import train  # pylint: disable=g-import-not-at-top
     results = train.train_and_evaluate(config, FLAGS.workdir)
+  elif config.method == "mrhash":
+    from rshash_jax import train_mrhash  # pylint: disable=g-import-not-at-top
+    results = train_mrhash.train_and_evaluate(config, FLAGS.workdir)
   else:
-    raise ValueError(f"config.method={config.method!r} is not a known method (dhcnn)")
+    raise ValueError(f"config.method={config.method!r} is not a known method (dhcnn, mrhash)")
   if results:
     from rshash_jax import evaluation  # pylint: disable=g-import-not-at-top
     print(evaluation.summary_line(results))

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 
 from rshash_jax import (backbones, config_checks, datasets, dhcnn, evaluation, features,
-                        input_pipeline, sharding, train_state)
+                        input_pipeline, loop, sharding, train_state)
 
 
 @dataclasses.dataclass
@@ -123,10 +123,6 @@ def _batches(s: _Setup, global_batch: int, start: int, total: int):
     yield {"x": b["image"], "label": b["label"], "row": row_of[b["id"]]}
 
 
-def _to_global(mesh, batch):
-  return {k: features.to_global(mesh, v) for k, v in batch.items()}
-
-
 def encode(s: _Setup, params, constants, indices: np.ndarray):
   """(u [n, K], logits [n, C]) of the examples `indices`, every one encoded once."""
   mesh, config = s.mesh, s.config
@@ -183,20 +179,6 @@ def evaluate(s: _Setup, state, workdir: str) -> Dict[str, Any]:
   return results
 
 
-def _check_and_write(pending, step, writer, mngr, workdir):
-  """Stops on a non-finite loss (before it can be checkpointed); logs the mean metrics."""
-  host = jax.device_get(pending)
-  for k, m in enumerate(host):
-    if not np.isfinite(m["reported"]):
-      mngr.wait_until_finished()
-      raise FloatingPointError(
-          f"non-finite loss at step {step - len(host) + k + 1} (pairwise={m['pairwise']}, quant={m['quant']}, "
-          f"ce={m['ce']}); lower train.lr_start or check the data. The last good checkpoint "
-          f"(step {mngr.latest_step()}) in {os.path.join(workdir, 'checkpoints')} is kept.")
-  mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  writer.write_scalars(step, {f"train/{k}": v for k, v in mean.items()})
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains DHCNN per `config`, checkpointing to and resuming from `workdir`; returns the
   evaluation results (also written to WORKDIR/results.json) or {} when stopped early."""
@@ -221,33 +203,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   start = int(jax.device_get(state.step))
-  stop = total if not tc.max_steps_per_run else min(total, start + tc.max_steps_per_run)
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_steps=tc.log_every_steps)
+  stop = loop.stop_step(start, total, tc.max_steps_per_run)
   logging.info("Training %s (%s) %d bits: steps %d -> %d of %d (%d/epoch, global batch %d, %d devices)",
                s.bb.name, tc.mode, config.model.bits, start, stop, total, spe, global_batch, s.mesh.devices.size)
-  step, pending = start, []
-  for batch in _batches(s, global_batch, start, stop):
-    state, metrics = step_fn(state, _to_global(s.mesh, batch), rng)
-    step += 1
-    pending.append(metrics)
-    preempted = mngr.reached_preemption(step)
-    saving = mngr.should_save(step) or preempted or step == stop
-    if saving or step % tc.log_every_steps == 0:
-      _check_and_write(pending, step, writer, mngr, workdir)  # never checkpoint unchecked steps
-      pending = []
-    report(step)
-    if saving:
-      train_state.save(mngr, state, force=True)
-    if preempted:
-      mngr.wait_until_finished()
-      logging.warning("Preemption signal at step %d: checkpoint saved, exiting.", step)
-      return {}
-  mngr.wait_until_finished()
-  writer.flush()
-  if int(jax.device_get(state.step)) < total:
-    logging.info("Stopped at step %d of %d (train.max_steps_per_run); rerun to continue.",
-                 int(jax.device_get(state.step)), total)
+  step_with_rng = lambda st, b: step_fn(st, b, rng)
+  state, finished = loop.run(step_with_rng, state, _batches(s, global_batch, start, stop), mesh=s.mesh,
+                             mngr=mngr, writer=writer, total=total, stop=stop, log_every=tc.log_every_steps,
+                             loss_key="reported")
+  if not finished:
     return {}
   results = evaluate(s, state, workdir)
   writer.write_scalars(total, {"eval/map": results["map"], "eval/accuracy": results.get("accuracy", 0.0)})

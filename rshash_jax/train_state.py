@@ -77,11 +77,12 @@ def make_optimizer(tc, steps_per_epoch: int, lr_mults: Optional[Dict[str, float]
   return optax.multi_transform(txs, labels)
 
 
-def checkpoint_manager(workdir: str, every_steps: int, keep: int = 2) -> ocp.CheckpointManager:
-  """Periodic checkpoints in WORKDIR/checkpoints; orbax also saves at preemption signals."""
+def checkpoint_manager(workdir: str, every_steps: int, keep: int = 2,
+                       name: str = "checkpoints") -> ocp.CheckpointManager:
+  """Periodic checkpoints in WORKDIR/<name>; orbax also saves at preemption signals."""
   options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, every_steps), max_to_keep=keep,
                                          create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, name)), options=options)
 
 
 def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:

@@ -1,0 +1,146 @@
+"""Multisource training data for MrHash: per example, features of two or more sources.
+
+Two ways in:
+1. The MrHash release format (`release:DIR`): split lists `DIR/{split}.txt` with one line
+   per example, `relative/image/path 0 0 1 0 ...` (image path, then the one-hot label),
+   and one feature file per source, `DIR/{split}_{source}.npy` ([N, D_s] float, rows in
+   list order; .npz with one array or .mat with variable `features` also read). The
+   images are the single-source images the hash network sees, relative to DIR (or
+   `image_root`).
+2. Sources given as images (`views`): each source is a view of the table's images (the
+   full image, `full`; a coarse-resolution view `coarseN`, N times coarser; or
+   `folder:DIR`, a tree with the same relative paths as the table, e.g. another sensor),
+   whose features a pretrained backbone extracts once, cached on disk, in id order.
+"""
+
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from rshash_jax import backbones, datasets, features
+
+
+@dataclasses.dataclass
+class MultiSource:
+  """`table` holds the single-source images; sources[s] is [N, D_s] in table id order."""
+  table: datasets.ImageTable
+  sources: List[np.ndarray]
+  source_names: List[str]
+  train_idx: Optional[np.ndarray] = None   # given splits (release format)
+  test_idx: Optional[np.ndarray] = None
+
+
+def _load_matrix(path: str) -> np.ndarray:
+  if path.endswith(".npy"):
+    return np.load(path)
+  if path.endswith(".npz"):
+    with np.load(path) as z:
+      if len(z.files) != 1:
+        raise ValueError(f"{path}: expected one array, found {z.files}")
+      return z[z.files[0]]
+  import scipy.io  # pylint: disable=g-import-not-at-top
+  mat = scipy.io.loadmat(path)
+  if "features" not in mat:
+    raise ValueError(f"{path}: no variable 'features' (found {[k for k in mat if not k.startswith('__')]})")
+  return mat["features"]
+
+
+def _find(directory: str, stem: str) -> str:
+  for ext in (".npy", ".npz", ".mat"):
+    p = os.path.join(directory, stem + ext)
+    if os.path.isfile(p):
+      return p
+  raise FileNotFoundError(f"feature file {stem}.npy/.npz/.mat not found in {directory}")
+
+
+def read_list(path: str, image_root: str):
+  """(paths, labels) of a release split list; errors name the file and line."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"split list not found: {path}")
+  paths, labels = [], []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      parts = line.split()
+      if not parts:
+        continue
+      if len(parts) < 3:
+        raise ValueError(f"{path}:{n}: expected 'image_path label_0 label_1 ...', got {line.strip()!r}")
+      try:
+        onehot = np.asarray([int(float(v)) for v in parts[1:]])
+      except ValueError as e:
+        raise ValueError(f"{path}:{n}: labels must be 0/1 numbers ({e})") from e
+      if onehot.sum() != 1 or not set(np.unique(onehot)) <= {0, 1}:
+        raise ValueError(f"{path}:{n}: the label must be one-hot, got {parts[1:]}")
+      paths.append(os.path.join(image_root, parts[0]))
+      labels.append(int(np.argmax(onehot)))
+  if not labels:
+    raise ValueError(f"{path}: empty split list")
+  return paths, np.asarray(labels, np.int32)
+
+
+def read_release(directory: str, source_names: Sequence[str], splits=("train", "test"),
+                 image_root: Optional[str] = None, check_images: bool = True) -> MultiSource:
+  """Reads the release format (see module docstring); ids run over train then test."""
+  directory = os.path.abspath(directory)
+  image_root = image_root or directory
+  all_paths, all_labels, parts = [], [], []
+  src: Dict[str, List[np.ndarray]] = {s: [] for s in source_names}
+  for split in splits:
+    paths, labels = read_list(os.path.join(directory, f"{split}.txt"), image_root)
+    for s in source_names:
+      m = np.asarray(_load_matrix(_find(directory, f"{split}_{s}")), np.float32)
+      if m.ndim != 2 or m.shape[0] != len(paths):
+        raise ValueError(f"{_find(directory, f'{split}_{s}')}: expected [{len(paths)}, D] features for the "
+                         f"{len(paths)} lines of {split}.txt, got shape {m.shape}")
+      src[s].append(m)
+    parts.append(np.arange(len(paths)) + len(all_paths))
+    all_paths += paths
+    all_labels.append(labels)
+  labels = np.concatenate(all_labels)
+  num_classes = int(max(labels.max() + 1, 2))
+  if check_images:
+    for p in all_paths:
+      datasets.check_image(p)
+  table = datasets.ImageTable(name=os.path.basename(directory), labels=labels,
+                              class_names=[f"class{c}" for c in range(num_classes)], paths=all_paths,
+                              description=f"MrHash release format in {directory}")
+  if len(source_names) < 1:
+    raise ValueError("read_release needs at least one source name")
+  sources = [np.concatenate(src[s]) for s in source_names]
+  return MultiSource(table, sources, list(source_names), parts[0], parts[1] if len(parts) > 1 else None)
+
+
+def view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
+  """The table seen through source `spec`: full | coarseN | folder:DIR (same relative paths)."""
+  if spec == "full":
+    return table
+  if spec.startswith("coarse"):
+    try:
+      factor = int(spec[len("coarse"):])
+    except ValueError as e:
+      raise ValueError(f"source view {spec!r}: expected coarseN with an integer N, e.g. coarse4") from e
+    return dataclasses.replace(table, degrade=factor, description=f"{table.description}, {factor}x coarser view")
+  if spec.startswith("folder:"):
+    root = spec[len("folder:"):]
+    if table.paths is None:
+      raise ValueError(f"source view {spec!r} needs a class-folder table")
+    base = os.path.commonpath(table.paths)
+    paths = [os.path.join(root, os.path.relpath(p, base)) for p in table.paths]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+      raise FileNotFoundError(f"source {spec}: {len(missing)} images missing, e.g. {missing[0]}")
+    return dataclasses.replace(table, paths=paths, description=f"images under {root}")
+  raise ValueError(f"unknown source view {spec!r}: use full, coarseN or folder:DIR")
+
+
+def features_of_views(table: datasets.ImageTable, specs: Sequence[str], bb: backbones.Backbone, mesh,
+                      cache_dir: str, *, batch_size: int = 32, threads: int = 2,
+                      weights_path: Optional[str] = None) -> List[np.ndarray]:
+  """Backbone features [N, D] of every source view, cached in cache_dir by table + view."""
+  out = []
+  for spec in specs:
+    out.append(features.cached_features(bb, view(table, spec), mesh, cache_dir, weights_path=weights_path,
+                                        batch_size=batch_size, threads=threads))
+  return out

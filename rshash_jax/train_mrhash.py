@@ -1,0 +1,234 @@
+"""MrHash training and evaluation: `train_and_evaluate(config, workdir)`.
+
+Stage 1 trains the multisource autoencoder; k-means on its latents gives the centres;
+stage 2 trains AE, centres and hash network with the KL losses against the per-epoch
+target. Both stages are one jitted data-parallel step over the ('data',) mesh (batch
+sharded, state replicated and donated), checkpointed in WORKDIR/checkpoints/stage{1,2}
+and resumable. The hash network works on cached backbone features of the single-source
+image (frozen backbone; the paper fine-tunes AlexNet at lr 1e-5).
+
+`mrhash.baseline` = lsh | itq runs a shallow baseline on the same image features and
+evaluates it the same way (no training stages). No labels enter training anywhere.
+"""
+
+import os
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from scipy.cluster import vq
+
+from rshash_jax import (backbones, baselines, config_checks, datasets, evaluation, features,
+                        input_pipeline, loop, mrhash, multisource, sharding, train_state)
+
+
+def load_data(config, workdir: str, mesh):
+  """(table, train_idx, test_idx, image features [N, D], sources [[N, D_s]], description)."""
+  mc, dc, hc = config.model, config.data, config.mrhash
+  bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
+                        image_size=mc.image_size or None, seed=config.seed)
+  cache = config.features.cache_dir or os.path.join(workdir, "cache")
+  kw = dict(batch_size=config.features.batch_size, threads=dc.threads, weights_path=mc.weights_path or None)
+  if dc.source.startswith("release:"):
+    ms = multisource.read_release(dc.source[len("release:"):], list(hc.release_sources),
+                                  image_root=dc.get("image_root") or None)
+    table, train_idx, test_idx, sources = ms.table, ms.train_idx, ms.test_idx, ms.sources
+    if test_idx is None:
+      raise ValueError(f"{dc.source}: a test split (test.txt) is needed for evaluation")
+    img_view = table
+  else:
+    table = datasets.from_config(dc, workdir)
+    train_idx, test_idx = datasets.split_per_class(table.labels, dc.train_ratio, dc.seed)
+    sources = multisource.features_of_views(table, list(hc.sources), bb, mesh, cache, **kw)
+    img_view = multisource.view(table, hc.image_view)
+  image_feats = features.cached_features(bb, img_view, mesh, cache, **kw)
+  return table, train_idx, test_idx, image_feats, sources, bb
+
+
+def _standardiser(x_train):
+  """Per-dimension scale of a source (features are not L2-normalised, as in the paper; a
+  single global scale keeps MSE magnitudes comparable across backbones)."""
+  return float(np.sqrt(np.mean(np.square(x_train))) + 1e-12)
+
+
+def _make_step(loss_of, tx, mesh):
+  rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
+
+  def step(state, batch):
+    grads, metrics = jax.grad(loss_of, has_aux=True)(state.params, state, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(step, in_shardings=(rep, rows), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def _feature_batches(arrays: Dict[str, np.ndarray], train_idx, global_batch, seed, start, stop):
+  rows_of = np.arange(len(train_idx))
+  for row, _ in input_pipeline.global_steps(rows_of, global_batch, seed, start, stop):
+    mine = input_pipeline.process_rows(row)
+    out = {k: v[mine] for k, v in arrays.items()}
+    out["row"] = mine
+    yield out
+
+
+def _stage_config(tc, epochs, batch, lr, decay, decay_epochs):
+  c = ml_collections.ConfigDict(tc.to_dict())
+  c.epochs, c.batch_size, c.lr_start, c.lr_end = epochs, batch, lr, lr
+  c.schedule, c.lr_decay, c.lr_decay_epochs, c.optimizer, c.weight_decay = "step", decay, decay_epochs, "adam", 0.0
+  c.grad_clip = 0.0
+  return c
+
+
+def _stage1(config, workdir, mesh, xs, writer):
+  """Trains the AE; returns its params."""
+  hc, tc = config.mrhash, config.train
+  ae = mrhash.MultiSourceAE([x.shape[1] for x in xs])
+  n = xs[0].shape[0]
+  gb = min(hc.ae_batch_size, n - n % mesh.devices.size)
+  spe = input_pipeline.steps_per_epoch(n, gb)
+  total = hc.ae_epochs * spe
+  tx = train_state.make_optimizer(_stage_config(tc, hc.ae_epochs, gb, hc.ae_lr, 0.5, hc.ae_lr_halve_epochs), spe)
+  params = jax.jit(ae.init)(jax.random.key(config.seed), jnp.zeros((1, xs[0].shape[1])))["params"]
+  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                 constants={}, extra={})
+  mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name="checkpoints/stage1")
+  state = jax.device_put(train_state.restore_or_keep(mngr, state), sharding.replicated(mesh))
+
+  def loss_of(p, state, batch):
+    del state
+    srcs = [batch[f"x{s}"] for s in range(len(xs))]
+    _, recons = ae.apply({"params": p}, srcs[0])
+    return mrhash.stage1_loss(recons, srcs)
+
+  start = int(jax.device_get(state.step))
+  stop = loop.stop_step(start, total, tc.max_steps_per_run)
+  logging.info("MrHash stage 1 (autoencoder): steps %d -> %d of %d, batch %d", start, stop, total, gb)
+  arrays = {f"x{s}": x for s, x in enumerate(xs)}
+  state, finished = loop.run(_make_step(loss_of, tx, mesh), state,
+                             _feature_batches(arrays, np.arange(n), gb, config.data.seed, start, stop),
+                             mesh=mesh, mngr=mngr, writer=writer, total=total, stop=stop,
+                             log_every=tc.log_every_steps, prefix="stage1")
+  return (jax.device_get(state.params) if finished else None), ae
+
+
+def kmeans(z: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
+  """Best-of-n_init k-means++ centres (scipy), by inertia."""
+  best, best_inertia = None, np.inf
+  for i in range(n_init):
+    centres, assign = vq.kmeans2(z.astype(np.float64), k, minit="++", seed=np.random.default_rng([seed, i]))
+    inertia = float(np.sum(np.square(z - centres[assign])))
+    if inertia < best_inertia:
+      best, best_inertia = centres, inertia
+  return best.astype(np.float32)
+
+
+def _stage2(config, workdir, mesh, image_feats, xs, ae_params, writer):
+  hc, tc = config.mrhash, config.train
+  model = mrhash.MrHash([x.shape[1] for x in xs], bits=config.model.bits, num_clusters=hc.num_clusters,
+                        hidden=config.model.head_hidden)
+  n = image_feats.shape[0]
+  gb = min(tc.batch_size, n - n % mesh.devices.size)
+  spe = input_pipeline.steps_per_epoch(n, gb)
+  total = tc.epochs * spe
+  tx = train_state.make_optimizer(_stage_config(tc, tc.epochs, gb, tc.lr_start, hc.lr_decay, hc.lr_decay_epochs), spe)
+  mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name="checkpoints/stage2")
+  params = jax.jit(model.init)(jax.random.key(config.seed + 1), jnp.zeros((1, image_feats.shape[1])),
+                               [jnp.zeros((1, x.shape[1])) for x in xs])["params"]
+  params = jax.device_get(params)
+  params["ae"] = ae_params
+  if mngr.latest_step() is None:  # k-means only for a fresh stage 2
+    z = np.asarray(mrhash.batched_apply(
+        lambda x: model.apply({"params": params}, x, method=lambda m, x: m.ae.encode(x)), jnp.asarray(xs[0])))
+    params["centres"] = kmeans(z, hc.num_clusters, hc.kmeans_n_init, config.seed)
+  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                 constants={}, extra={"p": jnp.zeros((n, hc.num_clusters), jnp.float32)})
+  state = jax.device_put(train_state.restore_or_keep(mngr, state), sharding.replicated(mesh))
+  x1_all = jax.device_put(jnp.asarray(xs[0]), sharding.replicated(mesh))
+
+  @jax.jit
+  def targets(params):
+    q = mrhash.batched_apply(lambda x: model.apply({"params": params}, x, method=lambda m, x: m.feature_assign(x)),
+                             x1_all)
+    return mrhash.target_distribution(q)
+
+  def before_step(step, state):
+    if step % spe == 0:  # the target is fixed within an epoch and stored in the state
+      state = state.replace(extra={"p": targets(state.params)})
+    return state
+
+  def loss_of(p, state, batch):
+    srcs = [batch[f"x{s}"] for s in range(len(xs))]
+    out = model.apply({"params": p}, batch["f"], srcs)
+    target = state.extra["p"][batch["row"]]
+    return mrhash.stage2_loss(out, target, srcs, recon_weight=hc.recon_weight, kl_reduction=hc.kl_reduction)
+
+  start = int(jax.device_get(state.step))
+  stop = loop.stop_step(start, total, tc.max_steps_per_run)
+  logging.info("MrHash stage 2 (hashing): steps %d -> %d of %d, batch %d, %d bits", start, stop, total, gb,
+               config.model.bits)
+  arrays = {"f": image_feats, **{f"x{s}": x for s, x in enumerate(xs)}}
+  state, finished = loop.run(_make_step(loss_of, tx, mesh), state,
+                             _feature_batches(arrays, np.arange(n), gb, config.data.seed, start, stop),
+                             mesh=mesh, mngr=mngr, writer=writer, total=total, stop=stop,
+                             log_every=tc.log_every_steps, prefix="stage2", before_step=before_step)
+  if not finished:
+    return None
+  params = jax.device_get(state.params)
+  return lambda f: np.asarray(mrhash.batched_apply(
+      lambda x: model.apply({"params": params}, x, method=lambda m, x: m.codes(x)), jnp.asarray(f)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains MrHash (or fits the LSH/ITQ baseline) and evaluates it; writes results.json."""
+  config_checks.check_mrhash(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.data_mesh()
+  table, train_idx, test_idx, image_feats, sources, bb = load_data(config, workdir, mesh)
+  hc = config.mrhash
+  t0 = time.perf_counter()
+  scale = _standardiser(image_feats[train_idx])
+  f_train = image_feats[train_idx] / scale
+  if hc.baseline:
+    fit = baselines.fit_lsh if hc.baseline == "lsh" else baselines.fit_itq
+    hasher = fit(f_train, config.model.bits, seed=config.seed)
+    encode = lambda f: hasher(f / scale)
+    method = hc.baseline
+  else:
+    xs = [s[train_idx] / _standardiser(s[train_idx]) for s in sources]
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    ae_params, _ = _stage1(config, workdir, mesh, xs, writer)
+    if ae_params is None:
+      return {}
+    code_fn = _stage2(config, workdir, mesh, f_train, xs, ae_params, writer)
+    if code_fn is None:
+      return {}
+    encode = lambda f: code_fn(f / scale)
+    method = "mrhash" if len(set(hc.sources)) > 1 else "mrhash_unisource"
+  train_seconds = time.perf_counter() - t0
+  db_codes, q_codes = encode(image_feats[train_idx]), encode(image_feats[test_idx])
+  report = evaluation.evaluate_codes(np.where(db_codes >= 0, 1, -1), np.where(q_codes >= 0, 1, -1),
+                                     table.labels[train_idx], table.labels[test_idx],
+                                     map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks))
+  r = min(config.eval.map_at_r, len(train_idx))
+  report["map_at_r"] = report["map_at"].get(r) if r in report["map_at"] else None
+  if report["map_at_r"] is None:
+    from rshash_jax import hamming, metrics  # pylint: disable=g-import-not-at-top
+    report["map_at_r"] = metrics.mean_average_precision(
+        hamming.pack_codes(np.where(q_codes >= 0, 1, -1)), hamming.pack_codes(np.where(db_codes >= 0, 1, -1)),
+        table.labels[test_idx], table.labels[train_idx], topk=r)
+  report["r"] = r
+  results = dict(method=method, dataset=table.name, dataset_description=table.description, backbone=bb.name,
+                 pretrained=bb.pretrained, image_view=hc.image_view, sources=list(hc.sources),
+                 num_classes=table.num_classes, train_seconds=train_seconds, devices=jax.device_count(),
+                 config=config.to_dict(), **report)
+  if jax.process_index() == 0:
+    evaluation.write_results(workdir, results)
+  logging.info("%s mAP@%d=%.4f", evaluation.summary_line(results), r, results["map_at_r"])
+  return results

@@ -1,0 +1,161 @@
+"""MrHash: soft assignment, target and KL against numpy; release-format reader; baselines; CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from rshash_jax import baselines, datasets, mrhash, multisource, train_mrhash
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import mrhash as mrhash_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_soft_assignment_target_and_kl_match_numpy():
+  rng = np.random.default_rng(0)
+  z = rng.standard_normal((7, 5))
+  mu = rng.standard_normal((3, 5))
+  q_np = np.empty((7, 3))
+  for i in range(7):
+    for j in range(3):
+      q_np[i, j] = 1.0 / (1.0 + np.sum((z[i] - mu[j]) ** 2))
+  q_np /= q_np.sum(1, keepdims=True)
+  q = np.asarray(mrhash.soft_assign(jnp.asarray(z, jnp.float32), jnp.asarray(mu, jnp.float32)))
+  np.testing.assert_allclose(q, q_np, rtol=1e-5)
+  f = q_np.sum(0)
+  p_np = q_np ** 2 / f
+  p_np /= p_np.sum(1, keepdims=True)
+  p = np.asarray(mrhash.target_distribution(jnp.asarray(q_np, jnp.float32)))
+  np.testing.assert_allclose(p, p_np, rtol=1e-5)
+  q2 = rng.dirichlet(np.ones(3), 7)
+  kl_rows = np.sum(p_np * np.log(p_np / q2), axis=1)
+  np.testing.assert_allclose(float(mrhash.kl_divergence(jnp.asarray(p_np), jnp.asarray(q2), "batchmean")),
+                             kl_rows.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(mrhash.kl_divergence(jnp.asarray(p_np), jnp.asarray(q2), "mean")),
+                             kl_rows.mean() / 3, rtol=1e-5)
+  with pytest.raises(ValueError, match="kl_reduction"):
+    mrhash.kl_divergence(jnp.asarray(p_np), jnp.asarray(q2), "sum")
+
+
+def test_target_sharpens_and_rebalances():
+  q = jnp.asarray([[0.6, 0.4], [0.55, 0.45], [0.3, 0.7]])
+  p = np.asarray(mrhash.target_distribution(q))
+  assert p[0, 0] > 0.6 and p[2, 1] > 0.7  # sharper
+  np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+
+
+def test_reconstruction_loss_weights():
+  a, b = jnp.ones((2, 3)), jnp.zeros((2, 3))
+  assert float(mrhash.reconstruction_loss([a, a], [b, b])) == pytest.approx(0.1 + 1.0)
+
+
+def test_itq_and_lsh():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((200, 20)) @ rng.standard_normal((20, 20))
+  itq = baselines.fit_itq(x, 8, seed=0)
+  lsh = baselines.fit_lsh(x, 8, seed=0)
+  codes = itq(x)
+  assert codes.shape == (200, 8) and set(np.unique(codes)) <= {-1, 1}
+  # The projection is PCA times an orthogonal rotation: columns orthonormal.
+  np.testing.assert_allclose(itq.projection.T @ itq.projection, np.eye(8), atol=1e-8)
+  # ITQ lowers the quantisation error of the PCA projection it starts from.
+  xc = x - x.mean(0)
+  _, _, vt = np.linalg.svd(xc, full_matrices=False)
+  v = xc @ vt[:8].T
+  err_pca = np.sum((np.where(v >= 0, 1, -1) - v) ** 2)
+  vr = xc @ itq.projection
+  assert np.sum((codes - vr) ** 2) < err_pca
+  np.testing.assert_array_equal(lsh(x), baselines.fit_lsh(x, 8, seed=0)(x))
+  with pytest.raises(ValueError, match="ITQ needs bits"):
+    baselines.fit_itq(x[:5], 8)
+
+
+def test_kmeans_best_of_n():
+  rng = np.random.default_rng(2)
+  z = np.concatenate([rng.normal(c, 0.1, (30, 2)) for c in (-3, 0, 3)])
+  centres = train_mrhash.kmeans(z, 3, n_init=5, seed=0)
+  np.testing.assert_allclose(np.sort(centres[:, 0]), [-3, 0, 3], atol=0.1)
+
+
+def _write_release(root, n_train=12, n_test=6, classes=3, dims=(7, 5)):
+  rng = np.random.default_rng(3)
+  (root / "images").mkdir(parents=True)
+  for split, n in (("train", n_train), ("test", n_test)):
+    lines = []
+    for i in range(n):
+      c = i % classes
+      name = f"images/{split}_{i}.png"
+      Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / name)
+      lines.append(name + " " + " ".join("1" if k == c else "0" for k in range(classes)))
+    (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    for s, d in zip(("msi", "vhr"), dims):
+      np.save(root / f"{split}_{s}.npy", rng.standard_normal((n, d)).astype(np.float32))
+
+
+def test_release_reader(tmp_path):
+  _write_release(tmp_path)
+  ms = multisource.read_release(str(tmp_path), ["msi", "vhr"])
+  assert len(ms.table) == 18 and ms.table.num_classes == 3
+  np.testing.assert_array_equal(ms.train_idx, np.arange(12))
+  np.testing.assert_array_equal(ms.test_idx, np.arange(12, 18))
+  assert [s.shape for s in ms.sources] == [(18, 7), (18, 5)]
+  np.testing.assert_array_equal(ms.sources[1][12:], np.load(tmp_path / "test_vhr.npy"))
+  np.testing.assert_array_equal(ms.table.labels[:6], [0, 1, 2, 0, 1, 2])
+  np.save(tmp_path / "test_vhr.npy", np.zeros((5, 5), np.float32))
+  with pytest.raises(ValueError, match=r"test_vhr.npy: expected \[6, D\]"):
+    multisource.read_release(str(tmp_path), ["msi", "vhr"])
+  (tmp_path / "train.txt").write_text("images/train_0.png 0 1 1\n")
+  with pytest.raises(ValueError, match=r"train.txt:1: the label must be one-hot"):
+    multisource.read_release(str(tmp_path), ["msi", "vhr"])
+  _write_release(tmp_path / "again")
+  with pytest.raises(FileNotFoundError, match="feature file train_sar"):
+    multisource.read_release(str(tmp_path / "again"), ["msi", "sar"])
+
+
+def test_release_format_end_to_end(tmp_path):
+  _write_release(tmp_path / "rel", n_train=24, n_test=9)
+  c = mrhash_config.get_config("tiny")
+  c.data.source = f"release:{tmp_path / 'rel'}"
+  c.mrhash.image_view = "full"
+  res = train_mrhash.train_and_evaluate(c, str(tmp_path / "w"))
+  assert res["num_database"] == 24 and res["num_query"] == 9 and 0 <= res["map"] <= 1
+
+
+def test_coarse_view_is_coarser(tmp_path):
+  table = datasets.generate(str(tmp_path), num_classes=2, per_class=1, size=32)
+  full = datasets.load_image(table.paths[0], 32)
+  coarse = datasets.load_image(multisource.view(table, "coarse4").paths[0], 32, degrade=4)
+  # Coarse: less high-frequency energy (neighbouring pixels closer).
+  hf = lambda a: np.abs(np.diff(a.astype(float), axis=1)).mean()
+  assert hf(coarse) < 0.7 * hf(full)
+  with pytest.raises(ValueError, match="coarseN"):
+    multisource.view(table, "coarseX")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny,itq"])
+def test_cli_tiny(tmp_path, preset):
+  cmd = [sys.executable, "-m", "rshash_jax.main", f"--config=configs/mrhash.py:{preset}", f"--workdir={tmp_path}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert res["method"] == ("itq" if "itq" in preset else "mrhash")
+  for key in ("map", "map_at_r", "precision_at", "pr_curve", "num_database", "num_query"):
+    assert key in res
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  c = mrhash_config.get_config("tiny")
+  full = train_mrhash.train_and_evaluate(c, str(tmp_path / "full"))
+  c2 = mrhash_config.get_config("tiny")
+  c2.train.max_steps_per_run = 10  # stage 1 has 12 steps, stage 2 18: stops inside both
+  while not (res := train_mrhash.train_and_evaluate(c2, str(tmp_path / "parts"))):
+    pass
+  for key in ("map", "map_at_r", "pr_curve"):
+    assert res[key] == full[key], key
