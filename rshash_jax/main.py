@@ -1,13 +1,21 @@
-r"""rshash_jax command line: train and evaluate a deep hashing model.
+r"""rshash_jax command line: train, encode, search, export.
 
+  # train + evaluate (the default command; re-running resumes from WORKDIR's checkpoints)
   python -m rshash_jax.main --config=configs/dhcnn.py:local --workdir=/tmp/dhcnn
   python -m rshash_jax.main --config=configs/dhcnn.py --config.model.bits=32 --workdir=DIR
   python -m rshash_jax.main --config=configs/mrhash.py:local --workdir=/tmp/mrhash
+  # encode an image folder (or tfds:NAME[:split]) with a trained model into a codes file
+  python -m rshash_jax.main encode --encoder=/tmp/dhcnn --data=../shared/data/ucmerced --out=/tmp/ucm_codes.npz
+  # search: query images (files or folders) against a codes file; table + PNG grid
+  python -m rshash_jax.main search --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz --k=8 \
+      --png=/tmp/hits.png QUERY.tif [MORE ...]
+  # export: an inference-only encoder (orbax) that rshash_jax.load_encoder(path) restores
+  python -m rshash_jax.main export --workdir=/tmp/dhcnn --out=/tmp/dhcnn_encoder
 
 --config takes an ml_collections config file, optionally `file.py:PRESETS` (see the
-file's docstring), and `--config.FIELD=VALUE` overrides any field. Re-running the same
-command resumes from the checkpoints in --workdir. Results: WORKDIR/results.json,
-pr_curve.png, precision_at_k.png, TensorBoard logs in WORKDIR.
+file's docstring); `--config.FIELD=VALUE` overrides any field. Training writes
+WORKDIR/results.json, pr_curve.png, precision_at_k.png, TensorBoard logs, checkpoints/
+and the trained encoder in WORKDIR/encoder. --encoder accepts an export or a workdir.
 """
 
 import os
@@ -19,9 +27,19 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (file.py or file.py:presets).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.mark_flags_as_required(["config", "workdir"])
+config_flags.DEFINE_config_file("config", None, "train: config file (file.py or file.py:presets).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "train/export: directory of checkpoints, logs, results, encoder.")
+flags.DEFINE_string("encoder", None, "encode/search: an exported encoder or a training workdir.")
+flags.DEFINE_string("data", None, "encode: class-folder root, any image folder, or tfds:NAME[:split].")
+flags.DEFINE_string("out", None, "encode: codes file (.npz) to write; export: encoder directory to create.")
+flags.DEFINE_string("codes", None, "search: codes file written by encode.")
+flags.DEFINE_integer("k", 10, "search: results per query.")
+flags.DEFINE_string("png", None, "search: write a retrieval grid PNG here.")
+flags.DEFINE_integer("batch_size", 64, "encode: images per batch (over all devices).")
+flags.DEFINE_integer("chunk", 4096, "encode: images per resumable chunk.")
+
+COMMANDS = ("train", "encode", "search", "export")
 
 
 class _QuietOrbax:
@@ -31,13 +49,16 @@ class _QuietOrbax:
     return record.levelno >= 30 or "orbax" not in record.pathname
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+def _require(command, *names):
+  missing = [n for n in names if getattr(FLAGS, n) is None]
+  if missing:
+    raise app.UsageError(f"{command} needs --{', --'.join(missing)} (see --help)")
+
+
+def _train():
+  _require("train", "config", "workdir")
   import jax  # pylint: disable=g-import-not-at-top
-  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  input_pipeline.configure_tf()
+  from rshash_jax import evaluation  # pylint: disable=g-import-not-at-top
   if os.environ.get("RSHASH_DISTRIBUTED"):  # multi-host TPU/GPU: one process per host
     jax.distributed.initialize()
   logging.info("JAX devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform,
@@ -52,9 +73,33 @@ def main(argv):
   else:
     raise ValueError(f"config.method={config.method!r} is not a known method (dhcnn, mrhash)")
   if results:
-    from rshash_jax import evaluation  # pylint: disable=g-import-not-at-top
     print(evaluation.summary_line(results))
     print(f"results: {os.path.join(FLAGS.workdir, 'results.json')}")
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  args = argv[1:]
+  command = args.pop(0) if args and args[0] in COMMANDS else "train"
+  from rshash_jax import input_pipeline, tools  # pylint: disable=g-import-not-at-top
+  input_pipeline.configure_tf()
+  if command != "search" and args:
+    raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
+  if command == "train":
+    _train()
+  elif command == "encode":
+    _require("encode", "encoder", "data", "out")
+    print(f"codes: {tools.encode(FLAGS.encoder, FLAGS.data, FLAGS.out, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk)}")
+  elif command == "search":
+    _require("search", "encoder", "codes")
+    if not args:
+      raise app.UsageError("search needs one or more query images or folders after the flags")
+    tools.search(FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png)
+    if FLAGS.png:
+      print(f"\ngrid: {FLAGS.png}")
+  else:
+    _require("export", "workdir", "out")
+    print(f"encoder: {tools.export(FLAGS.workdir, FLAGS.out)}")
 
 
 def run():

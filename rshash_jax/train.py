@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from rshash_jax import (backbones, config_checks, datasets, dhcnn, evaluation, features,
+from rshash_jax import (backbones, config_checks, datasets, dhcnn, encoder, evaluation, features,
                         input_pipeline, loop, sharding, train_state)
 
 
@@ -213,6 +213,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if not finished:
     return {}
   results = evaluate(s, state, workdir)
+  params = jax.device_get(state.params)
+  bb = s.bb if "backbone" not in params else dataclasses.replace(
+      s.bb, variables={**s.bb.variables, "params": params["backbone"]})
+  if jax.process_index() == 0:
+    encoder.save_encoder(os.path.join(workdir, "encoder"), method="dhcnn", bb=bb, head_params=params["head"],
+                         bits=config.model.bits, class_names=s.table.class_names, hidden=config.model.head_hidden,
+                         extra_meta={"results_map": results["map"], "dataset": s.table.name}, overwrite=True)
   writer.write_scalars(total, {"eval/map": results["map"], "eval/accuracy": results.get("accuracy", 0.0)})
   writer.flush()
   return results

@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers
 from scipy.cluster import vq
 
-from rshash_jax import (backbones, baselines, config_checks, datasets, evaluation, features,
+from rshash_jax import (backbones, baselines, config_checks, datasets, encoder, evaluation, features,
                         input_pipeline, loop, mrhash, multisource, sharding, train_state)
 
 
@@ -181,8 +181,9 @@ def _stage2(config, workdir, mesh, image_feats, xs, ae_params, writer):
   if not finished:
     return None
   params = jax.device_get(state.params)
-  return lambda f: np.asarray(mrhash.batched_apply(
+  code_fn = lambda f: np.asarray(mrhash.batched_apply(
       lambda x: model.apply({"params": params}, x, method=lambda m, x: m.codes(x)), jnp.asarray(f)))
+  return code_fn, params
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -206,9 +207,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     ae_params, _ = _stage1(config, workdir, mesh, xs, writer)
     if ae_params is None:
       return {}
-    code_fn = _stage2(config, workdir, mesh, f_train, xs, ae_params, writer)
-    if code_fn is None:
+    stage2 = _stage2(config, workdir, mesh, f_train, xs, ae_params, writer)
+    if stage2 is None:
       return {}
+    code_fn, params = stage2
     encode = lambda f: code_fn(f / scale)
     method = "mrhash" if len(set(hc.sources)) > 1 else "mrhash_unisource"
   train_seconds = time.perf_counter() - t0
@@ -230,5 +232,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                  config=config.to_dict(), **report)
   if jax.process_index() == 0:
     evaluation.write_results(workdir, results)
+    if not hc.baseline:
+      encoder.save_encoder(os.path.join(workdir, "encoder"), method="mrhash", bb=bb, head_params=params["hashnet"],
+                           bits=config.model.bits, class_names=table.class_names, hidden=config.model.head_hidden,
+                           feature_scale=scale, degrade=multisource.view(table, hc.image_view).degrade
+                           if table.paths is not None else 1,
+                           extra_meta={"results_map": results["map"], "dataset": table.name}, overwrite=True)
   logging.info("%s mAP@%d=%.4f", evaluation.summary_line(results), r, results["map_at_r"])
   return results

@@ -23,6 +23,7 @@ REQUIRED = ("method", "dataset", "backbone", "bits", "num_database", "num_query"
 def _tiny(tmp_path, *items, **overrides):
   c = dhcnn_config.get_config(",".join(("tiny",) + items))
   c.data.generated_per_class = 10
+  c.train.epochs = 4
   for k, v in overrides.items():
     node = c
     *path, leaf = k.split("__")
@@ -43,7 +44,7 @@ def test_cli_tiny_run_writes_results(tmp_path):
   for key in REQUIRED:
     assert key in res, key
   assert res["num_database"] + res["num_query"] == 60 and res["num_query"] == 12
-  assert 0.0 <= res["map"] <= 1.0 and res["bits"] == 16
+  assert 0.5 < res["map"] <= 1.0 and res["bits"] == 16  # chance is ~0.2 on 6 classes
   assert set(res["pr_curve"]) >= {"radius", "precision", "recall"} and len(res["pr_curve"]["radius"]) == 17
   assert (workdir / "pr_curve.png").stat().st_size > 1000
   assert "generated" in res["dataset_description"]

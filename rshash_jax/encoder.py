@@ -1,0 +1,177 @@
+"""Inference-only encoders: export a trained model, `load_encoder(path)` it anywhere.
+
+An exported encoder is a directory:
+  encoder.json   method, backbone, input size, bits, classes, preprocessing, identity
+  params/        an orbax PyTree checkpoint: backbone + head variables, preprocessing arrays
+
+`load_encoder` restores it on whatever devices exist (params replicated over a ('data',)
+mesh of all local devices) and encodes uint8 RGB images into packed codes, predicted
+classes (DHCNN) and the continuous outputs.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Dict, List, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rshash_jax import backbones, dhcnn, hamming, mrhash, sharding
+
+FORMAT = "rshash_jax.encoder/1"
+
+
+class _MrHashEncoder(nn.Module):
+  """backbone features / scale -> HashNet (the MrHash hash network at test time)."""
+  backbone: nn.Module
+  bits: int
+  hidden: int = 0
+
+  @nn.compact
+  def __call__(self, x, scale):
+    f = self.backbone(x, train=False)["features"].astype(jnp.float32) / scale
+    h, _ = mrhash.HashNet(self.bits, self.hidden, name="hashnet")(f)
+    return h, None
+
+
+def _identity(meta: Dict[str, Any], tree) -> str:
+  h = hashlib.sha1(json.dumps({k: meta[k] for k in sorted(meta) if k != "identity"}, sort_keys=True).encode())
+  for leaf in jax.tree.leaves(tree):
+    a = np.asarray(leaf)
+    h.update(str(a.shape).encode())
+    h.update(np.ascontiguousarray(a).tobytes()[:4096])
+  return h.hexdigest()[:16]
+
+
+def save_encoder(path: str, *, method: str, bb: backbones.Backbone, head_params, bits: int,
+                 class_names: Optional[List[str]] = None, hidden: int = 0, feature_scale: float = 1.0,
+                 degrade: int = 1, extra_meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
+  """Writes an encoder directory at `path` (refuses an existing path unless overwrite)."""
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    if not overwrite:
+      raise FileExistsError(f"export path exists, nothing written: {path}")
+    shutil.rmtree(path)
+  pre = bb.preprocessing
+  tree = {"backbone": jax.device_get(bb.variables), "head": jax.device_get(head_params),
+          "preprocess": {"mean": np.asarray(pre.mean, np.float32), "std": np.asarray(pre.std, np.float32)}}
+  meta = dict(format=FORMAT, method=method, backbone=bb.name, image_size=pre.size, scale=pre.scale,
+              bgr=pre.bgr, dtype=str(jnp.dtype(bb.module.dtype)), bits=int(bits),
+              class_names=list(class_names or []), hidden=int(hidden), feature_scale=float(feature_scale),
+              degrade=int(degrade), lrn_params=list(getattr(bb.module, "lrn_params", []) or []),
+              **(extra_meta or {}))
+  meta["identity"] = _identity(meta, tree)
+  tmp = path + ".tmp"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, "params"), tree)
+    ckptr.wait_until_finished()
+  with open(os.path.join(tmp, "encoder.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, path)
+  return path
+
+
+@dataclasses.dataclass
+class Encoder:
+  """A restored encoder. `encode(images)` -> dict(codes [B, W] uint32 packed, u [B, K],
+  and for DHCNN logits [B, C] and predicted [B])."""
+  meta: Dict[str, Any]
+  module: nn.Module
+  variables: Dict[str, Any]
+  preprocessing: backbones.Preprocessing
+  mesh: Any
+  _fn: Any = None
+
+  @property
+  def bits(self) -> int:
+    return self.meta["bits"]
+
+  @property
+  def image_size(self) -> int:
+    return self.meta["image_size"]
+
+  @property
+  def identity(self) -> str:
+    return self.meta["identity"]
+
+  @property
+  def class_names(self) -> List[str]:
+    return self.meta["class_names"]
+
+  def _compiled(self):
+    if self._fn is None:
+      pre, meta, module = self.preprocessing, self.meta, self.module
+
+      def fn(variables, images):
+        x = pre(images, jnp.dtype(meta["dtype"]))
+        if meta["method"] == "dhcnn":
+          return module.apply(variables, x)
+        return module.apply(variables, x, meta["feature_scale"])
+      rep = sharding.replicated(self.mesh)
+      self._fn = jax.jit(fn, in_shardings=(rep, sharding.sharded_rows(self.mesh)))
+      self.variables = jax.device_put(self.variables, rep)
+    return self._fn
+
+  def encode(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(f"expected uint8 images [B, {self.image_size}, {self.image_size}, 3], got {images.shape}")
+    n = images.shape[0]
+    n_dev = self.mesh.devices.size
+    pad = (-n) % n_dev
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+    u, logits = self._compiled()(self.variables, images)
+    u = np.asarray(u, np.float32)[:n]
+    out = {"u": u, "codes": hamming.pack_codes(np.where(u >= 0, 1, -1))}
+    if logits is not None:
+      out["logits"] = np.asarray(logits, np.float32)[:n]
+      out["predicted"] = out["logits"].argmax(axis=1)
+    return out
+
+
+def load_encoder(path: str, devices=None) -> Encoder:
+  """Restores an exported encoder (see module docstring) over all local devices."""
+  path = os.path.abspath(path)
+  meta_path = os.path.join(path, "encoder.json")
+  if not os.path.isfile(meta_path):
+    # A training workdir holds its encoder in WORKDIR/encoder.
+    if os.path.isfile(os.path.join(path, "encoder", "encoder.json")):
+      return load_encoder(os.path.join(path, "encoder"), devices)
+    raise FileNotFoundError(f"not an exported encoder (no encoder.json): {path}")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{meta_path}: unknown encoder format {meta.get('format')!r} (expected {FORMAT})")
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(os.path.join(path, "params"))
+  tree = jax.device_get(tree)
+  module, pre, _ = backbones.build(meta["backbone"], image_size=meta["image_size"], dtype=jnp.dtype(meta["dtype"]),
+                                   lrn_params=tuple(meta["lrn_params"]) or None)
+  pre = dataclasses.replace(pre, mean=np.asarray(tree["preprocess"]["mean"]), std=np.asarray(tree["preprocess"]["std"]),
+                            scale=meta["scale"], bgr=meta["bgr"])
+  bb_vars = tree["backbone"]
+  if meta["method"] == "dhcnn":
+    model = dhcnn.DHCNN(backbone=module, bits=meta["bits"], num_classes=len(meta["class_names"]),
+                        hidden=meta["hidden"], dtype=jnp.dtype(meta["dtype"]))
+    variables = {"params": {"backbone": bb_vars["params"], "head": tree["head"]}}
+    for k, v in bb_vars.items():
+      if k != "params":
+        variables[k] = {"backbone": v}
+  else:
+    model = _MrHashEncoder(module, meta["bits"], meta["hidden"])
+    variables = {"params": {"backbone": bb_vars["params"], "hashnet": tree["head"]}}
+    for k, v in bb_vars.items():
+      if k != "params":
+        variables[k] = {"backbone": v}
+  mesh = sharding.data_mesh(devices if devices is not None else jax.local_devices())
+  return Encoder(meta, model, variables, pre, mesh)

@@ -1,0 +1,218 @@
+"""User tools behind `python -m rshash_jax.main`: encode, search, export.
+
+encode  an image folder (class folders or any tree) or a TFDS split -> a codes file (.npz:
+        packed codes, ids, paths, labels, class names, the encoder's identity). Streams in
+        chunks written to OUT.parts/ and merged at the end; an interrupted run resumes at
+        the first missing chunk. Memory is bounded by the chunk size.
+search  query images (files or a folder) against a codes file: top-k table with Hamming
+        distances and paths, the predicted class (DHCNN), and a PNG grid.
+export  copies a trained workdir's encoder to a new path (never overwrites).
+"""
+
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from rshash_jax import datasets, encoder as encoder_lib, hamming, input_pipeline
+
+CODES_FORMAT = "rshash_jax.codes/1"
+
+
+def image_table(data: str, degrade: int = 1, check_images: bool = True) -> datasets.ImageTable:
+  """folder:DIR, DIR (class folders, or any tree of images: labels -1) or tfds:NAME[:split]."""
+  if data.startswith("tfds:"):
+    name, _, split = data[len("tfds:"):].partition(":")
+    table = datasets.tfds_table(name, split=split or "train", download=False)
+  else:
+    root = os.path.abspath(data[len("folder:"):] if data.startswith("folder:") else data)
+    try:
+      table = datasets.class_folder(root, check_images=check_images)
+    except ValueError as e:
+      if "class-folder tree" not in str(e):
+        raise
+      paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                     if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
+      if not paths:
+        raise ValueError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) under {root}") from e
+      if check_images:
+        for p in paths:
+          datasets.check_image(p)
+      table = datasets.ImageTable(name=os.path.basename(root), labels=np.full(len(paths), -1, np.int32),
+                                  class_names=[], paths=paths, description=f"images under {root}")
+  table.degrade = degrade
+  return table
+
+
+def _progress(done: int, total: int, t0: float):
+  rate = done / max(time.perf_counter() - t0, 1e-9)
+  eta = (total - done) / max(rate, 1e-9)
+  sys.stderr.write(f"\r  {done}/{total} images  {rate:.1f} images/s  ETA {eta:.0f}s   ")
+  sys.stderr.flush()
+
+
+def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chunk: int = 4096,
+           threads: int = 2) -> str:
+  """Encodes `data` with the encoder at `encoder_path` into the codes file `out` (.npz)."""
+  enc = encoder_lib.load_encoder(encoder_path)
+  if not out.endswith(".npz"):
+    out += ".npz"
+  if os.path.exists(out):
+    raise FileExistsError(f"codes file exists, nothing overwritten: {out}")
+  table = image_table(data, enc.meta.get("degrade", 1))
+  parts = out + ".parts"
+  os.makedirs(parts, exist_ok=True)
+  stamp = os.path.join(parts, "identity.txt")
+  if os.path.exists(stamp) and open(stamp).read().strip() != f"{enc.identity} {table.fingerprint()}":
+    raise ValueError(f"{parts} holds a partial encoding by another encoder or of other data; remove it")
+  with open(stamp, "w") as f:
+    f.write(f"{enc.identity} {table.fingerprint()}")
+  source = input_pipeline.ImageSource(table, enc.image_size)
+  n = len(table)
+  n_dev = enc.mesh.devices.size
+  gb = -(-batch_size // n_dev) * n_dev
+  t0, done = time.perf_counter(), 0
+  print(f"encoding {n} images of {table.description} with encoder {enc.identity} ({enc.meta['method']}, "
+        f"{enc.bits} bits)", file=sys.stderr)
+  for c, start in enumerate(range(0, n, chunk)):
+    part = os.path.join(parts, f"part_{c:06d}.npz")
+    idx = np.arange(start, min(n, start + chunk))
+    if os.path.exists(part):  # resume: this chunk is done
+      done += len(idx)
+      continue
+    codes = np.zeros((len(idx), hamming.num_words(enc.bits)), np.uint32)
+    pred = np.full(len(idx), -1, np.int32)
+    for b in input_pipeline.eval_batches(source, idx, global_batch=gb, threads=threads):
+      res = enc.encode(b["image"])
+      rows = b["id"][b["mask"]] - start
+      codes[rows] = res["codes"][b["mask"]]
+      if "predicted" in res:
+        pred[rows] = res["predicted"][b["mask"]]
+      done += int(b["mask"].sum())
+      _progress(done, n, t0)
+    tmp = part + ".tmp.npz"
+    np.savez(tmp, codes=codes, predicted=pred)
+    os.replace(tmp, part)
+  sys.stderr.write("\n")
+  codes = np.concatenate([np.load(os.path.join(parts, f"part_{c:06d}.npz"))["codes"]
+                          for c in range(-(-n // chunk))])
+  pred = np.concatenate([np.load(os.path.join(parts, f"part_{c:06d}.npz"))["predicted"]
+                         for c in range(-(-n // chunk))])
+  tmp = out + ".tmp.npz"
+  np.savez(tmp, format=CODES_FORMAT, codes=codes, ids=table.ids, labels=table.labels, predicted=pred,
+           paths=np.asarray(table.paths or [f"{table.tfds_name}:{table.tfds_split}[{i}]" for i in table.ids]),
+           class_names=np.asarray(table.class_names, dtype=str), bits=enc.bits, identity=enc.identity,
+           method=enc.meta["method"], backbone=enc.meta["backbone"])
+  os.replace(tmp, out)
+  shutil.rmtree(parts)
+  return out
+
+
+def load_codes(path: str) -> Dict[str, np.ndarray]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"codes file not found: {path}")
+  try:
+    z = dict(np.load(path, allow_pickle=False))
+  except Exception as e:
+    raise ValueError(f"{path}: not a codes file ({e})") from e
+  if str(z.get("format")) != CODES_FORMAT:
+    raise ValueError(f"{path}: not an rshash_jax codes file (format {z.get('format')!r})")
+  return z
+
+
+def _query_paths(queries: Sequence[str]) -> List[str]:
+  paths = []
+  for q in queries:
+    if os.path.isdir(q):
+      paths += sorted(os.path.join(d, f) for d, _, fs in os.walk(q) for f in fs
+                      if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
+    elif os.path.isfile(q):
+      paths.append(q)
+    else:
+      raise FileNotFoundError(f"query image not found: {q}")
+  if not paths:
+    raise ValueError(f"no query images in {list(queries)}")
+  return paths
+
+
+def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int = 10,
+           png: Optional[str] = None) -> List[Dict]:
+  """Top-k of each query image in a codes file; prints a table, optionally a PNG grid."""
+  enc = encoder_lib.load_encoder(encoder_path)
+  db = load_codes(codes_path)
+  if str(db["identity"]) != enc.identity or int(db["bits"]) != enc.bits:
+    raise ValueError(f"{codes_path} was encoded by encoder {db['identity']} ({int(db['bits'])} bits), "
+                     f"not by {enc.identity} ({enc.bits} bits): re-encode the database with this encoder")
+  if png and os.path.exists(png):
+    raise FileExistsError(f"output exists, nothing overwritten: {png}")
+  paths = _query_paths(queries)
+  degrade = enc.meta.get("degrade", 1)
+  imgs = np.stack([datasets.load_image(p, enc.image_size, degrade=degrade) for p in paths])
+  res = enc.encode(imgs)
+  k = min(k, len(db["codes"]))
+  dist, idx = hamming.hamming_topk(res["codes"], db["codes"], k)
+  class_names = [str(c) for c in db["class_names"]]
+  out = []
+  for qi, p in enumerate(paths):
+    q_class = os.path.basename(os.path.dirname(p))
+    q_label = class_names.index(q_class) if q_class in class_names else -1
+    pred = enc.class_names[res["predicted"][qi]] if "predicted" in res and enc.class_names else None
+    print(f"\nquery {p}" + (f"  predicted class: {pred}" if pred else ""))
+    print(f"  {'rank':>4} {'dist':>4}  {'label':<20} path")
+    hits = []
+    for r in range(k):
+      j = int(idx[qi, r])
+      lab = int(db["labels"][j])
+      name = class_names[lab] if 0 <= lab < len(class_names) else "?"
+      mark = "" if q_label < 0 or lab < 0 else ("  relevant" if lab == q_label else "  not relevant")
+      print(f"  {r + 1:>4} {int(dist[qi, r]):>4}  {name:<20} {db['paths'][j]}{mark}")
+      hits.append(dict(rank=r + 1, distance=int(dist[qi, r]), path=str(db["paths"][j]), label=name,
+                       relevant=None if q_label < 0 or lab < 0 else lab == q_label))
+    out.append(dict(query=p, predicted=pred, results=hits))
+  if png:
+    grid(out, png, enc.image_size)
+  return out
+
+
+def grid(results: List[Dict], png: str, size: int):
+  """Query | top-k thumbnails; green / red frames mark relevant / not relevant."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  k = max(len(r["results"]) for r in results)
+  fig, axes = plt.subplots(len(results), k + 1, figsize=(1.6 * (k + 1), 1.8 * len(results)), squeeze=False)
+  for row, r in zip(axes, results):
+    for ax in row:
+      ax.axis("off")
+    row[0].imshow(datasets.load_image(r["query"], min(size, 128)))
+    row[0].set_title("query" + (f"\n{r['predicted']}" if r["predicted"] else ""), fontsize=7)
+    for ax, h in zip(row[1:], r["results"]):
+      path = h["path"]
+      if os.path.isfile(path):
+        ax.imshow(datasets.load_image(path, min(size, 128)))
+      ax.set_title(f"d={h['distance']} {h['label']}", fontsize=6)
+      if h["relevant"] is not None:
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for sp in ax.spines.values():
+          sp.set_edgecolor("green" if h["relevant"] else "red")
+          sp.set_linewidth(3)
+  fig.tight_layout()
+  fig.savefig(png, dpi=100)
+  plt.close(fig)
+
+
+def export(workdir: str, out: str) -> str:
+  """Copies WORKDIR/encoder (written at the end of training) to `out`; never overwrites."""
+  src = os.path.join(workdir, "encoder")
+  if not os.path.isfile(os.path.join(src, "encoder.json")):
+    raise FileNotFoundError(f"no trained encoder in {workdir} (expected {src}/encoder.json): train to the end first")
+  if os.path.exists(out):
+    raise FileExistsError(f"export path exists, nothing written: {out}")
+  encoder_lib.load_encoder(src)  # fails loudly on a damaged encoder before copying
+  shutil.copytree(src, out)
+  return out

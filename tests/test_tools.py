@@ -1,0 +1,97 @@
+"""encode / search / export / load_encoder on a tiny trained model."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import rshash_jax
+from rshash_jax import tools, train
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import dhcnn as dhcnn_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tools")
+  c = dhcnn_config.get_config("tiny")
+  c.data.generated_per_class = 10
+  res = train.train_and_evaluate(c, str(root / "w"))
+  data = os.path.dirname(os.path.dirname(res["dataset_description"].split(" in ", 1)[1] + "/x/y"))
+  return root, str(root / "w"), data
+
+
+def test_export_and_load_encoder_on_1_and_8_devices(trained):
+  root, workdir, data = trained
+  out = str(root / "exported")
+  tools.export(workdir, out)
+  with pytest.raises(FileExistsError, match="exported"):
+    tools.export(workdir, out)
+  imgs = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+  one = rshash_jax.load_encoder(out, devices=jax.local_devices()[:1]).encode(imgs)
+  eight = rshash_jax.load_encoder(out, devices=jax.local_devices()[:8]).encode(imgs)
+  np.testing.assert_array_equal(one["codes"], eight["codes"])
+  np.testing.assert_array_equal(one["predicted"], eight["predicted"])
+  assert one["codes"].shape == (5, 1) and one["codes"].dtype == np.uint32
+  with pytest.raises(ValueError, match=r"expected uint8 images \[B, 32, 32, 3\]"):
+    rshash_jax.load_encoder(out).encode(imgs[:, :16])
+
+
+def test_encode_resumes_and_search_finds_own_class(trained, capsys):
+  root, workdir, data = trained
+  fresh = tools.encode(workdir, data, str(root / "fresh.npz"), chunk=25)
+  with pytest.raises(FileExistsError, match="fresh.npz"):
+    tools.encode(workdir, data, str(root / "fresh.npz"))
+  # Simulate an interruption after the first chunk: keep only part 0, then rerun.
+  out = str(root / "resumed.npz")
+  tools.encode(workdir, data, out, chunk=25)
+  codes = np.load(out)["codes"]
+  os.remove(out)
+  os.makedirs(out + ".parts")
+  enc = rshash_jax.load_encoder(workdir)
+  table = tools.image_table(data)
+  with open(out + ".parts/identity.txt", "w") as f:
+    f.write(f"{enc.identity} {table.fingerprint()}")
+  np.savez(out + ".parts/part_000000.npz", codes=codes[:25], predicted=np.full(25, -1, np.int32))
+  tools.encode(workdir, data, out, chunk=25)
+  np.testing.assert_array_equal(np.load(out)["codes"], np.load(fresh)["codes"])
+
+  query = sorted(os.path.join(data, "class03", f) for f in os.listdir(os.path.join(data, "class03")))[0]
+  res = tools.search(workdir, fresh, [query], k=5, png=str(root / "grid.png"))
+  assert res[0]["results"][0]["distance"] == 0
+  assert all(h["relevant"] for h in res[0]["results"])  # the tiny model separates the classes
+  assert res[0]["predicted"] == "class03"
+  assert os.path.getsize(root / "grid.png") > 1000
+  assert "relevant" in capsys.readouterr().out
+  with pytest.raises(FileExistsError, match="grid.png"):
+    tools.search(workdir, fresh, [query], png=str(root / "grid.png"))
+
+
+def test_search_rejects_foreign_codes_and_bad_queries(trained, tmp_path):
+  root, workdir, data = trained
+  codes = tools.encode(workdir, data, str(tmp_path / "c.npz"))
+  z = dict(np.load(codes))
+  z["identity"] = np.asarray("0123456789abcdef")
+  np.savez(tmp_path / "foreign.npz", **z)
+  query = os.path.join(data, "class00", sorted(os.listdir(os.path.join(data, "class00")))[0])
+  with pytest.raises(ValueError, match="re-encode the database"):
+    tools.search(workdir, str(tmp_path / "foreign.npz"), [query])
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(b"not a png")
+  with pytest.raises(ValueError, match="bad.png"):
+    tools.search(workdir, codes, [str(bad)])
+  with pytest.raises(FileNotFoundError, match="missing.tif"):
+    tools.search(workdir, codes, [str(tmp_path / "missing.tif")])
+
+
+def test_cli_help_lists_commands():
+  proc = subprocess.run([sys.executable, "-m", "rshash_jax.main", "--help"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  for word in ("encode", "search", "export", "--encoder", "--codes"):
+    assert word in proc.stdout
