@@ -32,7 +32,7 @@ alternatives (re-tune the learning rate with them).
 
 import ml_collections
 
-from rshash_jax import metrics
+from rshash_jax import config_defaults, metrics
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -40,31 +40,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.method = "dhcnn"
   c.seed = 0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds:uc_merced"   # auto | generated | folder:DIR | tfds:NAME
-  c.data.name = ""                   # display name (default: folder/TFDS name)
-  c.data.train_ratio = 0.8           # per-class split (UCMD 0.8, AID 0.5)
-  c.data.seed = 0
-  c.data.manual_dir = ""             # TFDS manual dir (UCMerced_LandUse.zip)
-  c.data.tfds_data_dir = ""
-  c.data.tfds_split = "train"
-  c.data.download = True
-  c.data.resize_size = 0             # 0: resize straight to the input size; 256: resize, centre-crop
-  c.data.augment = False             # flips / 90-degree rotations (finetune mode)
-  c.data.threads = 2                 # tf.data threads (bounded: XLA needs the cores)
-  c.data.generated_classes = 6
-  c.data.generated_per_class = 20
-  c.data.generated_size = 64
+  c.data = config_defaults.data()
 
-  c.model = ml_collections.ConfigDict()
-  c.model.backbone = "efficientnet_lite0"
-  c.model.pretrained = True
-  c.model.weights_path = ""          # local weights file; "" = the weights package's file
-  c.model.image_size = 0             # 0: the backbone's own input size
-  c.model.bits = 64
-  c.model.head_hidden = 0            # 0: the paper's linear hash layer on the features
-  c.model.dropout = 0.0
-  c.model.dtype = "float32"          # bfloat16 on TPU
+  c.model = config_defaults.model()
 
   c.dhcnn = ml_collections.ConfigDict()
   c.dhcnn.eta = 0.2
@@ -73,27 +51,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.dhcnn.gradient = "official"      # official | autodiff
   c.dhcnn.ce_to_classifier = "full"  # full | scaled
 
-  c.train = ml_collections.ConfigDict()
-  c.train.mode = "frozen"            # frozen | finetune
-  c.train.epochs = 100
-  c.train.batch_size = 10            # global, over all devices
-  c.train.optimizer = "sgd"          # sgd | momentum | adam | adamw
-  c.train.momentum = 0.9             # used by 'momentum'
-  c.train.schedule = "log_epoch"     # log_epoch | constant | cosine | step
-  c.train.lr_start = 1e-2
-  c.train.lr_end = 1e-5
-  c.train.lr_decay = 0.5             # 'step' schedule
-  c.train.lr_decay_epochs = 40
-  c.train.weight_decay = 5e-4
-  c.train.grad_clip = 0.0
-  c.train.backbone_lr_mult = 1.0
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 1000
-  c.train.max_steps_per_run = 0      # >0: stop (checkpointed) after this many steps; rerun resumes
+  c.train = config_defaults.train()   # the official MatConvNet settings
 
-  c.features = ml_collections.ConfigDict()
-  c.features.cache_dir = ""          # frozen mode: "" = WORKDIR/cache
-  c.features.batch_size = 32
+  c.features = config_defaults.features()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64

@@ -27,7 +27,7 @@ Measured here (2-core CPU): see README "Results" (benchmarks/mrhash_ucmerced.py)
 
 import ml_collections
 
-from rshash_jax import metrics
+from rshash_jax import config_defaults, metrics
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -35,30 +35,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.method = "mrhash"
   c.seed = 0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds:uc_merced"   # auto | generated | folder:DIR | tfds:NAME | release:DIR
-  c.data.name = ""
-  c.data.image_root = ""             # release format: image paths relative to this (default DIR)
-  c.data.train_ratio = 0.8
-  c.data.seed = 0
-  c.data.manual_dir = ""
-  c.data.tfds_data_dir = ""
-  c.data.tfds_split = "train"
-  c.data.download = True
-  c.data.resize_size = 0
-  c.data.threads = 2
-  c.data.generated_classes = 6
-  c.data.generated_per_class = 20
-  c.data.generated_size = 64
+  c.data = config_defaults.data()
 
-  c.model = ml_collections.ConfigDict()
-  c.model.backbone = "efficientnet_lite0"
-  c.model.pretrained = True
-  c.model.weights_path = ""
-  c.model.image_size = 0
-  c.model.bits = 64
-  c.model.head_hidden = 0
-  c.model.dtype = "float32"
+  c.model = config_defaults.model()
 
   c.mrhash = ml_collections.ConfigDict()
   c.mrhash.image_view = "coarse4"            # what the hash network sees (train and test)
@@ -72,31 +51,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mrhash.ae_lr_halve_epochs = 40
   c.mrhash.recon_weight = 5.0
   c.mrhash.kl_reduction = "batchmean"        # batchmean (sound) | mean (official)
-  c.mrhash.lr_decay = 0.7                    # stage 2: lr x 0.7 every 10 epochs
-  c.mrhash.lr_decay_epochs = 10
   c.mrhash.baseline = ""                     # "" (MrHash) | lsh | itq
 
-  c.train = ml_collections.ConfigDict()      # stage 2
-  c.train.mode = "frozen"
+  c.train = config_defaults.train()    # stage 2
   c.train.epochs = 51
   c.train.batch_size = 128
   c.train.optimizer = "adam"
-  c.train.momentum = 0.9
-  c.train.schedule = "step"
+  c.train.schedule = "step"             # lr x 0.7 every 10 epochs
   c.train.lr_start = 1e-3
-  c.train.lr_end = 1e-3
   c.train.lr_decay = 0.7
   c.train.lr_decay_epochs = 10
   c.train.weight_decay = 0.0
-  c.train.grad_clip = 0.0
-  c.train.backbone_lr_mult = 1.0
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 500
-  c.train.max_steps_per_run = 0
 
-  c.features = ml_collections.ConfigDict()
-  c.features.cache_dir = ""
-  c.features.batch_size = 32
+  c.features = config_defaults.features()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64

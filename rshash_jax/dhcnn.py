@@ -116,8 +116,7 @@ def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta
   """
   if ce_to_classifier not in CE_MODES:
     raise ValueError(f"dhcnn.ce_to_classifier must be one of {CE_MODES}, got {ce_to_classifier!r}")
-  b = u.shape[0]
-  mask = jnp.ones((b,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+  mask = jnp.ones((u.shape[0],), jnp.float32) if mask is None else mask.astype(jnp.float32)
   rows = jnp.where(mask > 0, bank_rows, bank.shape[0])  # padded rows write out of bounds: dropped
   bank = bank.at[rows].set(jax.lax.stop_gradient(u), mode="drop")
   s = similarity(labels, bank_labels)

@@ -78,7 +78,8 @@ def _feature_batches(arrays: Dict[str, np.ndarray], train_idx, global_batch, see
     yield out
 
 
-def _stage_config(tc, epochs, batch, lr, decay, decay_epochs):
+def _stage1_config(tc, epochs, batch, lr, decay, decay_epochs):
+  """Stage 1's optimizer: Adam, lr x decay every decay_epochs (the paper: 1e-3, halved / 40)."""
   c = ml_collections.ConfigDict(tc.to_dict())
   c.epochs, c.batch_size, c.lr_start, c.lr_end = epochs, batch, lr, lr
   c.schedule, c.lr_decay, c.lr_decay_epochs, c.optimizer, c.weight_decay = "step", decay, decay_epochs, "adam", 0.0
@@ -94,7 +95,7 @@ def _stage1(config, workdir, mesh, xs, writer):
   gb = min(hc.ae_batch_size, n - n % mesh.devices.size)
   spe = input_pipeline.steps_per_epoch(n, gb)
   total = hc.ae_epochs * spe
-  tx = train_state.make_optimizer(_stage_config(tc, hc.ae_epochs, gb, hc.ae_lr, 0.5, hc.ae_lr_halve_epochs), spe)
+  tx = train_state.make_optimizer(_stage1_config(tc, hc.ae_epochs, gb, hc.ae_lr, 0.5, hc.ae_lr_halve_epochs), spe)
   params = jax.jit(ae.init)(jax.random.key(config.seed), jnp.zeros((1, xs[0].shape[1])))["params"]
   state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                  constants={}, extra={})
@@ -137,7 +138,7 @@ def _stage2(config, workdir, mesh, image_feats, xs, ae_params, writer):
   gb = min(tc.batch_size, n - n % mesh.devices.size)
   spe = input_pipeline.steps_per_epoch(n, gb)
   total = tc.epochs * spe
-  tx = train_state.make_optimizer(_stage_config(tc, tc.epochs, gb, tc.lr_start, hc.lr_decay, hc.lr_decay_epochs), spe)
+  tx = train_state.make_optimizer(tc, spe)  # config.train is stage 2's
   mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name="checkpoints/stage2")
   params = jax.jit(model.init)(jax.random.key(config.seed + 1), jnp.zeros((1, image_feats.shape[1])),
                                [jnp.zeros((1, x.shape[1])) for x in xs])["params"]

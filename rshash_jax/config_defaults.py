@@ -1,0 +1,64 @@
+"""Config blocks shared by every method's config file (configs/*.py)."""
+
+import ml_collections
+
+
+def data() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.source = "tfds:uc_merced"   # auto | generated | folder:DIR | tfds:NAME (MrHash also release:DIR)
+  d.name = ""                   # display name (default: folder/TFDS name)
+  d.image_root = ""             # MrHash release format: image paths relative to this (default DIR)
+  d.train_ratio = 0.8           # per-class split (UCMD 0.8, AID 0.5)
+  d.seed = 0
+  d.manual_dir = ""             # TFDS manual dir (e.g. UCMerced_LandUse.zip)
+  d.tfds_data_dir = ""
+  d.tfds_split = "train"
+  d.download = True
+  d.resize_size = 0             # 0: resize straight to the input size; 256: resize, centre-crop
+  d.augment = False             # flips / 90-degree rotations (fine-tuning)
+  d.threads = 2                 # tf.data threads (bounded: XLA needs the cores)
+  d.generated_classes = 6
+  d.generated_per_class = 20
+  d.generated_size = 64
+  return d
+
+
+def model() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.backbone = "efficientnet_lite0"
+  m.pretrained = True
+  m.weights_path = ""           # local weights file; "" = the weights package's file
+  m.image_size = 0              # 0: the backbone's own input size
+  m.bits = 64
+  m.head_hidden = 0             # 0: a linear hash layer on the features (the papers)
+  m.dropout = 0.0
+  m.dtype = "float32"           # bfloat16 on TPU
+  return m
+
+
+def train() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.mode = "frozen"             # frozen | finetune
+  t.epochs = 100
+  t.batch_size = 10             # global, over all devices
+  t.optimizer = "sgd"           # sgd | momentum | adam | adamw
+  t.momentum = 0.9              # used by 'momentum'
+  t.schedule = "log_epoch"      # log_epoch | constant | cosine | step
+  t.lr_start = 1e-2
+  t.lr_end = 1e-5
+  t.lr_decay = 0.5              # 'step' schedule: lr x lr_decay every lr_decay_epochs
+  t.lr_decay_epochs = 40
+  t.weight_decay = 5e-4
+  t.grad_clip = 0.0
+  t.backbone_lr_mult = 1.0
+  t.log_every_steps = 100
+  t.checkpoint_every_steps = 1000
+  t.max_steps_per_run = 0       # >0: stop (checkpointed) after this many steps; rerun resumes
+  return t
+
+
+def features() -> ml_collections.ConfigDict:
+  f = ml_collections.ConfigDict()
+  f.cache_dir = ""              # frozen backbones: "" = WORKDIR/cache
+  f.batch_size = 32
+  return f
