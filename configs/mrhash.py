@@ -52,6 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mrhash.recon_weight = 5.0
   c.mrhash.kl_reduction = "batchmean"        # batchmean (sound) | mean (official)
   c.mrhash.baseline = ""                     # "" (MrHash) | lsh | itq
+  c.mrhash.hash_init = "random"              # random (paper) | itq: hash layer starts at ITQ
 
   c.train = config_defaults.train()    # stage 2
   c.train.epochs = 51

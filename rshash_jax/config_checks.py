@@ -85,6 +85,7 @@ def check_mrhash(config):
   _positive_int(config, "eval.map_at_r")
   _choice(config, "mrhash.kl_reduction", ("batchmean", "mean"))
   _choice(config, "mrhash.baseline", ("", "lsh", "itq"))
+  _choice(config, "mrhash.hash_init", ("random", "itq"))
   if len(_get(config, "mrhash.sources")) < 1:
     _fail("mrhash.sources", config.mrhash.sources, "expected one or more source views")
   for spec in list(config.mrhash.sources) + [config.mrhash.image_view]:

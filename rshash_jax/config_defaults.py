@@ -54,6 +54,7 @@ def train() -> ml_collections.ConfigDict:
   t.log_every_steps = 100
   t.checkpoint_every_steps = 1000
   t.max_steps_per_run = 0       # >0: stop (checkpointed) after this many steps; rerun resumes
+  t.init_head_from = ""         # DHCNN: a finished run's workdir/export whose head starts this one
   return t
 
 

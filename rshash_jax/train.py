@@ -68,6 +68,15 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
     dummy = jnp.zeros((1, s.bb.image_size, s.bb.image_size, 3), jnp.float32)
   variables = jax.eval_shape(s.model.init, jax.random.key(config.seed), dummy)
   head = jax.jit(lambda k: s.model.init(k, dummy)["params"]["head"])(jax.random.key(config.seed))
+  if config.train.init_head_from:
+    # Linear probe, then fine-tune: start from the head of a finished (e.g. frozen) run.
+    enc = encoder.load_encoder(config.train.init_head_from, devices=jax.local_devices()[:1])
+    got = jax.tree.map(np.shape, enc.variables["params"]["head"])
+    want = jax.tree.map(np.shape, jax.device_get(head))
+    if got != want or enc.meta["backbone"] != s.bb.name:
+      raise ValueError(f"train.init_head_from={config.train.init_head_from}: its head ({enc.meta['backbone']}, "
+                       f"{enc.meta['bits']} bits) does not fit this model ({s.bb.name}, {config.model.bits} bits)")
+    head = jax.device_get(enc.variables["params"]["head"])
   params = {"head": head}
   constants = {}
   if s.feats is None:
@@ -80,8 +89,10 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
                                 constants=constants, extra=extra)
 
 
-def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh):
-  """The jitted data-parallel step: (state, batch) -> (state, metrics)."""
+def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preprocess=None):
+  """The jitted data-parallel step: (state, batch) -> (state, metrics).
+
+  preprocess: uint8 images -> backbone input (finetune mode); None for features."""
   dc = config.dhcnn
   ce_scale = dhcnn.ce_grad_scale(dc.eta, dc.ce_to_classifier)
   rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
@@ -89,7 +100,8 @@ def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh):
   def step(state, batch, rng):
     def loss_of(params):
       variables = {"params": params, **state.constants}
-      u, logits = model.apply(variables, batch["x"], train=True, ce_grad_scale=ce_scale,
+      x = batch["x"] if preprocess is None else preprocess(batch["x"])
+      u, logits = model.apply(variables, x, train=True, ce_grad_scale=ce_scale,
                               rngs={"dropout": jax.random.fold_in(rng, state.step)})
       out = dhcnn.loss_fn(u, logits, batch["label"], batch["row"], state.extra["bank"], bank_labels,
                           eta=dc.eta, beta=dc.beta, theta_scale=dc.theta_scale, gradient=dc.gradient,
@@ -123,11 +135,20 @@ def _batches(s: _Setup, global_batch: int, start: int, total: int):
     yield {"x": b["image"], "label": b["label"], "row": row_of[b["id"]]}
 
 
+def _preprocess(s: _Setup):
+  """Backbone preprocessing of uint8 images in finetune mode (features need none)."""
+  if s.feats is not None:
+    return None
+  return lambda x: s.bb.preprocessing(x, s.bb.module.dtype)
+
+
 def encode(s: _Setup, params, constants, indices: np.ndarray):
   """(u [n, K], logits [n, C]) of the examples `indices`, every one encoded once."""
   mesh, config = s.mesh, s.config
   rep = sharding.replicated(mesh)
-  apply = jax.jit(lambda v, x: s.model.apply(v, x), in_shardings=(rep, sharding.sharded_rows(mesh)))
+  prep = _preprocess(s)
+  apply = jax.jit(lambda v, x: s.model.apply(v, x if prep is None else prep(x)),
+                  in_shardings=(rep, sharding.sharded_rows(mesh)))
   variables = {"params": params, **constants}
   n_dev = mesh.devices.size
   gb = -(-config.eval.batch_size // n_dev) * n_dev
@@ -198,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   state = train_state.restore_or_keep(mngr, state)
   state = jax.device_put(state, sharding.replicated(s.mesh))
   bank_labels = jax.device_put(s.table.labels[s.train_idx], sharding.replicated(s.mesh))
-  step_fn = make_train_step(s.model, tx, config, bank_labels, s.mesh)
+  step_fn = make_train_step(s.model, tx, config, bank_labels, s.mesh, preprocess=_preprocess(s))
   rng = jax.device_put(jax.random.key(config.seed), sharding.replicated(s.mesh))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -144,6 +144,14 @@ def _stage2(config, workdir, mesh, image_feats, xs, ae_params, writer):
                                [jnp.zeros((1, x.shape[1])) for x in xs])["params"]
   params = jax.device_get(params)
   params["ae"] = ae_params
+  if hc.hash_init == "itq" and not config.model.head_hidden:
+    # Start the hash layer at ITQ's projection of the same features (scaled so tanh sees
+    # unit-variance inputs); the KL loss then moves the codes towards the multisource clusters.
+    itq = baselines.fit_itq(image_feats, config.model.bits, seed=config.seed)
+    proj = (image_feats - itq.mean) @ itq.projection
+    s = 1.0 / (proj.std(axis=0) + 1e-12)
+    params["hashnet"]["hash"]["kernel"] = (itq.projection * s).astype(np.float32)
+    params["hashnet"]["hash"]["bias"] = (-(itq.mean @ itq.projection) * s).astype(np.float32)
   if mngr.latest_step() is None:  # k-means only for a fresh stage 2
     z = np.asarray(mrhash.batched_apply(
         lambda x: model.apply({"params": params}, x, method=lambda m, x: m.ae.encode(x)), jnp.asarray(xs[0])))

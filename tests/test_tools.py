@@ -95,3 +95,17 @@ def test_cli_help_lists_commands():
                         text=True, timeout=300)
   for word in ("encode", "search", "export", "--encoder", "--codes"):
     assert word in proc.stdout
+
+
+def test_finetune_starts_from_a_frozen_runs_head(trained, tmp_path):
+  root, workdir, data = trained
+  c = dhcnn_config.get_config("tiny,finetune")
+  c.data.generated_per_class = 10
+  c.train.epochs = 1
+  c.train.lr_start = c.train.lr_end = 1e-6  # (almost) no change: the head's quality carries over
+  c.train.init_head_from = workdir
+  res = train.train_and_evaluate(c, str(tmp_path / "ft"))
+  assert res["accuracy"] > 0.9
+  c.model.bits = 32
+  with pytest.raises(ValueError, match="does not fit this model"):
+    train.train_and_evaluate(c, str(tmp_path / "ft32"))
