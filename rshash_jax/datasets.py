@@ -14,7 +14,7 @@ Sources, as written in `config.data.source`:
 import dataclasses
 import hashlib
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 from absl import logging

@@ -1,6 +1,5 @@
 """The training loop both methods share: steps, NaN guard, logging, checkpoints, preemption."""
 
-import os
 from typing import Callable, Iterable, Optional, Tuple
 
 import jax
@@ -66,6 +65,3 @@ def run(step_fn: Callable, state, batches: Iterable[dict], *, mesh, mngr, writer
 def stop_step(start: int, total: int, max_steps_per_run: int) -> int:
   return total if not max_steps_per_run else min(total, start + max_steps_per_run)
 
-
-def workdir_path(workdir: str, *parts: str) -> str:
-  return os.path.join(workdir, *parts)

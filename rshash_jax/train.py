@@ -12,7 +12,6 @@ Modes (config.train.mode):
 """
 
 import dataclasses
-import functools
 import os
 import time
 from typing import Any, Dict

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rshash_jax.backbones import alexnet, common, efficientnet_lite, squeezenet, vgg_f
+from rshash_jax.backbones import alexnet, efficientnet_lite, squeezenet, vgg_f
 from rshash_jax.backbones.common import Preprocessing
 
 NAMES = ("vgg_f", "alexnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",

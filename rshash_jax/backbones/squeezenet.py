@@ -16,7 +16,6 @@ from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from rshash_jax.backbones import common
 
