@@ -65,7 +65,6 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
     dummy = jnp.zeros((1, s.feats.shape[1]), jnp.float32)
   else:
     dummy = jnp.zeros((1, s.bb.image_size, s.bb.image_size, 3), jnp.float32)
-  variables = jax.eval_shape(s.model.init, jax.random.key(config.seed), dummy)
   head = jax.jit(lambda k: s.model.init(k, dummy)["params"]["head"])(jax.random.key(config.seed))
   if config.train.init_head_from:
     # Linear probe, then fine-tune: start from the head of a finished (e.g. frozen) run.
@@ -81,7 +80,6 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
   if s.feats is None:
     params["backbone"] = s.bb.variables["params"]
     constants = {k: {"backbone": v} for k, v in s.bb.variables.items() if k != "params"}
-  del variables
   n_train = len(s.train_idx)
   extra = {"bank": jnp.zeros((n_train, config.model.bits), jnp.float32)}
   return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

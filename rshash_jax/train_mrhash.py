@@ -52,8 +52,9 @@ def load_data(config, workdir: str, mesh):
 
 
 def _standardiser(x_train):
-  """Per-dimension scale of a source (features are not L2-normalised, as in the paper; a
-  single global scale keeps MSE magnitudes comparable across backbones)."""
+  """One global scale per source, its root-mean-square over the training set (features are
+  not L2-normalised, as in the paper; the scale keeps MSE magnitudes comparable across
+  backbones)."""
   return float(np.sqrt(np.mean(np.square(x_train))) + 1e-12)
 
 
