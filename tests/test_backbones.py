@@ -293,3 +293,15 @@ def test_depthwise_conv_matches_grouped_conv(k, stride, size):
   want = jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                       feature_group_count=6)
   np.testing.assert_allclose(efficientnet_lite.depthwise_conv_same(x, w, stride), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,stride,size", [(3, 1, 9), (3, 2, 9), (5, 2, 8), (5, 2, 11), (3, 2, 10)])
+def test_depthwise_conv_gradients_match_grouped_conv(k, stride, size):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, size, size, 5)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, 1, 5)), jnp.float32)
+  ref = lambda x, w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+      x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5)))
+  ours = lambda x, w: jnp.sum(jnp.sin(efficientnet_lite.depthwise_conv_same(x, w, stride)))
+  for a, b in zip(jax.grad(ours, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
