@@ -1,6 +1,6 @@
 """Config validation before any long work: every error names the field and the value."""
 
-from rshash_jax import backbones, dhcnn, train_state
+from rshash_jax import backbones, dhcnn, mrhash, train_state
 
 MODES = ("frozen", "finetune")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -45,6 +45,10 @@ def check_common(config):
   _range(config, "data.train_ratio", 0.0, 1.0, lo_open=True)
   if _get(config, "data.train_ratio") == 1.0:
     _fail("data.train_ratio", 1.0, "the test split would be empty")
+  if _get(config, "data.validation") != 0.0:
+    _range(config, "data.validation", 0.0, 1.0, lo_open=True)
+    if _get(config, "data.validation") == 1.0:
+      _fail("data.validation", 1.0, "the database would be empty")
   _choice(config, "model.backbone", backbones.NAMES)
   _choice(config, "model.dtype", DTYPES)
   _positive_int(config, "model.bits")
@@ -78,14 +82,18 @@ def check_mrhash(config):
     config.unlock()
     config.data.source = "generated"  # the rest of check_common applies unchanged
   check_common(config)
+  _choice(config, "train.mode", MODES)
   _positive_int(config, "mrhash.num_clusters")
   _positive_int(config, "mrhash.kmeans_n_init")
   _positive_int(config, "mrhash.ae_epochs")
   _positive_int(config, "mrhash.ae_batch_size")
   _positive_int(config, "eval.map_at_r")
-  _choice(config, "mrhash.kl_reduction", ("batchmean", "mean"))
+  _choice(config, "mrhash.kl_reduction", mrhash.KL_REDUCTIONS)
   _choice(config, "mrhash.baseline", ("", "lsh", "itq"))
   _choice(config, "mrhash.hash_init", ("random", "itq"))
+  if config.mrhash.hash_init == "itq" and config.model.head_hidden:
+    _fail("mrhash.hash_init", "itq", "starts a linear hash layer at ITQ; set model.head_hidden=0")
+  _choice(config, "mrhash.feature_norm", mrhash.FEATURE_NORMS)
   if len(_get(config, "mrhash.sources")) < 1:
     _fail("mrhash.sources", config.mrhash.sources, "expected one or more source views")
   for spec in list(config.mrhash.sources) + [config.mrhash.image_view]:

@@ -142,6 +142,13 @@ def split_per_class(labels: np.ndarray, train_ratio: float, seed: int):
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def validation_split(labels: np.ndarray, train_idx: np.ndarray, validation: float, seed: int):
+  """For choosing settings without the test part: the training part split again per class,
+  (database, validation queries) = (1 - validation, validation) of it, seeded by seed + 1."""
+  db, val = split_per_class(labels[train_idx], 1.0 - validation, seed + 1)
+  return train_idx[db], train_idx[val]
+
+
 def _draw_scene(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
   """A synthetic 'scene': class-specific stripe orientation/frequency and colour, plus noise."""
   yy, xx = np.mgrid[0:size, 0:size] / size

@@ -28,14 +28,15 @@ FORMAT = "rshash_jax.encoder/1"
 
 
 class _MrHashEncoder(nn.Module):
-  """backbone features / scale -> HashNet (the MrHash hash network at test time)."""
+  """normalised backbone features / scale -> HashNet (the MrHash hash network at test time)."""
   backbone: nn.Module
   bits: int
   hidden: int = 0
+  feature_norm: str = "none"
 
   @nn.compact
   def __call__(self, x, scale):
-    f = self.backbone(x, train=False)["features"].astype(jnp.float32) / scale
+    f = mrhash.image_features(self.backbone, x, self.feature_norm, scale)
     h, _ = mrhash.HashNet(self.bits, self.hidden, name="hashnet")(f)
     return h, None
 
@@ -51,7 +52,7 @@ def _identity(meta: Dict[str, Any], tree) -> str:
 
 def save_encoder(path: str, *, method: str, bb: backbones.Backbone, head_params, bits: int,
                  class_names: Optional[List[str]] = None, hidden: int = 0, feature_scale: float = 1.0,
-                 degrade: int = 1, extra_meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
+                 feature_norm: str = "none", degrade: int = 1, extra_meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
   """Writes an encoder directory at `path` (refuses an existing path unless overwrite)."""
   path = os.path.abspath(path)
   if os.path.exists(path):
@@ -64,7 +65,7 @@ def save_encoder(path: str, *, method: str, bb: backbones.Backbone, head_params,
   meta = dict(format=FORMAT, method=method, backbone=bb.name, image_size=pre.size, scale=pre.scale,
               bgr=pre.bgr, dtype=str(jnp.dtype(bb.module.dtype)), bits=int(bits),
               class_names=list(class_names or []), hidden=int(hidden), feature_scale=float(feature_scale),
-              degrade=int(degrade), lrn_params=list(getattr(bb.module, "lrn_params", []) or []),
+              feature_norm=feature_norm, degrade=int(degrade), lrn_params=list(getattr(bb.module, "lrn_params", []) or []),
               **(extra_meta or {}))
   meta["identity"] = _identity(meta, tree)
   tmp = path + ".tmp"
@@ -168,7 +169,7 @@ def load_encoder(path: str, devices=None) -> Encoder:
       if k != "params":
         variables[k] = {"backbone": v}
   else:
-    model = _MrHashEncoder(module, meta["bits"], meta["hidden"])
+    model = _MrHashEncoder(module, meta["bits"], meta["hidden"], meta.get("feature_norm", "none"))
     variables = {"params": {"backbone": bb_vars["params"], "hashnet": tree["head"]}}
     for k, v in bb_vars.items():
       if k != "params":

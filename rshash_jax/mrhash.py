@@ -5,16 +5,16 @@ Stage 1, `MultiSourceAE`: an encoder on source-1 features (D1 -> 512 -> 512 -> 2
 512 -> 512 -> D_s) trained with MSE(dec_2(z), x_2) + 0.1 MSE(dec_1(z), x_1) (more sources:
 every source after the first weighs 1, the first 0.1).
 
-Stage 2: centres mu [16, 64] from k-means on the AE latents; Student-t soft assignments
+Stage 2: centres mu [C, 64] (the paper: C = 16) from k-means on the AE latents; Student-t soft assignments
 (DEC, alpha = 1) q_ij ~ (1 + ||z_i - mu_j||^2)^-1; the target p_ij ~ q_ij^2 / f_j,
 f_j = sum_i q_ij, recomputed over the whole training set once per epoch from the feature
 branch without gradient. The hash network (features of the single-source image ->
-K -> tanh = h; z_img = W_l h, no bias) is trained with
-KL(P||Q_img) + KL(P||Q_feat) + 5 (sum of the reconstruction MSEs).
+K -> tanh = h; z_img = W_l h, no bias; optionally with the backbone in front, fine-tuned)
+is trained with KL(P||Q_img) + KL(P||Q_feat) + 5 (sum of the reconstruction MSEs).
 Codes: +1 where h >= 0, else -1. No label is used anywhere.
 """
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 ENCODER_WIDTHS = (512, 512, 256, 256)
 LATENT = 64
 KL_REDUCTIONS = ("batchmean", "mean")
+FEATURE_NORMS = ("l2", "none")
 
 
 class MLP(nn.Module):
@@ -77,29 +78,55 @@ class HashNet(nn.Module):
     return h, z
 
 
+def image_features(backbone: nn.Module, x, feature_norm: str, scale: float):
+  """Backbone features of preprocessed images as the hash network sees them: row
+  normalisation, then the training-set scale (fine-tuning and exported encoders)."""
+  f = backbone(x, train=False)["features"].astype(jnp.float32)
+  return normalize_features(f, feature_norm) / scale
+
+
 class MrHash(nn.Module):
-  """Everything trained in stage 2: AE, centres, hash network."""
+  """Everything trained in stage 2: AE, centres, hash network (and, when `backbone` is
+  given, the backbone: the hash branch then takes preprocessed images, not features)."""
   source_dims: Sequence[int]
   bits: int
   num_clusters: int = 16
   hidden: int = 0
+  backbone: Optional[nn.Module] = None
+  feature_norm: str = "none"
+  feature_scale: float = 1.0
 
   def setup(self):
     self.ae = MultiSourceAE(self.source_dims)
     self.hashnet = HashNet(self.bits, self.hidden)
     self.centres = self.param("centres", nn.initializers.normal(1.0), (self.num_clusters, LATENT))
 
-  def __call__(self, image_features, sources: Sequence[Any]):
+  def _hash(self, image_input):
+    if self.backbone is not None:
+      image_input = image_features(self.backbone, image_input, self.feature_norm, self.feature_scale)
+    return self.hashnet(image_input)
+
+  def __call__(self, image_input, sources: Sequence[Any]):
     z_feat, recons = self.ae(sources[0])
-    h, z_img = self.hashnet(image_features)
+    h, z_img = self._hash(image_input)
     return dict(h=h, z_img=z_img, z_feat=z_feat, recons=recons,
                 q_img=soft_assign(z_img, self.centres), q_feat=soft_assign(z_feat, self.centres))
 
-  def codes(self, image_features):
-    return self.hashnet(image_features)[0]
+  def codes(self, image_input):
+    return self._hash(image_input)[0]
 
   def feature_assign(self, x1):
     return soft_assign(self.ae.encode(x1), self.centres)
+
+
+def normalize_features(f, how: str):
+  """Row-wise feature normalisation before the global RMS scale: "l2" (unit-norm rows) or
+  "none" (the paper's unnormalised ResNet-50 features). Works on numpy and traced arrays."""
+  if how not in FEATURE_NORMS:
+    raise ValueError(f"mrhash.feature_norm must be one of {FEATURE_NORMS}, got {how!r}")
+  if how == "none":
+    return f
+  return f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-12)
 
 
 def soft_assign(z, centres, alpha: float = 1.0):

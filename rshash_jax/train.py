@@ -43,6 +43,9 @@ def _setup(config, workdir: str) -> _Setup:
   mesh = sharding.data_mesh()
   table = datasets.from_config(config.data, workdir)
   train_idx, test_idx = datasets.split_per_class(table.labels, config.data.train_ratio, config.data.seed)
+  if config.data.validation:
+    train_idx, test_idx = datasets.validation_split(table.labels, train_idx, config.data.validation,
+                                                    config.data.seed)
   mc = config.model
   dtype = jnp.dtype(mc.dtype)
   bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
@@ -186,6 +189,7 @@ def evaluate(s: _Setup, state, workdir: str) -> Dict[str, Any]:
                                      map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks),
                                      q_predictions=np.argmax(q_logits, axis=1))
   results = dict(method="dhcnn", dataset=s.table.name, dataset_description=s.table.description,
+                 split="validation" if config.data.validation else "test",
                  backbone=s.bb.name, pretrained=s.bb.pretrained, mode=config.train.mode,
                  num_classes=s.table.num_classes,
                  class_names=s.table.class_names, step=int(jax.device_get(state.step)),

@@ -4,13 +4,16 @@ Stage 1 trains the multisource autoencoder; k-means on its latents gives the cen
 stage 2 trains AE, centres and hash network with the KL losses against the per-epoch
 target. Both stages are one jitted data-parallel step over the ('data',) mesh (batch
 sharded, state replicated and donated), checkpointed in WORKDIR/checkpoints/stage{1,2}
-and resumable. The hash network works on cached backbone features of the single-source
-image (frozen backbone; the paper fine-tunes AlexNet at lr 1e-5).
+and resumable. train.mode = frozen: the hash network works on cached backbone features of
+the single-source image; finetune (the paper, which fine-tunes AlexNet at 1e-5): it reads
+the images, and the backbone trains at train.backbone_lr_mult x the learning rate. Features
+are row-normalised (mrhash.feature_norm) and divided by their training-set RMS.
 
 `mrhash.baseline` = lsh | itq runs a shallow baseline on the same image features and
 evaluates it the same way (no training stages). No labels enter training anywhere.
 """
 
+import dataclasses
 import os
 import time
 from typing import Any, Dict
@@ -29,7 +32,8 @@ from rshash_jax import (backbones, baselines, config_checks, datasets, encoder, 
 
 
 def load_data(config, workdir: str, mesh):
-  """(table, train_idx, test_idx, image features [N, D], sources [[N, D_s]], description)."""
+  """(table, train_idx, test_idx, image features [N, D], sources [[N, D_s]], backbone, the
+  table as the hash network sees it)."""
   mc, dc, hc = config.model, config.data, config.mrhash
   bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
                         image_size=mc.image_size or None, seed=config.seed)
@@ -47,14 +51,16 @@ def load_data(config, workdir: str, mesh):
     train_idx, test_idx = datasets.split_per_class(table.labels, dc.train_ratio, dc.seed)
     sources = multisource.features_of_views(table, list(hc.sources), bb, mesh, cache, **kw)
     img_view = multisource.view(table, hc.image_view)
+  if dc.validation:
+    train_idx, test_idx = datasets.validation_split(table.labels, train_idx, dc.validation, dc.seed)
+    logging.info("Validation run: %d database / %d queries from the training part", len(train_idx), len(test_idx))
   image_feats = features.cached_features(bb, img_view, mesh, cache, **kw)
-  return table, train_idx, test_idx, image_feats, sources, bb
+  return table, train_idx, test_idx, image_feats, sources, bb, img_view
 
 
 def _standardiser(x_train):
-  """One global scale per source, its root-mean-square over the training set (features are
-  not L2-normalised, as in the paper; the scale keeps MSE magnitudes comparable across
-  backbones)."""
+  """One global scale per source, its root-mean-square over the training set (after the
+  optional row normalisation; it keeps MSE magnitudes comparable across backbones)."""
   return float(np.sqrt(np.mean(np.square(x_train))) + 1e-12)
 
 
@@ -131,21 +137,45 @@ def kmeans(z: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
   return best.astype(np.float32)
 
 
-def _stage2(config, workdir, mesh, image_feats, xs, ae_params, writer):
+def _image_batches(config, bb, view_table, train_idx, arrays, global_batch, start, stop):
+  """Fine-tuning: per-process batches {'f': uint8 images of the hash network's view, 'x<s>':
+  source features, 'row'} of global steps start -> stop (augmented as config.data.augment)."""
+  row_of = np.full(len(view_table), -1, np.int64)
+  row_of[train_idx] = np.arange(len(train_idx))
+  source = input_pipeline.ImageSource(view_table, bb.image_size)
+  for b in input_pipeline.train_batches(source, train_idx, global_batch=global_batch, seed=config.data.seed,
+                                        start_step=start, num_steps=stop, augment=config.data.augment,
+                                        threads=config.data.threads):
+    rows = row_of[b["id"]]
+    yield {"f": b["image"], **{k: v[rows] for k, v in arrays.items()}, "row": rows}
+
+
+def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view_table, train_idx, scale):
+  """Trains stage 2; returns (h [len(view_table), K] of every example of the image view,
+  params), or None when stopped early. all_feats: normalised, scaled features of every
+  example (the frozen hash network's input; fine-tuning reads the images instead)."""
   hc, tc = config.mrhash, config.train
+  image_feats = all_feats[train_idx]
+  finetune = tc.mode == "finetune"
   model = mrhash.MrHash([x.shape[1] for x in xs], bits=config.model.bits, num_clusters=hc.num_clusters,
-                        hidden=config.model.head_hidden)
+                        hidden=config.model.head_hidden, backbone=bb.module if finetune else None,
+                        feature_norm=hc.feature_norm, feature_scale=scale)
   n = image_feats.shape[0]
   gb = min(tc.batch_size, n - n % mesh.devices.size)
   spe = input_pipeline.steps_per_epoch(n, gb)
   total = tc.epochs * spe
-  tx = train_state.make_optimizer(tc, spe)  # config.train is stage 2's
+  # config.train is stage 2's; fine-tuning trains the backbone at backbone_lr_mult x the rate.
+  tx = train_state.make_optimizer(tc, spe, {"backbone": tc.backbone_lr_mult} if finetune else None)
   mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name="checkpoints/stage2")
-  params = jax.jit(model.init)(jax.random.key(config.seed + 1), jnp.zeros((1, image_feats.shape[1])),
-                               [jnp.zeros((1, x.shape[1])) for x in xs])["params"]
-  params = jax.device_get(params)
+  dummy = (jnp.zeros((1, bb.image_size, bb.image_size, 3)) if finetune else jnp.zeros((1, image_feats.shape[1])))
+  params = jax.jit(model.init)(jax.random.key(config.seed + 1), dummy, [jnp.zeros((1, x.shape[1])) for x in xs])
+  params = jax.device_get(params["params"])
   params["ae"] = ae_params
-  if hc.hash_init == "itq" and not config.model.head_hidden:
+  constants = {}
+  if finetune:
+    params["backbone"] = bb.variables["params"]
+    constants = {k: {"backbone": v} for k, v in bb.variables.items() if k != "params"}
+  if hc.hash_init == "itq":  # config_checks: only with a linear hash layer (head_hidden=0)
     # Start the hash layer at ITQ's projection of the same features (scaled so tanh sees
     # unit-variance inputs); the KL loss then moves the codes towards the multisource clusters.
     itq = baselines.fit_itq(image_feats, config.model.bits, seed=config.seed)
@@ -158,7 +188,7 @@ def _stage2(config, workdir, mesh, image_feats, xs, ae_params, writer):
         lambda x: model.apply({"params": params}, x, method=lambda m, x: m.ae.encode(x)), jnp.asarray(xs[0])))
     params["centres"] = kmeans(z, hc.num_clusters, hc.kmeans_n_init, config.seed)
   state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                 constants={}, extra={"p": jnp.zeros((n, hc.num_clusters), jnp.float32)})
+                                 constants=constants, extra={"p": jnp.zeros((n, hc.num_clusters), jnp.float32)})
   state = jax.device_put(train_state.restore_or_keep(mngr, state), sharding.replicated(mesh))
   x1_all = jax.device_put(jnp.asarray(xs[0]), sharding.replicated(mesh))
 
@@ -173,27 +203,41 @@ def _stage2(config, workdir, mesh, image_feats, xs, ae_params, writer):
       state = state.replace(extra={"p": targets(state.params)})
     return state
 
+  prep = (lambda x: bb.preprocessing(x, bb.module.dtype)) if finetune else (lambda x: x)
+
   def loss_of(p, state, batch):
     srcs = [batch[f"x{s}"] for s in range(len(xs))]
-    out = model.apply({"params": p}, batch["f"], srcs)
+    out = model.apply({"params": p, **state.constants}, prep(batch["f"]), srcs)
     target = state.extra["p"][batch["row"]]
     return mrhash.stage2_loss(out, target, srcs, recon_weight=hc.recon_weight, kl_reduction=hc.kl_reduction)
 
   start = int(jax.device_get(state.step))
   stop = loop.stop_step(start, total, tc.max_steps_per_run)
-  logging.info("MrHash stage 2 (hashing): steps %d -> %d of %d, batch %d, %d bits", start, stop, total, gb,
-               config.model.bits)
-  arrays = {"f": image_feats, **{f"x{s}": x for s, x in enumerate(xs)}}
-  state, finished = loop.run(_make_step(loss_of, tx, mesh), state,
-                             _feature_batches(arrays, np.arange(n), gb, config.data.seed, start, stop),
-                             mesh=mesh, mngr=mngr, writer=writer, total=total, stop=stop,
-                             log_every=tc.log_every_steps, prefix="stage2", before_step=before_step)
+  logging.info("MrHash stage 2 (hashing, %s backbone): steps %d -> %d of %d, batch %d, %d bits",
+               tc.mode, start, stop, total, gb, config.model.bits)
+  arrays = {f"x{s}": x for s, x in enumerate(xs)}
+  if finetune:
+    batches = _image_batches(config, bb, view_table, train_idx, arrays, gb, start, stop)
+  else:
+    batches = _feature_batches({"f": image_feats, **arrays}, np.arange(n), gb, config.data.seed, start, stop)
+  state, finished = loop.run(_make_step(loss_of, tx, mesh), state, batches, mesh=mesh, mngr=mngr, writer=writer,
+                             total=total, stop=stop, log_every=tc.log_every_steps, prefix="stage2",
+                             before_step=before_step)
   if not finished:
     return None
   params = jax.device_get(state.params)
-  code_fn = lambda f: np.asarray(mrhash.batched_apply(
-      lambda x: model.apply({"params": params}, x, method=lambda m, x: m.codes(x)), jnp.asarray(f)))
-  return code_fn, params
+  variables = {"params": params, **constants}
+  if not finetune:
+    h = mrhash.batched_apply(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)),
+                             jnp.asarray(all_feats))
+    return np.asarray(h), params
+  rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
+  fn = jax.jit(lambda v, images: model.apply(v, prep(images), method=lambda m, x: m.codes(x)),
+               in_shardings=(rep, rows), out_shardings=rows)
+  code_bb = dataclasses.replace(bb, variables=variables, feature_dim=config.model.bits)
+  h = features.extract(code_bb, view_table, mesh, batch_size=config.eval.batch_size, threads=config.data.threads,
+                       encoder=fn)
+  return h, params
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -201,30 +245,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   config_checks.check_mrhash(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.data_mesh()
-  table, train_idx, test_idx, image_feats, sources, bb = load_data(config, workdir, mesh)
+  table, train_idx, test_idx, image_feats, sources, bb, view_table = load_data(config, workdir, mesh)
   hc = config.mrhash
   t0 = time.perf_counter()
+  norm = lambda x: np.asarray(mrhash.normalize_features(x, hc.feature_norm), np.float32)
+  image_feats = norm(image_feats)
   scale = _standardiser(image_feats[train_idx])
-  f_train = image_feats[train_idx] / scale
+  image_feats = image_feats / scale
   if hc.baseline:
     fit = baselines.fit_lsh if hc.baseline == "lsh" else baselines.fit_itq
-    hasher = fit(f_train, config.model.bits, seed=config.seed)
-    encode = lambda f: hasher(f / scale)
+    h = fit(image_feats[train_idx], config.model.bits, seed=config.seed)(image_feats)
     method = hc.baseline
   else:
-    xs = [s[train_idx] / _standardiser(s[train_idx]) for s in sources]
+    xs = [norm(s[train_idx]) for s in sources]
+    xs = [x / _standardiser(x) for x in xs]
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     ae_params, _ = _stage1(config, workdir, mesh, xs, writer)
     if ae_params is None:
       return {}
-    stage2 = _stage2(config, workdir, mesh, f_train, xs, ae_params, writer)
+    stage2 = _stage2(config, workdir, mesh, image_feats, xs, ae_params, writer, bb=bb, view_table=view_table,
+                     train_idx=train_idx, scale=scale)
     if stage2 is None:
       return {}
-    code_fn, params = stage2
-    encode = lambda f: code_fn(f / scale)
+    h, params = stage2
     method = "mrhash" if len(set(hc.sources)) > 1 else "mrhash_unisource"
   train_seconds = time.perf_counter() - t0
-  db_codes, q_codes = encode(image_feats[train_idx]), encode(image_feats[test_idx])
+  db_codes, q_codes = h[train_idx], h[test_idx]
   report = evaluation.evaluate_codes(np.where(db_codes >= 0, 1, -1), np.where(q_codes >= 0, 1, -1),
                                      table.labels[train_idx], table.labels[test_idx],
                                      map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks))
@@ -239,14 +285,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   results = dict(method=method, dataset=table.name, dataset_description=table.description, backbone=bb.name,
                  pretrained=bb.pretrained, image_view=hc.image_view, sources=list(hc.sources),
                  num_classes=table.num_classes, train_seconds=train_seconds, devices=jax.device_count(),
+                 mode=config.train.mode, split="validation" if config.data.validation else "test",
                  config=config.to_dict(), **report)
   if jax.process_index() == 0:
     evaluation.write_results(workdir, results)
     if not hc.baseline:
+      if "backbone" in params:  # fine-tuned
+        bb = dataclasses.replace(bb, variables={**bb.variables, "params": params["backbone"]})
       encoder.save_encoder(os.path.join(workdir, "encoder"), method="mrhash", bb=bb, head_params=params["hashnet"],
                            bits=config.model.bits, class_names=table.class_names, hidden=config.model.head_hidden,
-                           feature_scale=scale, degrade=multisource.view(table, hc.image_view).degrade
-                           if table.paths is not None else 1,
+                           feature_scale=scale, feature_norm=hc.feature_norm, degrade=view_table.degrade,
                            extra_meta={"results_map": results["map"], "dataset": table.name}, overwrite=True)
-  logging.info("%s mAP@%d=%.4f", evaluation.summary_line(results), r, results["map_at_r"])
+  at_r = "" if r in results["map_at"] else f" mAP@{r}={results['map_at_r']:.4f}"
+  logging.info("%s%s", evaluation.summary_line(results), at_r)
   return results

@@ -150,12 +150,67 @@ def test_cli_tiny(tmp_path, preset):
     assert key in res
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-  c = mrhash_config.get_config("tiny")
+@pytest.mark.parametrize("preset", ["tiny", "tiny,finetune"])
+def test_resume_equals_uninterrupted(tmp_path, preset):
+  c = mrhash_config.get_config(preset)
   full = train_mrhash.train_and_evaluate(c, str(tmp_path / "full"))
-  c2 = mrhash_config.get_config("tiny")
+  c2 = mrhash_config.get_config(preset)
   c2.train.max_steps_per_run = 10  # stage 1 has 12 steps, stage 2 18: stops inside both
   while not (res := train_mrhash.train_and_evaluate(c2, str(tmp_path / "parts"))):
     pass
   for key in ("map", "map_at_r", "pr_curve"):
     assert res[key] == full[key], key
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny,finetune"])
+def test_exported_encoder_reproduces_training_codes(tmp_path, preset):
+  """`encode` with the saved encoder (backbone -> L2 norm -> / scale -> hash net) gives the
+  codes training evaluated: the same mAP on the same split (fine-tuned backbone included)."""
+  from rshash_jax import metrics, tools  # pylint: disable=g-import-not-at-top
+  c = mrhash_config.get_config(preset)
+  c.mrhash.feature_norm = "l2"  # the encoder must redo the normalisation
+  c.data.generated_per_class = 20  # enough examples for a mAP that depends on every code
+  res = train_mrhash.train_and_evaluate(c, str(tmp_path / "w"))
+  assert res["mode"] == c.train.mode
+  data = res["dataset_description"].split(" in ", 1)[1].split(",")[0]
+  out = np.load(tools.encode(str(tmp_path / "w"), data, str(tmp_path / "codes.npz")))
+  tr, te = datasets.split_per_class(out["labels"], c.data.train_ratio, c.data.seed)
+  got = metrics.mean_average_precision(out["codes"][te], out["codes"][tr], out["labels"][te], out["labels"][tr])
+  assert got == pytest.approx(res["map"], abs=1e-6)
+
+
+def test_feature_norm_choices():
+  x = np.array([[3.0, 4.0], [0.0, 2.0]], np.float32)
+  np.testing.assert_allclose(np.asarray(mrhash.normalize_features(x, "l2")), [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(mrhash.normalize_features(x, "none")), x)
+  with pytest.raises(ValueError, match="mrhash.feature_norm"):
+    mrhash.normalize_features(x, "l1")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mrhash.feature_norm", "l1", "config.mrhash.feature_norm='l1' is invalid"),
+    ("train.mode", "sideways", "config.train.mode='sideways' is invalid"),
+    ("mrhash.hash_init", "itq", "set model.head_hidden=0"),
+])
+def test_bad_config_values_are_named(field, value, message):
+  from rshash_jax import config_checks  # pylint: disable=g-import-not-at-top
+  c = mrhash_config.get_config("tiny")
+  section, key = field.split(".")
+  c[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    config_checks.check_mrhash(c)
+
+
+def test_validation_split_never_touches_the_test_part(tmp_path):
+  labels = np.repeat(np.arange(3), 20)
+  train_idx, test_idx = datasets.split_per_class(labels, 0.8, 0)
+  db, val = datasets.validation_split(labels, train_idx, 0.25, 0)
+  assert set(db) | set(val) == set(train_idx) and not set(db) & set(val)
+  assert np.bincount(labels[val]).tolist() == [4, 4, 4]
+  c = mrhash_config.get_config("tiny,itq")
+  c.data.validation = 0.25
+  res = train_mrhash.train_and_evaluate(c, str(tmp_path / "w"))
+  assert res["split"] == "validation" and res["num_query"] == 12 and res["num_database"] == 36
+  c.data.validation = 1.0
+  with pytest.raises(ValueError, match="config.data.validation=1.0"):
+    train_mrhash.train_and_evaluate(c, str(tmp_path / "bad"))
