@@ -28,6 +28,13 @@ def _range(cfg, field, lo, hi, lo_open=False):
     _fail(field, v, f"expected a number in {'(' if lo_open else '['}{lo}, {hi}]")
 
 
+def _open_fraction(cfg, field, why_not_one):
+  """A share in (0, 1): 0 and 1 would leave one side of a split empty."""
+  _range(cfg, field, 0.0, 1.0, lo_open=True)
+  if _get(cfg, field) == 1.0:
+    _fail(field, 1.0, why_not_one)
+
+
 def _get(cfg, field):
   node = cfg
   for part in field.split("."):
@@ -42,13 +49,9 @@ def check_common(config):
   src = _get(config, "data.source")
   if not isinstance(src, str) or not (src in ("auto", "generated") or src.startswith(("folder:", "tfds:"))):
     _fail("data.source", src, "expected 'auto', 'generated', 'folder:DIR' or 'tfds:NAME'")
-  _range(config, "data.train_ratio", 0.0, 1.0, lo_open=True)
-  if _get(config, "data.train_ratio") == 1.0:
-    _fail("data.train_ratio", 1.0, "the test split would be empty")
+  _open_fraction(config, "data.train_ratio", "the test split would be empty")
   if _get(config, "data.validation") != 0.0:
-    _range(config, "data.validation", 0.0, 1.0, lo_open=True)
-    if _get(config, "data.validation") == 1.0:
-      _fail("data.validation", 1.0, "the database would be empty")
+    _open_fraction(config, "data.validation", "the database would be empty")
   _choice(config, "model.backbone", backbones.NAMES)
   _choice(config, "model.dtype", DTYPES)
   _positive_int(config, "model.bits")

@@ -41,32 +41,41 @@ def gather_rows(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def apply_to_images(fn, variables, table: datasets.ImageTable, size: int, out_dim: int, mesh, *,
+                    batch_size: int = 64, resize_size: Optional[int] = None, threads: int = 2,
+                    log_every: int = 10, name: str = "features") -> np.ndarray:
+  """fn(variables, uint8 images sharded over 'data') [B, out_dim] of every example of
+  `table`, in id order, as float32 [N, out_dim] on every process."""
+  n_dev = mesh.devices.size
+  global_batch = -(-batch_size // n_dev) * n_dev
+  source = input_pipeline.ImageSource(table, size, resize_size)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  out = np.zeros((len(table), out_dim), np.float32)
+  t0, done = time.perf_counter(), 0
+  steps = -(-len(table) // global_batch)
+  for step, batch in enumerate(input_pipeline.eval_batches(source, table.ids, global_batch=global_batch,
+                                                            threads=threads)):
+    values = gather_rows(fn(variables, to_global(mesh, batch["image"])))
+    ids = gather_rows(to_global(mesh, batch["id"]))
+    mask = gather_rows(to_global(mesh, batch["mask"]))
+    out[ids[mask]] = values[mask]
+    done += int(mask.sum())
+    if log_every and (step + 1) % log_every == 0 or step + 1 == steps:
+      rate = done / (time.perf_counter() - t0)
+      logging.info("%s: %d/%d images, %.1f images/s, ETA %.0fs", name, done, len(table),
+                   rate, (len(table) - done) / max(rate, 1e-9))
+  return out
+
+
 def extract(bb: backbones.Backbone, table: datasets.ImageTable, mesh, *, batch_size: int = 64,
             resize_size: Optional[int] = None, threads: int = 2, log_every: int = 10,
             encoder=None) -> np.ndarray:
   """Features [N, D] float32 of every example of `table`, in id order.
 
   encoder: a `make_encoder(bb, mesh)` result to reuse (already compiled)."""
-  n_dev = mesh.devices.size
-  global_batch = -(-batch_size // n_dev) * n_dev
-  source = input_pipeline.ImageSource(table, bb.image_size, resize_size)
-  encode = encoder or make_encoder(bb, mesh)
-  variables = jax.device_put(bb.variables, sharding.replicated(mesh))
-  out = np.zeros((len(table), bb.feature_dim), np.float32)
-  t0, done = time.perf_counter(), 0
-  steps = -(-len(table) // global_batch)
-  for step, batch in enumerate(input_pipeline.eval_batches(source, table.ids, global_batch=global_batch,
-                                                            threads=threads)):
-    feats = gather_rows(encode(variables, to_global(mesh, batch["image"])))
-    ids = gather_rows(to_global(mesh, batch["id"]))
-    mask = gather_rows(to_global(mesh, batch["mask"]))
-    out[ids[mask]] = feats[mask]
-    done += int(mask.sum())
-    if log_every and (step + 1) % log_every == 0 or step + 1 == steps:
-      rate = done / (time.perf_counter() - t0)
-      logging.info("features %s: %d/%d images, %.1f images/s, ETA %.0fs", bb.name, done, len(table),
-                   rate, (len(table) - done) / max(rate, 1e-9))
-  return out
+  return apply_to_images(encoder or make_encoder(bb, mesh), bb.variables, table, bb.image_size, bb.feature_dim,
+                         mesh, batch_size=batch_size, resize_size=resize_size, threads=threads,
+                         log_every=log_every, name=f"features {bb.name}")
 
 
 def cache_key(bb: backbones.Backbone, table: datasets.ImageTable, weights_path: Optional[str],

@@ -234,9 +234,8 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
   rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
   fn = jax.jit(lambda v, images: model.apply(v, prep(images), method=lambda m, x: m.codes(x)),
                in_shardings=(rep, rows), out_shardings=rows)
-  code_bb = dataclasses.replace(bb, variables=variables, feature_dim=config.model.bits)
-  h = features.extract(code_bb, view_table, mesh, batch_size=config.eval.batch_size, threads=config.data.threads,
-                       encoder=fn)
+  h = features.apply_to_images(fn, variables, view_table, bb.image_size, config.model.bits, mesh,
+                               batch_size=config.eval.batch_size, threads=config.data.threads, name="MrHash codes")
   return h, params
 
 
