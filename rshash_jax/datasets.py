@@ -14,6 +14,7 @@ Sources, as written in `config.data.source`:
 import dataclasses
 import hashlib
 import os
+import shutil
 from typing import List, Optional
 
 import numpy as np
@@ -163,16 +164,25 @@ def _draw_scene(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
 
 def generate(directory: str, num_classes: int = 6, per_class: int = 20, size: int = 64,
              seed: int = 0) -> ImageTable:
-  """Writes (once) a class-folder tree of synthetic PNG scenes and returns its table."""
+  """Writes (once, by the primary process, atomically) a class-folder tree of synthetic PNG
+  scenes and returns its table."""
+  from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
   root = os.path.join(directory, f"generated_c{num_classes}_n{per_class}_s{size}_seed{seed}")
   done = os.path.join(root, ".complete")
-  if not os.path.exists(done):
+
+  def write(tmp):
+    if os.path.isdir(root):  # left by an interrupted run of an older version: redo it
+      shutil.rmtree(root)
     rng = np.random.default_rng(seed)
     for c in range(num_classes):
-      os.makedirs(os.path.join(root, f"class{c:02d}"), exist_ok=True)
+      os.makedirs(os.path.join(tmp, f"class{c:02d}"), exist_ok=True)
       for i in range(per_class):
-        Image.fromarray(_draw_scene(rng, c, size)).save(os.path.join(root, f"class{c:02d}", f"img{i:04d}.png"))
-    open(done, "w").close()
+        Image.fromarray(_draw_scene(rng, c, size)).save(os.path.join(tmp, f"class{c:02d}", f"img{i:04d}.png"))
+    open(os.path.join(tmp, ".complete"), "w").close()
+
+  if not distributed.agree(f"generated {root}", os.path.exists(done)):
+    os.makedirs(directory, exist_ok=True)
+    distributed.write_once(root, write, name="generated data")
   table = class_folder(root, name="generated")
   table.description = f"{num_classes} classes x {per_class} generated {size}x{size} scenes in {root}"
   return table

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rshash_jax import backbones, dhcnn, hamming, mrhash, sharding
+from rshash_jax import backbones, dhcnn, distributed, hamming, mrhash, sharding
 
 FORMAT = "rshash_jax.encoder/1"
 
@@ -55,12 +55,10 @@ def save_encoder(path: str, *, method: str, bb: backbones.Backbone, head_params,
                  feature_norm: str = "none", degrade: int = 1, extra_meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
   """Writes an encoder directory at `path` (refuses an existing path unless overwrite)."""
   path = os.path.abspath(path)
-  if os.path.exists(path):
-    if not overwrite:
-      raise FileExistsError(f"export path exists, nothing written: {path}")
-    shutil.rmtree(path)
+  if distributed.agree(f"encoder {path} exists", os.path.exists(path)) and not overwrite:
+    raise FileExistsError(f"export path exists, nothing written: {path}")
   pre = bb.preprocessing
-  tree = {"backbone": jax.device_get(bb.variables), "head": jax.device_get(head_params),
+  tree = {"backbone": distributed.to_host(bb.variables), "head": distributed.to_host(head_params),
           "preprocess": {"mean": np.asarray(pre.mean, np.float32), "std": np.asarray(pre.std, np.float32)}}
   meta = dict(format=FORMAT, method=method, backbone=bb.name, image_size=pre.size, scale=pre.scale,
               bgr=pre.bgr, dtype=str(jnp.dtype(bb.module.dtype)), bits=int(bits),
@@ -68,17 +66,26 @@ def save_encoder(path: str, *, method: str, bb: backbones.Backbone, head_params,
               feature_norm=feature_norm, degrade=int(degrade), lrn_params=list(getattr(bb.module, "lrn_params", []) or []),
               **(extra_meta or {}))
   meta["identity"] = _identity(meta, tree)
-  tmp = path + ".tmp"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(tmp, "params"), tree)
-    ckptr.wait_until_finished()
-  with open(os.path.join(tmp, "encoder.json"), "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, path)
+
+  def write(tmp):
+    os.makedirs(tmp)
+    with _checkpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "params"), tree)
+      ckptr.wait_until_finished()
+    with open(os.path.join(tmp, "encoder.json"), "w") as f:
+      json.dump(meta, f, indent=1)
+    if os.path.exists(path):  # overwrite: replaced by the complete new one
+      shutil.rmtree(path)
+  distributed.write_once(path, write, name="encoder")
   return path
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+  """An orbax checkpointer for this process alone: an encoder is written by the primary
+  process and read by every process on its own, with no barrier between processes."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
 
 
 @dataclasses.dataclass
@@ -119,7 +126,7 @@ class Encoder:
         return module.apply(variables, x, meta["feature_scale"])
       rep = sharding.replicated(self.mesh)
       self._fn = jax.jit(fn, in_shardings=(rep, sharding.sharded_rows(self.mesh)))
-      self.variables = jax.device_put(self.variables, rep)
+      self.variables = distributed.replicate(self.variables, self.mesh)
     return self._fn
 
   def encode(self, images: np.ndarray) -> Dict[str, np.ndarray]:
@@ -131,7 +138,8 @@ class Encoder:
     pad = (-n) % n_dev
     if pad:
       images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-    u, logits = self._compiled()(self.variables, images)
+    fn = self._compiled()
+    u, logits = fn(self.variables, jax.device_put(images, sharding.sharded_rows(self.mesh)))
     u = np.asarray(u, np.float32)[:n]
     out = {"u": u, "codes": hamming.pack_codes(np.where(u >= 0, 1, -1))}
     if logits is not None:
@@ -153,7 +161,7 @@ def load_encoder(path: str, devices=None) -> Encoder:
     meta = json.load(f)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_path}: unknown encoder format {meta.get('format')!r} (expected {FORMAT})")
-  with ocp.StandardCheckpointer() as ckptr:
+  with _checkpointer() as ckptr:
     tree = ckptr.restore(os.path.join(path, "params"))
   tree = jax.device_get(tree)
   module, pre, _ = backbones.build(meta["backbone"], image_size=meta["image_size"], dtype=jnp.dtype(meta["dtype"]),

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 from absl import logging
 
-from rshash_jax import hamming, metrics
+from rshash_jax import distributed, hamming, metrics
 
 
 def evaluate_codes(db_codes: np.ndarray, q_codes: np.ndarray, db_labels: np.ndarray,
@@ -25,18 +25,26 @@ def evaluate_codes(db_codes: np.ndarray, q_codes: np.ndarray, db_labels: np.ndar
 
 
 def write_results(workdir: str, results: Dict[str, Any]) -> str:
-  """WORKDIR/results.json (atomically) and the P-R / P@k plots next to it."""
+  """WORKDIR/results.json and the P-R / P@k plots next to it, each written atomically by the
+  primary process; every process returns once they exist. Call it on every process."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "results.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(_jsonable(results), f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
-  try:
-    plot_curves(results, workdir)
-  except Exception as e:  # plots are a convenience: never lose results.json over them
-    logging.warning("could not write plots: %s", e)
+
+  def write(tmp):
+    try:
+      plot_curves(results, workdir)
+    except Exception as e:  # plots are a convenience: never lose results.json over them
+      logging.warning("could not write plots: %s", e)
+    with open(tmp, "w") as f:
+      json.dump(_jsonable(results), f, indent=1, sort_keys=True)
+  distributed.write_once(path, write, name="results.json")
   return path
+
+
+def _savefig(fig, path: str):
+  tmp = f"{path}.tmp{os.getpid()}.png"
+  fig.savefig(tmp, dpi=120)
+  os.replace(tmp, path)
 
 
 def _jsonable(x):
@@ -67,7 +75,7 @@ def plot_curves(results: Dict[str, Any], workdir: str):
          title=f"P-R by Hamming radius\n{title}")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "pr_curve.png"), dpi=120)
+  _savefig(fig, os.path.join(workdir, "pr_curve.png"))
   plt.close(fig)
   pk = results["precision_at"]
   ks = sorted(int(k) for k in pk)
@@ -77,7 +85,7 @@ def plot_curves(results: Dict[str, Any], workdir: str):
          title=f"Precision@k\n{title}")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "precision_at_k.png"), dpi=120)
+  _savefig(fig, os.path.join(workdir, "precision_at_k.png"))
   plt.close(fig)
 
 

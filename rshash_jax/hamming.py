@@ -246,11 +246,17 @@ def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices):
   return best_d, best_i
 
 
+def _local_copy(x: jax.Array) -> np.ndarray:
+  """A replicated array as numpy, from a device of this process."""
+  return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
 class HammingIndex:
   """An exact Hamming top-k index over packed codes, sharded over a ('data',) mesh.
 
   The database is padded, transposed to word-major order and placed on the
-  devices once; `search` then streams queries in batches. Memory per search call
+  devices once (default mesh: every device of every process; each process reads and
+  places only its devices' rows, so `db_packed` may be a memory-mapped array); `search` then streams queries in batches. Memory per search call
   is O(query_batch * (chunk / L + k * L)) beyond the database itself.
   """
 
@@ -258,7 +264,7 @@ class HammingIndex:
     db = check_packed("db_packed", db_packed)
     if chunk_size < 1:
       raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    self.mesh = mesh if mesh is not None else sharding.data_mesh(jax.local_devices())
+    self.mesh = mesh if mesh is not None else sharding.data_mesh()
     self.n_devices = self.mesh.devices.size
     self.num_codes, self.num_words = db.shape
     self._chunk_target = 1 << int(math.floor(math.log2(chunk_size)))
@@ -266,9 +272,18 @@ class HammingIndex:
     # Shards are padded to a multiple of the largest chunk any k can use.
     self._chunk_cap = min(self._chunk_target, 1 << max(0, math.ceil(math.log2(per_device))))
     self.n_local = -(-per_device // self._chunk_cap) * self._chunk_cap
-    padded = np.zeros((self.num_words, self.n_local * self.n_devices), np.uint32)
-    padded[:, :self.num_codes] = db.T
-    self._db_t = jax.device_put(padded, NamedSharding(self.mesh, P(None, sharding.DATA_AXIS)))
+    n_total = self.n_local * self.n_devices
+
+    def shard(index):  # only the rows of this process's devices are read and transposed
+      rows = index[1]
+      start, stop = rows.start or 0, n_total if rows.stop is None else rows.stop
+      out = np.zeros((self.num_words, stop - start), np.uint32)
+      hi = min(stop, self.num_codes)
+      if hi > start:
+        out[:, :hi - start] = db[start:hi].T
+      return out
+    self._db_t = jax.make_array_from_callback((self.num_words, n_total),
+                                              NamedSharding(self.mesh, P(None, sharding.DATA_AXIS)), shard)
     self._fns = {}
 
   def _search_fn(self, k: int):
@@ -295,17 +310,20 @@ class HammingIndex:
     k = int(k)
     fn = self._search_fn(k)
     batch = min(query_batch, 1 << math.ceil(math.log2(q.shape[0])))
-    n_valid = jnp.int32(self.num_codes)
+    rep = sharding.replicated(self.mesh)
+    n_valid = jax.device_put(np.int32(self.num_codes), rep)
     out_d, out_i = [], []
     for s in range(0, q.shape[0], batch):
       qb = q[s:s + batch]
       n = qb.shape[0]
       if n < batch:
         qb = np.concatenate([qb, np.zeros((batch - n, self.num_words), np.uint32)])
-      d, i = fn(qb, self._db_t, n_valid)
-      out_d.append(d[:n])
-      out_i.append(i[:n])
-    return (np.asarray(jnp.concatenate(out_d)), np.asarray(jnp.concatenate(out_i)))
+      d, i = fn(jax.device_put(qb, rep), self._db_t, n_valid)
+      out_d.append((d, n))
+      out_i.append((i, n))
+    # Replicated results: each process reads its own copy, after all batches are dispatched.
+    return (np.concatenate([_local_copy(d)[:n] for d, n in out_d]),
+            np.concatenate([_local_copy(i)[:n] for i, n in out_i]))
 
 
 def hamming_topk(q_packed, db_packed, k: int, *, mesh: Optional[Mesh] = None,
@@ -314,8 +332,9 @@ def hamming_topk(q_packed, db_packed, k: int, *, mesh: Optional[Mesh] = None,
 
   Returns (distances int32 [Q, k], indices int32 [Q, k]) sorted by distance, ties
   by lower database index. Memory is bounded by chunking over queries and the
-  database; the database is sharded over all devices of `mesh` (default: all
-  local devices). For repeated searches build a `HammingIndex` once.
+  database; the database is sharded over all devices of `mesh` (default: every
+  device of every process; with several processes every one must call it). For
+  repeated searches build a `HammingIndex` once.
   """
   q, db = _check_pair(q_packed, db_packed)
   return HammingIndex(db, mesh=mesh).search(q, k, query_batch=query_batch)

@@ -144,21 +144,22 @@ def train_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int
 
 
 def eval_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int,
-                 threads: int = 2) -> Iterator[dict]:
-  """Per-process batches {'image', 'label', 'id', 'mask'} covering `indices` exactly once."""
-  pc, pi = jax.process_count(), jax.process_index()
+                 threads: int = 2, local: bool = False) -> Iterator[dict]:
+  """Per-process batches {'image', 'label', 'id', 'pos', 'mask'} covering `indices` exactly
+  once (pos: the example's position in `indices`; mask False on padding). local=True: this
+  process takes every row (for a mesh of its own devices)."""
+  pc, pi = (1, 0) if local else (jax.process_count(), jax.process_index())
   per_proc = global_batch // pc
   n = len(indices)
   padded = -(-n // global_batch) * global_batch
   idx = np.concatenate([indices, np.full(padded - n, indices[0] if n else 0, indices.dtype)])
-  mask = np.arange(padded) < n
-  rows = idx.reshape(-1, global_batch)[:, pi * per_proc:(pi + 1) * per_proc]
-  masks = mask.reshape(-1, global_batch)[:, pi * per_proc:(pi + 1) * per_proc]
+  pos = np.arange(padded, dtype=np.int64)
+  mine = lambda a: a.reshape(-1, global_batch)[:, pi * per_proc:(pi + 1) * per_proc].reshape(-1)
   labels, ids = source.table.labels, source.table.ids
-  ds = tf.data.Dataset.from_tensor_slices((rows.reshape(-1).astype(np.int64), masks.reshape(-1)))
+  ds = tf.data.Dataset.from_tensor_slices((mine(idx).astype(np.int64), mine(pos), mine(pos < n)))
 
-  def load(i, m):
-    return {"image": source(i), "label": tf.gather(labels, i), "id": tf.gather(ids, i), "mask": m}
+  def load(i, p, m):
+    return {"image": source(i), "label": tf.gather(labels, i), "id": tf.gather(ids, i), "pos": p, "mask": m}
 
   ds = ds.map(load, num_parallel_calls=threads).batch(per_proc).prefetch(2)
   yield from ds.with_options(_options(threads)).as_numpy_iterator()

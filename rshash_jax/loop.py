@@ -2,17 +2,16 @@
 
 from typing import Callable, Iterable, Optional, Tuple
 
-import jax
 import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from rshash_jax import features, train_state
+from rshash_jax import distributed, features, train_state
 
 
 def _check_and_write(pending, step, writer, mngr, loss_key, prefix):
   """Stops on a non-finite loss (before it can be checkpointed); logs the mean metrics."""
-  host = jax.device_get(pending)
+  host = distributed.to_host(pending)
   for k, m in enumerate(host):
     if not np.isfinite(m[loss_key]):
       mngr.wait_until_finished()
@@ -33,7 +32,7 @@ def run(step_fn: Callable, state, batches: Iterable[dict], *, mesh, mngr, writer
   preemption signal); a checkpoint of the last step is saved either way. before_step(step,
   state) -> state runs on the host before each step (e.g. per-epoch targets).
   """
-  step = int(jax.device_get(state.step))
+  step = int(distributed.to_host(state.step))
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_steps=log_every)
   pending = []
   for batch in batches:

@@ -49,6 +49,13 @@ class _QuietOrbax:
     return record.levelno >= 30 or "orbax" not in record.pathname
 
 
+def _say(text: str):
+  """Prints on the primary process only (every process runs the same command)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    print(text)
+
+
 def _require(command, *names):
   missing = [n for n in names if getattr(FLAGS, n) is None]
   if missing:
@@ -59,8 +66,6 @@ def _train():
   _require("train", "config", "workdir")
   import jax  # pylint: disable=g-import-not-at-top
   from rshash_jax import evaluation  # pylint: disable=g-import-not-at-top
-  if os.environ.get("RSHASH_DISTRIBUTED"):  # multi-host TPU/GPU: one process per host
-    jax.distributed.initialize()
   logging.info("JAX devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform,
                jax.process_count())
   config = FLAGS.config
@@ -73,33 +78,46 @@ def _train():
   else:
     raise ValueError(f"config.method={config.method!r} is not a known method (dhcnn, mrhash)")
   if results:
-    print(evaluation.summary_line(results))
-    print(f"results: {os.path.join(FLAGS.workdir, 'results.json')}")
+    _say(evaluation.summary_line(results))
+    _say(f"results: {os.path.join(FLAGS.workdir, 'results.json')}")
 
 
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   args = argv[1:]
   command = args.pop(0) if args and args[0] in COMMANDS else "train"
-  from rshash_jax import input_pipeline, tools  # pylint: disable=g-import-not-at-top
-  input_pipeline.configure_tf()
   if command != "search" and args:
     raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
+  from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
+  # Before anything touches a JAX backend: join the other processes, if any (see
+  # rshash_jax/distributed.py for the environment variables).
+  multi = distributed.initialize_from_env()
+  try:
+    _command(command, args)
+  except Exception as e:  # pylint: disable=broad-except
+    if multi:
+      distributed.fail_fast(e)
+    raise
+
+
+def _command(command, args):
+  from rshash_jax import input_pipeline, tools  # pylint: disable=g-import-not-at-top
+  input_pipeline.configure_tf()
   if command == "train":
     _train()
   elif command == "encode":
     _require("encode", "encoder", "data", "out")
-    print(f"codes: {tools.encode(FLAGS.encoder, FLAGS.data, FLAGS.out, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk)}")
+    _say(f"codes: {tools.encode(FLAGS.encoder, FLAGS.data, FLAGS.out, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk)}")
   elif command == "search":
     _require("search", "encoder", "codes")
     if not args:
       raise app.UsageError("search needs one or more query images or folders after the flags")
     tools.search(FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png)
     if FLAGS.png:
-      print(f"\ngrid: {FLAGS.png}")
+      _say(f"\ngrid: {FLAGS.png}")
   else:
     _require("export", "workdir", "out")
-    print(f"encoder: {tools.export(FLAGS.workdir, FLAGS.out)}")
+    _say(f"encoder: {tools.export(FLAGS.workdir, FLAGS.out)}")
 
 
 def run():

@@ -31,9 +31,10 @@ Definitions (the same in README.md):
 
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
+import jax
 import numpy as np
 
-from rshash_jax import hamming
+from rshash_jax import hamming, sharding
 
 NORMALIZATIONS = ("retrieved", "min", "all")
 NO_RELEVANT = ("zero", "skip")
@@ -121,7 +122,8 @@ class _Problem:
         order = np.argsort(self.distances(s, e), axis=1, kind="stable")
         yield s, e, np.take_along_axis(self.relevance(s, e), order, axis=1)
     else:
-      _, idx = hamming.hamming_topk(self.q, self.db, n)
+      # This process's devices: metrics run on every process alone, with no collective.
+      _, idx = hamming.hamming_topk(self.q, self.db, n, mesh=sharding.data_mesh(jax.local_devices()))
       for s, e in self.query_blocks():
         yield s, e, self.relevance(s, e, idx[s:e])
 

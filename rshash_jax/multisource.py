@@ -135,12 +135,12 @@ def view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
   raise ValueError(f"unknown source view {spec!r}: use full, coarseN or folder:DIR")
 
 
-def features_of_views(table: datasets.ImageTable, specs: Sequence[str], bb: backbones.Backbone, mesh,
+def features_of_views(table: datasets.ImageTable, specs: Sequence[str], bb: backbones.Backbone,
                       cache_dir: str, *, batch_size: int = 32, threads: int = 2,
                       weights_path: Optional[str] = None) -> List[np.ndarray]:
   """Backbone features [N, D] of every source view, cached in cache_dir by table + view."""
   out = []
   for spec in specs:
-    out.append(features.cached_features(bb, view(table, spec), mesh, cache_dir, weights_path=weights_path,
+    out.append(features.cached_features(bb, view(table, spec), cache_dir, weights_path=weights_path,
                                         batch_size=batch_size, threads=threads))
   return out

@@ -31,3 +31,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def sharded_rows(mesh: Mesh) -> NamedSharding:
   """Sharding that splits an array's leading axis across the 'data' axis."""
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def is_local(mesh: Mesh) -> bool:
+  """True when every device of `mesh` belongs to this process."""
+  pi = jax.process_index()
+  return all(d.process_index == pi for d in mesh.devices.flat)

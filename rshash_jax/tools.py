@@ -2,8 +2,8 @@
 
 encode  an image folder (class folders or any tree) or a TFDS split -> a codes file (.npz:
         packed codes, ids, paths, labels, class names, the encoder's identity). Streams in
-        chunks written to OUT.parts/ and merged at the end; an interrupted run resumes at
-        the first missing chunk. Memory is bounded by the chunk size.
+        chunks (shared out over processes) written to OUT.parts/ and merged at the end; an
+        interrupted run resumes at the missing chunks. Memory is bounded by the chunk size.
 search  query images (files or a folder) against a codes file: top-k table with Hamming
         distances and paths, the predicted class (DHCNN), and a PNG grid.
 export  copies a trained workdir's encoder to a new path (never overwrites).
@@ -12,12 +12,12 @@ export  copies a trained workdir's encoder to a new path (never overwrites).
 import os
 import shutil
 import sys
-import time
 from typing import Dict, List, Optional, Sequence
 
+import jax
 import numpy as np
 
-from rshash_jax import datasets, encoder as encoder_lib, hamming, input_pipeline
+from rshash_jax import chunk_store, datasets, distributed, encoder as encoder_lib, hamming, input_pipeline
 
 CODES_FORMAT = "rshash_jax.codes/1"
 
@@ -47,67 +47,53 @@ def image_table(data: str, degrade: int = 1, check_images: bool = True) -> datas
   return table
 
 
-def _progress(done: int, total: int, t0: float):
-  rate = done / max(time.perf_counter() - t0, 1e-9)
-  eta = (total - done) / max(rate, 1e-9)
-  sys.stderr.write(f"\r  {done}/{total} images  {rate:.1f} images/s  ETA {eta:.0f}s   ")
-  sys.stderr.flush()
-
-
 def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chunk: int = 4096,
            threads: int = 2) -> str:
-  """Encodes `data` with the encoder at `encoder_path` into the codes file `out` (.npz)."""
+  """Encodes `data` with the encoder at `encoder_path` into the codes file `out` (.npz).
+
+  Chunks of `chunk` images are shared out over the processes (each encodes its chunks on
+  its own devices) and written to OUT.parts/ as they finish; a re-run continues at the
+  missing chunks. The primary process writes the codes file, atomically."""
   enc = encoder_lib.load_encoder(encoder_path)
   if not out.endswith(".npz"):
     out += ".npz"
-  if os.path.exists(out):
+  if distributed.agree(f"codes {out} exists", os.path.exists(out)):
     raise FileExistsError(f"codes file exists, nothing overwritten: {out}")
   table = image_table(data, enc.meta.get("degrade", 1))
-  parts = out + ".parts"
-  os.makedirs(parts, exist_ok=True)
-  stamp = os.path.join(parts, "identity.txt")
-  if os.path.exists(stamp) and open(stamp).read().strip() != f"{enc.identity} {table.fingerprint()}":
-    raise ValueError(f"{parts} holds a partial encoding by another encoder or of other data; remove it")
-  with open(stamp, "w") as f:
-    f.write(f"{enc.identity} {table.fingerprint()}")
-  source = input_pipeline.ImageSource(table, enc.image_size)
   n = len(table)
+  store = chunk_store.ChunkStore(out + ".parts", n, {"codes": ((hamming.num_words(enc.bits),), "uint32"),
+                                                      "predicted": ((), "int32")},
+                                 chunk=chunk, key=f"{enc.identity} {table.fingerprint()}")
+  source = input_pipeline.ImageSource(table, enc.image_size)
   n_dev = enc.mesh.devices.size
   gb = -(-batch_size // n_dev) * n_dev
-  t0, done = time.perf_counter(), 0
   print(f"encoding {n} images of {table.description} with encoder {enc.identity} ({enc.meta['method']}, "
-        f"{enc.bits} bits)", file=sys.stderr)
-  for c, start in enumerate(range(0, n, chunk)):
-    part = os.path.join(parts, f"part_{c:06d}.npz")
-    idx = np.arange(start, min(n, start + chunk))
-    if os.path.exists(part):  # resume: this chunk is done
-      done += len(idx)
-      continue
-    codes = np.zeros((len(idx), hamming.num_words(enc.bits)), np.uint32)
-    pred = np.full(len(idx), -1, np.int32)
-    for b in input_pipeline.eval_batches(source, idx, global_batch=gb, threads=threads):
+        f"{enc.bits} bits) on {jax.process_count()} process(es)", file=sys.stderr)
+
+  def compute(start, stop):
+    codes = np.zeros((stop - start, hamming.num_words(enc.bits)), np.uint32)
+    pred = np.full(stop - start, -1, np.int32)
+    for b in input_pipeline.eval_batches(source, np.arange(start, stop), global_batch=gb, threads=threads,
+                                         local=True):
       res = enc.encode(b["image"])
-      rows = b["id"][b["mask"]] - start
+      rows = b["pos"][b["mask"]]
       codes[rows] = res["codes"][b["mask"]]
       if "predicted" in res:
         pred[rows] = res["predicted"][b["mask"]]
-      done += int(b["mask"].sum())
-      _progress(done, n, t0)
-    tmp = part + ".tmp.npz"
-    np.savez(tmp, codes=codes, predicted=pred)
-    os.replace(tmp, part)
-  sys.stderr.write("\n")
-  codes = np.concatenate([np.load(os.path.join(parts, f"part_{c:06d}.npz"))["codes"]
-                          for c in range(-(-n // chunk))])
-  pred = np.concatenate([np.load(os.path.join(parts, f"part_{c:06d}.npz"))["predicted"]
-                         for c in range(-(-n // chunk))])
-  tmp = out + ".tmp.npz"
-  np.savez(tmp, format=CODES_FORMAT, codes=codes, ids=table.ids, labels=table.labels, predicted=pred,
-           paths=np.asarray(table.paths or [f"{table.tfds_name}:{table.tfds_split}[{i}]" for i in table.ids]),
-           class_names=np.asarray(table.class_names, dtype=str), bits=enc.bits, identity=enc.identity,
-           method=enc.meta["method"], backbone=enc.meta["backbone"])
-  os.replace(tmp, out)
-  shutil.rmtree(parts)
+    return {"codes": codes, "predicted": pred}
+
+  arrays = store.build(compute, name="encode", log=lambda msg: print(f"  {msg}", file=sys.stderr))
+
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      np.savez(f, format=CODES_FORMAT, codes=arrays["codes"], ids=table.ids, labels=table.labels,
+               predicted=arrays["predicted"],
+               paths=np.asarray(table.paths or [f"{table.tfds_name}:{table.tfds_split}[{i}]" for i in table.ids]),
+               class_names=np.asarray(table.class_names, dtype=str), bits=enc.bits, identity=enc.identity,
+               method=enc.meta["method"], backbone=enc.meta["backbone"])
+  distributed.write_once(out, write, name="codes file")
+  if distributed.is_primary():
+    shutil.rmtree(store.directory)
   return out
 
 
@@ -146,7 +132,7 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
   if str(db["identity"]) != enc.identity or int(db["bits"]) != enc.bits:
     raise ValueError(f"{codes_path} was encoded by encoder {db['identity']} ({int(db['bits'])} bits), "
                      f"not by {enc.identity} ({enc.bits} bits): re-encode the database with this encoder")
-  if png and os.path.exists(png):
+  if png and distributed.agree(f"png {png} exists", os.path.exists(png)):
     raise FileExistsError(f"output exists, nothing overwritten: {png}")
   paths = _query_paths(queries)
   degrade = enc.meta.get("degrade", 1)
@@ -155,25 +141,27 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
   k = min(k, len(db["codes"]))
   dist, idx = hamming.hamming_topk(res["codes"], db["codes"], k)
   class_names = [str(c) for c in db["class_names"]]
+  # Every process ranks (the database is sharded over all of them); the primary prints.
+  say = print if distributed.is_primary() else (lambda *a, **k: None)
   out = []
   for qi, p in enumerate(paths):
     q_class = os.path.basename(os.path.dirname(p))
     q_label = class_names.index(q_class) if q_class in class_names else -1
     pred = enc.class_names[res["predicted"][qi]] if "predicted" in res and enc.class_names else None
-    print(f"\nquery {p}" + (f"  predicted class: {pred}" if pred else ""))
-    print(f"  {'rank':>4} {'dist':>4}  {'label':<20} path")
+    say(f"\nquery {p}" + (f"  predicted class: {pred}" if pred else ""))
+    say(f"  {'rank':>4} {'dist':>4}  {'label':<20} path")
     hits = []
     for r in range(k):
       j = int(idx[qi, r])
       lab = int(db["labels"][j])
       name = class_names[lab] if 0 <= lab < len(class_names) else "?"
       mark = "" if q_label < 0 or lab < 0 else ("  relevant" if lab == q_label else "  not relevant")
-      print(f"  {r + 1:>4} {int(dist[qi, r]):>4}  {name:<20} {db['paths'][j]}{mark}")
+      say(f"  {r + 1:>4} {int(dist[qi, r]):>4}  {name:<20} {db['paths'][j]}{mark}")
       hits.append(dict(rank=r + 1, distance=int(dist[qi, r]), path=str(db["paths"][j]), label=name,
                        relevant=None if q_label < 0 or lab < 0 else lab == q_label))
     out.append(dict(query=p, predicted=pred, results=hits))
   if png:
-    grid(out, png, enc.image_size)
+    distributed.write_once(png, lambda tmp: grid(out, tmp, enc.image_size), name="search grid")
   return out
 
 
@@ -202,7 +190,7 @@ def grid(results: List[Dict], png: str, size: int):
           sp.set_edgecolor("green" if h["relevant"] else "red")
           sp.set_linewidth(3)
   fig.tight_layout()
-  fig.savefig(png, dpi=100)
+  fig.savefig(png, dpi=100, format="png")
   plt.close(fig)
 
 
@@ -211,8 +199,8 @@ def export(workdir: str, out: str) -> str:
   src = os.path.join(workdir, "encoder")
   if not os.path.isfile(os.path.join(src, "encoder.json")):
     raise FileNotFoundError(f"no trained encoder in {workdir} (expected {src}/encoder.json): train to the end first")
-  if os.path.exists(out):
+  if distributed.agree(f"export {out} exists", os.path.exists(out)):
     raise FileExistsError(f"export path exists, nothing written: {out}")
   encoder_lib.load_encoder(src)  # fails loudly on a damaged encoder before copying
-  shutil.copytree(src, out)
+  distributed.write_once(os.path.abspath(out), lambda tmp: shutil.copytree(src, tmp), name="export")
   return out

@@ -23,8 +23,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from rshash_jax import (backbones, config_checks, datasets, dhcnn, encoder, evaluation, features,
-                        input_pipeline, loop, sharding, train_state)
+from rshash_jax import (backbones, config_checks, datasets, dhcnn, distributed, encoder, evaluation,
+                        features, input_pipeline, loop, sharding, train_state)
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ def _setup(config, workdir: str) -> _Setup:
   feats = None
   if config.train.mode == "frozen":
     cache = config.features.cache_dir or os.path.join(workdir, "cache")
-    feats = features.cached_features(bb, table, mesh, cache, weights_path=mc.weights_path or None,
+    feats = features.cached_features(bb, table, cache, weights_path=mc.weights_path or None,
                                      batch_size=config.features.batch_size,
                                      resize_size=config.data.resize_size or None, threads=config.data.threads)
   model = dhcnn.DHCNN(backbone=None if feats is not None else bb.module, bits=mc.bits,
@@ -98,6 +98,9 @@ def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preproces
   rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
 
   def step(state, batch, rng):
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # raw key data (placeable on any mesh)
+      rng = jax.random.wrap_key_data(rng)
+
     def loss_of(params):
       variables = {"params": params, **state.constants}
       x = batch["x"] if preprocess is None else preprocess(batch["x"])
@@ -192,11 +195,10 @@ def evaluate(s: _Setup, state, workdir: str) -> Dict[str, Any]:
                  split="validation" if config.data.validation else "test",
                  backbone=s.bb.name, pretrained=s.bb.pretrained, mode=config.train.mode,
                  num_classes=s.table.num_classes,
-                 class_names=s.table.class_names, step=int(jax.device_get(state.step)),
+                 class_names=s.table.class_names, step=int(distributed.to_host(state.step)),
                  eval_seconds=time.perf_counter() - t, devices=jax.device_count(),
-                 config=config.to_dict(), **report)
-  if jax.process_index() == 0:
-    evaluation.write_results(workdir, results)
+                 processes=jax.process_count(), config=config.to_dict(), **report)
+  evaluation.write_results(workdir, results)
   logging.info("%s", evaluation.summary_line(results))
   return results
 
@@ -209,22 +211,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   s = _setup(config, workdir)
   tc = config.train
   global_batch = tc.batch_size
+  if global_batch % jax.process_count():
+    raise ValueError(f"train.batch_size={global_batch} is not divisible by the {jax.process_count()} processes: "
+                     "each process reads an equal share of every global batch")
   if global_batch % s.mesh.devices.size:
     raise ValueError(f"train.batch_size={global_batch} must be a multiple of the {s.mesh.devices.size} devices")
   spe = input_pipeline.steps_per_epoch(len(s.train_idx), global_batch)
   total = tc.epochs * spe
   lr_mults = {"backbone": tc.backbone_lr_mult} if s.feats is None and tc.backbone_lr_mult != 1.0 else None
   tx = train_state.make_optimizer(tc, spe, lr_mults)
-  state = _init_state(s, tx)
   mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps)
+  train_state.check_run(mngr, config, steps_per_epoch=spe, num_train=len(s.train_idx))
+  state = distributed.replicate(_init_state(s, tx), s.mesh)
   state = train_state.restore_or_keep(mngr, state)
-  state = jax.device_put(state, sharding.replicated(s.mesh))
-  bank_labels = jax.device_put(s.table.labels[s.train_idx], sharding.replicated(s.mesh))
+  bank_labels = distributed.replicate(s.table.labels[s.train_idx], s.mesh)
   step_fn = make_train_step(s.model, tx, config, bank_labels, s.mesh, preprocess=_preprocess(s))
-  rng = jax.device_put(jax.random.key(config.seed), sharding.replicated(s.mesh))
+  rng = distributed.replicate(jax.random.key_data(jax.random.key(config.seed)), s.mesh)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  start = int(jax.device_get(state.step))
+  start = int(distributed.to_host(state.step))
   stop = loop.stop_step(start, total, tc.max_steps_per_run)
   logging.info("Training %s (%s) %d bits: steps %d -> %d of %d (%d/epoch, global batch %d, %d devices)",
                s.bb.name, tc.mode, config.model.bits, start, stop, total, spe, global_batch, s.mesh.devices.size)
@@ -235,13 +240,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if not finished:
     return {}
   results = evaluate(s, state, workdir)
-  params = jax.device_get(state.params)
+  params = distributed.to_host(state.params)
   bb = s.bb if "backbone" not in params else dataclasses.replace(
       s.bb, variables={**s.bb.variables, "params": params["backbone"]})
-  if jax.process_index() == 0:
-    encoder.save_encoder(os.path.join(workdir, "encoder"), method="dhcnn", bb=bb, head_params=params["head"],
-                         bits=config.model.bits, class_names=s.table.class_names, hidden=config.model.head_hidden,
-                         extra_meta={"results_map": results["map"], "dataset": s.table.name}, overwrite=True)
+  encoder.save_encoder(os.path.join(workdir, "encoder"), method="dhcnn", bb=bb, head_params=params["head"],
+                       bits=config.model.bits, class_names=s.table.class_names, hidden=config.model.head_hidden,
+                       extra_meta={"results_map": results["map"], "dataset": s.table.name}, overwrite=True)
   writer.write_scalars(total, {"eval/map": results["map"], "eval/accuracy": results.get("accuracy", 0.0)})
   writer.flush()
   return results

@@ -27,11 +27,11 @@ from absl import logging
 from clu import metric_writers
 from scipy.cluster import vq
 
-from rshash_jax import (backbones, baselines, config_checks, datasets, encoder, evaluation, features,
-                        input_pipeline, loop, mrhash, multisource, sharding, train_state)
+from rshash_jax import (backbones, baselines, config_checks, datasets, distributed, encoder, evaluation,
+                        features, input_pipeline, loop, mrhash, multisource, sharding, train_state)
 
 
-def load_data(config, workdir: str, mesh):
+def load_data(config, workdir: str):
   """(table, train_idx, test_idx, image features [N, D], sources [[N, D_s]], backbone, the
   table as the hash network sees it)."""
   mc, dc, hc = config.model, config.data, config.mrhash
@@ -49,12 +49,12 @@ def load_data(config, workdir: str, mesh):
   else:
     table = datasets.from_config(dc, workdir)
     train_idx, test_idx = datasets.split_per_class(table.labels, dc.train_ratio, dc.seed)
-    sources = multisource.features_of_views(table, list(hc.sources), bb, mesh, cache, **kw)
+    sources = multisource.features_of_views(table, list(hc.sources), bb, cache, **kw)
     img_view = multisource.view(table, hc.image_view)
   if dc.validation:
     train_idx, test_idx = datasets.validation_split(table.labels, train_idx, dc.validation, dc.seed)
     logging.info("Validation run: %d database / %d queries from the training part", len(train_idx), len(test_idx))
-  image_feats = features.cached_features(bb, img_view, mesh, cache, **kw)
+  image_feats = features.cached_features(bb, img_view, cache, **kw)
   return table, train_idx, test_idx, image_feats, sources, bb, img_view
 
 
@@ -107,7 +107,8 @@ def _stage1(config, workdir, mesh, xs, writer):
   state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                  constants={}, extra={})
   mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name="checkpoints/stage1")
-  state = jax.device_put(train_state.restore_or_keep(mngr, state), sharding.replicated(mesh))
+  train_state.check_run(mngr, config, stage=1, steps_per_epoch=spe, num_train=n)
+  state = train_state.restore_or_keep(mngr, distributed.replicate(state, mesh))
 
   def loss_of(p, state, batch):
     del state
@@ -115,7 +116,7 @@ def _stage1(config, workdir, mesh, xs, writer):
     _, recons = ae.apply({"params": p}, srcs[0])
     return mrhash.stage1_loss(recons, srcs)
 
-  start = int(jax.device_get(state.step))
+  start = int(distributed.to_host(state.step))
   stop = loop.stop_step(start, total, tc.max_steps_per_run)
   logging.info("MrHash stage 1 (autoencoder): steps %d -> %d of %d, batch %d", start, stop, total, gb)
   arrays = {f"x{s}": x for s, x in enumerate(xs)}
@@ -123,7 +124,7 @@ def _stage1(config, workdir, mesh, xs, writer):
                              _feature_batches(arrays, np.arange(n), gb, config.data.seed, start, stop),
                              mesh=mesh, mngr=mngr, writer=writer, total=total, stop=stop,
                              log_every=tc.log_every_steps, prefix="stage1")
-  return (jax.device_get(state.params) if finished else None), ae
+  return (distributed.to_host(state.params) if finished else None), ae
 
 
 def kmeans(z: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
@@ -183,14 +184,15 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
     s = 1.0 / (proj.std(axis=0) + 1e-12)
     params["hashnet"]["hash"]["kernel"] = (itq.projection * s).astype(np.float32)
     params["hashnet"]["hash"]["bias"] = (-(itq.mean @ itq.projection) * s).astype(np.float32)
+  train_state.check_run(mngr, config, stage=2, steps_per_epoch=spe, num_train=n)
   if mngr.latest_step() is None:  # k-means only for a fresh stage 2
     z = np.asarray(mrhash.batched_apply(
         lambda x: model.apply({"params": params}, x, method=lambda m, x: m.ae.encode(x)), jnp.asarray(xs[0])))
     params["centres"] = kmeans(z, hc.num_clusters, hc.kmeans_n_init, config.seed)
   state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                  constants=constants, extra={"p": jnp.zeros((n, hc.num_clusters), jnp.float32)})
-  state = jax.device_put(train_state.restore_or_keep(mngr, state), sharding.replicated(mesh))
-  x1_all = jax.device_put(jnp.asarray(xs[0]), sharding.replicated(mesh))
+  state = train_state.restore_or_keep(mngr, distributed.replicate(state, mesh))
+  x1_all = distributed.replicate(xs[0], mesh)
 
   @jax.jit
   def targets(params):
@@ -211,7 +213,7 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
     target = state.extra["p"][batch["row"]]
     return mrhash.stage2_loss(out, target, srcs, recon_weight=hc.recon_weight, kl_reduction=hc.kl_reduction)
 
-  start = int(jax.device_get(state.step))
+  start = int(distributed.to_host(state.step))
   stop = loop.stop_step(start, total, tc.max_steps_per_run)
   logging.info("MrHash stage 2 (hashing, %s backbone): steps %d -> %d of %d, batch %d, %d bits",
                tc.mode, start, stop, total, gb, config.model.bits)
@@ -225,7 +227,7 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
                              before_step=before_step)
   if not finished:
     return None
-  params = jax.device_get(state.params)
+  params = distributed.to_host(state.params)
   variables = {"params": params, **constants}
   if not finetune:
     h = mrhash.batched_apply(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)),
@@ -244,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   config_checks.check_mrhash(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.data_mesh()
-  table, train_idx, test_idx, image_feats, sources, bb, view_table = load_data(config, workdir, mesh)
+  table, train_idx, test_idx, image_feats, sources, bb, view_table = load_data(config, workdir)
   hc = config.mrhash
   t0 = time.perf_counter()
   norm = lambda x: np.asarray(mrhash.normalize_features(x, hc.feature_norm), np.float32)
@@ -284,17 +286,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   results = dict(method=method, dataset=table.name, dataset_description=table.description, backbone=bb.name,
                  pretrained=bb.pretrained, image_view=hc.image_view, sources=list(hc.sources),
                  num_classes=table.num_classes, train_seconds=train_seconds, devices=jax.device_count(),
+                 processes=jax.process_count(),
                  mode=config.train.mode, split="validation" if config.data.validation else "test",
                  config=config.to_dict(), **report)
-  if jax.process_index() == 0:
-    evaluation.write_results(workdir, results)
-    if not hc.baseline:
-      if "backbone" in params:  # fine-tuned
-        bb = dataclasses.replace(bb, variables={**bb.variables, "params": params["backbone"]})
-      encoder.save_encoder(os.path.join(workdir, "encoder"), method="mrhash", bb=bb, head_params=params["hashnet"],
-                           bits=config.model.bits, class_names=table.class_names, hidden=config.model.head_hidden,
-                           feature_scale=scale, feature_norm=hc.feature_norm, degrade=view_table.degrade,
-                           extra_meta={"results_map": results["map"], "dataset": table.name}, overwrite=True)
+  evaluation.write_results(workdir, results)
+  if not hc.baseline:
+    if "backbone" in params:  # fine-tuned
+      bb = dataclasses.replace(bb, variables={**bb.variables, "params": params["backbone"]})
+    encoder.save_encoder(os.path.join(workdir, "encoder"), method="mrhash", bb=bb, head_params=params["hashnet"],
+                         bits=config.model.bits, class_names=table.class_names, hidden=config.model.head_hidden,
+                         feature_scale=scale, feature_norm=hc.feature_norm, degrade=view_table.degrade,
+                         extra_meta={"results_map": results["map"], "dataset": table.name}, overwrite=True)
   at_r = "" if r in results["map_at"] else f" mAP@{r}={results['map_at_r']:.4f}"
   logging.info("%s%s", evaluation.summary_line(results), at_r)
   return results

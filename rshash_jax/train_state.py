@@ -1,5 +1,6 @@
 """Train state, optimizers and the orbax checkpoint manager shared by both methods."""
 
+import json
 import math
 import os
 from typing import Any, Dict, Optional
@@ -85,8 +86,64 @@ def checkpoint_manager(workdir: str, every_steps: int, keep: int = 2,
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, name)), options=options)
 
 
+# What a checkpoint's state and step numbering depend on: resuming with any of these
+# changed would continue another run's state on other data, order or model, silently.
+# Everything else (learning rates, epochs, logging, threads, evaluation) may change.
+RUN_FIELDS_FIXED = ("method", "seed", "model", "train.batch_size", "train.mode", "data.source",
+                    "data.train_ratio", "data.validation", "data.seed", "data.tfds_split", "data.resize_size",
+                    "data.generated_classes", "data.generated_per_class", "data.generated_size", "mrhash.sources",
+                    "mrhash.image_view", "mrhash.num_clusters")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def check_run(mngr: ocp.CheckpointManager, config, **facts):
+  """Records what a checkpointed run is (RUN_FIELDS_FIXED, processes, devices, facts such as
+  steps per epoch) in <checkpoint dir>/run.json, and refuses to resume a run that differs in
+  one of them, naming each. The process and device counts may change: the state is
+  replicated and the data order depends on the global batch alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
+  fixed = lambda k: any(k == f or k.startswith(f + ".") for f in RUN_FIELDS_FIXED)
+  now = {k: v for k, v in _flat(json.loads(json.dumps(config.to_dict(), default=str))).items() if fixed(k)}
+  now.update({f"run.{k}": v for k, v in facts.items()})
+  path = os.path.join(mngr.directory, "run.json")
+  record = dict(config=now, processes=jax.process_count(), devices=jax.device_count())
+  old = None
+  if mngr.latest_step() is not None and os.path.isfile(path):
+    with open(path) as f:
+      old = json.load(f)
+  old = distributed.agree("run.json", old)
+  if old is None:
+    def write(tmp):
+      with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True, default=str)
+    distributed.write_once(path, write, name="run.json")
+    return
+  diff = [f"{k}: {old['config'].get(k, '<unset>')!r} in the checkpointed run, {now.get(k, '<unset>')!r} now"
+          for k in sorted(set(old["config"]) | set(now)) if old["config"].get(k) != now.get(k)]
+  if diff:
+    raise ValueError(f"the checkpoints in {mngr.directory} do not match this config: " + "; ".join(diff[:8]) +
+                     ". Use a fresh --workdir, or run with the checkpointed settings.")
+  if (old["processes"], old["devices"]) != (jax.process_count(), jax.device_count()):
+    logging.info("Resuming a run checkpointed by %d process(es) with %d device(s) on %d process(es) with %d "
+                 "device(s)", old["processes"], old["devices"], jax.process_count(), jax.device_count())
+
+
 def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
-  """The latest checkpoint restored into `state`'s structure and shardings, or `state`."""
+  """The latest checkpoint restored into `state`'s structure and shardings, or `state`.
+
+  `state` must already be placed (replicated over the mesh): orbax restores every array
+  with the sharding of its counterpart, on any number of processes."""
   step = mngr.latest_step()
   if step is None:
     return state
@@ -101,5 +158,6 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainStat
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, force: bool = False) -> bool:
-  step = int(jax.device_get(state.step))
+  from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
+  step = int(distributed.to_host(state.step))
   return mngr.save(step, args=ocp.args.StandardSave(state), force=force)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rshash_jax
-from rshash_jax import tools, train
+from rshash_jax import chunk_store, tools, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import dhcnn as dhcnn_config  # noqa: E402
@@ -43,24 +43,32 @@ def test_export_and_load_encoder_on_1_and_8_devices(trained):
     rshash_jax.load_encoder(out).encode(imgs[:, :16])
 
 
-def test_encode_resumes_and_search_finds_own_class(trained, capsys):
+def test_encode_resumes_and_search_finds_own_class(trained, capsys, monkeypatch):
   root, workdir, data = trained
   fresh = tools.encode(workdir, data, str(root / "fresh.npz"), chunk=25)
   with pytest.raises(FileExistsError, match="fresh.npz"):
     tools.encode(workdir, data, str(root / "fresh.npz"))
-  # Simulate an interruption after the first chunk: keep only part 0, then rerun.
+  # Interrupt a run after its first chunk, then rerun: it continues at the missing chunks.
   out = str(root / "resumed.npz")
-  tools.encode(workdir, data, out, chunk=25)
-  codes = np.load(out)["codes"]
-  os.remove(out)
-  os.makedirs(out + ".parts")
-  enc = rshash_jax.load_encoder(workdir)
-  table = tools.image_table(data)
-  with open(out + ".parts/identity.txt", "w") as f:
-    f.write(f"{enc.identity} {table.fingerprint()}")
-  np.savez(out + ".parts/part_000000.npz", codes=codes[:25], predicted=np.full(25, -1, np.int32))
+  real_write = chunk_store.ChunkStore.write_chunk
+  written = []
+
+  def write_then_die(self, c, arrays):
+    if written:
+      raise KeyboardInterrupt("simulated kill")
+    real_write(self, c, arrays)
+    written.append(c)
+  monkeypatch.setattr(chunk_store.ChunkStore, "write_chunk", write_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    tools.encode(workdir, data, out, chunk=25)
+  monkeypatch.setattr(chunk_store.ChunkStore, "write_chunk", real_write)
+  assert not os.path.exists(out)
+  assert sorted(os.listdir(out + ".parts/chunks")) == ["key.json", "part_000000.npz"]
+  with pytest.raises(ValueError, match="partial build of other data"):  # another chunking: refused
+    tools.encode(workdir, data, out, chunk=10)
   tools.encode(workdir, data, out, chunk=25)
   np.testing.assert_array_equal(np.load(out)["codes"], np.load(fresh)["codes"])
+  assert not os.path.exists(out + ".parts")
 
   query = sorted(os.path.join(data, "class03", f) for f in os.listdir(os.path.join(data, "class03")))[0]
   res = tools.search(workdir, fresh, [query], k=5, png=str(root / "grid.png"))

@@ -87,7 +87,7 @@ def test_checkpoint_of_another_config_is_rejected(tmp_path):
   c = _tiny(tmp_path, train__max_steps_per_run=2, train__checkpoint_every_steps=2)
   train.train_and_evaluate(c, str(tmp_path / "w"))
   c = _tiny(tmp_path, "bits=32", train__max_steps_per_run=2)
-  with pytest.raises(ValueError, match="does not match this config"):
+  with pytest.raises(ValueError, match="do not match this config: model.bits: 16 in the checkpointed run, 32 now"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
 
 
