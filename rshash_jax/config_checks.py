@@ -56,8 +56,11 @@ def check_common(config):
   _choice(config, "model.dtype", DTYPES)
   _positive_int(config, "model.bits")
   for f in ("train.epochs", "train.batch_size", "train.log_every_steps", "train.checkpoint_every_steps",
-            "eval.batch_size", "features.batch_size", "data.threads"):
+            "eval.batch_size", "features.batch_size"):
     _positive_int(config, f)
+  threads = _get(config, "data.threads")
+  if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+    _fail("data.threads", threads, "expected 0 (the host's cores) or a positive number of threads")
   _choice(config, "train.optimizer", train_state.OPTIMIZERS)
   _choice(config, "train.schedule", train_state.SCHEDULES)
   _range(config, "train.lr_start", 0.0, float("inf"), lo_open=True)

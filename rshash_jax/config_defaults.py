@@ -17,7 +17,7 @@ def data() -> ml_collections.ConfigDict:
   d.download = True
   d.resize_size = 0             # 0: resize straight to the input size; 256: resize, centre-crop
   d.augment = False             # flips / 90-degree rotations (fine-tuning)
-  d.threads = 2                 # tf.data threads (bounded: XLA needs the cores)
+  d.threads = 0                 # tf.data decode threads; 0 = the host's cores
   d.generated_classes = 6
   d.generated_per_class = 20
   d.generated_size = 64

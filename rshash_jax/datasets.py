@@ -101,25 +101,21 @@ def check_image(path: str):
     raise ValueError(f"corrupt or unreadable image: {path} ({e})") from e
 
 
-def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1) -> np.ndarray:
-  """Decodes `path` as RGB uint8 [size, size, 3]: bicubic resize (to resize_size, then a
-  centre crop of size when resize_size is given). degrade > 1 first box-averages the
-  image down by that factor (a coarser sensor). Errors name the file."""
+def decode_pil(path: str) -> np.ndarray:
+  """PIL decode of `path` to RGB uint8 [H, W, 3] (formats TF cannot read: WebP, TIFF, ...).
+  Errors name the file."""
   try:
     with Image.open(path) as im:
-      im = im.convert("RGB")
-      if degrade > 1:
-        im = im.resize((max(1, im.width // degrade), max(1, im.height // degrade)), Image.BOX)
-      target = resize_size or size
-      if im.size != (target, target):
-        im = im.resize((target, target), Image.BICUBIC)
-      a = np.asarray(im, np.uint8)
+      return np.asarray(im.convert("RGB"), np.uint8)
   except Exception as e:
     raise ValueError(f"corrupt or unreadable image: {path} ({e})") from e
-  if resize_size and resize_size != size:
-    o = (resize_size - size) // 2
-    a = a[o:o + size, o:o + size]
-  return a
+
+
+def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1) -> np.ndarray:
+  """`path` as uint8 [size, size, 3], exactly as the training and encoding pipelines see it
+  (input_pipeline.resize: degrade, antialiased bicubic, optional centre crop)."""
+  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.load_image(path, size, resize_size, degrade)
 
 
 def split_per_class(labels: np.ndarray, train_ratio: float, seed: int):

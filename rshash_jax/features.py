@@ -44,19 +44,20 @@ def gather_rows(x) -> np.ndarray:
 
 def apply_to_images(fn, variables, table: datasets.ImageTable, size: int, out_dim: int, mesh, *,
                     indices: Optional[np.ndarray] = None, batch_size: int = 64,
-                    resize_size: Optional[int] = None, threads: int = 2, log_every: int = 10,
-                    name: str = "features") -> np.ndarray:
+                    resize_size: Optional[int] = None, threads: int = 0, log_every: int = 10,
+                    name: str = "features", cache_dir: Optional[str] = None) -> np.ndarray:
   """fn(variables, uint8 images sharded over 'data') [B, out_dim] of the examples `indices`
   (default: all) of `table`, as float32 [len(indices), out_dim] in that order.
 
   With a mesh over all processes' devices every process decodes its share of each batch
   and all get the result; with a mesh of this process's devices (`sharding.is_local`) this
-  process decodes and encodes every example alone."""
+  process decodes and encodes every example alone. cache_dir: where a TFDS table's image
+  store lives (input_pipeline.ImageSource)."""
   indices = table.ids if indices is None else np.asarray(indices)
   n_dev = mesh.devices.size
   global_batch = -(-batch_size // n_dev) * n_dev
   local = sharding.is_local(mesh)
-  source = input_pipeline.ImageSource(table, size, resize_size)
+  source = input_pipeline.ImageSource(table, size, resize_size, cache_dir=cache_dir)
   variables = distributed.replicate(variables, mesh)
   out = np.zeros((len(indices), out_dim), np.float32)
   t0, done = time.perf_counter(), 0
@@ -76,14 +77,14 @@ def apply_to_images(fn, variables, table: datasets.ImageTable, size: int, out_di
 
 
 def extract(bb: backbones.Backbone, table: datasets.ImageTable, mesh, *, batch_size: int = 64,
-            resize_size: Optional[int] = None, threads: int = 2, log_every: int = 10,
-            encoder=None, indices: Optional[np.ndarray] = None) -> np.ndarray:
+            resize_size: Optional[int] = None, threads: int = 0, log_every: int = 10,
+            encoder=None, indices: Optional[np.ndarray] = None, cache_dir: Optional[str] = None) -> np.ndarray:
   """Features [len(indices), D] float32 of the examples `indices` (default: all) of `table`.
 
   encoder: a `make_encoder(bb, mesh)` result to reuse (already compiled)."""
   return apply_to_images(encoder or make_encoder(bb, mesh), bb.variables, table, bb.image_size, bb.feature_dim,
                          mesh, indices=indices, batch_size=batch_size, resize_size=resize_size, threads=threads,
-                         log_every=log_every, name=f"features {bb.name}")
+                         log_every=log_every, name=f"features {bb.name}", cache_dir=cache_dir)
 
 
 def cache_key(bb: backbones.Backbone, table: datasets.ImageTable, weights_path: Optional[str],
@@ -95,7 +96,7 @@ def cache_key(bb: backbones.Backbone, table: datasets.ImageTable, weights_path: 
 
 def cached_features(bb: backbones.Backbone, table: datasets.ImageTable, cache_dir: str, *,
                     weights_path: Optional[str] = None, batch_size: int = 64,
-                    resize_size: Optional[int] = None, threads: int = 2,
+                    resize_size: Optional[int] = None, threads: int = 0,
                     chunk: int = 4096) -> np.ndarray:
   """`extract`, memoised in the chunk store cache_dir/features_<backbone>_<key>/ and
   returned memory-mapped (float32 [N, D], read-only).
@@ -113,6 +114,6 @@ def cached_features(bb: backbones.Backbone, table: datasets.ImageTable, cache_di
       state["mesh"] = sharding.data_mesh(jax.local_devices())
       state["fn"] = make_encoder(bb, state["mesh"])
     feats = extract(bb, table, state["mesh"], batch_size=batch_size, resize_size=resize_size, threads=threads,
-                    encoder=state["fn"], indices=np.arange(start, stop))
+                    encoder=state["fn"], indices=np.arange(start, stop), cache_dir=cache_dir)
     return {"features": feats}
   return store.build(compute, name=f"features {bb.name}")["features"]

@@ -19,7 +19,8 @@ from rshash_jax import datasets
 
 def _options(threads: int) -> tf.data.Options:
   opts = tf.data.Options()
-  # tf.data threads compete with XLA for the same cores on CPU hosts: bound them.
+  # tf.data threads compete with XLA for the same cores on CPU hosts: bound them
+  # (data.threads; 0 = the host's cores).
   opts.threading.private_threadpool_size = max(1, threads)
   opts.deterministic = True
   return opts
@@ -34,50 +35,126 @@ def _augment(image, seed):
   return tf.image.rot90(image, k)
 
 
-def _decoder(table: datasets.ImageTable, size: int, resize_size: Optional[int]):
-  """index -> uint8 [size, size, 3] for folder tables (PIL: reads WebP/TIFF that TF cannot)."""
-  paths = np.asarray(table.paths)
-
-  def load(i):
-    return datasets.load_image(paths[int(i)], size, resize_size, table.degrade)
-
-  def fn(i):
-    img = tf.numpy_function(load, [i], tf.uint8, stateful=False)
-    img.set_shape([size, size, 3])
-    return img
-  return fn
+# Formats TensorFlow decodes in the graph (in parallel, without the GIL); the others
+# (WebP, TIFF) are decoded by PIL inside tf.numpy_function.
+TF_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
-def _tfds_images(table: datasets.ImageTable, size: int, resize_size: Optional[int]) -> np.ndarray:
-  """Decodes a TFDS split into memory once (TFDS splits here are small image sets)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  ds = tfds.load(table.tfds_name, split=table.tfds_split, data_dir=table.tfds_data_dir, shuffle_files=False)
+def default_threads() -> int:
+  """The host's cores available to this process (data.threads=0)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # not Linux
+    return max(1, os.cpu_count() or 1)
+
+
+def resize(img, size: int, resize_size: Optional[int] = None, degrade: int = 1):
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]: degrade > 1 first area-averages the image down
+  by that factor (a coarser sensor); then an antialiased bicubic resize to resize_size (then
+  a centre crop of size) or straight to size. One definition for every source."""
+  img = tf.cast(img, tf.float32)
+  if degrade > 1:
+    img = tf.image.resize(img, tf.maximum(tf.shape(img)[:2] // degrade, 1), method="area")
   target = resize_size or size
-
-  def prep(ex):
-    img = tf.image.convert_image_dtype(ex[table.image_key][..., :3], tf.float32) * 255.0
-    if table.degrade > 1:
-      hw = tf.shape(img)[:2] // table.degrade
-      img = tf.image.resize(img, hw, method="area")
-    img = tf.image.resize(img, (target, target), method="bicubic", antialias=True)
+  img = tf.image.resize(img, (target, target), method="bicubic", antialias=True)
+  if target != size:
     img = tf.image.resize_with_crop_or_pad(img, size, size)
-    return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
-  return np.stack(list(ds.map(prep).as_numpy_iterator()))
+  img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+  img.set_shape([size, size, 3])
+  return img
+
+
+def _decode_tf(path):
+  img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8)
+  img.set_shape([None, None, 3])
+  return img
+
+
+def _decode_pil(path):
+  img = tf.numpy_function(lambda p: datasets.decode_pil(p.decode()), [path], tf.uint8, stateful=False)
+  img.set_shape([None, None, 3])
+  return img
+
+
+def decode_file(path: str):
+  """One file's pixels, uint8 [H, W, 3], by the decoder its format gets in the pipelines."""
+  if path.lower().endswith(TF_FORMATS):
+    try:
+      return _decode_tf(tf.constant(path))
+    except tf.errors.OpError as e:
+      raise ValueError(f"corrupt or unreadable image: {path} ({e.message.splitlines()[0]})") from None
+  return tf.constant(datasets.decode_pil(path))
+
+
+def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1) -> np.ndarray:
+  """Eager `decode_file` + `resize`: exactly what the pipelines feed a model for this file."""
+  return resize(decode_file(path), size, resize_size, degrade).numpy()
 
 
 class ImageSource:
-  """Decodes examples of a table by index, for tf.data."""
+  """Examples of a table by index, decoded and resized to [size, size, 3] uint8 in tf.data.
 
-  def __init__(self, table: datasets.ImageTable, size: int, resize_size: Optional[int] = None):
-    self.table, self.size = table, size
+  Folder tables decode each file (TF_FORMATS in the graph, the rest through PIL). TFDS
+  tables are streamed once, split into per-process slices, into a chunk store of resized
+  images under `cache_dir` (disk, memory-mapped: no process holds the split in memory),
+  and read from it by index."""
+
+  def __init__(self, table: datasets.ImageTable, size: int, resize_size: Optional[int] = None, *,
+               cache_dir: Optional[str] = None):
+    self.table, self.size, self.resize_size = table, size, resize_size
     if table.paths is not None:
-      self._fn = _decoder(table, size, resize_size)
+      self._paths = tf.constant(np.asarray(table.paths))
+      self._use_tf = tf.constant(np.asarray([p.lower().endswith(TF_FORMATS) for p in table.paths]))
+      self._images = None
     else:
-      images = tf.constant(_tfds_images(table, size, resize_size))
-      self._fn = lambda i: tf.gather(images, i)
+      if not cache_dir:
+        raise ValueError(f"TFDS source {table.tfds_name}: needs a cache directory for its image store")
+      self._images = _tfds_image_store(table, size, resize_size, cache_dir)
 
   def __call__(self, i):
-    return self._fn(i)
+    if self._images is not None:
+      images = self._images
+      img = tf.numpy_function(lambda j: np.asarray(images[int(j)]), [i], tf.uint8, stateful=False)
+      img.set_shape([self.size, self.size, 3])
+      return img
+    path = tf.gather(self._paths, i)
+    img = tf.cond(tf.gather(self._use_tf, i), lambda: _decode_tf(path), lambda: _decode_pil(path))
+    return resize(img, self.size, self.resize_size, self.table.degrade)
+
+  def find_bad(self, indices: np.ndarray, error: Exception):
+    """Re-raises a decode error of a batch as a ValueError naming the file (TF's own error
+    names none): decodes the batch's candidates one by one."""
+    if self.table.paths is not None:
+      for i in np.unique(indices):
+        path = self.table.paths[int(i)]
+        decode_file(path)  # raises ValueError naming `path`
+    raise error
+
+
+def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Optional[int], cache_dir: str):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from rshash_jax import chunk_store  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha1(f"{table.tfds_name}|{table.tfds_split}|{len(table)}|{size}|{resize_size}|{table.degrade}"
+                     .encode()).hexdigest()[:16]
+  store = chunk_store.ChunkStore(os.path.join(cache_dir, f"images_{table.name}_{key}"), len(table),
+                                 {"image": ((size, size, 3), "uint8")}, chunk=1024, key=key)
+
+  def compute(start, stop):
+    ds = tfds.load(table.tfds_name, split=f"{table.tfds_split}[{start}:{stop}]", data_dir=table.tfds_data_dir,
+                   shuffle_files=False)
+
+    def prep(ex):
+      img = ex[table.image_key]
+      if img.dtype != tf.uint8:  # e.g. 16-bit: scaled to 0..255 as convert_image_dtype does
+        img = tf.image.convert_image_dtype(tf.image.convert_image_dtype(img, tf.float32), tf.uint8)
+      return resize(img[..., :3], size, resize_size, table.degrade)
+    images = np.stack(list(ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator()))
+    if len(images) != stop - start:
+      raise ValueError(f"TFDS {table.tfds_name}[{start}:{stop}] gave {len(images)} examples, expected "
+                       f"{stop - start}")
+    return {"image": images}
+  return store.build(compute, name=f"images {table.name}")["image"]
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -116,7 +193,7 @@ def process_rows(global_row: np.ndarray) -> np.ndarray:
 
 def train_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int, seed: int,
                   start_step: int = 0, num_steps: Optional[int] = None, augment: bool = False,
-                  threads: int = 2) -> Iterator[dict]:
+                  threads: int = 0) -> Iterator[dict]:
   """Per-process batches {'image', 'label', 'id'} of global training steps from start_step.
 
   Step s belongs to epoch s // steps_per_epoch, whose order is permutation(seed, epoch); a
@@ -139,12 +216,33 @@ def train_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int
       img = _augment(img, tf.stack([step, i]))
     return {"image": img, "label": tf.gather(labels, i), "id": tf.gather(ids, i)}
 
+  threads = threads or default_threads()
   ds = ds.map(load, num_parallel_calls=threads).batch(per_proc).prefetch(2)
-  yield from ds.with_options(_options(threads)).as_numpy_iterator()
+
+  def rows_of(b):
+    row, _ = next(global_steps(indices, global_batch, seed, start_step + b, start_step + b + 1))
+    return process_rows(row)
+  yield from _named_errors(ds.with_options(_options(threads)), source, rows_of)
+
+
+def _named_errors(ds, source: ImageSource, rows_of) -> Iterator[dict]:
+  """Iterates `ds`; a decode error in batch b is re-raised naming the file (rows_of(b): the
+  example indices of batch b)."""
+  it = ds.as_numpy_iterator()
+  b = 0
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      source.find_bad(rows_of(b), e)
+    yield batch
+    b += 1
 
 
 def eval_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int,
-                 threads: int = 2, local: bool = False) -> Iterator[dict]:
+                 threads: int = 0, local: bool = False) -> Iterator[dict]:
   """Per-process batches {'image', 'label', 'id', 'pos', 'mask'} covering `indices` exactly
   once (pos: the example's position in `indices`; mask False on padding). local=True: this
   process takes every row (for a mesh of its own devices)."""
@@ -161,8 +259,10 @@ def eval_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int,
   def load(i, p, m):
     return {"image": source(i), "label": tf.gather(labels, i), "id": tf.gather(ids, i), "pos": p, "mask": m}
 
+  threads = threads or default_threads()
   ds = ds.map(load, num_parallel_calls=threads).batch(per_proc).prefetch(2)
-  yield from ds.with_options(_options(threads)).as_numpy_iterator()
+  mine_idx = mine(idx).reshape(-1, per_proc)
+  yield from _named_errors(ds.with_options(_options(threads)), source, lambda b: mine_idx[b])
 
 
 def configure_tf():

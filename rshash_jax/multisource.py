@@ -136,7 +136,7 @@ def view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
 
 
 def features_of_views(table: datasets.ImageTable, specs: Sequence[str], bb: backbones.Backbone,
-                      cache_dir: str, *, batch_size: int = 32, threads: int = 2,
+                      cache_dir: str, *, batch_size: int = 32, threads: int = 0,
                       weights_path: Optional[str] = None) -> List[np.ndarray]:
   """Backbone features [N, D] of every source view, cached in cache_dir by table + view."""
   out = []

@@ -48,7 +48,7 @@ def image_table(data: str, degrade: int = 1, check_images: bool = True) -> datas
 
 
 def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chunk: int = 4096,
-           threads: int = 2) -> str:
+           threads: int = 0) -> str:
   """Encodes `data` with the encoder at `encoder_path` into the codes file `out` (.npz).
 
   Chunks of `chunk` images are shared out over the processes (each encodes its chunks on
@@ -64,7 +64,7 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
   store = chunk_store.ChunkStore(out + ".parts", n, {"codes": ((hamming.num_words(enc.bits),), "uint32"),
                                                       "predicted": ((), "int32")},
                                  chunk=chunk, key=f"{enc.identity} {table.fingerprint()}")
-  source = input_pipeline.ImageSource(table, enc.image_size)
+  source = input_pipeline.ImageSource(table, enc.image_size, cache_dir=out + ".images")
   n_dev = enc.mesh.devices.size
   gb = -(-batch_size // n_dev) * n_dev
   print(f"encoding {n} images of {table.description} with encoder {enc.identity} ({enc.meta['method']}, "
@@ -94,6 +94,7 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
   distributed.write_once(out, write, name="codes file")
   if distributed.is_primary():
     shutil.rmtree(store.directory)
+    shutil.rmtree(out + ".images", ignore_errors=True)  # a TFDS source's decoded images
   return out
 
 

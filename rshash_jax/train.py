@@ -37,6 +37,7 @@ class _Setup:
   bb: backbones.Backbone
   model: dhcnn.DHCNN
   feats: Any  # [N, D] in frozen mode, else None
+  cache_dir: str  # feature caches, TFDS image stores
 
 
 def _setup(config, workdir: str) -> _Setup:
@@ -51,14 +52,14 @@ def _setup(config, workdir: str) -> _Setup:
   bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
                         image_size=mc.image_size or None, dtype=dtype, seed=config.seed)
   feats = None
+  cache = config.features.cache_dir or os.path.join(workdir, "cache")
   if config.train.mode == "frozen":
-    cache = config.features.cache_dir or os.path.join(workdir, "cache")
     feats = features.cached_features(bb, table, cache, weights_path=mc.weights_path or None,
                                      batch_size=config.features.batch_size,
                                      resize_size=config.data.resize_size or None, threads=config.data.threads)
   model = dhcnn.DHCNN(backbone=None if feats is not None else bb.module, bits=mc.bits,
                       num_classes=table.num_classes, hidden=mc.head_hidden, dropout=mc.dropout, dtype=dtype)
-  return _Setup(config, mesh, table, train_idx, test_idx, bb, model, feats)
+  return _Setup(config, mesh, table, train_idx, test_idx, bb, model, feats, cache)
 
 
 def _init_state(s: _Setup, tx) -> train_state.TrainState:
@@ -131,7 +132,8 @@ def _batches(s: _Setup, global_batch: int, start: int, total: int):
       mine = input_pipeline.process_rows(row)
       yield {"x": s.feats[mine], "label": s.table.labels[mine], "row": row_of[mine]}
     return
-  source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None)
+  source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None,
+                                      cache_dir=s.cache_dir)
   for b in input_pipeline.train_batches(source, s.train_idx, global_batch=global_batch, seed=config.data.seed,
                                         start_step=start, num_steps=total, augment=config.data.augment,
                                         threads=config.data.threads):
@@ -169,7 +171,8 @@ def encode(s: _Setup, params, constants, indices: np.ndarray):
       u_out[start:start + gb][:keep.stop] = u[keep]
       l_out[start:start + gb][:keep.stop] = logits[keep]
     return u_out, l_out
-  source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None)
+  source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None,
+                                      cache_dir=s.cache_dir)
   for b in input_pipeline.eval_batches(source, indices, global_batch=gb, threads=config.data.threads):
     u, logits = apply(variables, features.to_global(mesh, b["image"]))
     u, logits = features.gather_rows(u), features.gather_rows(logits)

@@ -138,12 +138,13 @@ def kmeans(z: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
   return best.astype(np.float32)
 
 
-def _image_batches(config, bb, view_table, train_idx, arrays, global_batch, start, stop):
+def _image_batches(config, workdir, bb, view_table, train_idx, arrays, global_batch, start, stop):
   """Fine-tuning: per-process batches {'f': uint8 images of the hash network's view, 'x<s>':
   source features, 'row'} of global steps start -> stop (augmented as config.data.augment)."""
   row_of = np.full(len(view_table), -1, np.int64)
   row_of[train_idx] = np.arange(len(train_idx))
-  source = input_pipeline.ImageSource(view_table, bb.image_size)
+  source = input_pipeline.ImageSource(view_table, bb.image_size,
+                                      cache_dir=config.features.cache_dir or os.path.join(workdir, "cache"))
   for b in input_pipeline.train_batches(source, train_idx, global_batch=global_batch, seed=config.data.seed,
                                         start_step=start, num_steps=stop, augment=config.data.augment,
                                         threads=config.data.threads):
@@ -219,7 +220,7 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
                tc.mode, start, stop, total, gb, config.model.bits)
   arrays = {f"x{s}": x for s, x in enumerate(xs)}
   if finetune:
-    batches = _image_batches(config, bb, view_table, train_idx, arrays, gb, start, stop)
+    batches = _image_batches(config, workdir, bb, view_table, train_idx, arrays, gb, start, stop)
   else:
     batches = _feature_batches({"f": image_feats, **arrays}, np.arange(n), gb, config.data.seed, start, stop)
   state, finished = loop.run(_make_step(loss_of, tx, mesh), state, batches, mesh=mesh, mngr=mngr, writer=writer,
@@ -237,7 +238,8 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
   fn = jax.jit(lambda v, images: model.apply(v, prep(images), method=lambda m, x: m.codes(x)),
                in_shardings=(rep, rows), out_shardings=rows)
   h = features.apply_to_images(fn, variables, view_table, bb.image_size, config.model.bits, mesh,
-                               batch_size=config.eval.batch_size, threads=config.data.threads, name="MrHash codes")
+                               batch_size=config.eval.batch_size, threads=config.data.threads, name="MrHash codes",
+                               cache_dir=config.features.cache_dir or os.path.join(workdir, "cache"))
   return h, params
 
 

@@ -110,10 +110,10 @@ def test_encode_on_two_processes_writes_the_codes_of_one(reference, tmp_path):
 
 
 def test_bad_process_setups_fail_with_a_clear_error(tmp_path):
-  # A global batch the process count does not divide (3 processes, batch 8).
-  proc = _local(3, 1, *TINY, f"--workdir={tmp_path / 'w'}")
+  # A global batch the process count does not divide (2 processes, batch 9).
+  proc = _local(2, 1, *TINY, f"--workdir={tmp_path / 'w'}", "--config.train.batch_size=9")
   assert proc.returncode != 0
-  assert "failed: ValueError: train.batch_size=8 is not divisible by the 3 processes" in proc.stdout
+  assert "failed: ValueError: train.batch_size=9 is not divisible by the 2 processes" in proc.stdout
   assert "launch/local.sh: process" in proc.stderr
   # No coordinator: process 1 alone gives up after RSHASH_INIT_TIMEOUT with a message.
   with socket.socket() as s:
@@ -130,12 +130,6 @@ def test_bad_process_setups_fail_with_a_clear_error(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "rshash_jax.main", *TINY, f"--workdir={tmp_path / 'x'}"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)" in proc.stderr
-  # A workdir whose checkpoints were written with another global batch.
-  _ok(_single(2, *TINY, f"--workdir={tmp_path / 'v'}", "--config.train.max_steps_per_run=4"))
-  proc = _local(2, 1, *TINY, f"--workdir={tmp_path / 'v'}", "--config.train.batch_size=4")
-  assert proc.returncode != 0
-  assert "do not match this config:" in proc.stdout
-  assert "train.batch_size: 8 in the checkpointed run, 4 now" in proc.stdout
 
 
 def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path, reference):

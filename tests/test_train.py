@@ -89,6 +89,13 @@ def test_checkpoint_of_another_config_is_rejected(tmp_path):
   c = _tiny(tmp_path, "bits=32", train__max_steps_per_run=2)
   with pytest.raises(ValueError, match="do not match this config: model.bits: 16 in the checkpointed run, 32 now"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
+  # Another global batch would silently continue on another data order: refused, named.
+  c = _tiny(tmp_path, train__max_steps_per_run=2, train__batch_size=16)
+  with pytest.raises(ValueError, match="train.batch_size: 8 in the checkpointed run, 16 now"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  # What may change between runs of one training (learning rate, epochs) is accepted.
+  c = _tiny(tmp_path, train__max_steps_per_run=2, train__lr_start=1e-3, train__epochs=5)
+  assert train.train_and_evaluate(c, str(tmp_path / "w")) == {}
 
 
 def test_missing_dataset_and_corrupt_image_are_named(tmp_path):

@@ -1,0 +1,141 @@
+r"""The data path at archive scale: decode rate, memory flat in N, 1 vs 2 processes.
+
+    python benchmarks/scale.py                      # 50,000 generated 64x64 PNG scenes
+    python benchmarks/scale.py --sizes=10000,50000 --archive=/tmp/rshash_scale
+
+What it measures, on a generated class-folder archive (10 classes, --max images; written
+once into --archive, ~45 s):
+  1. decode + resize images/s of the tf.data pipeline (`input_pipeline.eval_batches`) at 1
+     and 2 threads, to the 224 px an ImageNet backbone takes.
+  2. peak memory of DHCNN frozen runs (tiny_cnn backbone at 64 px, 1 epoch, 2% queries) on
+     the first N images, for each N of --sizes: the run that extracts the feature cache,
+     then a run that trains and evaluates from that cache. Each is a fresh process, polled
+     every 20 ms: peak RssAnon (the process's own memory) and peak VmRSS (which also counts
+     pages of the memory-mapped feature cache that were read, file-backed and reclaimable).
+     Flat in N means the anonymous peak does not grow with the archive.
+  3. wall time of the same training run (cache present) on 1 process with 2 devices and on
+     2 processes with 1 device each (launch/local.sh), the same global batch.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from rshash_jax import datasets, input_pipeline  # noqa: E402
+
+ARGS = None
+
+
+def archive(root: str, n: int, classes: int = 10, size: int = 64) -> str:
+  """root/n<N>/<class>/img*.png: the first N images of the generated archive (hard links)."""
+  full = datasets.generate(root, num_classes=classes, per_class=ARGS.max // classes, size=size, seed=0)
+  base = os.path.dirname(full.paths[0].rsplit(os.sep, 1)[0])
+  if n == ARGS.max:
+    return base
+  sub = os.path.join(root, f"n{n}")
+  if not os.path.isdir(sub):
+    tmp = sub + ".tmp"
+    for c in sorted(os.listdir(base)):
+      if c.startswith("."):
+        continue
+      os.makedirs(os.path.join(tmp, c), exist_ok=True)
+      for f in sorted(os.listdir(os.path.join(base, c)))[:n // classes]:
+        os.link(os.path.join(base, c, f), os.path.join(tmp, c, f))
+    os.replace(tmp, sub)
+  return sub
+
+
+def decode_rate(data: str, threads: int, count: int) -> float:
+  table = datasets.class_folder(data, check_images=False)
+  source = input_pipeline.ImageSource(table, 224)
+  idx = np.random.default_rng(0).permutation(len(table))[:count]
+  t0 = time.perf_counter()
+  n = sum(len(b["id"]) for b in input_pipeline.eval_batches(source, idx, global_batch=64, threads=threads))
+  return n / (time.perf_counter() - t0)
+
+
+def _status(pid: int):
+  out = {}
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "VmRSS"):
+          out[key] = int(value.split()[0]) / 1024
+  except OSError:
+    pass
+  return out
+
+
+def run(cmd, env=None):
+  """(wall s, peak RssAnon MiB, peak VmRSS MiB, stdout) of a command, polling /proc."""
+  t0 = time.perf_counter()
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  anon = rss = 0.0
+  while proc.poll() is None:
+    st = _status(proc.pid)
+    anon, rss = max(anon, st.get("RssAnon", 0)), max(rss, st.get("VmRSS", 0))
+    time.sleep(0.02)
+  out, err = proc.communicate()
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+  return time.perf_counter() - t0, anon, rss, out
+
+
+def train_cmd(data, workdir, cache):
+  return [sys.executable, "-m", "rshash_jax.main", "--config=configs/dhcnn.py:tiny", f"--workdir={workdir}",
+          f"--config.data.source=folder:{data}", "--config.model.image_size=64", "--config.train.epochs=1",
+          "--config.train.batch_size=64", "--config.data.train_ratio=0.98", f"--config.features.cache_dir={cache}",
+          "--config.features.batch_size=256", "--config.eval.batch_size=256"]
+
+
+def main():
+  global ARGS
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--archive", default="/tmp/rshash_scale")
+  p.add_argument("--max", type=int, default=50000)
+  p.add_argument("--sizes", default="10000,50000")
+  p.add_argument("--decode_count", type=int, default=4096)
+  ARGS = p.parse_args()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  t0 = time.perf_counter()
+  full = archive(ARGS.archive, ARGS.max)
+  print(f"archive: {ARGS.max} images under {full} ({time.perf_counter() - t0:.0f} s)")
+
+  print("\n| threads | decode + resize to 224 px, images/s |\n|---|---|")
+  for threads in (1, 2):
+    print(f"| {threads} | {decode_rate(full, threads, ARGS.decode_count):.0f} |", flush=True)
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  print("\n| images | run | wall s | peak RssAnon MiB | peak VmRSS MiB |\n|---|---|---|---|---|")
+  sizes = [int(s) for s in ARGS.sizes.split(",")]
+  for n in sizes:
+    data = archive(ARGS.archive, n)
+    work = os.path.join(ARGS.archive, f"runs_{n}_{os.getpid()}")
+    cache = os.path.join(work, "cache")
+    wall, anon, rss, _ = run(train_cmd(data, os.path.join(work, "extract"), cache), env)
+    print(f"| {n} | feature extraction + training + eval | {wall:.0f} | {anon:.0f} | {rss:.0f} |", flush=True)
+    wall, anon, rss, out = run(train_cmd(data, os.path.join(work, "train"), cache), env)
+    print(f"| {n} | training + eval (cached features) | {wall:.0f} | {anon:.0f} | {rss:.0f} |", flush=True)
+
+  n = sizes[0]
+  data = archive(ARGS.archive, n)
+  cache = os.path.join(ARGS.archive, f"runs_{n}_{os.getpid()}", "cache")
+  print("\n| processes x devices | training + eval wall s (cached features) |\n|---|---|")
+  wall, _, _, _ = run(train_cmd(data, os.path.join(ARGS.archive, f"p1_{os.getpid()}"), cache), env)
+  print(f"| 1 x 2 | {wall:.1f} |", flush=True)
+  env2 = dict(os.environ, RSHASH_LOCAL_DEVICES="1", PYTHON=sys.executable)
+  wall, _, _, _ = run(["bash", "launch/local.sh", "2"] + train_cmd(data, os.path.join(ARGS.archive, f"p2_{os.getpid()}"),
+                                                                   cache)[3:], env2)
+  print(f"| 2 x 1 | {wall:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
