@@ -45,19 +45,21 @@ def gather_rows(x) -> np.ndarray:
 def apply_to_images(fn, variables, table: datasets.ImageTable, size: int, out_dim: int, mesh, *,
                     indices: Optional[np.ndarray] = None, batch_size: int = 64,
                     resize_size: Optional[int] = None, threads: int = 0, log_every: int = 10,
-                    name: str = "features", cache_dir: Optional[str] = None) -> np.ndarray:
+                    name: str = "features", cache_dir: Optional[str] = None,
+                    source: Optional[input_pipeline.ImageSource] = None) -> np.ndarray:
   """fn(variables, uint8 images sharded over 'data') [B, out_dim] of the examples `indices`
   (default: all) of `table`, as float32 [len(indices), out_dim] in that order.
 
   With a mesh over all processes' devices every process decodes its share of each batch
   and all get the result; with a mesh of this process's devices (`sharding.is_local`) this
   process decodes and encodes every example alone. cache_dir: where a TFDS table's image
-  store lives (input_pipeline.ImageSource)."""
+  store lives (input_pipeline.ImageSource); source: an ImageSource of `table` to reuse
+  across calls (it holds the table's paths in the graph)."""
   indices = table.ids if indices is None else np.asarray(indices)
   n_dev = mesh.devices.size
   global_batch = -(-batch_size // n_dev) * n_dev
   local = sharding.is_local(mesh)
-  source = input_pipeline.ImageSource(table, size, resize_size, cache_dir=cache_dir)
+  source = source or input_pipeline.ImageSource(table, size, resize_size, cache_dir=cache_dir)
   variables = distributed.replicate(variables, mesh)
   out = np.zeros((len(indices), out_dim), np.float32)
   t0, done = time.perf_counter(), 0
@@ -78,13 +80,14 @@ def apply_to_images(fn, variables, table: datasets.ImageTable, size: int, out_di
 
 def extract(bb: backbones.Backbone, table: datasets.ImageTable, mesh, *, batch_size: int = 64,
             resize_size: Optional[int] = None, threads: int = 0, log_every: int = 10,
-            encoder=None, indices: Optional[np.ndarray] = None, cache_dir: Optional[str] = None) -> np.ndarray:
+            encoder=None, indices: Optional[np.ndarray] = None, cache_dir: Optional[str] = None,
+            source: Optional[input_pipeline.ImageSource] = None) -> np.ndarray:
   """Features [len(indices), D] float32 of the examples `indices` (default: all) of `table`.
 
   encoder: a `make_encoder(bb, mesh)` result to reuse (already compiled)."""
   return apply_to_images(encoder or make_encoder(bb, mesh), bb.variables, table, bb.image_size, bb.feature_dim,
                          mesh, indices=indices, batch_size=batch_size, resize_size=resize_size, threads=threads,
-                         log_every=log_every, name=f"features {bb.name}", cache_dir=cache_dir)
+                         log_every=log_every, name=f"features {bb.name}", cache_dir=cache_dir, source=source)
 
 
 def cache_key(bb: backbones.Backbone, table: datasets.ImageTable, weights_path: Optional[str],
@@ -110,10 +113,11 @@ def cached_features(bb: backbones.Backbone, table: datasets.ImageTable, cache_di
   state = {}
 
   def compute(start, stop):
-    if not state:  # compiled once, on the first missing chunk
+    if not state:  # built and compiled once, on the first missing chunk
       state["mesh"] = sharding.data_mesh(jax.local_devices())
       state["fn"] = make_encoder(bb, state["mesh"])
+      state["source"] = input_pipeline.ImageSource(table, bb.image_size, resize_size, cache_dir=cache_dir)
     feats = extract(bb, table, state["mesh"], batch_size=batch_size, resize_size=resize_size, threads=threads,
-                    encoder=state["fn"], indices=np.arange(start, stop), cache_dir=cache_dir)
+                    encoder=state["fn"], indices=np.arange(start, stop), source=state["source"])
     return {"features": feats}
   return store.build(compute, name=f"features {bb.name}")["features"]

@@ -5,6 +5,11 @@ epoch order is drawn in numpy from (seed, epoch) and process p takes rows
 [p * B, (p + 1) * B) of every global batch (B = per-process batch). Evaluation pads the
 example list to a multiple of the global batch and marks padding with mask=False, so every
 image is encoded exactly once on any device count.
+
+Images: TensorFlow decodes PNG/JPEG/BMP/GIF in the graph, PIL the rest (WebP, TIFF) inside
+tf.numpy_function; `resize` is the one resize of every source, and `load_image` applies
+the same two eagerly (search queries). A decode error names the file. TFDS splits are
+streamed once into a memory-mapped image store. data.threads=0: the host's cores.
 """
 
 import os

@@ -42,7 +42,7 @@ NO_RELEVANT = ("zero", "skip")
 # DHCNN's protocol: precision/recall at 1, 11, 21, 31, 50, 100, ..., 1000 retrieved.
 DHCNN_KS = (1, 11, 21, 31) + tuple(range(50, 1001, 50))
 
-_MAX_BLOCK = 1 << 24  # elements of a [queries, database] block held at once
+_MAX_BLOCK = 1 << 22  # elements of a [queries, database] block held at once (~100 MB of temporaries)
 
 
 def _codes(name: str, codes) -> Tuple[np.ndarray, Optional[int]]:

@@ -6,6 +6,7 @@ import os
 from typing import Any, Dict, Optional
 
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -95,17 +96,6 @@ RUN_FIELDS_FIXED = ("method", "seed", "model", "train.batch_size", "train.mode",
                     "mrhash.image_view", "mrhash.num_clusters")
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flat(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def check_run(mngr: ocp.CheckpointManager, config, **facts):
   """Records what a checkpointed run is (RUN_FIELDS_FIXED, processes, devices, facts such as
   steps per epoch) in <checkpoint dir>/run.json, and refuses to resume a run that differs in
@@ -114,7 +104,8 @@ def check_run(mngr: ocp.CheckpointManager, config, **facts):
   import jax  # pylint: disable=g-import-not-at-top
   from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
   fixed = lambda k: any(k == f or k.startswith(f + ".") for f in RUN_FIELDS_FIXED)
-  now = {k: v for k, v in _flat(json.loads(json.dumps(config.to_dict(), default=str))).items() if fixed(k)}
+  flat = traverse_util.flatten_dict(json.loads(json.dumps(config.to_dict(), default=str)), sep=".")
+  now = {k: v for k, v in flat.items() if fixed(k)}
   now.update({f"run.{k}": v for k, v in facts.items()})
   path = os.path.join(mngr.directory, "run.json")
   record = dict(config=now, processes=jax.process_count(), devices=jax.device_count())
