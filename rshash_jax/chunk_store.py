@@ -111,21 +111,17 @@ class ChunkStore:
         with open(stamp + ".tmp", "w") as f:
           json.dump(self._meta(), f)
         os.replace(stamp + ".tmp", stamp)
-    err = None
-    if distributed.is_primary():
-      try:
-        check_or_stamp()
-      except Exception as e:  # pylint: disable=broad-except
-        err = e
-    distributed.barrier(f"store {os.path.basename(self.directory)} ready")
-    if err is not None:
-      raise err
+    distributed.on_primary(check_or_stamp, f"store {os.path.basename(self.directory)} ready")
     if not os.path.isdir(self._chunk_dir):
       raise FileNotFoundError(f"{self._chunk_dir} is not visible from process {jax.process_index()}: "
                               "WORKDIR (and features.cache_dir) must be a filesystem every process sees")
 
   def _consolidate(self):
     """Primary only: chunks -> one .npy per field (memory of one chunk), then store.json."""
+    missing = [c for c in range(self.num_chunks) if not os.path.exists(self._part(c))]
+    if missing:
+      raise FileNotFoundError(f"{self._chunk_dir}: chunks {missing[:5]} missing after every process finished; "
+                              "WORKDIR must be a filesystem every process sees")
     for name, (shape, dtype) in self.fields.items():
       tmp = os.path.join(self.directory, f"{name}.npy.tmp")
       out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(self.num_rows,) + shape)
@@ -164,19 +160,7 @@ class ChunkStore:
       log(f"{name}: chunk {c + 1}/{self.num_chunks} written ({done}/{total_rows} rows of process "
           f"{jax.process_index()}, {rate:.1f} rows/s, ETA {(total_rows - done) / max(rate, 1e-9):.0f}s)")
     distributed.barrier(f"store {os.path.basename(self.directory)} chunks")
-    err = None
-    if distributed.is_primary():
-      try:
-        missing = [c for c in range(self.num_chunks) if not os.path.exists(self._part(c))]
-        if missing:
-          raise FileNotFoundError(f"{self._chunk_dir}: chunks {missing[:5]} missing after every process finished; "
-                                  "WORKDIR must be a filesystem every process sees")
-        self._consolidate()
-      except Exception as e:  # pylint: disable=broad-except
-        err = e
-    distributed.barrier(f"store {os.path.basename(self.directory)} consolidated")
-    if err is not None:
-      raise err
+    distributed.on_primary(self._consolidate, f"store {os.path.basename(self.directory)} consolidated")
     if not self.complete():
       raise RuntimeError(f"{self.directory}: process 0 did not complete the store (see its log)")
     return self.open()

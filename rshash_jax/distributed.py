@@ -144,26 +144,37 @@ def agree(name: str, value):
                        f"{timeout:.0f} s: {e}") from e
 
 
+def on_primary(fn: Callable[[], None], name: str):
+  """The primary process runs fn(); every process then meets at barrier `name`. An error of
+  fn is raised on the primary after the barrier (its peers then stop with it, see
+  `fail_fast`), so no process waits forever for work that failed."""
+  err = None
+  if is_primary():
+    try:
+      fn()
+    except Exception as e:  # pylint: disable=broad-except
+      err = e
+  barrier(name)
+  if err is not None:
+    raise err
+
+
 def write_once(path: str, write: Callable[[str], None], name: Optional[str] = None):
   """The primary process calls write(tmp) and renames tmp to `path`; every process returns
   after the file exists. write() gets a temporary path in the same directory."""
-  err = None
-  if is_primary():
+  def write_and_rename():
     tmp = f"{path}.tmp{os.getpid()}"
     try:
       write(tmp)
       os.replace(tmp, path)
-    except BaseException as e:  # pylint: disable=broad-except
-      err = e
+    finally:
       with contextlib.suppress(OSError):
         if os.path.isdir(tmp):
           import shutil  # pylint: disable=g-import-not-at-top
           shutil.rmtree(tmp)
         elif os.path.exists(tmp):
           os.remove(tmp)
-  if err is not None:
-    raise err
-  barrier(name or f"write {os.path.basename(path)}")
+  on_primary(write_and_rename, name or f"write {os.path.basename(path)}")
 
 
 def replicate(tree, mesh):
