@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rshash_jax import sharding
+from rshash_jax import distributed, sharding
 
 WORD_BITS = 32
 _F32_EXACT = 1 << 24  # integers below this are exact in float32
@@ -246,11 +246,6 @@ def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices):
   return best_d, best_i
 
 
-def _local_copy(x: jax.Array) -> np.ndarray:
-  """A replicated array as numpy, from a device of this process."""
-  return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
-
-
 class HammingIndex:
   """An exact Hamming top-k index over packed codes, sharded over a ('data',) mesh.
 
@@ -322,8 +317,8 @@ class HammingIndex:
       out_d.append((d, n))
       out_i.append((i, n))
     # Replicated results: each process reads its own copy, after all batches are dispatched.
-    return (np.concatenate([_local_copy(d)[:n] for d, n in out_d]),
-            np.concatenate([_local_copy(i)[:n] for i, n in out_i]))
+    return (np.concatenate([distributed.to_host(d)[:n] for d, n in out_d]),
+            np.concatenate([distributed.to_host(i)[:n] for i, n in out_i]))
 
 
 def hamming_topk(q_packed, db_packed, k: int, *, mesh: Optional[Mesh] = None,

@@ -13,6 +13,8 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from rshash_jax import distributed
+
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("log_epoch", "constant", "cosine", "step")
 
@@ -101,8 +103,6 @@ def check_run(mngr: ocp.CheckpointManager, config, **facts):
   steps per epoch) in <checkpoint dir>/run.json, and refuses to resume a run that differs in
   one of them, naming each. The process and device counts may change: the state is
   replicated and the data order depends on the global batch alone."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
   fixed = lambda k: any(k == f or k.startswith(f + ".") for f in RUN_FIELDS_FIXED)
   flat = traverse_util.flatten_dict(json.loads(json.dumps(config.to_dict(), default=str)), sep=".")
   now = {k: v for k, v in flat.items() if fixed(k)}
@@ -149,6 +149,5 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainStat
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, force: bool = False) -> bool:
-  from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
   step = int(distributed.to_host(state.step))
   return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
