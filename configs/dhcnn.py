@@ -44,7 +44,7 @@ alternatives (re-tune the learning rate with them).
 
 import ml_collections
 
-from rshash_jax import config_defaults, metrics
+from rshash_jax import config_defaults, errors, metrics
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -87,7 +87,7 @@ def _apply(c, item: str):
     elif key == "mode":
       c.train.mode = value
     else:
-      raise ValueError(f"unknown preset item {item!r}; use bits=, backbone=, mode= or a named preset")
+      raise errors.InvalidInput(f"unknown preset item {item!r}; use bits=, backbone=, mode= or a named preset")
   elif item == "local":
     c.data.source = "auto"
     _apply(c, "adam")
@@ -120,5 +120,5 @@ def _apply(c, item: str):
   elif item == "finetune":
     c.train.mode = "finetune"
   else:
-    raise ValueError(f"unknown preset {item!r}; choose from local, adam, tiny, paper, finetune, bits=, "
-                     "backbone=, mode=")
+    raise errors.InvalidInput(f"unknown preset {item!r}; choose from local, adam, tiny, paper, finetune, bits=, "
+                              "backbone=, mode=")

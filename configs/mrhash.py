@@ -60,7 +60,7 @@ Measured here (2-core CPU, ../shared/data/ucmerced 80/20, coarse4 view + full im
 
 import ml_collections
 
-from rshash_jax import config_defaults, metrics
+from rshash_jax import config_defaults, errors, metrics
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -145,6 +145,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       c.eval.map_ks = (10,)
       c.eval.ks = (1, 5, 10)
     else:
-      raise ValueError(f"unknown preset {item!r}; choose from local, tiny, unisource, lsh, itq, finetune, "
-                       "bits=N")
+      raise errors.InvalidInput(f"unknown preset {item!r}; choose from local, tiny, unisource, lsh, itq, finetune, "
+                                "bits=N")
   return c

@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from rshash_jax import errors
+
 
 def _sign(x):
   return np.where(x >= 0, 1, -1).astype(np.int8)
@@ -37,7 +39,7 @@ def fit_lsh(train: np.ndarray, bits: int, seed: int = 0) -> LinearHash:
 def fit_itq(train: np.ndarray, bits: int, iterations: int = 50, seed: int = 0) -> LinearHash:
   x = np.asarray(train, np.float64)
   if bits > min(x.shape):
-    raise ValueError(f"ITQ needs bits <= min(num_train, dim) = {min(x.shape)}, got {bits}")
+    raise errors.InvalidInput(f"ITQ needs bits <= min(num_train, dim) = {min(x.shape)}, got {bits}")
   mean = x.mean(axis=0)
   xc = x - mean
   # PCA: top-`bits` right singular vectors.

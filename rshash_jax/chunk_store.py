@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from rshash_jax import distributed
+from rshash_jax import distributed, errors
 
 META = "store.json"
 FORMAT = "rshash_jax.chunk_store/1"
@@ -38,7 +38,7 @@ class ChunkStore:
 
   def __init__(self, directory: str, num_rows: int, fields: Fields, *, chunk: int, key: str):
     if chunk < 1:
-      raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
+      raise errors.InvalidInput(f"chunk must be a positive number of rows, got {chunk}")
     self.directory = os.path.abspath(directory)
     self.num_rows, self.chunk, self.key = int(num_rows), int(chunk), str(key)
     self.fields = {k: (tuple(int(d) for d in shape), np.dtype(dt).str) for k, (shape, dt) in fields.items()}
@@ -62,18 +62,18 @@ class ChunkStore:
     with open(path) as f:
       meta = json.load(f)
     if meta.get("key") != self.key or meta.get("num_rows") != self.num_rows:
-      raise ValueError(f"{self.directory} holds a store of other data (key {meta.get('key')}, "
-                       f"{meta.get('num_rows')} rows; expected {self.key}, {self.num_rows}): remove it")
+      raise errors.InvalidInput(f"{self.directory} holds a store of other data (key {meta.get('key')}, "
+                                f"{meta.get('num_rows')} rows; expected {self.key}, {self.num_rows}): remove it")
     return True
 
   def open(self) -> Dict[str, np.ndarray]:
     """The fields of a complete store, memory-mapped read-only."""
     out = {}
     for name, (shape, dtype) in self.fields.items():
-      a = np.load(os.path.join(self.directory, f"{name}.npy"), mmap_mode="r")
+      a = np.load(os.path.join(self.directory, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
       if a.shape != (self.num_rows,) + shape or a.dtype != np.dtype(dtype):
-        raise ValueError(f"{self.directory}/{name}.npy has shape {a.shape} {a.dtype}, expected "
-                         f"{(self.num_rows,) + shape} {np.dtype(dtype)}: remove the store to rebuild it")
+        raise errors.InvalidInput(f"{self.directory}/{name}.npy has shape {a.shape} {a.dtype}, expected "
+                                  f"{(self.num_rows,) + shape} {np.dtype(dtype)}: remove the store to rebuild it")
       out[name] = a
     return out
 
@@ -90,8 +90,8 @@ class ChunkStore:
     for name, (shape, dtype) in self.fields.items():
       a = np.asarray(arrays[name])
       if a.shape != (stop - start,) + shape:
-        raise ValueError(f"internal: chunk {c} field {name} has shape {a.shape}, expected "
-                         f"{(stop - start,) + shape}")
+        raise errors.InvalidInput(f"internal: chunk {c} field {name} has shape {a.shape}, expected "
+                                  f"{(stop - start,) + shape}")
     tmp = self._part(c) + f".tmp{os.getpid()}.npz"
     np.savez(tmp, **{k: np.asarray(arrays[k], self.fields[k][1]) for k in self.fields})
     os.replace(tmp, self._part(c))
@@ -105,23 +105,23 @@ class ChunkStore:
         with open(stamp) as f:
           old = json.load(f)
         if old != self._meta():
-          raise ValueError(f"{self._chunk_dir} holds a partial build of other data or layout ({old.get('key')}, "
-                           f"chunk {old.get('chunk')}; expected {self.key}, chunk {self.chunk}): remove it")
+          raise errors.InvalidInput(f"{self._chunk_dir} holds a partial build of other data or layout ({old.get('key')}, "
+                                    f"chunk {old.get('chunk')}; expected {self.key}, chunk {self.chunk}): remove it")
       else:
         with open(stamp + ".tmp", "w") as f:
           json.dump(self._meta(), f)
         os.replace(stamp + ".tmp", stamp)
     distributed.on_primary(check_or_stamp, f"store {os.path.basename(self.directory)} ready")
     if not os.path.isdir(self._chunk_dir):
-      raise FileNotFoundError(f"{self._chunk_dir} is not visible from process {jax.process_index()}: "
-                              "WORKDIR (and features.cache_dir) must be a filesystem every process sees")
+      raise errors.NotFound(f"{self._chunk_dir} is not visible from process {jax.process_index()}: "
+                            "WORKDIR (and features.cache_dir) must be a filesystem every process sees")
 
   def _consolidate(self):
     """Primary only: chunks -> one .npy per field (memory of one chunk), then store.json."""
     missing = [c for c in range(self.num_chunks) if not os.path.exists(self._part(c))]
     if missing:
-      raise FileNotFoundError(f"{self._chunk_dir}: chunks {missing[:5]} missing after every process finished; "
-                              "WORKDIR must be a filesystem every process sees")
+      raise errors.NotFound(f"{self._chunk_dir}: chunks {missing[:5]} missing after every process finished; "
+                            "WORKDIR must be a filesystem every process sees")
     for name, (shape, dtype) in self.fields.items():
       tmp = os.path.join(self.directory, f"{name}.npy.tmp")
       out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(self.num_rows,) + shape)

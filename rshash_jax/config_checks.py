@@ -1,13 +1,13 @@
 """Config validation before any long work: every error names the field and the value."""
 
-from rshash_jax import backbones, dhcnn, mrhash, train_state
+from rshash_jax import backbones, dhcnn, errors, mrhash, train_state
 
 MODES = ("frozen", "finetune")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _fail(field, value, want):
-  raise ValueError(f"config.{field}={value!r} is invalid: {want}")
+  raise errors.InvalidInput(f"config.{field}={value!r} is invalid: {want}")
 
 
 def _positive_int(cfg, field):
@@ -39,7 +39,7 @@ def _get(cfg, field):
   node = cfg
   for part in field.split("."):
     if part not in node:
-      raise ValueError(f"config.{field} is missing")
+      raise errors.InvalidInput(f"config.{field} is missing")
     node = node[part]
   return node
 

@@ -21,6 +21,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from rshash_jax import errors
+
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Where `auto` looks for UC Merced, relative to the working directory and to this package.
 LOCAL_UCMERCED = ("../shared/data/ucmerced",
@@ -72,7 +74,7 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
   """
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"dataset directory not found: {root}")
+    raise errors.NotFound(f"dataset directory not found: {root}")
   classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
   paths, labels, names = [], [], []
   for c in classes:
@@ -83,8 +85,8 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
     paths += [os.path.join(root, c, f) for f in files]
     labels += [len(names) - 1] * len(files)
   if len(names) < 2:
-    raise ValueError(f"{root}: expected a class-folder tree (root/<class>/<image>) with at least two "
-                     f"classes of {'/'.join(IMAGE_EXTENSIONS)} images, found {len(names)}")
+    raise errors.InvalidInput(f"{root}: expected a class-folder tree (root/<class>/<image>) with at least two "
+                              f"classes of {'/'.join(IMAGE_EXTENSIONS)} images, found {len(names)}")
   if check_images:
     for p in paths:
       check_image(p)
@@ -98,7 +100,7 @@ def check_image(path: str):
     with Image.open(path) as im:
       im.size  # pylint: disable=pointless-statement
   except Exception as e:
-    raise ValueError(f"corrupt or unreadable image: {path} ({e})") from e
+    raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e})") from e
 
 
 def decode_pil(path: str) -> np.ndarray:
@@ -108,7 +110,7 @@ def decode_pil(path: str) -> np.ndarray:
     with Image.open(path) as im:
       return np.asarray(im.convert("RGB"), np.uint8)
   except Exception as e:
-    raise ValueError(f"corrupt or unreadable image: {path} ({e})") from e
+    raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e})") from e
 
 
 def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1) -> np.ndarray:
@@ -125,7 +127,7 @@ def split_per_class(labels: np.ndarray, train_ratio: float, seed: int):
   each side when the class has two or more).
   """
   if not 0.0 < train_ratio < 1.0:
-    raise ValueError(f"data.train_ratio must be in (0, 1), got {train_ratio}")
+    raise errors.InvalidInput(f"data.train_ratio must be in (0, 1), got {train_ratio}")
   rng = np.random.default_rng(seed)
   train, test = [], []
   for c in np.unique(labels):
@@ -195,16 +197,16 @@ def tfds_table(name: str, split: str = "train", data_dir: Optional[str] = None,
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:
-    raise ValueError(f"unknown TFDS dataset {name!r}: {e}") from e
+    raise errors.InvalidInput(f"unknown TFDS dataset {name!r}: {e}") from e
   if not builder.is_prepared():
     if not download and not manual_dir:
-      raise FileNotFoundError(
+      raise errors.NotFound(
           f"TFDS dataset {name} is not prepared in {builder.data_dir} and downloads are off; "
           "set data.manual_dir to the directory holding its archive, or data.download=True")
     try:
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except Exception as e:
-      raise FileNotFoundError(
+      raise errors.NotFound(
           f"could not prepare TFDS dataset {name} (manual_dir={manual_dir}): {e}. For uc_merced put "
           "UCMerced_LandUse.zip in data.manual_dir, or use data.source=folder:/path/to/UCMerced_LandUse/Images") from e
   info = builder.info
@@ -241,6 +243,6 @@ def from_config(data_cfg, workdir: str) -> ImageTable:
                      per_class=data_cfg.get("generated_per_class", 20), size=data_cfg.get("generated_size", 64),
                      seed=data_cfg.get("seed", 0))
   else:
-    raise ValueError(f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}")
+    raise errors.InvalidInput(f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}")
   logging.info("Dataset %s: %d images, %d classes (%s)", table.name, len(table), table.num_classes, table.description)
   return table

@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rshash_jax import errors
+
 GRADIENTS = ("official", "autodiff")
 CE_MODES = ("full", "scaled")
 
@@ -95,7 +97,7 @@ def similarity(labels_a, labels_b):
 def pairwise_terms(u, bank, s, *, theta_scale: float, gradient: str, mask=None):
   """(sum_ij softplus(theta) - S theta, sum_i ||sgn(u_i) - u_i||^2) over rows with mask 1."""
   if gradient not in GRADIENTS:
-    raise ValueError(f"dhcnn.gradient must be one of {GRADIENTS}, got {gradient!r}")
+    raise errors.InvalidInput(f"dhcnn.gradient must be one of {GRADIENTS}, got {gradient!r}")
   mask = jnp.ones((u.shape[0], 1), u.dtype) if mask is None else mask.astype(u.dtype)[:, None]
   uu = u @ bank.T
   grad_mult = 1.0 if gradient == "official" else theta_scale
@@ -115,7 +117,7 @@ def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta
   rows of the batch in the bank [N, K], bank_labels [N]; mask [B] drops padded rows.
   """
   if ce_to_classifier not in CE_MODES:
-    raise ValueError(f"dhcnn.ce_to_classifier must be one of {CE_MODES}, got {ce_to_classifier!r}")
+    raise errors.InvalidInput(f"dhcnn.ce_to_classifier must be one of {CE_MODES}, got {ce_to_classifier!r}")
   mask = jnp.ones((u.shape[0],), jnp.float32) if mask is None else mask.astype(jnp.float32)
   rows = jnp.where(mask > 0, bank_rows, bank.shape[0])  # padded rows write out of bounds: dropped
   bank = bank.at[rows].set(jax.lax.stop_gradient(u), mode="drop")

@@ -31,6 +31,8 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+from rshash_jax import errors
+
 _barrier_count = 0
 
 
@@ -43,7 +45,7 @@ def _env_int(name: str, default: int) -> int:
   except ValueError:
     out = -1
   if out < 0:
-    raise ValueError(f"environment variable {name}={value!r} is invalid: expected a non-negative integer")
+    raise errors.InvalidInput(f"environment variable {name}={value!r} is invalid: expected a non-negative integer")
   return out
 
 
@@ -51,7 +53,7 @@ def _wait_for_coordinator(address: str, timeout: float):
   """Polls a TCP connection to host:port; a clear error instead of XLA's abort on a timeout."""
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit():
-    raise ValueError(f"JAX_COORDINATOR_ADDRESS={address!r} is invalid: expected host:port")
+    raise errors.InvalidInput(f"JAX_COORDINATOR_ADDRESS={address!r} is invalid: expected host:port")
   host = host.strip("[]")
   deadline = time.monotonic() + timeout
   while True:
@@ -60,9 +62,9 @@ def _wait_for_coordinator(address: str, timeout: float):
         return
     except OSError as e:
       if time.monotonic() >= deadline:
-        raise ConnectionError(f"cannot reach the coordinator at {address} within {timeout:.0f} s ({e}); "
-                              "start process 0 there first, or check JAX_COORDINATOR_ADDRESS "
-                              "(RSHASH_INIT_TIMEOUT sets the wait)") from e
+        raise errors.Unreachable(f"cannot reach the coordinator at {address} within {timeout:.0f} s ({e}); "
+                                 "start process 0 there first, or check JAX_COORDINATOR_ADDRESS "
+                                 "(RSHASH_INIT_TIMEOUT sets the wait)") from e
       time.sleep(0.5)
 
 
@@ -83,14 +85,14 @@ def initialize_from_env() -> bool:
     missing = [n for n, v in (("JAX_COORDINATOR_ADDRESS", address), ("JAX_NUM_PROCESSES", num),
                               ("JAX_PROCESS_ID", pid)) if not v]
     if missing:
-      raise ValueError(f"multi-process start by hand needs JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
-                       f"JAX_PROCESS_ID; missing: {', '.join(missing)}")
+      raise errors.InvalidInput(f"multi-process start by hand needs JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                                f"JAX_PROCESS_ID; missing: {', '.join(missing)}")
     try:
       num_i, pid_i = int(num), int(pid)
     except ValueError:
-      raise ValueError(f"JAX_NUM_PROCESSES={num!r} and JAX_PROCESS_ID={pid!r} must be integers") from None
+      raise errors.InvalidInput(f"JAX_NUM_PROCESSES={num!r} and JAX_PROCESS_ID={pid!r} must be integers") from None
     if num_i < 1 or not 0 <= pid_i < num_i:
-      raise ValueError(f"JAX_PROCESS_ID={pid_i} must be in [0, JAX_NUM_PROCESSES={num_i})")
+      raise errors.InvalidInput(f"JAX_PROCESS_ID={pid_i} must be in [0, JAX_NUM_PROCESSES={num_i})")
     kwargs.update(coordinator_address=address, num_processes=num_i, process_id=pid_i)
     if pid_i != 0:
       _wait_for_coordinator(address, init_timeout)
@@ -120,8 +122,8 @@ def barrier(name: str, timeout: Optional[float] = None):
   try:
     _client().wait_at_barrier(f"rshash/{_barrier_count}/{name}", int(timeout * 1000))
   except Exception as e:  # the coordination service's error names the missing processes
-    raise TimeoutError(f"process {jax.process_index()}: not all {jax.process_count()} processes reached "
-                       f"barrier {name!r} within {timeout:.0f} s: {e}") from e
+    raise errors.Timeout(f"process {jax.process_index()}: not all {jax.process_count()} processes reached "
+                         f"barrier {name!r} within {timeout:.0f} s: {e}") from e
 
 
 def agree(name: str, value):
@@ -140,8 +142,8 @@ def agree(name: str, value):
   try:
     return json.loads(_client().blocking_key_value_get(key, int(timeout * 1000)))
   except Exception as e:  # pylint: disable=broad-except
-    raise TimeoutError(f"process {jax.process_index()}: no word from process 0 on {name!r} within "
-                       f"{timeout:.0f} s: {e}") from e
+    raise errors.Timeout(f"process {jax.process_index()}: no word from process 0 on {name!r} within "
+                         f"{timeout:.0f} s: {e}") from e
 
 
 def on_primary(fn: Callable[[], None], name: str):
@@ -206,14 +208,20 @@ def _dead_processes() -> str:
   return f"{'processes' if len(dead) > 1 else 'process'} {', '.join(map(str, dead))} {'are' if len(dead) > 1 else 'is'} gone"
 
 
-def fail_fast(exc: BaseException, code: int = 1):
+def fail_fast(exc: BaseException, code: int = 1, brief: bool = False):
   """In a multi-process run, a process that fails exits at once, skipping JAX's shutdown
   barrier: its peers, waiting in a collective, are stopped within RSHASH_HEARTBEAT_TIMEOUT
-  by the coordination service instead of hanging for the shutdown timeout."""
+  by the coordination service instead of hanging for the shutdown timeout. `brief`: an
+  error in the input, reported as one line without its traceback."""
   import traceback  # pylint: disable=g-import-not-at-top
-  traceback.print_exception(exc, file=sys.stderr)
-  print(f"rshash: process {jax.process_index()} of {jax.process_count()} failed: "
-        f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+  if brief:
+    msg = " ".join(str(exc).split())
+    print(f"rshash: error: process {jax.process_index()} of {jax.process_count()}: {msg}",
+          file=sys.stderr, flush=True)
+  else:
+    traceback.print_exception(exc, file=sys.stderr)
+    print(f"rshash: process {jax.process_index()} of {jax.process_count()} failed: "
+          f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
   # The coordination service knows within RSHASH_HEARTBEAT_TIMEOUT whether a peer died (if
   # it aborts this process first, its own message lists the unhealthy tasks).
   dead = _dead_processes()

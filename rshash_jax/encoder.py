@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rshash_jax import backbones, dhcnn, distributed, hamming, mrhash, sharding
+from rshash_jax import backbones, dhcnn, distributed, errors, hamming, mrhash, sharding
 
 FORMAT = "rshash_jax.encoder/1"
 
@@ -56,7 +56,7 @@ def save_encoder(path: str, *, method: str, bb: backbones.Backbone, head_params,
   """Writes an encoder directory at `path` (refuses an existing path unless overwrite)."""
   path = os.path.abspath(path)
   if distributed.agree(f"encoder {path} exists", os.path.exists(path)) and not overwrite:
-    raise FileExistsError(f"export path exists, nothing written: {path}")
+    raise errors.AlreadyExists(f"export path exists, nothing written: {path}")
   pre = bb.preprocessing
   tree = {"backbone": distributed.to_host(bb.variables), "head": distributed.to_host(head_params),
           "preprocess": {"mean": np.asarray(pre.mean, np.float32), "std": np.asarray(pre.std, np.float32)}}
@@ -132,7 +132,7 @@ class Encoder:
   def encode(self, images: np.ndarray) -> Dict[str, np.ndarray]:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-      raise ValueError(f"expected uint8 images [B, {self.image_size}, {self.image_size}, 3], got {images.shape}")
+      raise errors.InvalidInput(f"expected uint8 images [B, {self.image_size}, {self.image_size}, 3], got {images.shape}")
     n = images.shape[0]
     n_dev = self.mesh.devices.size
     pad = (-n) % n_dev
@@ -156,11 +156,11 @@ def load_encoder(path: str, devices=None) -> Encoder:
     # A training workdir holds its encoder in WORKDIR/encoder.
     if os.path.isfile(os.path.join(path, "encoder", "encoder.json")):
       return load_encoder(os.path.join(path, "encoder"), devices)
-    raise FileNotFoundError(f"not an exported encoder (no encoder.json): {path}")
+    raise errors.NotFound(f"not an exported encoder (no encoder.json): {path}")
   with open(meta_path) as f:
     meta = json.load(f)
   if meta.get("format") != FORMAT:
-    raise ValueError(f"{meta_path}: unknown encoder format {meta.get('format')!r} (expected {FORMAT})")
+    raise errors.InvalidInput(f"{meta_path}: unknown encoder format {meta.get('format')!r} (expected {FORMAT})")
   with _checkpointer() as ckptr:
     tree = ckptr.restore(os.path.join(path, "params"))
   tree = jax.device_get(tree)

@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rshash_jax import distributed, sharding
+from rshash_jax import distributed, errors, sharding
 
 WORD_BITS = 32
 _F32_EXACT = 1 << 24  # integers below this are exact in float32
@@ -60,21 +60,21 @@ def pack_codes(codes, *, binary: Optional[bool] = None) -> np.ndarray:
   """
   arr = np.asarray(codes)
   if arr.ndim != 2:
-    raise ValueError(f"codes must be a 2-D array [N, K], got shape {arr.shape}")
+    raise errors.InvalidInput(f"codes must be a 2-D array [N, K], got shape {arr.shape}")
   if arr.shape[1] < 1:
-    raise ValueError("codes must have at least one bit (K >= 1), got K = 0")
+    raise errors.InvalidInput("codes must have at least one bit (K >= 1), got K = 0")
   if arr.dtype == bool:
     bits = arr
   else:
     if not (np.issubdtype(arr.dtype, np.number)):
-      raise TypeError(f"codes must be numeric or boolean, got dtype {arr.dtype}")
+      raise errors.WrongType(f"codes must be numeric or boolean, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
-      raise ValueError("codes contain NaN or infinity; cannot take their sign")
+      raise errors.InvalidInput("codes contain NaN or infinity; cannot take their sign")
     if binary is None:
       binary = bool(arr.size) and bool(np.isin(arr, (0, 1)).all()) and bool((arr == 0).any())
     if binary:
       if arr.size and not np.isin(arr, (0, 1)).all():
-        raise ValueError("binary=True needs codes in {0, 1}; found other values")
+        raise errors.InvalidInput("binary=True needs codes in {0, 1}; found other values")
       bits = arr == 1
     else:
       bits = arr >= 0
@@ -105,7 +105,7 @@ def unpack_codes(packed, bits: int) -> np.ndarray:
   """Inverse of `pack_codes`: uint32 [N, W] -> int8 codes in {-1, +1} of shape [N, bits]."""
   packed = check_packed("packed", packed, allow_empty=True)
   if not 1 <= bits <= packed.shape[1] * WORD_BITS:
-    raise ValueError(f"bits={bits} does not fit {packed.shape[1]} uint32 words")
+    raise errors.InvalidInput(f"bits={bits} does not fit {packed.shape[1]} uint32 words")
   as8 = np.ascontiguousarray(packed.astype("<u4")).view(np.uint8)
   b = np.unpackbits(as8, axis=1, bitorder="little")[:, :bits]
   return (b.astype(np.int8) * 2 - 1)
@@ -115,13 +115,13 @@ def check_packed(name: str, arr, *, allow_empty: bool = False) -> np.ndarray:
   """Validates a packed code array and returns it as a host uint32 ndarray."""
   a = np.asarray(arr)
   if a.ndim != 2:
-    raise ValueError(f"{name} must be packed codes [N, W], got shape {a.shape}")
+    raise errors.InvalidInput(f"{name} must be packed codes [N, W], got shape {a.shape}")
   if a.dtype != np.uint32:
-    raise TypeError(f"{name} must be uint32 packed codes (see pack_codes), got dtype {a.dtype}")
+    raise errors.WrongType(f"{name} must be uint32 packed codes (see pack_codes), got dtype {a.dtype}")
   if a.shape[1] < 1:
-    raise ValueError(f"{name} has no code words (W = 0)")
+    raise errors.InvalidInput(f"{name} has no code words (W = 0)")
   if not allow_empty and a.shape[0] == 0:
-    raise ValueError(f"{name} is empty (0 codes)")
+    raise errors.InvalidInput(f"{name} is empty (0 codes)")
   return a
 
 
@@ -129,7 +129,7 @@ def _check_pair(q, db) -> Tuple[np.ndarray, np.ndarray]:
   q = check_packed("q_packed", q)
   db = check_packed("db_packed", db)
   if q.shape[1] != db.shape[1]:
-    raise ValueError(
+    raise errors.InvalidInput(
         f"code length mismatch: queries have {q.shape[1]} words "
         f"({q.shape[1] * 32} bits max), database {db.shape[1]} words")
   return q, db
@@ -168,7 +168,7 @@ def _select_k(d: jax.Array, idx: jax.Array, k: int, max_key: int) -> Tuple[jax.A
   """
   m = d.shape[-1]
   if k > m:
-    raise ValueError(f"internal: selecting {k} of {m}")
+    raise errors.InvalidInput(f"internal: selecting {k} of {m}")
   if (max_key + 1) * m < _F32_EXACT:
     key = (d * m + jnp.arange(m, dtype=jnp.int32)).astype(jnp.float32)
     _, pos = lax.top_k(-key, k)
@@ -258,7 +258,7 @@ class HammingIndex:
   def __init__(self, db_packed, *, mesh: Optional[Mesh] = None, chunk_size: int = 1 << 20):
     db = check_packed("db_packed", db_packed)
     if chunk_size < 1:
-      raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+      raise errors.InvalidInput(f"chunk_size must be >= 1, got {chunk_size}")
     self.mesh = mesh if mesh is not None else sharding.data_mesh()
     self.n_devices = self.mesh.devices.size
     self.num_codes, self.num_words = db.shape
@@ -298,10 +298,10 @@ class HammingIndex:
     """
     q = check_packed("q_packed", q_packed)
     if q.shape[1] != self.num_words:
-      raise ValueError(f"code length mismatch: queries have {q.shape[1]} words, "
-                       f"the index {self.num_words}")
+      raise errors.InvalidInput(f"code length mismatch: queries have {q.shape[1]} words, "
+                                f"the index {self.num_words}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_codes:
-      raise ValueError(f"k must be an integer in [1, {self.num_codes}] (database size), got {k!r}")
+      raise errors.InvalidInput(f"k must be an integer in [1, {self.num_codes}] (database size), got {k!r}")
     k = int(k)
     fn = self._search_fn(k)
     batch = min(query_batch, 1 << math.ceil(math.log2(q.shape[0])))

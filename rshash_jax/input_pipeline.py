@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from rshash_jax import datasets
+from rshash_jax import datasets, errors
 
 
 def _options(threads: int) -> tf.data.Options:
@@ -87,7 +87,7 @@ def decode_file(path: str):
     try:
       return _decode_tf(tf.constant(path))
     except tf.errors.OpError as e:
-      raise ValueError(f"corrupt or unreadable image: {path} ({e.message.splitlines()[0]})") from None
+      raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e.message.splitlines()[0]})") from None
   return tf.constant(datasets.decode_pil(path))
 
 
@@ -113,7 +113,7 @@ class ImageSource:
       self._images = None
     else:
       if not cache_dir:
-        raise ValueError(f"TFDS source {table.tfds_name}: needs a cache directory for its image store")
+        raise errors.InvalidInput(f"TFDS source {table.tfds_name}: needs a cache directory for its image store")
       self._images = _tfds_image_store(table, size, resize_size, cache_dir)
 
   def __call__(self, i):
@@ -156,8 +156,8 @@ def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Option
       return resize(img[..., :3], size, resize_size, table.degrade)
     images = np.stack(list(ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator()))
     if len(images) != stop - start:
-      raise ValueError(f"TFDS {table.tfds_name}[{start}:{stop}] gave {len(images)} examples, expected "
-                       f"{stop - start}")
+      raise errors.InvalidInput(f"TFDS {table.tfds_name}[{start}:{stop}] gave {len(images)} examples, expected "
+                                f"{stop - start}")
     return {"image": images}
   return store.build(compute, name=f"images {table.name}")["image"]
 
@@ -165,9 +165,9 @@ def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Option
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
   """Full global batches per epoch (the remainder of an epoch is dropped)."""
   if global_batch % jax.process_count():
-    raise ValueError(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
+    raise errors.InvalidInput(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
   if num_examples < global_batch:
-    raise ValueError(f"global batch {global_batch} exceeds the {num_examples} training examples")
+    raise errors.InvalidInput(f"global batch {global_batch} exceeds the {num_examples} training examples")
   return num_examples // global_batch
 
 

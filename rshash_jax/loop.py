@@ -6,7 +6,7 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from rshash_jax import distributed, features, train_state
+from rshash_jax import distributed, errors, features, train_state
 
 
 def _check_and_write(pending, step, writer, mngr, loss_key, prefix):
@@ -16,7 +16,7 @@ def _check_and_write(pending, step, writer, mngr, loss_key, prefix):
     if not np.isfinite(m[loss_key]):
       mngr.wait_until_finished()
       detail = ", ".join(f"{n}={v}" for n, v in m.items())
-      raise FloatingPointError(
+      raise errors.Diverged(
           f"non-finite loss at step {step - len(host) + k + 1} ({detail}); lower train.lr_start or check "
           f"the data. The last good checkpoint (step {mngr.latest_step()}) in {mngr.directory} is kept.")
   mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}

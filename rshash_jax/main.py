@@ -16,6 +16,11 @@ r"""rshash_jax command line: train, encode, search, export.
 file's docstring); `--config.FIELD=VALUE` overrides any field. Training writes
 WORKDIR/results.json, pr_curve.png, precision_at_k.png, TensorBoard logs, checkpoints/
 and the trained encoder in WORKDIR/encoder. --encoder accepts an export or a workdir.
+
+Errors in what you gave (a config value, a path, a corrupt image, codes of another encoder,
+an existing output, an unreachable coordinator) print one line, `rshash: error: ...`, and
+exit with status 2; --traceback (or RSHASH_TRACEBACK=1) shows where they were raised. Any
+other error is a bug: it prints its traceback and exits with status 1.
 """
 
 import os
@@ -25,6 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from rshash_jax import errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "train: config file (file.py or file.py:presets).",
@@ -38,6 +45,8 @@ flags.DEFINE_integer("k", 10, "search: results per query.")
 flags.DEFINE_string("png", None, "search: write a retrieval grid PNG here.")
 flags.DEFINE_integer("batch_size", 64, "encode: images per batch (over all devices).")
 flags.DEFINE_integer("chunk", 4096, "encode: images per resumable chunk.")
+flags.DEFINE_bool("traceback", False, "show the full traceback of errors in the input too "
+                  "(default from RSHASH_TRACEBACK=1).")
 
 COMMANDS = ("train", "encode", "search", "export")
 
@@ -76,28 +85,63 @@ def _train():
     from rshash_jax import train_mrhash  # pylint: disable=g-import-not-at-top
     results = train_mrhash.train_and_evaluate(config, FLAGS.workdir)
   else:
-    raise ValueError(f"config.method={config.method!r} is not a known method (dhcnn, mrhash)")
+    raise errors.InvalidInput(f"config.method={config.method!r} is not a known method (dhcnn, mrhash)")
   if results:
     _say(evaluation.summary_line(results))
     _say(f"results: {os.path.join(FLAGS.workdir, 'results.json')}")
 
 
+def _show_traceback() -> bool:
+  return FLAGS.traceback or os.environ.get("RSHASH_TRACEBACK", "") not in ("", "0")
+
+
+def is_input_error(e: BaseException) -> bool:
+  """Errors in what the user gave (one line, exit 2) as opposed to bugs (traceback, exit 1):
+  rshash_jax's own input checks, usage errors, and OS errors on a named path."""
+  return isinstance(e, (errors.UserError, app.UsageError, flags.Error)) or (
+      isinstance(e, OSError) and getattr(e, "filename", None) is not None)
+
+
+def error_line(e: BaseException) -> str:
+  """`rshash: error: <message>` on one line."""
+  msg = str(e)
+  if "Traceback (most recent call last):" in msg:  # a config file's own error, inside absl's
+    head = msg.split("Traceback (most recent call last):")[0]
+    last = msg.strip().splitlines()[-1]
+    msg = head + last.split(": ", 1)[-1] if last.split(":")[0].endswith(("Error", "InvalidInput")) else head + last
+  msg = " ".join(msg.split()) or type(e).__name__
+  return f"rshash: error: {msg}"
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  args = argv[1:]
-  command = args.pop(0) if args and args[0] in COMMANDS else "train"
-  if command != "search" and args:
-    raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
-  from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
-  # Before anything touches a JAX backend: join the other processes, if any (see
-  # rshash_jax/distributed.py for the environment variables).
-  multi = distributed.initialize_from_env()
+  multi = False
   try:
+    args = argv[1:]
+    command = args.pop(0) if args and args[0] in COMMANDS else "train"
+    if command != "search" and args:
+      raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
+    from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
+    # Before anything touches a JAX backend: join the other processes, if any (see
+    # rshash_jax/distributed.py for the environment variables).
+    multi = distributed.initialize_from_env()
     _command(command, args)
   except Exception as e:  # pylint: disable=broad-except
+    expected = is_input_error(e)
     if multi:
-      distributed.fail_fast(e)
-    raise
+      distributed.fail_fast(e, code=2 if expected else 1, brief=expected and not _show_traceback())
+    if not expected:
+      raise
+    _exit_with(e, _show_traceback())
+
+
+def _exit_with(e: BaseException, show_traceback: bool):
+  """An error in the input: its one line (after its traceback if asked for), exit 2."""
+  if show_traceback:
+    import traceback  # pylint: disable=g-import-not-at-top
+    traceback.print_exception(e, file=sys.stderr)
+  print(error_line(e), file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 def _command(command, args):
@@ -120,9 +164,17 @@ def _command(command, args):
     _say(f"encoder: {tools.export(FLAGS.workdir, FLAGS.out)}")
 
 
+def _parse_flags(argv):
+  """absl's parsing, with a bad flag or --config value reported as one line, exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _exit_with(e, os.environ.get("RSHASH_TRACEBACK", "") not in ("", "0") or "--traceback" in argv)
+
+
 def run():
   """Console-script entry point (`rshash`)."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

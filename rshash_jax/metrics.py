@@ -34,7 +34,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from rshash_jax import hamming, sharding
+from rshash_jax import errors, hamming, sharding
 
 NORMALIZATIONS = ("retrieved", "min", "all")
 NO_RELEVANT = ("zero", "skip")
@@ -51,18 +51,18 @@ def _codes(name: str, codes) -> Tuple[np.ndarray, Optional[int]]:
   if arr.dtype == np.uint32:
     return hamming.check_packed(name, arr), None
   if arr.ndim != 2 or arr.shape[0] == 0:
-    raise ValueError(f"{name} must be a non-empty 2-D array of codes, got shape {arr.shape}")
+    raise errors.InvalidInput(f"{name} must be a non-empty 2-D array of codes, got shape {arr.shape}")
   return hamming.pack_codes(arr), arr.shape[1]
 
 
 def _labels(name: str, labels, n: int) -> np.ndarray:
   lab = np.asarray(labels)
   if lab.ndim not in (1, 2):
-    raise ValueError(f"{name} must be class ids [N] or multi-hot [N, C], got shape {lab.shape}")
+    raise errors.InvalidInput(f"{name} must be class ids [N] or multi-hot [N, C], got shape {lab.shape}")
   if lab.shape[0] != n:
-    raise ValueError(f"{name} has {lab.shape[0]} rows but there are {n} codes")
+    raise errors.InvalidInput(f"{name} has {lab.shape[0]} rows but there are {n} codes")
   if lab.ndim == 1 and not np.issubdtype(lab.dtype, np.integer):
-    raise TypeError(f"{name} as class ids must be integers, got dtype {lab.dtype}")
+    raise errors.WrongType(f"{name} as class ids must be integers, got dtype {lab.dtype}")
   return lab
 
 
@@ -73,15 +73,15 @@ class _Problem:
     self.q, qbits = _codes("q_codes", q_codes)
     self.db, dbbits = _codes("db_codes", db_codes)
     if self.q.shape[1] != self.db.shape[1] or (qbits and dbbits and qbits != dbbits):
-      raise ValueError(f"code length mismatch: queries {qbits or self.q.shape[1] * 32} bits, "
-                       f"database {dbbits or self.db.shape[1] * 32} bits")
+      raise errors.InvalidInput(f"code length mismatch: queries {qbits or self.q.shape[1] * 32} bits, "
+                                f"database {dbbits or self.db.shape[1] * 32} bits")
     self.bits = int(bits or qbits or dbbits or self.q.shape[1] * hamming.WORD_BITS)
     self.q_labels = _labels("q_labels", q_labels, self.q.shape[0])
     self.db_labels = _labels("db_labels", db_labels, self.db.shape[0])
     if self.q_labels.ndim != self.db_labels.ndim or (
         self.q_labels.ndim == 2 and self.q_labels.shape[1] != self.db_labels.shape[1]):
-      raise ValueError(f"q_labels {self.q_labels.shape} and db_labels {self.db_labels.shape} "
-                       "are not the same kind of label")
+      raise errors.InvalidInput(f"q_labels {self.q_labels.shape} and db_labels {self.db_labels.shape} "
+                                "are not the same kind of label")
     self.num_query, self.num_db = self.q.shape[0], self.db.shape[0]
     if self.db_labels.ndim == 1:
       _, inv = np.unique(np.concatenate([self.db_labels, self.q_labels]), return_inverse=True)
@@ -115,7 +115,7 @@ class _Problem:
     """Yields (start, end, relevance of the first n ranked items [e - s, n])."""
     n = self.num_db if topk is None else int(topk)
     if not 1 <= n <= self.num_db:
-      raise ValueError(f"topk must be in [1, {self.num_db}] (database size), got {topk}")
+      raise errors.InvalidInput(f"topk must be in [1, {self.num_db}] (database size), got {topk}")
     if n == self.num_db:
       for s, e in self.query_blocks():
         # Stable sort of small unsigned ints (radix sort): ties keep index order.
@@ -130,7 +130,7 @@ class _Problem:
 
 def _check_choice(name, value, choices):
   if value not in choices:
-    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    raise errors.InvalidInput(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _average_precision(rel: np.ndarray, num_relevant: np.ndarray, normalization: str):
@@ -186,7 +186,7 @@ def _at_k(rel: np.ndarray, num_relevant: np.ndarray, ks: Sequence[int]):
 def _valid_ks(ks: Sequence[int], n: int) -> Tuple[int, ...]:
   ks = tuple(int(k) for k in ks)
   if not ks or any(k < 1 for k in ks):
-    raise ValueError(f"ks must be positive integers, got {ks}")
+    raise errors.InvalidInput(f"ks must be positive integers, got {ks}")
   return tuple(sorted(set(min(k, n) for k in ks)))
 
 
@@ -256,7 +256,7 @@ def precision_at_radius(q_codes, db_codes, q_labels, db_labels, radius: int = 2,
   """Mean precision of the items within Hamming distance <= radius (see pr_curve_by_radius)."""
   curve = pr_curve_by_radius(q_codes, db_codes, q_labels, db_labels, empty=empty)
   if not 0 <= radius < len(curve["precision"]):
-    raise ValueError(f"radius must be in [0, {len(curve['precision']) - 1}], got {radius}")
+    raise errors.InvalidInput(f"radius must be in [0, {len(curve['precision']) - 1}], got {radius}")
   return float(curve["precision"][radius])
 
 
@@ -267,10 +267,10 @@ def accuracy(predictions, labels) -> float:
   if pred.ndim == 2:
     pred = pred.argmax(-1)
   if pred.ndim != 1 or lab.ndim != 1 or pred.shape != lab.shape:
-    raise ValueError(f"predictions {np.asarray(predictions).shape} and labels {lab.shape} "
-                     "must be [N] (or logits [N, C]) with the same N")
+    raise errors.InvalidInput(f"predictions {np.asarray(predictions).shape} and labels {lab.shape} "
+                              "must be [N] (or logits [N, C]) with the same N")
   if pred.size == 0:
-    raise ValueError("accuracy of an empty set is undefined")
+    raise errors.InvalidInput("accuracy of an empty set is undefined")
   return float((pred == lab).mean())
 
 

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rshash_jax import errors
+
 ENCODER_WIDTHS = (512, 512, 256, 256)
 LATENT = 64
 KL_REDUCTIONS = ("batchmean", "mean")
@@ -123,7 +125,7 @@ def normalize_features(f, how: str):
   """Row-wise feature normalisation before the global RMS scale: "l2" (unit-norm rows) or
   "none" (the paper's unnormalised ResNet-50 features). Works on numpy and traced arrays."""
   if how not in FEATURE_NORMS:
-    raise ValueError(f"mrhash.feature_norm must be one of {FEATURE_NORMS}, got {how!r}")
+    raise errors.InvalidInput(f"mrhash.feature_norm must be one of {FEATURE_NORMS}, got {how!r}")
   if how == "none":
     return f
   return f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-12)
@@ -146,7 +148,7 @@ def kl_divergence(p, q, reduction: str = "batchmean", eps: float = 1e-12):
   """KL(P||Q) of rows. 'batchmean': sum over clusters, mean over rows (the definition);
   'mean': mean over all rows*clusters elements (the official code; 1/num_clusters of it)."""
   if reduction not in KL_REDUCTIONS:
-    raise ValueError(f"mrhash.kl_reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+    raise errors.InvalidInput(f"mrhash.kl_reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
   elem = p * (jnp.log(p + eps) - jnp.log(q + eps))
   return jnp.mean(jnp.sum(elem, axis=1)) if reduction == "batchmean" else jnp.mean(elem)
 

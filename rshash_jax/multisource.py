@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from rshash_jax import backbones, datasets, features
+from rshash_jax import backbones, datasets, errors, features
 
 
 @dataclasses.dataclass
@@ -34,16 +34,16 @@ class MultiSource:
 
 def _load_matrix(path: str) -> np.ndarray:
   if path.endswith(".npy"):
-    return np.load(path)
+    return np.load(path, allow_pickle=False)
   if path.endswith(".npz"):
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
       if len(z.files) != 1:
-        raise ValueError(f"{path}: expected one array, found {z.files}")
+        raise errors.InvalidInput(f"{path}: expected one array, found {z.files}")
       return z[z.files[0]]
   import scipy.io  # pylint: disable=g-import-not-at-top
   mat = scipy.io.loadmat(path)
   if "features" not in mat:
-    raise ValueError(f"{path}: no variable 'features' (found {[k for k in mat if not k.startswith('__')]})")
+    raise errors.InvalidInput(f"{path}: no variable 'features' (found {[k for k in mat if not k.startswith('__')]})")
   return mat["features"]
 
 
@@ -52,13 +52,13 @@ def _find(directory: str, stem: str) -> str:
     p = os.path.join(directory, stem + ext)
     if os.path.isfile(p):
       return p
-  raise FileNotFoundError(f"feature file {stem}.npy/.npz/.mat not found in {directory}")
+  raise errors.NotFound(f"feature file {stem}.npy/.npz/.mat not found in {directory}")
 
 
 def read_list(path: str, image_root: str):
   """(paths, labels) of a release split list; errors name the file and line."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"split list not found: {path}")
+    raise errors.NotFound(f"split list not found: {path}")
   paths, labels = [], []
   with open(path) as f:
     for n, line in enumerate(f, 1):
@@ -66,17 +66,17 @@ def read_list(path: str, image_root: str):
       if not parts:
         continue
       if len(parts) < 3:
-        raise ValueError(f"{path}:{n}: expected 'image_path label_0 label_1 ...', got {line.strip()!r}")
+        raise errors.InvalidInput(f"{path}:{n}: expected 'image_path label_0 label_1 ...', got {line.strip()!r}")
       try:
         onehot = np.asarray([int(float(v)) for v in parts[1:]])
       except ValueError as e:
-        raise ValueError(f"{path}:{n}: labels must be 0/1 numbers ({e})") from e
+        raise errors.InvalidInput(f"{path}:{n}: labels must be 0/1 numbers ({e})") from e
       if onehot.sum() != 1 or not set(np.unique(onehot)) <= {0, 1}:
-        raise ValueError(f"{path}:{n}: the label must be one-hot, got {parts[1:]}")
+        raise errors.InvalidInput(f"{path}:{n}: the label must be one-hot, got {parts[1:]}")
       paths.append(os.path.join(image_root, parts[0]))
       labels.append(int(np.argmax(onehot)))
   if not labels:
-    raise ValueError(f"{path}: empty split list")
+    raise errors.InvalidInput(f"{path}: empty split list")
   return paths, np.asarray(labels, np.int32)
 
 
@@ -92,8 +92,8 @@ def read_release(directory: str, source_names: Sequence[str], splits=("train", "
     for s in source_names:
       m = np.asarray(_load_matrix(_find(directory, f"{split}_{s}")), np.float32)
       if m.ndim != 2 or m.shape[0] != len(paths):
-        raise ValueError(f"{_find(directory, f'{split}_{s}')}: expected [{len(paths)}, D] features for the "
-                         f"{len(paths)} lines of {split}.txt, got shape {m.shape}")
+        raise errors.InvalidInput(f"{_find(directory, f'{split}_{s}')}: expected [{len(paths)}, D] features for the "
+                                  f"{len(paths)} lines of {split}.txt, got shape {m.shape}")
       src[s].append(m)
     parts.append(np.arange(len(paths)) + len(all_paths))
     all_paths += paths
@@ -107,7 +107,7 @@ def read_release(directory: str, source_names: Sequence[str], splits=("train", "
                               class_names=[f"class{c}" for c in range(num_classes)], paths=all_paths,
                               description=f"MrHash release format in {directory}")
   if len(source_names) < 1:
-    raise ValueError("read_release needs at least one source name")
+    raise errors.InvalidInput("read_release needs at least one source name")
   sources = [np.concatenate(src[s]) for s in source_names]
   return MultiSource(table, sources, list(source_names), parts[0], parts[1] if len(parts) > 1 else None)
 
@@ -120,19 +120,19 @@ def view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
     try:
       factor = int(spec[len("coarse"):])
     except ValueError as e:
-      raise ValueError(f"source view {spec!r}: expected coarseN with an integer N, e.g. coarse4") from e
+      raise errors.InvalidInput(f"source view {spec!r}: expected coarseN with an integer N, e.g. coarse4") from e
     return dataclasses.replace(table, degrade=factor, description=f"{table.description}, {factor}x coarser view")
   if spec.startswith("folder:"):
     root = spec[len("folder:"):]
     if table.paths is None:
-      raise ValueError(f"source view {spec!r} needs a class-folder table")
+      raise errors.InvalidInput(f"source view {spec!r} needs a class-folder table")
     base = os.path.commonpath(table.paths)
     paths = [os.path.join(root, os.path.relpath(p, base)) for p in table.paths]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-      raise FileNotFoundError(f"source {spec}: {len(missing)} images missing, e.g. {missing[0]}")
+      raise errors.NotFound(f"source {spec}: {len(missing)} images missing, e.g. {missing[0]}")
     return dataclasses.replace(table, paths=paths, description=f"images under {root}")
-  raise ValueError(f"unknown source view {spec!r}: use full, coarseN or folder:DIR")
+  raise errors.InvalidInput(f"unknown source view {spec!r}: use full, coarseN or folder:DIR")
 
 
 def features_of_views(table: datasets.ImageTable, specs: Sequence[str], bb: backbones.Backbone,

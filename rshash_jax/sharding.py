@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from rshash_jax import errors
+
 DATA_AXIS = "data"
 
 
@@ -19,7 +21,7 @@ def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """Returns a 1-D Auto-typed mesh named ('data',) over `devices` (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
-    raise ValueError("data_mesh needs at least one device")
+    raise errors.InvalidInput("data_mesh needs at least one device")
   return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 

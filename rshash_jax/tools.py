@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from rshash_jax import chunk_store, datasets, distributed, encoder as encoder_lib, hamming, input_pipeline
+from rshash_jax import chunk_store, datasets, distributed, encoder as encoder_lib, errors, hamming, input_pipeline
 
 CODES_FORMAT = "rshash_jax.codes/1"
 
@@ -37,7 +37,7 @@ def image_table(data: str, degrade: int = 1, check_images: bool = True) -> datas
       paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                      if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
       if not paths:
-        raise ValueError(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) under {root}") from e
+        raise errors.InvalidInput(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) under {root}") from e
       if check_images:
         for p in paths:
           datasets.check_image(p)
@@ -58,7 +58,7 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
   if not out.endswith(".npz"):
     out += ".npz"
   if distributed.agree(f"codes {out} exists", os.path.exists(out)):
-    raise FileExistsError(f"codes file exists, nothing overwritten: {out}")
+    raise errors.AlreadyExists(f"codes file exists, nothing overwritten: {out}")
   table = image_table(data, enc.meta.get("degrade", 1))
   n = len(table)
   store = chunk_store.ChunkStore(out + ".parts", n, {"codes": ((hamming.num_words(enc.bits),), "uint32"),
@@ -98,15 +98,19 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
   return out
 
 
-def load_codes(path: str) -> Dict[str, np.ndarray]:
+def load_codes(path: str, enc: Optional[encoder_lib.Encoder] = None) -> Dict[str, np.ndarray]:
+  """A codes file's arrays; with `enc`, refuses codes that another encoder wrote."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"codes file not found: {path}")
+    raise errors.NotFound(f"codes file not found: {path}")
   try:
     z = dict(np.load(path, allow_pickle=False))
   except Exception as e:
-    raise ValueError(f"{path}: not a codes file ({e})") from e
+    raise errors.InvalidInput(f"{path}: not a codes file ({e})") from e
   if str(z.get("format")) != CODES_FORMAT:
-    raise ValueError(f"{path}: not an rshash_jax codes file (format {z.get('format')!r})")
+    raise errors.InvalidInput(f"{path}: not an rshash_jax codes file (format {z.get('format')!r})")
+  if enc is not None and (str(z["identity"]) != enc.identity or int(z["bits"]) != enc.bits):
+    raise errors.InvalidInput(f"{path} was encoded by encoder {z['identity']} ({int(z['bits'])} bits), "
+                              f"not by {enc.identity} ({enc.bits} bits): re-encode the database with this encoder")
   return z
 
 
@@ -119,9 +123,9 @@ def _query_paths(queries: Sequence[str]) -> List[str]:
     elif os.path.isfile(q):
       paths.append(q)
     else:
-      raise FileNotFoundError(f"query image not found: {q}")
+      raise errors.NotFound(f"query image not found: {q}")
   if not paths:
-    raise ValueError(f"no query images in {list(queries)}")
+    raise errors.InvalidInput(f"no query images in {list(queries)}")
   return paths
 
 
@@ -129,12 +133,9 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
            png: Optional[str] = None) -> List[Dict]:
   """Top-k of each query image in a codes file; prints a table, optionally a PNG grid."""
   enc = encoder_lib.load_encoder(encoder_path)
-  db = load_codes(codes_path)
-  if str(db["identity"]) != enc.identity or int(db["bits"]) != enc.bits:
-    raise ValueError(f"{codes_path} was encoded by encoder {db['identity']} ({int(db['bits'])} bits), "
-                     f"not by {enc.identity} ({enc.bits} bits): re-encode the database with this encoder")
+  db = load_codes(codes_path, enc)
   if png and distributed.agree(f"png {png} exists", os.path.exists(png)):
-    raise FileExistsError(f"output exists, nothing overwritten: {png}")
+    raise errors.AlreadyExists(f"output exists, nothing overwritten: {png}")
   paths = _query_paths(queries)
   degrade = enc.meta.get("degrade", 1)
   imgs = np.stack([datasets.load_image(p, enc.image_size, degrade=degrade) for p in paths])
@@ -199,9 +200,9 @@ def export(workdir: str, out: str) -> str:
   """Copies WORKDIR/encoder (written at the end of training) to `out`; never overwrites."""
   src = os.path.join(workdir, "encoder")
   if not os.path.isfile(os.path.join(src, "encoder.json")):
-    raise FileNotFoundError(f"no trained encoder in {workdir} (expected {src}/encoder.json): train to the end first")
+    raise errors.NotFound(f"no trained encoder in {workdir} (expected {src}/encoder.json): train to the end first")
   if distributed.agree(f"export {out} exists", os.path.exists(out)):
-    raise FileExistsError(f"export path exists, nothing written: {out}")
+    raise errors.AlreadyExists(f"export path exists, nothing written: {out}")
   encoder_lib.load_encoder(src)  # fails loudly on a damaged encoder before copying
   distributed.write_once(os.path.abspath(out), lambda tmp: shutil.copytree(src, tmp), name="export")
   return out

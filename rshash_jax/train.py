@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from rshash_jax import (backbones, config_checks, datasets, dhcnn, distributed, encoder, evaluation,
+from rshash_jax import (backbones, config_checks, datasets, dhcnn, distributed, encoder, errors, evaluation,
                         features, input_pipeline, loop, sharding, train_state)
 
 
@@ -76,8 +76,8 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
     got = jax.tree.map(np.shape, enc.variables["params"]["head"])
     want = jax.tree.map(np.shape, jax.device_get(head))
     if got != want or enc.meta["backbone"] != s.bb.name:
-      raise ValueError(f"train.init_head_from={config.train.init_head_from}: its head ({enc.meta['backbone']}, "
-                       f"{enc.meta['bits']} bits) does not fit this model ({s.bb.name}, {config.model.bits} bits)")
+      raise errors.InvalidInput(f"train.init_head_from={config.train.init_head_from}: its head ({enc.meta['backbone']}, "
+                                f"{enc.meta['bits']} bits) does not fit this model ({s.bb.name}, {config.model.bits} bits)")
     head = jax.device_get(enc.variables["params"]["head"])
   params = {"head": head}
   constants = {}
@@ -215,10 +215,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   tc = config.train
   global_batch = tc.batch_size
   if global_batch % jax.process_count():
-    raise ValueError(f"train.batch_size={global_batch} is not divisible by the {jax.process_count()} processes: "
-                     "each process reads an equal share of every global batch")
+    raise errors.InvalidInput(f"train.batch_size={global_batch} is not divisible by the {jax.process_count()} processes: "
+                              "each process reads an equal share of every global batch")
   if global_batch % s.mesh.devices.size:
-    raise ValueError(f"train.batch_size={global_batch} must be a multiple of the {s.mesh.devices.size} devices")
+    raise errors.InvalidInput(f"train.batch_size={global_batch} must be a multiple of the {s.mesh.devices.size} devices")
   spe = input_pipeline.steps_per_epoch(len(s.train_idx), global_batch)
   total = tc.epochs * spe
   lr_mults = {"backbone": tc.backbone_lr_mult} if s.feats is None and tc.backbone_lr_mult != 1.0 else None

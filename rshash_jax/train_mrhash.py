@@ -27,7 +27,7 @@ from absl import logging
 from clu import metric_writers
 from scipy.cluster import vq
 
-from rshash_jax import (backbones, baselines, config_checks, datasets, distributed, encoder, evaluation,
+from rshash_jax import (backbones, baselines, config_checks, datasets, distributed, encoder, errors, evaluation,
                         features, input_pipeline, loop, mrhash, multisource, sharding, train_state)
 
 
@@ -44,7 +44,7 @@ def load_data(config, workdir: str):
                                   image_root=dc.get("image_root") or None)
     table, train_idx, test_idx, sources = ms.table, ms.train_idx, ms.test_idx, ms.sources
     if test_idx is None:
-      raise ValueError(f"{dc.source}: a test split (test.txt) is needed for evaluation")
+      raise errors.InvalidInput(f"{dc.source}: a test split (test.txt) is needed for evaluation")
     img_view = table
   else:
     table = datasets.from_config(dc, workdir)

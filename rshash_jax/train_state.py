@@ -3,17 +3,19 @@
 import json
 import math
 import os
+import re
 from typing import Any, Dict, Optional
 
 import flax
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from rshash_jax import distributed
+from rshash_jax import distributed, errors
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("log_epoch", "constant", "cosine", "step")
@@ -37,7 +39,7 @@ def learning_rate_schedule(tc, steps_per_epoch: int):
   step: lr_start multiplied by lr_decay every lr_decay_epochs (MrHash).
   """
   if tc.schedule not in SCHEDULES:
-    raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {tc.schedule!r}")
+    raise errors.InvalidInput(f"train.schedule must be one of {SCHEDULES}, got {tc.schedule!r}")
   total = tc.epochs * steps_per_epoch
   if tc.schedule == "constant":
     return optax.constant_schedule(tc.lr_start)
@@ -59,7 +61,7 @@ def make_optimizer(tc, steps_per_epoch: int, lr_mults: Optional[Dict[str, float]
   """optax chain per config.train (optimizer, momentum, weight_decay) with optional
   per-top-level-module learning-rate multipliers, e.g. {'backbone': 0.1}."""
   if tc.optimizer not in OPTIMIZERS:
-    raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
+    raise errors.InvalidInput(f"train.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
   schedule = learning_rate_schedule(tc, steps_per_epoch)
 
   def one(mult):
@@ -86,7 +88,18 @@ def checkpoint_manager(workdir: str, every_steps: int, keep: int = 2,
   """Periodic checkpoints in WORKDIR/<name>; orbax also saves at preemption signals."""
   options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, every_steps), max_to_keep=keep,
                                          create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, name)), options=options)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, name)), options=options,
+                              item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _shapes(tree) -> Dict[str, str]:
+  """path -> (shape, dtype) with one path spelling for flax structs, optax namedtuples and
+  the plain dicts/lists orbax's metadata holds ('opt_state/1/0/mu/head/...')."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = re.findall(r"\.(\w+)|\['([^']*)'\]|\[(\d+)\]", jax.tree_util.keystr(path))
+    out["/".join("".join(p) for p in parts)] = f"{np.dtype(leaf.dtype)}{list(leaf.shape)}"
+  return out
 
 
 # What a checkpoint's state and step numbering depend on: resuming with any of these
@@ -123,8 +136,8 @@ def check_run(mngr: ocp.CheckpointManager, config, **facts):
   diff = [f"{k}: {old['config'].get(k, '<unset>')!r} in the checkpointed run, {now.get(k, '<unset>')!r} now"
           for k in sorted(set(old["config"]) | set(now)) if old["config"].get(k) != now.get(k)]
   if diff:
-    raise ValueError(f"the checkpoints in {mngr.directory} do not match this config: " + "; ".join(diff[:8]) +
-                     ". Use a fresh --workdir, or run with the checkpointed settings.")
+    raise errors.InvalidInput(f"the checkpoints in {mngr.directory} do not match this config: " + "; ".join(diff[:8]) +
+                              ". Use a fresh --workdir, or run with the checkpointed settings.")
   if (old["processes"], old["devices"]) != (jax.process_count(), jax.device_count()):
     logging.info("Resuming a run checkpointed by %d process(es) with %d device(s) on %d process(es) with %d "
                  "device(s)", old["processes"], old["devices"], jax.process_count(), jax.device_count())
@@ -139,11 +152,21 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainStat
   if step is None:
     return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  # Compared before orbax starts reading: a restore that fails half-way leaves orbax's
+  # reads un-awaited (their errors surface later, as "never retrieved" noise).
+  saved, want = _shapes(mngr.item_metadata(step)), _shapes(abstract)
+  diff = [f"{k}: {saved.get(k, 'absent')} in the checkpoint, {want.get(k, 'absent')} now"
+          for k in sorted(set(saved) | set(want), key=lambda k: (not k.startswith("params"), k))
+          if saved.get(k) != want.get(k)]
+  if diff:
+    raise errors.InvalidInput(f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
+                              f"config (model, bits, mode?): {'; '.join(diff[:4])}"
+                              f"{f' and {len(diff) - 4} more' if len(diff) > 4 else ''}. Use a fresh --workdir.")
   try:
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:
-    raise ValueError(f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
-                     f"config (model, bits, mode?). Use a fresh --workdir. ({e})") from e
+    raise errors.InvalidInput(f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
+                              f"config (model, bits, mode?). Use a fresh --workdir. ({e})") from e
   logging.info("Resumed from checkpoint at step %d in %s", step, mngr.directory)
   return restored
 

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (set before JAX initialises), quiet TF, shared fixtures."""
 
+import logging
 import os
 import pathlib
 
@@ -13,8 +14,50 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 UCMERCED = REPO.parent / "shared" / "data" / "ucmerced"
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """(root, workdir, data): a tiny DHCNN trained on generated class folders, with its
+  encoder in workdir/encoder (shared by the tools and serving tests)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(REPO / "configs"))
+  import dhcnn as dhcnn_config  # pylint: disable=g-import-not-at-top
+  from rshash_jax import train  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tools")
+  c = dhcnn_config.get_config("tiny")
+  c.data.generated_per_class = 10
+  res = train.train_and_evaluate(c, str(root / "w"))
+  data = os.path.dirname(os.path.dirname(res["dataset_description"].split(" in ", 1)[1] + "/x/y"))
+  return root, str(root / "w"), data
+
+
 @pytest.fixture
 def ucmerced_dir():
   if not UCMERCED.is_dir():
     pytest.skip(f"real data not found at {UCMERCED}")
   return UCMERCED
+
+
+class _LostAsyncErrors(logging.Handler):
+  """asyncio reports a task or future whose exception nobody retrieved through its logger
+  ("Task exception was never retrieved"), not as an exception: collect those."""
+
+  def __init__(self):
+    super().__init__(logging.ERROR)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def no_lost_async_errors():
+  """A test fails when it leaves an asyncio error behind (orbax runs its I/O on asyncio: a
+  refused or failed checkpoint operation must be finished, not abandoned)."""
+  handler = _LostAsyncErrors()
+  log = logging.getLogger("asyncio")
+  log.addHandler(handler)
+  try:
+    yield
+  finally:
+    log.removeHandler(handler)
+  assert not handler.messages, f"asyncio errors left behind: {handler.messages}"

@@ -55,6 +55,53 @@ def test_torch_reader_errors(tmp_path):
     pickle.dump(os.getcwd, f)  # any global outside the allow-list
   with pytest.raises(ValueError, match="refusing to load global"):
     torch_pickle.load_state_dict(evil)
+  with open(evil, "wb") as f:  # the header pickles are read with no globals at all
+    pickle.dump(_RunsCode("touch " + str(tmp_path / "pwned")), f)
+  with pytest.raises(ValueError, match="evil.pth.*refusing to load global (posix|os).system"):
+    torch_pickle.load_state_dict(evil)
+  assert not (tmp_path / "pwned").exists()
+
+
+class _RunsCode:
+  """Pickles as a call of os.system: what a crafted weights file does."""
+
+  def __init__(self, cmd):
+    self.cmd = cmd
+
+  def __reduce__(self):
+    return (os.system, (self.cmd,))
+
+
+def test_no_pickle_reader_outside_the_allow_listed_one():
+  """Every pickle read in the package goes through rshash_jax/safe_pickle.py: no
+  pickle.load(s)/Unpickler, np.load without allow_pickle=False, or other pickle-based
+  loaders (joblib, dill, shelve, marshal, torch.load) anywhere else."""
+  import ast  # pylint: disable=g-import-not-at-top
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rshash_jax")
+  found = []
+  for d, _, files in os.walk(root):
+    for name in files:
+      if not name.endswith(".py"):
+        continue
+      path = os.path.join(d, name)
+      rel = os.path.relpath(path, root)
+      tree = ast.parse(open(path).read(), path)
+      for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+          mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+          for m in mods:
+            if m.split(".")[0] in ("joblib", "dill", "shelve", "marshal", "cloudpickle", "torch") or (
+                m == "pickle" and rel != "safe_pickle.py" and isinstance(node, ast.ImportFrom)):
+              found.append(f"{rel}:{node.lineno} imports {m}")
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pickle":
+          if node.attr in ("load", "loads", "Unpickler", "_Unpickler") and rel != "safe_pickle.py":
+            found.append(f"{rel}:{node.lineno} uses pickle.{node.attr}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" and (
+            isinstance(node.func.value, ast.Name) and node.func.value.id in ("np", "numpy")):
+          kw = {k.arg: k.value for k in node.keywords}
+          if not (isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False):
+            found.append(f"{rel}:{node.lineno} calls np.load without allow_pickle=False")
+  assert not found, found
 
 
 # --- EfficientNet-Lite ---------------------------------------------------------------
@@ -224,6 +271,19 @@ def test_squeezenet_pickle_loader_round_trip(tmp_path):
     pickle.dump(weights, f)
   with pytest.raises(ValueError, match=r"wrong shape \(1\): params/fire5/expand3x3/kernel"):
     squeezenet.load_weights(str(path))
+
+
+def test_squeezenet_loader_refuses_pickles_that_run_code(tmp_path):
+  path = tmp_path / "evil.pkl"
+  for payload, refused in [({"conv1": [_RunsCode("touch " + str(tmp_path / "pwned")), None]},
+                            "refusing to load global (posix|os).system"),
+                           ({"conv1": [np.array([open, print], dtype=object), None]}, "refusing an object array"),
+                           ({"conv1": [eval, None]}, "refusing to load global builtins.eval")]:
+    with open(path, "wb") as f:
+      pickle.dump(payload, f)
+    with pytest.raises(ValueError, match=f"evil.pkl: cannot unpickle SqueezeNet weights: {refused}"):
+      squeezenet.load_weights(str(path))
+  assert not (tmp_path / "pwned").exists()
 
 
 # --- every backbone: shapes and bf16 -------------------------------------------------

@@ -9,6 +9,7 @@ files bit for bit.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -112,8 +113,10 @@ def test_encode_on_two_processes_writes_the_codes_of_one(reference, tmp_path):
 def test_bad_process_setups_fail_with_a_clear_error(tmp_path):
   # A global batch the process count does not divide (2 processes, batch 9).
   proc = _local(2, 1, *TINY, f"--workdir={tmp_path / 'w'}", "--config.train.batch_size=9")
-  assert proc.returncode != 0
-  assert "failed: ValueError: train.batch_size=9 is not divisible by the 2 processes" in proc.stdout
+  assert proc.returncode == 2, proc.stdout[-3000:]
+  assert re.search(r"rshash: error: process [01] of 2: train.batch_size=9 is not divisible by the 2 processes",
+                   proc.stdout)
+  assert "Traceback" not in proc.stdout
   assert "launch/local.sh: process" in proc.stderr
   # No coordinator: process 1 alone gives up after RSHASH_INIT_TIMEOUT with a message.
   with socket.socket() as s:
@@ -124,12 +127,13 @@ def test_bad_process_setups_fail_with_a_clear_error(tmp_path):
   t0 = time.monotonic()
   proc = subprocess.run([sys.executable, "-m", "rshash_jax.main", *TINY, f"--workdir={tmp_path / 'x'}"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0 and time.monotonic() - t0 < 60
-  assert f"cannot reach the coordinator at localhost:{port} within 3 s" in proc.stderr
+  assert proc.returncode == 2 and time.monotonic() - t0 < 60
+  assert f"rshash: error: cannot reach the coordinator at localhost:{port} within 3 s" in proc.stderr
+  assert "Traceback" not in proc.stderr
   env.update(JAX_PROCESS_ID="2")
   proc = subprocess.run([sys.executable, "-m", "rshash_jax.main", *TINY, f"--workdir={tmp_path / 'x'}"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0 and "JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)" in proc.stderr
+  assert proc.returncode == 2 and "rshash: error: JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)" in proc.stderr
 
 
 def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path, reference):

@@ -17,16 +17,6 @@ import dhcnn as dhcnn_config  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  root = tmp_path_factory.mktemp("tools")
-  c = dhcnn_config.get_config("tiny")
-  c.data.generated_per_class = 10
-  res = train.train_and_evaluate(c, str(root / "w"))
-  data = os.path.dirname(os.path.dirname(res["dataset_description"].split(" in ", 1)[1] + "/x/y"))
-  return root, str(root / "w"), data
-
-
 def test_export_and_load_encoder_on_1_and_8_devices(trained):
   root, workdir, data = trained
   out = str(root / "exported")
@@ -103,6 +93,62 @@ def test_cli_help_lists_commands():
                         text=True, timeout=300)
   for word in ("encode", "search", "export", "--encoder", "--codes"):
     assert word in proc.stdout
+
+
+def test_cli_input_errors_are_one_line_and_exit_2(trained, tmp_path):
+  """Each expected error through the real command line: one `rshash: error:` line naming
+  the value or file, exit 2, no traceback; --traceback adds the trace; a bug keeps its
+  traceback and exits 1. (An unreachable coordinator: test_multiprocess.py.)"""
+  root, workdir, data = trained
+  corrupt = tmp_path / "corrupt"
+  for c in ("a", "b"):
+    (corrupt / c).mkdir(parents=True)
+    for i in range(2):
+      (corrupt / c / f"{i}.png").write_bytes(open(os.path.join(data, "class00", sorted(
+          os.listdir(os.path.join(data, "class00")))[i]), "rb").read())
+  (corrupt / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+  np.savez(tmp_path / "foreign.npz", format=tools.CODES_FORMAT, identity="0123456789abcdef", bits=8,
+           codes=np.zeros((1, 1), np.uint32))
+  (tmp_path / "exists.npz").write_bytes(b"")
+  query = os.path.join(data, "class00", sorted(os.listdir(os.path.join(data, "class00")))[0])
+  tiny = ["--config=configs/dhcnn.py:tiny", f"--workdir={tmp_path / 'w'}"]
+  cases = {  # argv -> what the one line must say
+      "bad value": (tiny + ["--config.model.bits=-3"], "config.model.bits=-3 is invalid"),
+      "bad type": (tiny + ["--config.train.epochs=abc"], "flag --config.train.epochs=abc: "),
+      "bad preset": (["--config=configs/dhcnn.py:bogus"], "unknown preset 'bogus'"),
+      "unknown flag": (["--nosuch=1"], "Unknown command line flag 'nosuch'"),
+      "missing dataset": (tiny + ["--config.data.source=folder:/no/such/dir"], "not found: /no/such/dir"),
+      "corrupt image": (["encode", f"--encoder={workdir}", f"--data={corrupt}", f"--out={tmp_path / 'o.npz'}"],
+                        "broken.png"),
+      "foreign codes": (["search", f"--encoder={workdir}", f"--codes={tmp_path / 'foreign.npz'}", query],
+                        "re-encode the database"),
+      "existing output": (["encode", f"--encoder={workdir}", f"--data={data}", f"--out={tmp_path / 'exists.npz'}"],
+                          "exists, nothing overwritten"),
+      "usage": (["search", f"--encoder={workdir}"], "search needs --codes"),
+      "with --traceback": (["--traceback", "encode", "--encoder=/no/encoder", f"--data={data}", "--out=x.npz"],
+                           "not an exported encoder (no encoder.json): /no/encoder"),
+  }
+  bug = ("import sys; from rshash_jax import main, tools\n"
+         "def broken(*a, **k): raise KeyError('a bug')\n"
+         "tools.export = broken; sys.argv = ['rshash', 'export', '--workdir=w', '--out=o']; main.run()")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.pop("RSHASH_TRACEBACK", None)
+  procs = {name: subprocess.Popen([sys.executable, "-m", "rshash_jax.main", *argv], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for name, (argv, _) in cases.items()}
+  procs["bug"] = subprocess.Popen([sys.executable, "-c", bug], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    if name == "bug":
+      assert proc.returncode == 1 and "Traceback" in err and "KeyError: 'a bug'" in err, err[-2000:]
+      assert "rshash: error:" not in err
+      continue
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 2, (name, err[-2000:])
+    assert last.startswith("rshash: error: ") and cases[name][1] in last, (name, last)
+    assert ("Traceback" in err) == (name == "with --traceback"), (name, err[-2000:])
+  assert not (tmp_path / "o.npz").exists() and (tmp_path / "exists.npz").read_bytes() == b""
 
 
 def test_finetune_starts_from_a_frozen_runs_head(trained, tmp_path):

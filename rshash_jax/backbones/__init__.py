@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rshash_jax import errors
 from rshash_jax.backbones import alexnet, efficientnet_lite, squeezenet, vgg_f
 from rshash_jax.backbones.common import Preprocessing
 
@@ -63,10 +64,10 @@ def build(name: str, *, image_size: Optional[int] = None, dtype: Any = jnp.float
           lrn_params=None) -> Tuple[nn.Module, Preprocessing, int]:
   """(module, preprocessing, feature_dim) of backbone `name`, without any weights."""
   if name not in NAMES:
-    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(NAMES)}")
+    raise errors.InvalidInput(f"unknown backbone {name!r}; choose one of {', '.join(NAMES)}")
   if name == "vgg_f":
     if image_size not in (None, 224):
-      raise ValueError(f"vgg_f takes 224x224 input (its fc6 is a 6x6 conv), got image_size={image_size}")
+      raise errors.InvalidInput(f"vgg_f takes 224x224 input (its fc6 is a 6x6 conv), got image_size={image_size}")
     module = vgg_f.VGGF(lrn_params=lrn_params or vgg_f.DEFAULT_LRN, dtype=dtype)
     pre, dim = vgg_f.preprocessing(), vgg_f.FEATURE_DIM
   elif name == "alexnet":
@@ -104,7 +105,7 @@ def create(name: str, *, pretrained: bool = True, weights_path: Optional[str] = 
     elif name == "squeezenet":
       variables = squeezenet.load_weights(weights_path)
     else:
-      raise ValueError(f"{name} has no pretrained weights; set pretrained=False")
+      raise errors.InvalidInput(f"{name} has no pretrained weights; set pretrained=False")
   if variables is None:
     variables = dict(jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, pre.size, pre.size, 3), jnp.float32)))
   return Backbone(name, module, variables, pre, dim, pretrained)

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rshash_jax import errors
+
 Params = Dict[str, Any]
 
 IMAGENET_MEAN_RGB_01 = (0.485, 0.456, 0.406)
@@ -31,7 +33,7 @@ class Preprocessing:
     """images: uint8/float [B, size, size, 3] RGB in [0, 255] -> normalised model input."""
     x = jnp.asarray(images, jnp.float32)
     if x.shape[-3:] != (self.size, self.size, 3):
-      raise ValueError(f"expected images [..., {self.size}, {self.size}, 3], got {x.shape}")
+      raise errors.InvalidInput(f"expected images [..., {self.size}, {self.size}, 3], got {x.shape}")
     if self.bgr:
       x = x[..., ::-1]
     mean = jnp.asarray(self.mean, jnp.float32)
@@ -70,7 +72,7 @@ def check_and_assign(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str
       lines.append(f"unexpected ({len(unexpected)}): {_head(unexpected)}")
     if bad:
       lines.append(f"wrong shape ({len(bad)}): {_head(bad, sep='; ')}")
-    raise ValueError(f"{source}: weights do not match the model\n  " + "\n  ".join(lines))
+    raise errors.InvalidInput(f"{source}: weights do not match the model\n  " + "\n  ".join(lines))
   return {k: np.asarray(found[k], np.float32) for k in expected}
 
 
@@ -104,6 +106,6 @@ def param_shapes(module, size: int) -> Dict[str, Tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
 
 
-def missing_weights_error(what: str, how: str, path: Optional[str] = None) -> FileNotFoundError:
+def missing_weights_error(what: str, how: str, path: Optional[str] = None) -> errors.NotFound:
   where = f" at {path}" if path else ""
-  return FileNotFoundError(f"{what} weights not found{where}. {how}")
+  return errors.NotFound(f"{what} weights not found{where}. {how}")

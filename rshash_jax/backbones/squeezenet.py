@@ -11,12 +11,12 @@ the per-channel mean, 227x227.
 """
 
 import os
-import pickle
 from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rshash_jax import errors, safe_pickle
 from rshash_jax.backbones import common
 
 FEATURE_DIM = 512
@@ -88,7 +88,7 @@ def convert(weights: Dict[str, Any], source: str = "weights") -> Dict[str, Any]:
   flat_in = {}
   for name, value in weights.items():
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-      raise ValueError(f"{source}: entry {name!r} is not a [kernel, bias] pair")
+      raise errors.InvalidInput(f"{source}: entry {name!r} is not a [kernel, bias] pair")
     flat_in[f"params/{name}/kernel"], flat_in[f"params/{name}/bias"] = value
   return common.unflatten(common.check_and_assign(shapes, flat_in, source))
 
@@ -100,9 +100,9 @@ def load_weights(path: Optional[str] = None) -> Dict[str, Any]:
     raise common.missing_weights_error("SqueezeNet 1.1", "Check weights_path.", path)
   with open(path, "rb") as f:
     try:
-      weights = pickle.load(f)
-    except Exception as e:  # any unpickling failure: name the file
-      raise ValueError(f"{path}: cannot unpickle SqueezeNet weights: {e}") from e
+      weights = safe_pickle.load_numpy(f, what="SqueezeNet weights")
+    except Exception as e:  # any unpickling failure, a refused global included: name the file
+      raise errors.InvalidInput(f"{path}: cannot unpickle SqueezeNet weights: {e}") from e
   if not isinstance(weights, dict):
-    raise ValueError(f"{path}: expected a dict of layer weights, found {type(weights).__name__}")
+    raise errors.InvalidInput(f"{path}: expected a dict of layer weights, found {type(weights).__name__}")
   return convert(weights, source=path)

@@ -24,6 +24,8 @@ from typing import Dict
 
 import numpy as np
 
+from rshash_jax import errors, safe_pickle
+
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -59,11 +61,11 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
   return data
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(safe_pickle.RestrictedUnpickler):
   """Resolves only the globals a state dict needs."""
 
   def __init__(self, file, load_storage):
-    super().__init__(file)
+    super().__init__(file, {}, what="a torch state dict")
     self._load_storage = load_storage
 
   def find_class(self, module, name):
@@ -122,7 +124,7 @@ def _load_zip(path: str):
     names = zf.namelist()
     pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
     if len(pkl) != 1:
-      raise ValueError(f"{path}: zip torch file without exactly one data.pkl (found {pkl})")
+      raise errors.InvalidInput(f"{path}: zip torch file without exactly one data.pkl (found {pkl})")
     root = pkl[0][:-len("data.pkl")]
     refs = {}
 
@@ -135,36 +137,36 @@ def _load_zip(path: str):
     for ref in refs.values():
       member = f"{root}data/{ref.key}"
       if member not in names:
-        raise ValueError(f"{path}: storage {member} referenced by data.pkl is missing")
+        raise errors.InvalidInput(f"{path}: storage {member} referenced by data.pkl is missing")
       storages[id(ref)] = _as_array(zf.read(member), ref.storage_type)
   return obj, storages
 
 
 def _load_legacy(path: str, f):
-  magic = pickle.load(f)
+  magic = safe_pickle.load(f, what="a torch file header")
   if magic != _LEGACY_MAGIC:
-    raise ValueError(f"{path}: not a torch file (bad magic number {magic!r})")
-  protocol = pickle.load(f)
+    raise errors.InvalidInput(f"{path}: not a torch file (bad magic number {magic!r})")
+  protocol = safe_pickle.load(f, what="a torch file header")
   if protocol != 1001:
-    raise ValueError(f"{path}: unsupported legacy torch protocol {protocol}")
-  pickle.load(f)  # sys_info: endianness and C type sizes, informational
+    raise errors.InvalidInput(f"{path}: unsupported legacy torch protocol {protocol}")
+  safe_pickle.load(f, what="a torch file header")  # sys_info: endianness and C type sizes, informational
   refs = {}
 
   def load_storage(storage_type, key):
     return refs.setdefault(key, _StorageRef(storage_type, key))
 
   obj = _Unpickler(f, load_storage).load()
-  keys = pickle.load(f)
+  keys = safe_pickle.load(f, what="a torch storage list")
   storages = {}
   for key in keys:
     ref = refs.get(str(key))
     (numel,) = np.frombuffer(f.read(8), dtype="<i8")
     if ref is None:
-      raise ValueError(f"{path}: storage {key} is not referenced by the object pickle")
+      raise errors.InvalidInput(f"{path}: storage {key} is not referenced by the object pickle")
     itemsize = _itemsize(ref.storage_type)
     raw = f.read(int(numel) * itemsize)
     if len(raw) != int(numel) * itemsize:
-      raise ValueError(f"{path}: truncated storage {key} ({len(raw)} of {numel * itemsize} bytes)")
+      raise errors.InvalidInput(f"{path}: truncated storage {key} ({len(raw)} of {numel * itemsize} bytes)")
     storages[id(ref)] = _as_array(raw, ref.storage_type)
   return obj, storages
 
@@ -177,7 +179,7 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"torch weights file not found: {path}")
+    raise errors.NotFound(f"torch weights file not found: {path}")
   try:
     if zipfile.is_zipfile(path):
       obj, storages = _load_zip(path)
@@ -185,10 +187,10 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
       with open(path, "rb") as f:
         obj, storages = _load_legacy(path, f)
   except (pickle.UnpicklingError, EOFError) as e:
-    raise ValueError(f"{path}: cannot read as a torch state dict: {e}") from e
+    raise errors.InvalidInput(f"{path}: cannot read as a torch state dict: {e}") from e
   obj = _materialise(obj, storages)
   if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]
   if not isinstance(obj, dict):
-    raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    raise errors.InvalidInput(f"{path}: expected a state dict, found {type(obj).__name__}")
   return dict(obj)

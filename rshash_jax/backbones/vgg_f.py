@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from rshash_jax import errors
 from rshash_jax.backbones import common
 
 FEATURE_DIM = 4096
@@ -85,15 +86,15 @@ def read_mat(path: str) -> Tuple[Dict[str, Any], Tuple[float, ...], np.ndarray]:
   try:
     mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
   except Exception as e:  # scipy raises several types for bad files: name the file
-    raise ValueError(f"{path}: cannot read as a MatConvNet .mat file: {e}") from e
+    raise errors.InvalidInput(f"{path}: cannot read as a MatConvNet .mat file: {e}") from e
   if "layers" not in mat:
-    raise ValueError(f"{path}: no 'layers' variable; not a MatConvNet simplenn model")
+    raise errors.InvalidInput(f"{path}: no 'layers' variable; not a MatConvNet simplenn model")
   norm = mat.get("normalization")
   if norm is None and "meta" in mat:
     norm = _field(mat["meta"], "normalization")
   mean = _field(norm, "averageImage") if norm is not None else None
   if mean is None:
-    raise ValueError(f"{path}: no normalization.averageImage (mean image)")
+    raise errors.InvalidInput(f"{path}: no normalization.averageImage (mean image)")
   weights, lrn_params = {}, None
   for layer in np.atleast_1d(mat["layers"]):
     kind, name = _field(layer, "type"), _field(layer, "name")
