@@ -91,6 +91,38 @@ def decode_file(path: str):
   return tf.constant(datasets.decode_pil(path))
 
 
+# PIL's names of the formats `decode_file` hands to TensorFlow (by extension).
+_TF_PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF")
+# PIL modes of 8-bit pictures (grey, palette, RGB, with or without alpha): what an RGB
+# encoder takes. Others (16-bit or float rasters, many bands) are refused, not clipped.
+PICTURE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+
+
+def decode_bytes(data: bytes, name: str = "upload") -> np.ndarray:
+  """An image file's contents (not a path: an upload) as uint8 [H, W, 3], by the decoder
+  `decode_file` would use for that format, so a file searched by upload or by path gives
+  the same pixels. Errors name `name` and say what is wrong."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      fmt, mode, bands = im.format, im.mode, len(im.getbands())
+      if mode not in PICTURE_MODES:
+        raise errors.InvalidInput(f"{name}: a {fmt} image of mode {mode} ({bands} band(s)) is not an 8-bit "
+                                  "RGB or grey picture; this encoder takes 3-band (RGB) images")
+      if fmt not in _TF_PIL_FORMATS:
+        return np.asarray(im.convert("RGB"), np.uint8)
+  except errors.UserError:
+    raise
+  except Exception:  # PIL cannot even read the header: not an image
+    raise errors.InvalidInput(f"{name}: not an image (not PNG, JPEG, BMP, GIF, WebP, TIFF or another "
+                              "format PIL reads)") from None
+  try:
+    return tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8).numpy()
+  except tf.errors.OpError as e:
+    raise errors.InvalidInput(f"{name}: corrupt {fmt} image ({e.message.splitlines()[0]})") from None
+
+
 def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1) -> np.ndarray:
   """Eager `decode_file` + `resize`: exactly what the pipelines feed a model for this file."""
   return resize(decode_file(path), size, resize_size, degrade).numpy()

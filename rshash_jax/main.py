@@ -9,8 +9,12 @@ r"""rshash_jax command line: train, encode, search, export.
   # search: query images (files or folders) against a codes file; table + PNG grid
   python -m rshash_jax.main search --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz --k=8 \
       --png=/tmp/hits.png QUERY.tif [MORE ...]
-  # export: an inference-only encoder (orbax) that rshash_jax.load_encoder(path) restores
+  # export: an inference-only encoder (orbax) that rshash_jax.load_encoder(path) restores,
+  # or a TensorFlow SavedModel (images or image files in, packed codes out; no JAX needed)
   python -m rshash_jax.main export --workdir=/tmp/dhcnn --out=/tmp/dhcnn_encoder
+  python -m rshash_jax.main export --workdir=/tmp/dhcnn --out=/tmp/dhcnn_sm --format=saved_model
+  # serve: a search service (JSON API + web page) over a codes file, on 127.0.0.1:8080
+  python -m rshash_jax.main serve --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz --port=8080
 
 --config takes an ml_collections config file, optionally `file.py:PRESETS` (see the
 file's docstring); `--config.FIELD=VALUE` overrides any field. Training writes
@@ -37,18 +41,24 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "train: config file (file.py or file.py:presets).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "train/export: directory of checkpoints, logs, results, encoder.")
-flags.DEFINE_string("encoder", None, "encode/search: an exported encoder or a training workdir.")
+flags.DEFINE_string("encoder", None, "encode/search/serve: an exported encoder or a training workdir.")
 flags.DEFINE_string("data", None, "encode: class-folder root, any image folder, or tfds:NAME[:split].")
 flags.DEFINE_string("out", None, "encode: codes file (.npz) to write; export: encoder directory to create.")
-flags.DEFINE_string("codes", None, "search: codes file written by encode.")
+flags.DEFINE_string("codes", None, "search/serve: codes file written by encode.")
+flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on (0.0.0.0: every interface).")
+flags.DEFINE_integer("port", 8080, "serve: TCP port.")
+flags.DEFINE_float("max_upload_mb", 16, "serve: largest accepted request body (MiB).")
 flags.DEFINE_integer("k", 10, "search: results per query.")
 flags.DEFINE_string("png", None, "search: write a retrieval grid PNG here.")
 flags.DEFINE_integer("batch_size", 64, "encode: images per batch (over all devices).")
 flags.DEFINE_integer("chunk", 4096, "encode: images per resumable chunk.")
+flags.DEFINE_enum("format", "encoder", ["encoder", "saved_model"],
+                  "export: `encoder` (orbax, for rshash_jax.load_encoder) or `saved_model` (TensorFlow "
+                  "SavedModel with preprocessing; see rshash_jax/serving/saved_model.py).")
 flags.DEFINE_bool("traceback", False, "show the full traceback of errors in the input too "
                   "(default from RSHASH_TRACEBACK=1).")
 
-COMMANDS = ("train", "encode", "search", "export")
+COMMANDS = ("train", "encode", "search", "export", "serve")
 
 
 class _QuietOrbax:
@@ -159,9 +169,21 @@ def _command(command, args):
     tools.search(FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png)
     if FLAGS.png:
       _say(f"\ngrid: {FLAGS.png}")
+  elif command == "serve":
+    _require("serve", "encoder", "codes")
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      raise app.UsageError("serve runs in one process (it holds the whole index); start it without "
+                           "JAX_COORDINATOR_ADDRESS / RSHASH_DISTRIBUTED")
+    from rshash_jax.serving import service  # pylint: disable=g-import-not-at-top
+    service.serve(FLAGS.encoder, FLAGS.codes, host=FLAGS.host, port=FLAGS.port, max_upload_mb=FLAGS.max_upload_mb)
   else:
     _require("export", "workdir", "out")
-    _say(f"encoder: {tools.export(FLAGS.workdir, FLAGS.out)}")
+    if FLAGS.format == "saved_model":
+      from rshash_jax.serving import saved_model  # pylint: disable=g-import-not-at-top
+      _say(f"SavedModel: {saved_model.export_saved_model(FLAGS.workdir, FLAGS.out)}")
+    else:
+      _say(f"encoder: {tools.export(FLAGS.workdir, FLAGS.out)}")
 
 
 def _parse_flags(argv):

@@ -1,0 +1,95 @@
+"""An encoder as a TensorFlow SavedModel: images in, packed codes and class scores out.
+
+  python -m rshash_jax.main export --workdir=/tmp/dhcnn --out=/tmp/dhcnn_sm --format=saved_model
+
+The model is the encoder of `rshash_jax.load_encoder` converted by orbax-export (jax2tf
+with native serialisation: the same StableHLO that JAX compiles, run by TensorFlow's XLA),
+with the input pipeline's own preprocessing in front (`input_pipeline.resize`: optional
+degrade, antialiased bicubic resize to the input size, rounding to uint8; then the
+backbone's normalisation inside the JAX function). Two signatures, any batch size:
+
+  serving_default  images: uint8 [B, H, W, 3], any H and W (one size per batch)
+  encoded          image_bytes: string [B], PNG / JPEG / BMP / GIF file contents
+                   (what tf.io.decode_image reads; WebP and TIFF are not among them)
+
+both returning codes uint32 [B, ceil(bits / 32)] (the packed layout of codes files, LSB
+first), u float32 [B, bits] (the continuous outputs) and, for DHCNN, logits float32
+[B, classes] and predicted int32 [B]. `assets.extra/encoder.json` holds the encoder's
+metadata (bits, classes, identity: codes files encoded by it carry the same identity).
+
+Serve it with TensorFlow Serving (`tensorflow_model_server --model_base_path=DIR_PARENT`,
+the export in a numbered version folder) or load it anywhere TensorFlow runs:
+`tf.saved_model.load(DIR).signatures["encoded"](image_bytes=...)`; no JAX needed.
+"""
+
+import json
+import os
+
+from rshash_jax import distributed, encoder as encoder_lib, errors, hamming
+
+
+def _jax_function(enc: encoder_lib.Encoder):
+  """(variables, uint8 images [B, S, S, 3]) -> dict of outputs, as Encoder.encode computes them."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  pre, meta, module = enc.preprocessing, enc.meta, enc.module
+
+  def fn(variables, images):
+    x = pre(images, jnp.dtype(meta["dtype"]))
+    if meta["method"] == "dhcnn":
+      u, logits = module.apply(variables, x)
+    else:
+      u, logits = module.apply(variables, x, meta["feature_scale"])
+    u = u.astype(jnp.float32)
+    out = {"codes": hamming.pack_signs(u), "u": u}
+    if logits is not None:
+      out["logits"] = logits.astype(jnp.float32)
+      out["predicted"] = jnp.argmax(out["logits"], axis=1).astype(jnp.int32)
+    return out
+  return fn
+
+
+def export_saved_model(encoder_path: str, out: str) -> str:
+  """Writes the encoder at `encoder_path` (an export or a training workdir) as a SavedModel
+  directory `out` (never overwrites)."""
+  if distributed.agree(f"export {out} exists", os.path.exists(out)):
+    raise errors.AlreadyExists(f"export path exists, nothing written: {out}")
+  enc = encoder_lib.load_encoder(encoder_path)
+  distributed.write_once(os.path.abspath(out), lambda tmp: _write(enc, tmp), name="SavedModel")
+  return out
+
+
+def _write(enc: encoder_lib.Encoder, path: str):
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from orbax import export as oex  # pylint: disable=g-import-not-at-top
+
+  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  size, degrade = enc.image_size, int(enc.meta.get("degrade", 1))
+  variables = jax.device_get(enc.variables)
+  module = oex.JaxModule(variables, _jax_function(enc), trainable=False,
+                         input_polymorphic_shape="(b, ...)")
+
+  def resize_batch(images):
+    return tf.map_fn(lambda im: input_pipeline.resize(im, size, None, degrade), images,
+                     fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+
+  def decode_batch(image_bytes):
+    def one(b):
+      img = tf.io.decode_image(b, channels=3, expand_animations=False, dtype=tf.uint8)
+      img.set_shape([None, None, 3])
+      return input_pipeline.resize(img, size, None, degrade)
+    return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+
+  configs = [
+      oex.ServingConfig("serving_default",
+                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+                        tf_preprocessor=resize_batch),
+      oex.ServingConfig("encoded", input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+                        tf_preprocessor=decode_batch),
+  ]
+  oex.ExportManager(module, configs).save(path)
+  os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
+  with open(os.path.join(path, "assets.extra", "encoder.json"), "w") as f:
+    json.dump(dict(enc.meta, saved_model_outputs=sorted(["codes", "u"] + (
+        ["logits", "predicted"] if enc.meta["method"] == "dhcnn" else []))), f, indent=1)
+

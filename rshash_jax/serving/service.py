@@ -1,0 +1,333 @@
+"""An HTTP search service over a codes file: a JSON API and a web page.
+
+  python -m rshash_jax.main serve --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz --port=8080
+  # then open http://127.0.0.1:8080/ , or:
+  curl -F image=@query.png 'http://127.0.0.1:8080/api/search?k=10'
+  curl -H 'Content-Type: application/json' -d '{"path": "/data/ucm/beach/beach00.tif"}' \
+      'http://127.0.0.1:8080/api/search?k=10'
+
+The encoder and the index are loaded once. Built on Starlette, served by uvicorn: Starlette
+is the small, well-kept ASGI toolkit FastAPI itself is built on; it has what this needs
+(routing, multipart uploads, an in-process test client) and nothing we would not use.
+
+API (every error is JSON {"error": message} with a 4xx status; the service keeps serving):
+  GET  /api/info             encoder (method, backbone, bits, identity, classes) and index size
+  GET  /api/archive?offset=&limit=   archive entries [{id, path, label}] (limit <= 200)
+  POST /api/search?k=N       query: multipart field `image` (an image file: PNG, JPEG, BMP,
+                             GIF, WebP, TIFF), or JSON {"path": P} / {"id": I} naming an
+                             archive image. -> {"query": {...}, "hits": [{"rank", "id",
+                             "path", "distance", "label", ["lon", "lat"]}]} sorted by
+                             (distance, id); "predicted" class for DHCNN encoders.
+  GET  /api/images/{id}?size=S   an archive image as PNG (longer side <= S if given)
+  GET  /                     the web page (static/index.html): upload or pick a query, see
+                             the hits with their distances.
+Status codes: 400 bad request (k, JSON, missing field), 404 unknown id/path, 413 upload over
+--max_upload_mb, 415 not a decodable image, 422 an image this encoder cannot take (16-bit,
+float or many-band rasters), 500 a bug (logged with its traceback).
+
+Requests are encoded and ranked in batches: a worker thread takes every query waiting
+(up to `max_batch`), runs the encoder once over them and ranks them together (one scan of
+the codes for all), so concurrent clients share the work. Batch sizes and k are rounded
+up to powers of two to bound the number of compilations.
+"""
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import logging
+import os
+import queue
+import threading
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from rshash_jax import encoder as encoder_lib, errors, hamming, input_pipeline, tools
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+_log = logging.getLogger("rshash_jax.serving")
+
+
+class HTTPError(Exception):
+  """An error answered as JSON {"error": message} with `status`."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+
+
+@dataclasses.dataclass
+class _Query:
+  image: np.ndarray  # uint8 [S, S, 3], already resized
+  k: int
+  done: concurrent.futures.Future
+
+
+class SearchEngine:
+  """The encoder, the codes file's metadata and a HammingIndex, with a batching worker."""
+
+  def __init__(self, encoder_path: str, codes_path: str, *, max_batch: int = 16):
+    self.encoder = encoder_lib.load_encoder(encoder_path)
+    db = tools.load_codes(codes_path, self.encoder)
+    self.codes_path = codes_path
+    self.paths = [str(p) for p in db["paths"]]
+    self.labels = np.asarray(db["labels"])
+    self.class_names = [str(c) for c in db["class_names"]]
+    coords = [db[k] for k in ("lon", "lat") if k in db]
+    self.lonlat = np.stack(coords, axis=1).astype(np.float64) if len(coords) == 2 else None
+    self.num_codes = len(self.paths)
+    if self.num_codes == 0:
+      raise errors.InvalidInput(f"{codes_path}: the codes file is empty")
+    self._by_path = {p: i for i, p in enumerate(self.paths)}
+    self.index = hamming.HammingIndex(db["codes"], mesh=self.encoder.mesh)
+    self.max_batch = max_batch
+    self._queue: "queue.Queue[Optional[_Query]]" = queue.Queue()
+    self._worker = threading.Thread(target=self._work, name="rshash-search", daemon=True)
+    self._worker.start()
+    self.search_pixels(np.zeros((self.encoder.image_size,) * 2 + (3,), np.uint8), 1)  # compile once
+
+  # -- queries ------------------------------------------------------------------------
+  def entry(self, i: int) -> Dict[str, Any]:
+    lab = int(self.labels[i])
+    out = {"id": i, "path": self.paths[i],
+           "label": self.class_names[lab] if 0 <= lab < len(self.class_names) else None}
+    if self.lonlat is not None and np.isfinite(self.lonlat[i]).all():
+      out["lon"], out["lat"] = float(self.lonlat[i, 0]), float(self.lonlat[i, 1])
+    return out
+
+  def archive_id(self, *, path: Optional[str] = None, id_: Any = None) -> int:
+    if id_ is not None:
+      if isinstance(id_, bool) or not isinstance(id_, int) or not 0 <= id_ < self.num_codes:
+        raise HTTPError(404, f"no archive image with id {id_!r} (ids are 0..{self.num_codes - 1})")
+      return id_
+    i = self._by_path.get(path, self._by_path.get(os.path.abspath(path)) if isinstance(path, str) else None)
+    if i is None:
+      raise HTTPError(404, f"not an image of the archive in {os.path.basename(self.codes_path)}: {path!r}")
+    return i
+
+  def read_archive_image(self, i: int) -> np.ndarray:
+    path = self.paths[i]
+    if not os.path.isfile(path):
+      raise HTTPError(404, f"archive image {i} is not a readable file here: {path}")
+    return input_pipeline.decode_file(path).numpy()
+
+  def search_pixels(self, image: np.ndarray, k: int) -> Dict[str, Any]:
+    """uint8 [H, W, 3] -> {"hits": [...], "predicted": class or None}; blocks until done."""
+    resized = input_pipeline.resize(image, self.encoder.image_size, None,
+                                    int(self.encoder.meta.get("degrade", 1))).numpy()
+    q = _Query(resized, k, concurrent.futures.Future())
+    self._queue.put(q)
+    return q.done.result()
+
+  def close(self):
+    self._queue.put(None)
+    self._worker.join(timeout=10)
+
+  # -- the batching worker ------------------------------------------------------------
+  def _work(self):
+    while True:
+      first = self._queue.get()
+      if first is None:
+        return
+      batch = [first]
+      while len(batch) < self.max_batch:
+        try:
+          nxt = self._queue.get_nowait()
+        except queue.Empty:
+          break
+        if nxt is None:
+          self._queue.put(None)
+          break
+        batch.append(nxt)
+      try:
+        results = self._run(batch)
+      except Exception as e:  # pylint: disable=broad-except
+        for q in batch:
+          q.done.set_exception(e)
+      else:
+        for q, r in zip(batch, results):
+          q.done.set_result(r)
+
+  def _run(self, batch: List[_Query]) -> List[Dict[str, Any]]:
+    n = len(batch)
+    padded = 1 << (n - 1).bit_length()
+    images = np.zeros((padded,) + batch[0].image.shape, np.uint8)
+    images[:n] = np.stack([q.image for q in batch])
+    res = self.encoder.encode(images)
+    k = min(self.num_codes, 1 << (max(q.k for q in batch) - 1).bit_length())
+    dist, idx = self.index.search(res["codes"][:n], k)
+    out = []
+    for r, q in enumerate(batch):
+      hits = [dict(rank=j + 1, distance=int(dist[r, j]), **self.entry(int(idx[r, j]))) for j in range(q.k)]
+      pred = None
+      if "predicted" in res and self.encoder.class_names:
+        pred = self.encoder.class_names[int(res["predicted"][r])]
+      out.append({"hits": hits, "predicted": pred})
+    return out
+
+
+def _png(image: np.ndarray, size: Optional[int]) -> bytes:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  im = Image.fromarray(image)
+  if size:
+    im.thumbnail((size, size))
+  buf = io.BytesIO()
+  im.save(buf, format="PNG")
+  return buf.getvalue()
+
+
+class _BodyLimit:
+  """ASGI middleware: a request body over `limit` bytes is answered 413 (by its declared
+  Content-Length before anything is read, or while it streams in)."""
+
+  def __init__(self, app, limit: int):
+    self.app, self.limit = app, limit
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    headers = dict(scope.get("headers") or [])
+    declared = headers.get(b"content-length")
+    too_large = f"request body over the upload limit of {self.limit} bytes"
+    if declared is not None and declared.isdigit() and int(declared) > self.limit:
+      return await _send_json(send, 413, {"error": too_large})
+    seen = 0
+
+    async def limited_receive():
+      nonlocal seen
+      message = await receive()
+      seen += len(message.get("body", b""))
+      if seen > self.limit:
+        raise HTTPError(413, too_large)
+      return message
+    return await self.app(scope, limited_receive, send)
+
+
+async def _send_json(send, status: int, body: Dict[str, Any]):
+  data = json.dumps(body).encode()
+  await send({"type": "http.response.start", "status": status,
+              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+  await send({"type": "http.response.body", "body": data})
+
+
+def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k: int = 1000):
+  """The Starlette application over `engine` (see the module docstring for the API)."""
+  from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
+  from starlette.concurrency import run_in_threadpool  # pylint: disable=g-import-not-at-top
+  from starlette.exceptions import HTTPException  # pylint: disable=g-import-not-at-top
+  from starlette.responses import FileResponse, JSONResponse, Response  # pylint: disable=g-import-not-at-top
+  from starlette.routing import Route  # pylint: disable=g-import-not-at-top
+
+  def int_param(request, name, default, lo, hi):
+    raw = request.query_params.get(name)
+    if raw is None:
+      return default
+    try:
+      v = int(raw)
+    except ValueError:
+      raise HTTPError(400, f"{name}={raw!r} is not an integer") from None
+    if not lo <= v <= hi:
+      raise HTTPError(400, f"{name}={v} is out of range [{lo}, {hi}]")
+    return v
+
+  async def page(request):
+    del request
+    return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
+
+  async def info(request):
+    del request
+    enc = engine.encoder
+    return JSONResponse({"method": enc.meta["method"], "backbone": enc.meta["backbone"], "bits": enc.bits,
+                         "identity": enc.identity, "image_size": enc.image_size, "classes": enc.class_names,
+                         "num_codes": engine.num_codes, "codes_file": os.path.basename(engine.codes_path),
+                         "has_coordinates": engine.lonlat is not None, "max_upload_bytes": max_upload_bytes})
+
+  async def archive(request):
+    offset = int_param(request, "offset", 0, 0, max(engine.num_codes - 1, 0))
+    limit = int_param(request, "limit", 24, 1, 200)
+    return JSONResponse({"entries": [engine.entry(i) for i in range(offset, min(offset + limit, engine.num_codes))],
+                         "num_codes": engine.num_codes})
+
+  async def search(request):
+    k = int_param(request, "k", 10, 1, min(max_k, engine.num_codes))
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+      async with request.form(max_files=1, max_fields=4) as form:
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+          raise HTTPError(400, "multipart request without a file field `image`")
+        data, name = await upload.read(), upload.filename or "upload"
+      if not data:
+        raise HTTPError(400, f"{name}: empty upload")
+      try:
+        image = await run_in_threadpool(input_pipeline.decode_bytes, data, name)
+      except errors.InvalidInput as e:
+        raise HTTPError(422 if "band" in str(e) else 415, str(e)) from None
+      query = {"upload": name}
+    elif ctype.startswith("application/json"):
+      try:
+        body = json.loads(await request.body())
+      except ValueError as e:
+        raise HTTPError(400, f"request body is not JSON: {e}") from None
+      if not isinstance(body, dict) or not ({"path", "id"} & set(body)):
+        raise HTTPError(400, 'JSON body must be {"path": archive path} or {"id": archive id}')
+      i = engine.archive_id(path=body.get("path"), id_=body.get("id"))
+      try:
+        image = await run_in_threadpool(engine.read_archive_image, i)
+      except errors.InvalidInput as e:
+        raise HTTPError(415, str(e)) from None
+      query = engine.entry(i)
+    else:
+      raise HTTPError(400, "send the query as multipart/form-data (field `image`) or as JSON "
+                           '{"path": ...} / {"id": ...}')
+    result = await run_in_threadpool(engine.search_pixels, image, k)
+    return JSONResponse({"query": query, "k": k, **result})
+
+  async def image(request):
+    try:
+      i = int(request.path_params["id"])
+    except ValueError:
+      raise HTTPError(404, f"no archive image with id {request.path_params['id']!r}") from None
+    i = engine.archive_id(id_=i)
+    size = int_param(request, "size", 0, 0, 4096)
+    try:
+      pixels = await run_in_threadpool(engine.read_archive_image, i)
+    except errors.InvalidInput as e:
+      raise HTTPError(415, str(e)) from None
+    return Response(await run_in_threadpool(_png, pixels, size or None), media_type="image/png",
+                    headers={"Cache-Control": "max-age=3600"})
+
+  async def on_http_error(request, exc):
+    del request
+    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+  async def on_starlette_error(request, exc):
+    del request
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+  async def on_bug(request, exc):
+    _log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
+
+  app = Starlette(routes=[Route("/", page), Route("/api/info", info), Route("/api/archive", archive),
+                          Route("/api/search", search, methods=["POST"]),
+                          Route("/api/images/{id}", image)],
+                  exception_handlers={HTTPError: on_http_error, HTTPException: on_starlette_error,
+                                      Exception: on_bug})
+  return _BodyLimit(app, max_upload_bytes)
+
+
+def serve(encoder_path: str, codes_path: str, *, host: str = "127.0.0.1", port: int = 8080,
+          max_upload_mb: float = 16, max_batch: int = 16):
+  """Loads the index once and serves until interrupted."""
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  engine = SearchEngine(encoder_path, codes_path, max_batch=max_batch)
+  app = create_app(engine, max_upload_bytes=int(max_upload_mb * (1 << 20)))
+  print(f"serving {engine.num_codes} codes of {codes_path} with encoder {engine.encoder.identity} on "
+        f"http://{host}:{port}/", flush=True)
+  try:
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=256,
+                timeout_keep_alive=5)
+  finally:
+    engine.close()
