@@ -58,8 +58,9 @@ def learning_rate_schedule(tc, steps_per_epoch: int):
 
 
 def make_optimizer(tc, steps_per_epoch: int, lr_mults: Optional[Dict[str, float]] = None):
-  """optax chain per config.train (optimizer, momentum, weight_decay) with optional
-  per-top-level-module learning-rate multipliers, e.g. {'backbone': 0.1}."""
+  """optax chain per config.train (optimizer, momentum, weight_decay, grad_clip) with optional
+  per-top-level-module learning-rate multipliers, e.g. {'backbone': 0.1}. grad_clip clips the
+  global norm of all gradients together, before the per-module transforms."""
   if tc.optimizer not in OPTIMIZERS:
     raise errors.InvalidInput(f"train.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
   schedule = learning_rate_schedule(tc, steps_per_epoch)
@@ -75,12 +76,15 @@ def make_optimizer(tc, steps_per_epoch: int, lr_mults: Optional[Dict[str, float]
       parts.append(optax.sgd(lr, momentum=tc.momentum if tc.optimizer == "momentum" else None))
     return optax.chain(*parts)
 
-  if not lr_mults:
-    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), one(1.0)) if tc.grad_clip else one(1.0)
-  labels = lambda params: {k: (k if k in lr_mults else "default") for k in params}
-  txs = {k: one(v) for k, v in lr_mults.items()}
-  txs["default"] = one(1.0)
-  return optax.multi_transform(txs, labels)
+  if lr_mults:
+    labels = lambda params: {k: (k if k in lr_mults else "default") for k in params}
+    txs = {k: one(v) for k, v in lr_mults.items()}
+    txs["default"] = one(1.0)
+    tx = optax.multi_transform(txs, labels)
+  else:
+    tx = one(1.0)
+  # (With multipliers, grad_clip used to be dropped silently.)
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip), tx) if tc.grad_clip else tx
 
 
 def checkpoint_manager(workdir: str, every_steps: int, keep: int = 2,

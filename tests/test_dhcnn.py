@@ -144,6 +144,22 @@ def test_log_epoch_schedule():
   assert np.isclose(sched(7 * 33), 10 ** (-2 - 3 * 33 / 99))
 
 
+@pytest.mark.parametrize("lr_mults", [None, {"backbone": 0.1}])
+def test_grad_clip_applies_with_and_without_lr_multipliers(lr_mults):
+  c = dhcnn_config.get_config("tiny").train
+  c.optimizer, c.weight_decay, c.grad_clip = "sgd", 0.0, 1.0
+  params = {"backbone": jnp.zeros(3), "head": jnp.zeros(4)}
+  grads = {"backbone": jnp.full(3, 100.0), "head": jnp.full(4, 100.0)}
+  tx = train_state.make_optimizer(c, steps_per_epoch=5, lr_mults=lr_mults)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr = float(train_state.learning_rate_schedule(c, 5)(0))
+  # One global norm over both modules, clipped to 1, then each module's rate.
+  scale = 1.0 / float(jnp.sqrt(7 * 100.0 ** 2))
+  np.testing.assert_allclose(updates["head"], -lr * scale * 100.0, rtol=1e-5)
+  np.testing.assert_allclose(updates["backbone"], -lr * (lr_mults or {}).get("backbone", 1.0) * scale * 100.0,
+                             rtol=1e-5)
+
+
 def test_train_step_same_on_1_and_8_devices():
   """Same global batch, same state: the step's loss and new params agree across meshes."""
   assert jax.device_count() >= 8

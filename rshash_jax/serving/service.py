@@ -28,7 +28,8 @@ float or many-band rasters), 500 a bug (logged with its traceback).
 Requests are encoded and ranked in batches: a worker thread takes every query waiting
 (up to `max_batch`), runs the encoder once over them and ranks them together (one scan of
 the codes for all), so concurrent clients share the work. Batch sizes and k are rounded
-up to powers of two to bound the number of compilations.
+up to powers of two to bound the number of compilations; every batch size is compiled
+when the service starts, so no client waits for a compilation.
 """
 
 import concurrent.futures
@@ -85,7 +86,12 @@ class SearchEngine:
     self._queue: "queue.Queue[Optional[_Query]]" = queue.Queue()
     self._worker = threading.Thread(target=self._work, name="rshash-search", daemon=True)
     self._worker.start()
-    self.search_pixels(np.zeros((self.encoder.image_size,) * 2 + (3,), np.uint8), 1)  # compile once
+    # Compile every batch size the worker can form now, not on a client's first burst.
+    blank = _Query(np.zeros((self.encoder.image_size,) * 2 + (3,), np.uint8), min(10, self.num_codes), None)
+    b = 1
+    while b <= 1 << (self.max_batch - 1).bit_length():
+      self._run([blank] * b)
+      b *= 2
 
   # -- queries ------------------------------------------------------------------------
   def entry(self, i: int) -> Dict[str, Any]:
