@@ -11,7 +11,7 @@ Seeded 80/20 per-class split, database = train, queries = test. Prints mAP@R and
 at each code length, and the runtime of each method (feature extraction is done once and
 reported separately).
 
-Settings are chosen without the test queries: --validation=0.25 splits the training part
+To choose settings without the test queries, --validation=0.25 splits the training part
 again (1260 database / 420 queries) and evaluates there, e.g.
     python benchmarks/mrhash_ucmerced.py --validation=0.25 --methods=MrHash-multisource --clusters=16
 """
