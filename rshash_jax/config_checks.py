@@ -1,6 +1,6 @@
 """Config validation before any long work: every error names the field and the value."""
 
-from rshash_jax import backbones, dhcnn, errors, mrhash, train_state
+from rshash_jax import backbones, dhcnn, errors, mrhash, rasters, train_state
 
 MODES = ("frozen", "finetune")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -58,6 +58,8 @@ def check_common(config):
   for f in ("train.epochs", "train.batch_size", "train.log_every_steps", "train.checkpoint_every_steps",
             "eval.batch_size", "features.batch_size"):
     _positive_int(config, f)
+  if "bands" in config.data or "scale" in config.data:
+    rasters.RasterSpec.parse(config.data.get("bands", ""), config.data.get("scale", ""))
   threads = _get(config, "data.threads")
   if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
     _fail("data.threads", threads, "expected 0 (the host's cores) or a positive number of threads")

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from rshash_jax import errors
+from rshash_jax import errors, rasters
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Where `auto` looks for UC Merced, relative to the working directory and to this package.
@@ -44,6 +44,8 @@ class ImageTable:
   # >1: a coarse-resolution view, as a sensor with `degrade` times larger ground sampling
   # distance sees the scene (area-averaged down by this factor, bicubic back up).
   degrade: int = 1
+  # How GeoTIFF/TIFF files become 8-bit RGB (data.bands, data.scale; rshash_jax/rasters.py).
+  raster: rasters.RasterSpec = dataclasses.field(default_factory=rasters.RasterSpec)
 
   @property
   def ids(self) -> np.ndarray:
@@ -56,11 +58,29 @@ class ImageTable:
   def __len__(self):
     return len(self.labels)
 
+  def lonlat(self) -> np.ndarray:
+    """float64 [N, 2] WGS84 (lon, lat) of each image's centre; NaN where a file has no
+    transform and CRS (every non-raster, every TFDS example)."""
+    if self.paths is None:
+      return np.full((len(self), 2), np.nan)
+    if getattr(self, "_lonlat", None) is None:
+      self._lonlat = rasters.table_lonlat(self.paths)  # pylint: disable=attribute-defined-outside-init
+    return self._lonlat
+
+  def with_raster(self, spec: "rasters.RasterSpec") -> "ImageTable":
+    """This table reading its rasters by `spec`; every raster's header is checked against it
+    now (bands present, type scalable), before any long work."""
+    for p in self.paths or []:
+      if rasters.is_raster(p):
+        rasters.check(p, spec)
+    return dataclasses.replace(self, raster=spec)
+
   def fingerprint(self) -> str:
     """Changes whenever the examples or their order change (cache keys)."""
     h = hashlib.sha1(self.name.encode())
     h.update(self.labels.tobytes())
     h.update(f"degrade={self.degrade}".encode() if self.degrade != 1 else b"")
+    h.update(self.raster.describe().encode() if self.raster != rasters.RasterSpec() else b"")
     for p in self.paths or []:
       h.update(p.encode())
     return h.hexdigest()[:12]
@@ -96,6 +116,9 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
 
 def check_image(path: str):
   """Raises ValueError naming `path` if it is not a readable image."""
+  if rasters.is_raster(path):  # rasterio reads what PIL cannot (many bands, 16-bit, float)
+    rasters._open(path).close()  # pylint: disable=protected-access
+    return
   try:
     with Image.open(path) as im:
       im.size  # pylint: disable=pointless-statement
@@ -113,11 +136,19 @@ def decode_pil(path: str) -> np.ndarray:
     raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e})") from e
 
 
-def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1) -> np.ndarray:
+def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1,
+               raster: Optional[rasters.RasterSpec] = None) -> np.ndarray:
   """`path` as uint8 [size, size, 3], exactly as the training and encoding pipelines see it
   (input_pipeline.resize: degrade, antialiased bicubic, optional centre crop)."""
   from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.load_image(path, size, resize_size, degrade)
+  return input_pipeline.load_image(path, size, resize_size, degrade, raster)
+
+
+def decode_other(path: str, raster: Optional[rasters.RasterSpec] = None) -> np.ndarray:
+  """Files TensorFlow does not decode: rasters through rasterio, the rest through PIL."""
+  if rasters.is_raster(path):
+    return rasters.read(path, raster or rasters.RasterSpec())
+  return decode_pil(path)
 
 
 def split_per_class(labels: np.ndarray, train_ratio: float, seed: int):
@@ -244,5 +275,19 @@ def from_config(data_cfg, workdir: str) -> ImageTable:
                      seed=data_cfg.get("seed", 0))
   else:
     raise errors.InvalidInput(f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}")
+  spec = rasters.RasterSpec.parse(data_cfg.get("bands", ""), data_cfg.get("scale", ""))
+  if spec != rasters.RasterSpec():
+    if table.paths is None:
+      raise errors.InvalidInput(f"config.data.bands / data.scale apply to GeoTIFF files; {source} has none")
+    table = table.with_raster(spec)
   logging.info("Dataset %s: %d images, %d classes (%s)", table.name, len(table), table.num_classes, table.description)
   return table
+
+
+def fit_raster(table: ImageTable, train_idx: np.ndarray, seed: int = 0) -> ImageTable:
+  """data.scale=stretch: the per-band percentiles fitted on the training split's rasters."""
+  if not table.raster.needs_fit:
+    return table
+  spec = rasters.fit_stretch([table.paths[i] for i in train_idx], table.raster, seed=seed)
+  logging.info("Raster scaling fitted on %d training images: %s", len(train_idx), spec.describe())
+  return dataclasses.replace(table, raster=spec)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rshash_jax import backbones, dhcnn, distributed, errors, hamming, mrhash, sharding
+from rshash_jax import backbones, dhcnn, distributed, errors, hamming, mrhash, rasters, sharding
 
 FORMAT = "rshash_jax.encoder/1"
 
@@ -114,6 +114,12 @@ class Encoder:
   @property
   def class_names(self) -> List[str]:
     return self.meta["class_names"]
+
+  @property
+  def raster(self) -> rasters.RasterSpec:
+    """How this encoder's training read GeoTIFFs (bands, scaling): applied to every raster
+    it encodes."""
+    return rasters.RasterSpec.from_meta(self.meta.get("raster"))
 
   def _compiled(self):
     if self._fn is None:

@@ -75,20 +75,21 @@ def _decode_tf(path):
   return img
 
 
-def _decode_pil(path):
-  img = tf.numpy_function(lambda p: datasets.decode_pil(p.decode()), [path], tf.uint8, stateful=False)
+def _decode_other(path, raster):
+  img = tf.numpy_function(lambda p: datasets.decode_other(p.decode(), raster), [path], tf.uint8, stateful=False)
   img.set_shape([None, None, 3])
   return img
 
 
-def decode_file(path: str):
-  """One file's pixels, uint8 [H, W, 3], by the decoder its format gets in the pipelines."""
+def decode_file(path: str, raster=None):
+  """One file's pixels, uint8 [H, W, 3], by the decoder its format gets in the pipelines
+  (rasters by `raster`, a rasters.RasterSpec)."""
   if path.lower().endswith(TF_FORMATS):
     try:
       return _decode_tf(tf.constant(path))
     except tf.errors.OpError as e:
       raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e.message.splitlines()[0]})") from None
-  return tf.constant(datasets.decode_pil(path))
+  return tf.constant(datasets.decode_other(path, raster))
 
 
 # PIL's names of the formats `decode_file` hands to TensorFlow (by extension).
@@ -98,12 +99,15 @@ _TF_PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF")
 PICTURE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
-def decode_bytes(data: bytes, name: str = "upload") -> np.ndarray:
+def decode_bytes(data: bytes, name: str = "upload", raster=None) -> np.ndarray:
   """An image file's contents (not a path: an upload) as uint8 [H, W, 3], by the decoder
   `decode_file` would use for that format, so a file searched by upload or by path gives
   the same pixels. Errors name `name` and say what is wrong."""
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  from rshash_jax import rasters  # pylint: disable=g-import-not-at-top
+  if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF / BigTIFF: as files are read
+    return rasters.read_bytes(data, raster or rasters.RasterSpec(), name)
   try:
     with Image.open(io.BytesIO(data)) as im:
       fmt, mode, bands = im.format, im.mode, len(im.getbands())
@@ -123,9 +127,10 @@ def decode_bytes(data: bytes, name: str = "upload") -> np.ndarray:
     raise errors.InvalidInput(f"{name}: corrupt {fmt} image ({e.message.splitlines()[0]})") from None
 
 
-def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1) -> np.ndarray:
+def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1,
+               raster=None) -> np.ndarray:
   """Eager `decode_file` + `resize`: exactly what the pipelines feed a model for this file."""
-  return resize(decode_file(path), size, resize_size, degrade).numpy()
+  return resize(decode_file(path, raster), size, resize_size, degrade).numpy()
 
 
 class ImageSource:
@@ -155,7 +160,8 @@ class ImageSource:
       img.set_shape([self.size, self.size, 3])
       return img
     path = tf.gather(self._paths, i)
-    img = tf.cond(tf.gather(self._use_tf, i), lambda: _decode_tf(path), lambda: _decode_pil(path))
+    raster = self.table.raster
+    img = tf.cond(tf.gather(self._use_tf, i), lambda: _decode_tf(path), lambda: _decode_other(path, raster))
     return resize(img, self.size, self.resize_size, self.table.degrade)
 
   def find_bad(self, indices: np.ndarray, error: Exception):
@@ -164,7 +170,7 @@ class ImageSource:
     if self.table.paths is not None:
       for i in np.unique(indices):
         path = self.table.paths[int(i)]
-        decode_file(path)  # raises ValueError naming `path`
+        decode_file(path, self.table.raster)  # raises ValueError naming `path`
     raise error
 
 

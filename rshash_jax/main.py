@@ -8,7 +8,7 @@ r"""rshash_jax command line: train, encode, search, export.
   python -m rshash_jax.main encode --encoder=/tmp/dhcnn --data=../shared/data/ucmerced --out=/tmp/ucm_codes.npz
   # search: query images (files or folders) against a codes file; table + PNG grid
   python -m rshash_jax.main search --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz --k=8 \
-      --png=/tmp/hits.png QUERY.tif [MORE ...]
+      --png=/tmp/hits.png [--geojson=/tmp/hits.geojson] QUERY.tif [MORE ...]
   # export: an inference-only encoder (orbax) that rshash_jax.load_encoder(path) restores,
   # or a TensorFlow SavedModel (images or image files in, packed codes out; no JAX needed)
   python -m rshash_jax.main export --workdir=/tmp/dhcnn --out=/tmp/dhcnn_encoder
@@ -50,6 +50,8 @@ flags.DEFINE_integer("port", 8080, "serve: TCP port.")
 flags.DEFINE_float("max_upload_mb", 16, "serve: largest accepted request body (MiB).")
 flags.DEFINE_integer("k", 10, "search: results per query.")
 flags.DEFINE_string("png", None, "search: write a retrieval grid PNG here.")
+flags.DEFINE_string("geojson", None, "search: write the queries and hits (WGS84 points, distances) as a GeoJSON "
+                    "FeatureCollection here.")
 flags.DEFINE_integer("batch_size", 64, "encode: images per batch (over all devices).")
 flags.DEFINE_integer("chunk", 4096, "encode: images per resumable chunk.")
 flags.DEFINE_enum("format", "encoder", ["encoder", "saved_model"],
@@ -166,9 +168,11 @@ def _command(command, args):
     _require("search", "encoder", "codes")
     if not args:
       raise app.UsageError("search needs one or more query images or folders after the flags")
-    tools.search(FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png)
+    tools.search(FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png, geojson=FLAGS.geojson)
     if FLAGS.png:
       _say(f"\ngrid: {FLAGS.png}")
+    if FLAGS.geojson:
+      _say(f"GeoJSON: {FLAGS.geojson}")
   elif command == "serve":
     _require("serve", "encoder", "codes")
     import jax  # pylint: disable=g-import-not-at-top

@@ -131,7 +131,8 @@ def view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
       raise errors.NotFound(f"source {spec}: {len(missing)} images missing, e.g. {missing[0]}")
-    return dataclasses.replace(table, paths=paths, description=f"images under {root}")
+    # One data.bands / data.scale for every source: checked against this sensor's rasters.
+    return dataclasses.replace(table, paths=paths, description=f"images under {root}").with_raster(table.raster)
   raise errors.InvalidInput(f"unknown source view {spec!r}: use full, coarseN or folder:DIR")
 
 

@@ -17,12 +17,14 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from rshash_jax import chunk_store, datasets, distributed, encoder as encoder_lib, errors, hamming, input_pipeline
+from rshash_jax import (chunk_store, datasets, distributed, encoder as encoder_lib, errors, hamming, input_pipeline,
+                        rasters)
 
 CODES_FORMAT = "rshash_jax.codes/1"
 
 
-def image_table(data: str, degrade: int = 1, check_images: bool = True) -> datasets.ImageTable:
+def image_table(data: str, degrade: int = 1, check_images: bool = True,
+                raster: Optional[rasters.RasterSpec] = None) -> datasets.ImageTable:
   """folder:DIR, DIR (class folders, or any tree of images: labels -1) or tfds:NAME[:split]."""
   if data.startswith("tfds:"):
     name, _, split = data[len("tfds:"):].partition(":")
@@ -44,6 +46,15 @@ def image_table(data: str, degrade: int = 1, check_images: bool = True) -> datas
       table = datasets.ImageTable(name=os.path.basename(root), labels=np.full(len(paths), -1, np.int32),
                                   class_names=[], paths=paths, description=f"images under {root}")
   table.degrade = degrade
+  if raster is not None and raster != rasters.RasterSpec():
+    if table.paths is None:
+      raise errors.InvalidInput(f"{data}: this encoder reads GeoTIFF bands ({raster.describe()}); a TFDS "
+                                "source has no GeoTIFF files")
+    table = table.with_raster(raster)
+  elif table.paths is not None:
+    for p in table.paths:  # default bands and 8-bit check, before any long work
+      if rasters.is_raster(p):
+        rasters.check(p, rasters.RasterSpec())
   return table
 
 
@@ -59,7 +70,7 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
     out += ".npz"
   if distributed.agree(f"codes {out} exists", os.path.exists(out)):
     raise errors.AlreadyExists(f"codes file exists, nothing overwritten: {out}")
-  table = image_table(data, enc.meta.get("degrade", 1))
+  table = image_table(data, enc.meta.get("degrade", 1), raster=enc.raster)
   n = len(table)
   store = chunk_store.ChunkStore(out + ".parts", n, {"codes": ((hamming.num_words(enc.bits),), "uint32"),
                                                       "predicted": ((), "int32")},
@@ -86,7 +97,9 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
 
   def write(tmp):
     with open(tmp, "wb") as f:
+      lonlat = table.lonlat()
       np.savez(f, format=CODES_FORMAT, codes=arrays["codes"], ids=table.ids, labels=table.labels,
+               lon=lonlat[:, 0], lat=lonlat[:, 1],
                predicted=arrays["predicted"],
                paths=np.asarray(table.paths or [f"{table.tfds_name}:{table.tfds_split}[{i}]" for i in table.ids]),
                class_names=np.asarray(table.class_names, dtype=str), bits=enc.bits, identity=enc.identity,
@@ -130,15 +143,23 @@ def _query_paths(queries: Sequence[str]) -> List[str]:
 
 
 def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int = 10,
-           png: Optional[str] = None) -> List[Dict]:
-  """Top-k of each query image in a codes file; prints a table, optionally a PNG grid."""
+           png: Optional[str] = None, geojson: Optional[str] = None) -> List[Dict]:
+  """Top-k of each query image in a codes file; prints a table (with each hit's WGS84
+  coordinates where the codes file has them), optionally a PNG grid and a GeoJSON file."""
   enc = encoder_lib.load_encoder(encoder_path)
   db = load_codes(codes_path, enc)
-  if png and distributed.agree(f"png {png} exists", os.path.exists(png)):
-    raise errors.AlreadyExists(f"output exists, nothing overwritten: {png}")
+  for out_path in (png, geojson):
+    if out_path and distributed.agree(f"output {out_path} exists", os.path.exists(out_path)):
+      raise errors.AlreadyExists(f"output exists, nothing overwritten: {out_path}")
   paths = _query_paths(queries)
   degrade = enc.meta.get("degrade", 1)
-  imgs = np.stack([datasets.load_image(p, enc.image_size, degrade=degrade) for p in paths])
+  for p in paths:
+    if rasters.is_raster(p):
+      rasters.check(p, enc.raster)
+  imgs = np.stack([datasets.load_image(p, enc.image_size, degrade=degrade, raster=enc.raster) for p in paths])
+  lon = db["lon"] if "lon" in db else np.full(len(db["codes"]), np.nan)
+  lat = db["lat"] if "lat" in db else np.full(len(db["codes"]), np.nan)
+  has_coords = bool(np.isfinite(lon).any())
   res = enc.encode(imgs)
   k = min(k, len(db["codes"]))
   dist, idx = hamming.hamming_topk(res["codes"], db["codes"], k)
@@ -150,24 +171,58 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
     q_class = os.path.basename(os.path.dirname(p))
     q_label = class_names.index(q_class) if q_class in class_names else -1
     pred = enc.class_names[res["predicted"][qi]] if "predicted" in res and enc.class_names else None
-    say(f"\nquery {p}" + (f"  predicted class: {pred}" if pred else ""))
-    say(f"  {'rank':>4} {'dist':>4}  {'label':<20} path")
+    q_lonlat = rasters.center_lonlat(p) if rasters.is_raster(p) else (float("nan"), float("nan"))
+    where = f"  at lon {q_lonlat[0]:.6f}, lat {q_lonlat[1]:.6f}" if np.isfinite(q_lonlat).all() else ""
+    say(f"\nquery {p}" + (f"  predicted class: {pred}" if pred else "") + where)
+    say(f"  {'rank':>4} {'dist':>4}  {'label':<20} " + (f"{'lon':>11} {'lat':>10}  " if has_coords else "") + "path")
     hits = []
     for r in range(k):
       j = int(idx[qi, r])
       lab = int(db["labels"][j])
       name = class_names[lab] if 0 <= lab < len(class_names) else "?"
       mark = "" if q_label < 0 or lab < 0 else ("  relevant" if lab == q_label else "  not relevant")
-      say(f"  {r + 1:>4} {int(dist[qi, r]):>4}  {name:<20} {db['paths'][j]}{mark}")
+      coords = ""
+      if has_coords:
+        coords = f"{lon[j]:>11.6f} {lat[j]:>10.6f}  " if np.isfinite(lon[j]) else f"{'-':>11} {'-':>10}  "
+      say(f"  {r + 1:>4} {int(dist[qi, r]):>4}  {name:<20} {coords}{db['paths'][j]}{mark}")
       hits.append(dict(rank=r + 1, distance=int(dist[qi, r]), path=str(db["paths"][j]), label=name,
-                       relevant=None if q_label < 0 or lab < 0 else lab == q_label))
-    out.append(dict(query=p, predicted=pred, results=hits))
+                       relevant=None if q_label < 0 or lab < 0 else lab == q_label,
+                       lon=float(lon[j]) if np.isfinite(lon[j]) else None,
+                       lat=float(lat[j]) if np.isfinite(lat[j]) else None))
+    out.append(dict(query=p, predicted=pred, results=hits,
+                    lon=q_lonlat[0] if np.isfinite(q_lonlat[0]) else None,
+                    lat=q_lonlat[1] if np.isfinite(q_lonlat[1]) else None))
+  if has_coords is False and geojson:
+    say(f"\nnote: {codes_path} has no coordinates (no georeferenced GeoTIFFs): the GeoJSON's hits have "
+        "null geometry")
   if png:
-    distributed.write_once(png, lambda tmp: grid(out, tmp, enc.image_size), name="search grid")
+    distributed.write_once(png, lambda tmp: grid(out, tmp, enc.image_size, enc.raster), name="search grid")
+  if geojson:
+    distributed.write_once(geojson, lambda tmp: write_geojson(out, tmp), name="search GeoJSON")
   return out
 
 
-def grid(results: List[Dict], png: str, size: int):
+def write_geojson(results: List[Dict], path: str):
+  """The queries and their hits as one GeoJSON FeatureCollection (WGS84 points; a feature
+  without coordinates has geometry null: nothing is invented)."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  def feature(lon, lat, props):
+    geom = {"type": "Point", "coordinates": [lon, lat]} if lon is not None and lat is not None else None
+    return {"type": "Feature", "geometry": geom, "properties": props}
+  feats = []
+  for qi, r in enumerate(results):
+    feats.append(feature(r["lon"], r["lat"], {"role": "query", "query": qi, "path": r["query"],
+                                               "predicted": r["predicted"]}))
+    for h in r["results"]:
+      feats.append(feature(h["lon"], h["lat"], {"role": "hit", "query": qi, "rank": h["rank"],
+                                                 "distance": h["distance"], "path": h["path"], "label": h["label"],
+                                                 "relevant": h["relevant"]}))
+  with open(path, "w") as f:
+    json.dump({"type": "FeatureCollection", "features": feats}, f, indent=1)
+
+
+def grid(results: List[Dict], png: str, size: int, raster: Optional[rasters.RasterSpec] = None):
   """Query | top-k thumbnails; green / red frames mark relevant / not relevant."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -177,12 +232,12 @@ def grid(results: List[Dict], png: str, size: int):
   for row, r in zip(axes, results):
     for ax in row:
       ax.axis("off")
-    row[0].imshow(datasets.load_image(r["query"], min(size, 128)))
+    row[0].imshow(datasets.load_image(r["query"], min(size, 128), raster=raster))
     row[0].set_title("query" + (f"\n{r['predicted']}" if r["predicted"] else ""), fontsize=7)
     for ax, h in zip(row[1:], r["results"]):
       path = h["path"]
       if os.path.isfile(path):
-        ax.imshow(datasets.load_image(path, min(size, 128)))
+        ax.imshow(datasets.load_image(path, min(size, 128), raster=raster))
       ax.set_title(f"d={h['distance']} {h['label']}", fontsize=6)
       if h["relevant"] is not None:
         ax.axis("on")

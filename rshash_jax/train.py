@@ -47,6 +47,7 @@ def _setup(config, workdir: str) -> _Setup:
   if config.data.validation:
     train_idx, test_idx = datasets.validation_split(table.labels, train_idx, config.data.validation,
                                                     config.data.seed)
+  table = datasets.fit_raster(table, train_idx, config.data.seed)
   mc = config.model
   dtype = jnp.dtype(mc.dtype)
   bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
@@ -248,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       s.bb, variables={**s.bb.variables, "params": params["backbone"]})
   encoder.save_encoder(os.path.join(workdir, "encoder"), method="dhcnn", bb=bb, head_params=params["head"],
                        bits=config.model.bits, class_names=s.table.class_names, hidden=config.model.head_hidden,
-                       extra_meta={"results_map": results["map"], "dataset": s.table.name}, overwrite=True)
+                       extra_meta={"results_map": results["map"], "dataset": s.table.name,
+                                   "raster": s.table.raster.to_meta()}, overwrite=True)
   writer.write_scalars(total, {"eval/map": results["map"], "eval/accuracy": results.get("accuracy", 0.0)})
   writer.flush()
   return results

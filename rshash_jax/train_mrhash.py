@@ -49,6 +49,7 @@ def load_data(config, workdir: str):
   else:
     table = datasets.from_config(dc, workdir)
     train_idx, test_idx = datasets.split_per_class(table.labels, dc.train_ratio, dc.seed)
+    table = datasets.fit_raster(table, train_idx, dc.seed)  # the training part only
     sources = multisource.features_of_views(table, list(hc.sources), bb, cache, **kw)
     img_view = multisource.view(table, hc.image_view)
   if dc.validation:
@@ -298,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     encoder.save_encoder(os.path.join(workdir, "encoder"), method="mrhash", bb=bb, head_params=params["hashnet"],
                          bits=config.model.bits, class_names=table.class_names, hidden=config.model.head_hidden,
                          feature_scale=scale, feature_norm=hc.feature_norm, degrade=view_table.degrade,
-                         extra_meta={"results_map": results["map"], "dataset": table.name}, overwrite=True)
+                         extra_meta={"results_map": results["map"], "dataset": table.name,
+                                     "raster": view_table.raster.to_meta()}, overwrite=True)
   at_r = "" if r in results["map_at"] else f" mAP@{r}={results['map_at_r']:.4f}"
   logging.info("%s%s", evaluation.summary_line(results), at_r)
   return results

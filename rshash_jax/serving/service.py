@@ -116,7 +116,7 @@ class SearchEngine:
     path = self.paths[i]
     if not os.path.isfile(path):
       raise HTTPError(404, f"archive image {i} is not a readable file here: {path}")
-    return input_pipeline.decode_file(path).numpy()
+    return input_pipeline.decode_file(path, self.encoder.raster).numpy()
 
   def search_pixels(self, image: np.ndarray, k: int) -> Dict[str, Any]:
     """uint8 [H, W, 3] -> {"hits": [...], "predicted": class or None}; blocks until done."""
@@ -267,7 +267,7 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
       if not data:
         raise HTTPError(400, f"{name}: empty upload")
       try:
-        image = await run_in_threadpool(input_pipeline.decode_bytes, data, name)
+        image = await run_in_threadpool(input_pipeline.decode_bytes, data, name, engine.encoder.raster)
       except errors.InvalidInput as e:
         raise HTTPError(422 if "band" in str(e) else 415, str(e)) from None
       query = {"upload": name}

@@ -1,0 +1,254 @@
+"""GeoTIFF / TIFF rasters through rasterio: band choice, reflectance scaling, coordinates.
+
+Every `.tif` / `.tiff` an image table names is read here (class folders, `encode`,
+`search`, MrHash `folder:DIR` sources), not through PIL: Sentinel-2, Landsat and aerial
+orthophotos come with more than 3 bands, 16-bit or float values, nodata and a CRS.
+
+  data.bands   "" (default): bands 1,2,3 of a 3+ band raster, band 1 of a single-band one
+               (repeated as grey); "4,3,2": band numbers counted from 1 as GDAL and
+               rasterio count them; "B4,B3,B2": the rasters' band descriptions. The chosen
+               bands feed the backbone's R, G, B in that order (1 or 3 bands).
+  data.scale   "" (default): 8-bit rasters as they are; other data types are refused
+               (their range is unknown) with a message naming the file.
+               "10000" (any number): reflectance / that number * 255 (Sentinel-2 L2A: 10000).
+               "stretch" or "stretch:LO,HI": per band, the LO-th and HI-th percentiles
+               (default 2, 98) of the training split's valid pixels map to 0 and 255;
+               computed once on the training split only and stored in the trained
+               encoder, so that `encode`, `search` and `load_encoder` apply the same one.
+Values keep their type until scaling (float32 arithmetic); nodata pixels (the raster's
+nodata value or mask) are left out of the percentiles and come out 0; a tile with no
+valid pixel is an error. After scaling, values are clipped to 0..255 and rounded to uint8:
+from there on a raster is an image like any other.
+
+Coordinates: `center_lonlat(path)` is the centre pixel's position (transform + CRS,
+converted to WGS84 longitude / latitude with pyproj); rasters without a transform or CRS
+have none (NaN), nothing is invented.
+"""
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from rshash_jax import errors
+
+RASTER_EXTENSIONS = (".tif", ".tiff")
+STRETCH_DEFAULT = (2.0, 98.0)
+
+
+def is_raster(path: str) -> bool:
+  return path.lower().endswith(RASTER_EXTENSIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class RasterSpec:
+  """How a raster becomes 8-bit RGB: which bands, and how values are scaled."""
+  bands: Tuple = ()                    # () default; ints (1-based) or description strings
+  divisor: float = 0.0                 # >0: value / divisor * 255
+  stretch: Tuple[float, float] = ()    # (lo, hi) percentiles: a per-band stretch
+  low: Tuple[float, ...] = ()          # the stretch's per-band values, once fitted
+  high: Tuple[float, ...] = ()
+
+  @classmethod
+  def parse(cls, bands: str = "", scale: str = "") -> "RasterSpec":
+    """From config strings (data.bands, data.scale); errors name the field and value."""
+    spec_bands: Tuple = ()
+    if bands.strip():
+      items = [b.strip() for b in bands.split(",")]
+      if any(not b for b in items):
+        raise errors.InvalidInput(f"config.data.bands={bands!r} is invalid: an empty item")
+      if all(b.isdigit() for b in items):
+        spec_bands = tuple(int(b) for b in items)
+        if min(spec_bands) < 1:
+          raise errors.InvalidInput(f"config.data.bands={bands!r} is invalid: band numbers count from 1")
+      elif any(b.isdigit() for b in items):
+        raise errors.InvalidInput(f"config.data.bands={bands!r} is invalid: use band numbers (4,3,2) or band "
+                                  "descriptions (B4,B3,B2), not both")
+      else:
+        spec_bands = tuple(items)
+      if len(spec_bands) not in (1, 3):
+        raise errors.InvalidInput(f"config.data.bands={bands!r} selects {len(spec_bands)} bands: an RGB "
+                                  "backbone takes 3 (or 1, repeated as grey)")
+    scale = scale.strip()
+    if not scale:
+      return cls(bands=spec_bands)
+    if scale == "stretch" or scale.startswith("stretch:"):
+      lo, hi = STRETCH_DEFAULT
+      if ":" in scale:
+        try:
+          lo, hi = (float(x) for x in scale.split(":", 1)[1].split(","))
+        except ValueError:
+          raise errors.InvalidInput(f"config.data.scale={scale!r} is invalid: expected stretch:LO,HI "
+                                    "(percentiles, e.g. stretch:2,98)") from None
+      if not 0 <= lo < hi <= 100:
+        raise errors.InvalidInput(f"config.data.scale={scale!r} is invalid: need 0 <= LO < HI <= 100")
+      return cls(bands=spec_bands, stretch=(lo, hi))
+    try:
+      divisor = float(scale)
+    except ValueError:
+      divisor = 0.0
+    if not divisor > 0:
+      raise errors.InvalidInput(f"config.data.scale={scale!r} is invalid: expected '' (8-bit as is), a "
+                                "positive divisor such as 10000, or stretch[:LO,HI]")
+    return cls(bands=spec_bands, divisor=divisor)
+
+  @property
+  def needs_fit(self) -> bool:
+    return bool(self.stretch) and not self.low
+
+  def to_meta(self) -> dict:
+    return {"bands": list(self.bands), "divisor": self.divisor, "stretch": list(self.stretch),
+            "low": list(self.low), "high": list(self.high)}
+
+  @classmethod
+  def from_meta(cls, meta: Optional[dict]) -> "RasterSpec":
+    if not meta:
+      return cls()
+    return cls(bands=tuple(meta["bands"]), divisor=float(meta["divisor"]), stretch=tuple(meta["stretch"]),
+               low=tuple(meta["low"]), high=tuple(meta["high"]))
+
+  def describe(self) -> str:
+    bands = ",".join(map(str, self.bands)) or "default"
+    if self.divisor:
+      return f"bands {bands}, value / {self.divisor:g} * 255"
+    if self.stretch:
+      fitted = f" = {[round(x, 3) for x in self.low]}..{[round(x, 3) for x in self.high]}" if self.low else ""
+      return f"bands {bands}, percentile stretch {self.stretch[0]:g}..{self.stretch[1]:g}{fitted}"
+    return f"bands {bands}, 8-bit as is"
+
+
+def _band_indexes(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
+  if not spec.bands:
+    return (1, 2, 3) if src.count >= 3 else (1,)
+  if isinstance(spec.bands[0], int):
+    past = [b for b in spec.bands if b > src.count]
+    if past:
+      raise errors.InvalidInput(f"{path}: data.bands asks for band {past[0]} but the raster has {src.count} "
+                                "band(s)")
+    return tuple(spec.bands)
+  names = [d or "" for d in src.descriptions]
+  out = []
+  for b in spec.bands:
+    if b not in names:
+      have = ", ".join(n or "(none)" for n in names)
+      raise errors.InvalidInput(f"{path}: data.bands asks for band {b!r}, not among the raster's band "
+                                f"descriptions: {have}")
+    out.append(names.index(b) + 1)
+  return tuple(out)
+
+
+def _open(path: str):
+  import warnings  # pylint: disable=g-import-not-at-top
+  import rasterio  # pylint: disable=g-import-not-at-top
+  try:
+    with warnings.catch_warnings():  # a plain TIFF is fine: it just has no coordinates
+      warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+      return rasterio.open(path)
+  except Exception as e:  # rasterio.errors.RasterioIOError and friends
+    raise errors.InvalidInput(f"corrupt or unreadable raster: {path} ({e})") from None
+
+
+def check(path: str, spec: RasterSpec):
+  """Header checks before any long work: readable, the bands exist, the type can be scaled."""
+  with _open(path) as src:
+    idx = _band_indexes(src, spec, path)
+    if not spec.divisor and not spec.stretch and src.dtypes[idx[0] - 1] != "uint8":
+      raise errors.InvalidInput(f"{path}: a {src.dtypes[idx[0] - 1]} raster needs data.scale (a divisor such as "
+                                "10000 for reflectance, or stretch): its values have no fixed 0..255 range")
+
+
+def read_bands(path: str, spec: RasterSpec) -> np.ma.MaskedArray:
+  """The chosen bands as float32 [C, H, W], masked where nodata."""
+  with _open(path) as src:
+    idx = _band_indexes(src, spec, path)
+    if not spec.divisor and not spec.stretch and src.dtypes[idx[0] - 1] != "uint8":
+      raise errors.InvalidInput(f"{path}: a {src.dtypes[idx[0] - 1]} raster needs data.scale (a divisor such as "
+                                "10000 for reflectance, or stretch): its values have no fixed 0..255 range")
+    try:
+      data = src.read(idx, masked=True, out_dtype="float32")
+    except Exception as e:  # a truncated or corrupt block
+      raise errors.InvalidInput(f"corrupt or unreadable raster: {path} ({e})") from None
+  if np.ma.getmaskarray(data).all():
+    raise errors.InvalidInput(f"{path}: every pixel of bands {idx} is nodata: nothing to encode")
+  return data
+
+
+def read(path: str, spec: RasterSpec) -> np.ndarray:
+  """A raster as uint8 [H, W, 3] for an RGB backbone (see the module docstring)."""
+  data = read_bands(path, spec)
+  if spec.divisor:
+    x = data.filled(0.0) / spec.divisor * 255.0
+  elif spec.stretch:
+    if not spec.low:
+      raise errors.InvalidInput(f"{path}: data.scale=stretch has not been fitted on a training split")
+    if len(spec.low) != data.shape[0]:
+      raise errors.InvalidInput(f"{path}: the stretch has {len(spec.low)} band(s), the raster gives {data.shape[0]}")
+    lo = np.asarray(spec.low, np.float32)[:, None, None]
+    hi = np.asarray(spec.high, np.float32)[:, None, None]
+    x = (data.filled(0.0) - lo) / np.maximum(hi - lo, 1e-12) * 255.0
+  else:  # 8-bit (read_bands refuses other types without a scale)
+    x = data.filled(0.0)
+  x = np.where(np.ma.getmaskarray(data), 0.0, x)
+  img = np.clip(np.round(x), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+  return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def read_bytes(data: bytes, spec: RasterSpec, name: str = "upload") -> np.ndarray:
+  """A TIFF's contents (an upload) read exactly as a file is (`read`), from a private
+  temporary file; errors name `name`."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.NamedTemporaryFile(suffix=".tif") as f:
+    f.write(data)
+    f.flush()
+    try:
+      return read(f.name, spec)
+    except errors.InvalidInput as e:
+      raise errors.InvalidInput(str(e).replace(f.name, name)) from None
+
+
+def fit_stretch(paths: Sequence[str], spec: RasterSpec, max_files: int = 256, seed: int = 0) -> RasterSpec:
+  """The stretch's per-band percentiles over (a seeded sample of) `paths`' valid pixels:
+  call it with the training split's paths only."""
+  rasters = [p for p in paths if is_raster(p)]
+  if not rasters:
+    raise errors.InvalidInput("data.scale=stretch needs GeoTIFF/TIFF images in the training split; it has none")
+  if len(rasters) > max_files:
+    rasters = [rasters[i] for i in sorted(np.random.default_rng(seed).choice(len(rasters), max_files, replace=False))]
+  per_band = None
+  rng = np.random.default_rng(seed)
+  for p in rasters:
+    data = read_bands(p, spec)
+    vals = [np.ma.compressed(b) for b in data]
+    vals = [v if len(v) <= 4096 else rng.choice(v, 4096, replace=False) for v in vals]
+    per_band = [[] for _ in vals] if per_band is None else per_band
+    if len(vals) != len(per_band):
+      raise errors.InvalidInput(f"{p}: gives {len(vals)} band(s), other rasters {len(per_band)}")
+    for acc, v in zip(per_band, vals):
+      acc.append(v)
+  lo_q, hi_q = spec.stretch
+  low = tuple(float(np.percentile(np.concatenate(a), lo_q)) for a in per_band)
+  high = tuple(float(np.percentile(np.concatenate(a), hi_q)) for a in per_band)
+  return dataclasses.replace(spec, low=low, high=high)
+
+
+def center_lonlat(path: str) -> Tuple[float, float]:
+  """WGS84 (lon, lat) of the raster's centre, or (nan, nan) without a transform and CRS."""
+  from rasterio.transform import Affine  # pylint: disable=g-import-not-at-top
+  with _open(path) as src:
+    if src.crs is None or src.transform == Affine.identity():
+      return float("nan"), float("nan")
+    x, y = src.xy(src.height / 2.0, src.width / 2.0, offset="ul")  # the centre point, in the CRS
+    crs = src.crs
+  from pyproj import CRS, Transformer  # pylint: disable=g-import-not-at-top
+  to_wgs84 = Transformer.from_crs(CRS.from_user_input(crs.to_wkt()), CRS.from_epsg(4326), always_xy=True)
+  lon, lat = to_wgs84.transform(x, y)
+  return float(lon), float(lat)
+
+
+def table_lonlat(paths: Sequence[str]) -> np.ndarray:
+  """float64 [N, 2] (lon, lat) per path; NaN for non-rasters and rasters without coordinates."""
+  out = np.full((len(paths), 2), np.nan)
+  for i, p in enumerate(paths):
+    if is_raster(p):
+      out[i] = center_lonlat(p)
+  return out

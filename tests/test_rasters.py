@@ -1,0 +1,150 @@
+"""GeoTIFF rasters: band choice, scaling, nodata, coordinates, errors, and a run end to end.
+
+The tests write their own Sentinel-2-like tiles with rasterio: 13 uint16 reflectance bands
+named B1..B12 + B8A, a UTM zone 32N transform, some nodata."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+rasterio = pytest.importorskip("rasterio")
+from rasterio.transform import from_origin  # noqa: E402
+from rasterio.warp import transform as warp_transform  # noqa: E402
+
+from rshash_jax import datasets, errors, rasters, tools, train  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import dhcnn as dhcnn_config  # noqa: E402
+
+S2 = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+
+
+def write_tile(path, data, *, descriptions=S2, crs="EPSG:32632", origin=(500000.0, 5200000.0), res=10.0,
+               nodata=0, georef=True):
+  """data: [C, H, W] array written as a GeoTIFF."""
+  c, h, w = data.shape
+  profile = dict(driver="GTiff", width=w, height=h, count=c, dtype=data.dtype, nodata=nodata)
+  if georef:
+    profile.update(crs=crs, transform=from_origin(origin[0], origin[1], res, res))
+  with rasterio.open(path, "w", **profile) as dst:
+    dst.write(data)
+    for i, d in enumerate(descriptions[:c], 1):
+      dst.set_band_description(i, d)
+
+
+def s2_tile(rng, cls, size=32):
+  """Reflectance 0..10000 with a class-dependent pattern in B4/B3/B2 (1-based 4, 3, 2)."""
+  data = rng.integers(200, 3000, (13, size, size)).astype(np.uint16)
+  yy, xx = np.mgrid[:size, :size]
+  pattern = ((np.sin((xx if cls % 2 else yy) * (0.3 + 0.25 * cls)) + 1) * 3500).astype(np.uint16)
+  data[3 - cls % 3] += pattern
+  return data
+
+
+def test_bands_by_number_and_description_scaling_and_nodata(tmp_path):
+  rng = np.random.default_rng(0)
+  data = s2_tile(rng, 1)
+  data[:, :2, :] = 0  # nodata rows
+  path = str(tmp_path / "t.tif")
+  write_tile(path, data)
+  by_number = rasters.read(path, rasters.RasterSpec.parse("4,3,2", "10000"))
+  by_name = rasters.read(path, rasters.RasterSpec.parse("B4,B3,B2", "10000"))
+  np.testing.assert_array_equal(by_number, by_name)
+  want = np.clip(np.round(data[[3, 2, 1]].astype(np.float32) / 10000 * 255), 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(by_number, want.transpose(1, 2, 0))
+  assert (by_number[:2] == 0).all()
+  # Through the pipeline's decoder, with the spec on the table.
+  img = datasets.load_image(path, 16, raster=rasters.RasterSpec.parse("B4,B3,B2", "10000"))
+  assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+  # A percentile stretch leaves nodata out: fitted values come from the valid pixels only.
+  spec = rasters.fit_stretch([path], rasters.RasterSpec.parse("4", "stretch:0,100"))
+  valid = data[3, 2:]
+  assert spec.low == (float(valid.min()),) and spec.high == (float(valid.max()),)
+  grey = rasters.read(path, spec)
+  assert grey.shape == (32, 32, 3) and (grey[..., 0] == grey[..., 2]).all() and grey[2:].max() == 255
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing the plain tile
+def test_center_coordinates_match_rasterio(tmp_path):
+  path = str(tmp_path / "t.tif")
+  write_tile(path, s2_tile(np.random.default_rng(1), 0), origin=(612340.0, 5123450.0), res=20.0)
+  lon, lat = rasters.center_lonlat(path)
+  with rasterio.open(path) as src:
+    x, y = src.xy(src.height / 2, src.width / 2, offset="ul")
+    (want_lon,), (want_lat,) = warp_transform(src.crs, "EPSG:4326", [x], [y])
+  assert abs(lon - want_lon) < 1e-9 and abs(lat - want_lat) < 1e-9
+  assert 9.0 < lon < 11.0 and 45.0 < lat < 47.0  # UTM 32N, northern Italy
+  plain = str(tmp_path / "plain.tif")
+  write_tile(plain, s2_tile(np.random.default_rng(1), 0), georef=False)
+  assert np.isnan(rasters.center_lonlat(plain)).all()  # nothing is invented
+
+
+def test_bad_rasters_are_named_before_any_work(tmp_path):
+  path = str(tmp_path / "t.tif")
+  write_tile(path, s2_tile(np.random.default_rng(2), 0))
+  with pytest.raises(errors.InvalidInput, match=r"t.tif: data.bands asks for band 14 but the raster has 13"):
+    rasters.check(path, rasters.RasterSpec.parse("14,3,2", "10000"))
+  with pytest.raises(errors.InvalidInput, match=r"t.tif: data.bands asks for band 'B99'"):
+    rasters.check(path, rasters.RasterSpec.parse("B4,B99,B2", "10000"))
+  with pytest.raises(errors.InvalidInput, match=r"t.tif: a uint16 raster needs data.scale"):
+    rasters.check(path, rasters.RasterSpec.parse("4,3,2", ""))
+  empty = str(tmp_path / "empty.tif")
+  write_tile(empty, np.zeros((13, 8, 8), np.uint16))
+  with pytest.raises(errors.InvalidInput, match=r"empty.tif: every pixel of bands \(4, 3, 2\) is nodata"):
+    rasters.read(empty, rasters.RasterSpec.parse("4,3,2", "10000"))
+  broken = tmp_path / "broken.tif"
+  broken.write_bytes(b"II*\x00 not really a tiff")
+  with pytest.raises(errors.InvalidInput, match=r"corrupt or unreadable raster: .*broken.tif"):
+    datasets.check_image(str(broken))
+  for bands, scale, message in [("4,3", "", "selects 2 bands"), ("4,B3,2", "", "not both"),
+                                ("0,1,2", "", "count from 1"), ("", "-3", "positive divisor"),
+                                ("", "stretch:50,10", "LO < HI")]:
+    with pytest.raises(errors.InvalidInput, match=message):
+      rasters.RasterSpec.parse(bands, scale)
+
+
+@pytest.fixture(scope="module")
+def s2_archive(tmp_path_factory):
+  root = tmp_path_factory.mktemp("s2")
+  rng = np.random.default_rng(3)
+  for c in range(3):
+    os.makedirs(root / f"class{c}")
+    for i in range(8):
+      write_tile(str(root / f"class{c}" / f"tile{i}.tif"), s2_tile(rng, c),
+                 origin=(500000.0 + 2000 * c, 5200000.0 - 1000 * i))
+  return root
+
+
+def test_sentinel2_archive_end_to_end(s2_archive, tmp_path):
+  """Train on B4,B3,B2 with a stretch fitted on the training split, encode (coordinates in
+  the codes file), search with --geojson; a raster with other bands is refused."""
+  c = dhcnn_config.get_config("tiny")
+  c.data.source = f"folder:{s2_archive}"
+  c.data.bands, c.data.scale = "B4,B3,B2", "stretch"
+  res = train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert res["map"] > 0
+  meta = json.load(open(tmp_path / "w" / "encoder" / "encoder.json"))
+  assert meta["raster"]["bands"] == ["B4", "B3", "B2"] and len(meta["raster"]["low"]) == 3
+  codes = tools.encode(str(tmp_path / "w"), str(s2_archive), str(tmp_path / "codes.npz"))
+  z = np.load(codes)
+  for j, p in enumerate(z["paths"]):
+    np.testing.assert_allclose((z["lon"][j], z["lat"][j]), rasters.center_lonlat(str(p)), atol=1e-12)
+  query = str(s2_archive / "class1" / "tile0.tif")
+  out = tools.search(str(tmp_path / "w"), codes, [query], k=5, geojson=str(tmp_path / "hits.geojson"))
+  fc = json.load(open(tmp_path / "hits.geojson"))
+  assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 6
+  q, hits = fc["features"][0], fc["features"][1:]
+  assert q["properties"]["role"] == "query" and q["geometry"]["coordinates"] == list(rasters.center_lonlat(query))
+  for h, r in zip(hits, out[0]["results"]):
+    assert h["properties"]["distance"] == r["distance"] and h["properties"]["path"] == r["path"]
+    assert h["geometry"]["coordinates"] == list(rasters.center_lonlat(r["path"]))
+  # A raster without the encoder's bands: refused, named, before encoding anything.
+  other = tmp_path / "other" / "a"
+  other.mkdir(parents=True)
+  write_tile(str(other / "x.tif"), s2_tile(np.random.default_rng(4), 0)[:4], descriptions=["B2", "B3", "B8", "B11"])
+  with pytest.raises(errors.InvalidInput, match=r"x.tif: data.bands asks for band 'B4'"):
+    tools.encode(str(tmp_path / "w"), str(tmp_path / "other"), str(tmp_path / "other.npz"))
+  assert not (tmp_path / "other.npz").exists()
