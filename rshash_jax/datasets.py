@@ -73,7 +73,20 @@ class ImageTable:
     for p in self.paths or []:
       if rasters.is_raster(p):
         rasters.check(p, spec)
+    if self.paths is None:  # TFDS: the first example's bands
+      rasters.select_array_bands(next(self.tfds_arrays([0])), spec, f"TFDS {self.tfds_name}")
     return dataclasses.replace(self, raster=spec)
+
+  def tfds_arrays(self, indices):
+    """The raw images [H, W, C] of a TFDS table at sorted `indices` (one pass over the split)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    wanted = set(int(i) for i in indices)
+    last = max(wanted)
+    ds = tfds.load(self.tfds_name, split=f"{self.tfds_split}[:{last + 1}]", data_dir=self.tfds_data_dir,
+                   shuffle_files=False)
+    for i, ex in enumerate(ds.as_numpy_iterator()):
+      if i in wanted:
+        yield np.asarray(ex[self.image_key])
 
   def fingerprint(self) -> str:
     """Changes whenever the examples or their order change (cache keys)."""
@@ -243,10 +256,16 @@ def tfds_table(name: str, split: str = "train", data_dir: Optional[str] = None,
   info = builder.info
   label_key = "label" if "label" in info.features else next(
       k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel))
+  # An Image feature, or a multispectral Tensor [H, W, C] (eurosat/all's `sentinel2`).
   image_key = "image" if "image" in info.features else next(
-      k for k, f in info.features.items() if isinstance(f, tfds.features.Image))
+      (k for k, f in info.features.items() if isinstance(f, tfds.features.Image)), None) or next(
+      (k for k, f in info.features.items() if isinstance(f, tfds.features.Tensor) and len(f.shape) == 3), None)
+  if image_key is None:
+    raise errors.InvalidInput(f"TFDS dataset {name}: no image feature (an Image, or a Tensor [H, W, C]) among "
+                              f"{list(info.features)}")
   ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={image_key: tfds.decode.SkipDecoding()})
+                          decoders={k: tfds.decode.SkipDecoding() for k, f in info.features.items()
+                                    if k != label_key and isinstance(f, tfds.features.Image)})
   labels = np.fromiter((int(ex[label_key]) for ex in ds.as_numpy_iterator()), np.int32)
   return ImageTable(name=name.replace("/", "_"), labels=labels, class_names=info.features[label_key].names,
                     tfds_name=name, tfds_split=split, tfds_data_dir=data_dir, image_key=image_key,
@@ -277,8 +296,6 @@ def from_config(data_cfg, workdir: str) -> ImageTable:
     raise errors.InvalidInput(f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}")
   spec = rasters.RasterSpec.parse(data_cfg.get("bands", ""), data_cfg.get("scale", ""))
   if spec != rasters.RasterSpec():
-    if table.paths is None:
-      raise errors.InvalidInput(f"config.data.bands / data.scale apply to GeoTIFF files; {source} has none")
     table = table.with_raster(spec)
   logging.info("Dataset %s: %d images, %d classes (%s)", table.name, len(table), table.num_classes, table.description)
   return table
@@ -288,6 +305,12 @@ def fit_raster(table: ImageTable, train_idx: np.ndarray, seed: int = 0) -> Image
   """data.scale=stretch: the per-band percentiles fitted on the training split's rasters."""
   if not table.raster.needs_fit:
     return table
-  spec = rasters.fit_stretch([table.paths[i] for i in train_idx], table.raster, seed=seed)
+  if table.paths is None:  # TFDS: a seeded sample of up to 256 training examples
+    sample = np.sort(np.random.default_rng(seed).choice(train_idx, min(256, len(train_idx)), replace=False))
+    arrays = ((f"TFDS {table.tfds_name}[{i}]", rasters.select_array_bands(a, table.raster, table.tfds_name))
+              for i, a in zip(sample, table.tfds_arrays(sample)))
+    spec = rasters.fit_stretch_arrays(arrays, table.raster, seed=seed)
+  else:
+    spec = rasters.fit_stretch([table.paths[i] for i in train_idx], table.raster, seed=seed)
   logging.info("Raster scaling fitted on %d training images: %s", len(train_idx), spec.describe())
   return dataclasses.replace(table, raster=spec)

@@ -177,9 +177,14 @@ class ImageSource:
 def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Optional[int], cache_dir: str):
   import hashlib  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from rshash_jax import chunk_store  # pylint: disable=g-import-not-at-top
+  from rshash_jax import chunk_store, rasters  # pylint: disable=g-import-not-at-top
   key = hashlib.sha1(f"{table.tfds_name}|{table.tfds_split}|{len(table)}|{size}|{resize_size}|{table.degrade}"
-                     .encode()).hexdigest()[:16]
+                     f"|{table.raster.describe()}".encode()).hexdigest()[:16]
+  feature = tfds.builder(table.tfds_name, data_dir=table.tfds_data_dir).info.features[table.image_key]
+  if table.raster == rasters.RasterSpec() and np.dtype(feature.np_dtype).kind == "f":
+    raise errors.InvalidInput(f"TFDS {table.tfds_name}: its {table.image_key} images are {np.dtype(feature.np_dtype)} "
+                              "(reflectance?): set data.scale (a divisor such as 10000, or stretch) and data.bands "
+                              "(e.g. 4,3,2)")
   store = chunk_store.ChunkStore(os.path.join(cache_dir, f"images_{table.name}_{key}"), len(table),
                                  {"image": ((size, size, 3), "uint8")}, chunk=1024, key=key)
 
@@ -187,9 +192,15 @@ def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Option
     ds = tfds.load(table.tfds_name, split=f"{table.tfds_split}[{start}:{stop}]", data_dir=table.tfds_data_dir,
                    shuffle_files=False)
 
+    spec, name = table.raster, f"TFDS {table.tfds_name}"
+
     def prep(ex):
       img = ex[table.image_key]
-      if img.dtype != tf.uint8:  # e.g. 16-bit: scaled to 0..255 as convert_image_dtype does
+      if spec != spec.__class__():  # data.bands / data.scale (rshash_jax/rasters.py)
+        img = tf.numpy_function(lambda a: rasters.to_rgb8(rasters.select_array_bands(a, spec, name), spec, name),
+                                [img], tf.uint8, stateful=False)
+        img.set_shape([None, None, 3])
+      elif img.dtype != tf.uint8:  # e.g. 16-bit: scaled to 0..255 as convert_image_dtype does
         img = tf.image.convert_image_dtype(tf.image.convert_image_dtype(img, tf.float32), tf.uint8)
       return resize(img[..., :3], size, resize_size, table.degrade)
     images = np.stack(list(ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator()))

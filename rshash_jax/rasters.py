@@ -175,14 +175,18 @@ def read_bands(path: str, spec: RasterSpec) -> np.ma.MaskedArray:
 
 def read(path: str, spec: RasterSpec) -> np.ndarray:
   """A raster as uint8 [H, W, 3] for an RGB backbone (see the module docstring)."""
-  data = read_bands(path, spec)
+  return to_rgb8(read_bands(path, spec), spec, path)
+
+
+def to_rgb8(data: np.ma.MaskedArray, spec: RasterSpec, name: str) -> np.ndarray:
+  """Chosen bands [C, H, W] (masked where nodata) -> uint8 [H, W, 3] by `spec`'s scaling."""
   if spec.divisor:
     x = data.filled(0.0) / spec.divisor * 255.0
   elif spec.stretch:
     if not spec.low:
-      raise errors.InvalidInput(f"{path}: data.scale=stretch has not been fitted on a training split")
+      raise errors.InvalidInput(f"{name}: data.scale=stretch has not been fitted on a training split")
     if len(spec.low) != data.shape[0]:
-      raise errors.InvalidInput(f"{path}: the stretch has {len(spec.low)} band(s), the raster gives {data.shape[0]}")
+      raise errors.InvalidInput(f"{name}: the stretch has {len(spec.low)} band(s), the image gives {data.shape[0]}")
     lo = np.asarray(spec.low, np.float32)[:, None, None]
     hi = np.asarray(spec.high, np.float32)[:, None, None]
     x = (data.filled(0.0) - lo) / np.maximum(hi - lo, 1e-12) * 255.0
@@ -191,6 +195,20 @@ def read(path: str, spec: RasterSpec) -> np.ndarray:
   x = np.where(np.ma.getmaskarray(data), 0.0, x)
   img = np.clip(np.round(x), 0, 255).astype(np.uint8).transpose(1, 2, 0)
   return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def select_array_bands(array: np.ndarray, spec: RasterSpec, name: str) -> np.ma.MaskedArray:
+  """An in-memory image [H, W, C] (a TFDS example) -> its chosen bands [C', H, W] float32.
+  Arrays have no band descriptions: bands are numbers here."""
+  c = array.shape[-1]
+  if spec.bands and not isinstance(spec.bands[0], int):
+    raise errors.InvalidInput(f"{name}: data.bands={','.join(spec.bands)} names band descriptions, which "
+                              "TFDS examples do not have: use band numbers (e.g. 4,3,2)")
+  idx = spec.bands or ((1, 2, 3) if c >= 3 else (1,))
+  past = [b for b in idx if b > c]
+  if past:
+    raise errors.InvalidInput(f"{name}: data.bands asks for band {past[0]} but the images have {c} band(s)")
+  return np.ma.masked_invalid(np.moveaxis(array[..., [b - 1 for b in idx]].astype(np.float32), -1, 0))
 
 
 def read_bytes(data: bytes, spec: RasterSpec, name: str = "upload") -> np.ndarray:
@@ -214,10 +232,14 @@ def fit_stretch(paths: Sequence[str], spec: RasterSpec, max_files: int = 256, se
     raise errors.InvalidInput("data.scale=stretch needs GeoTIFF/TIFF images in the training split; it has none")
   if len(rasters) > max_files:
     rasters = [rasters[i] for i in sorted(np.random.default_rng(seed).choice(len(rasters), max_files, replace=False))]
+  return fit_stretch_arrays(((p, read_bands(p, spec)) for p in rasters), spec, seed)
+
+
+def fit_stretch_arrays(named_bands, spec: RasterSpec, seed: int = 0) -> RasterSpec:
+  """fit_stretch over (name, chosen bands [C, H, W] masked) pairs (files or TFDS examples)."""
   per_band = None
   rng = np.random.default_rng(seed)
-  for p in rasters:
-    data = read_bands(p, spec)
+  for p, data in named_bands:
     vals = [np.ma.compressed(b) for b in data]
     vals = [v if len(v) <= 4096 else rng.choice(v, 4096, replace=False) for v in vals]
     per_band = [[] for _ in vals] if per_band is None else per_band

@@ -47,9 +47,6 @@ def image_table(data: str, degrade: int = 1, check_images: bool = True,
                                   class_names=[], paths=paths, description=f"images under {root}")
   table.degrade = degrade
   if raster is not None and raster != rasters.RasterSpec():
-    if table.paths is None:
-      raise errors.InvalidInput(f"{data}: this encoder reads GeoTIFF bands ({raster.describe()}); a TFDS "
-                                "source has no GeoTIFF files")
     table = table.with_raster(raster)
   elif table.paths is not None:
     for p in table.paths:  # default bands and 8-bit check, before any long work

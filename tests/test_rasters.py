@@ -148,3 +148,48 @@ def test_sentinel2_archive_end_to_end(s2_archive, tmp_path):
   with pytest.raises(errors.InvalidInput, match=r"x.tif: data.bands asks for band 'B4'"):
     tools.encode(str(tmp_path / "w"), str(tmp_path / "other"), str(tmp_path / "other.npz"))
   assert not (tmp_path / "other.npz").exists()
+
+
+def test_multispectral_tfds_source_through_the_same_switches(tmp_path):
+  """A TFDS builder with a float32 [H, W, 13] Tensor feature (as eurosat/all's `sentinel2`):
+  refused without data.scale, then streamed through data.bands / data.scale, the stretch
+  fitted on training examples."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  class TinyMultispectral(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "sentinel2": tfds.features.Tensor(shape=(16, 16, 13), dtype=np.float32),
+          "label": tfds.features.ClassLabel(names=["a", "b"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      rng = np.random.default_rng(0)
+      for i in range(10):
+        yield i, {"sentinel2": s2_tile(rng, i % 2, size=16).transpose(1, 2, 0).astype(np.float32), "label": i % 2}
+
+  data_dir = str(tmp_path / "tfds")
+  TinyMultispectral(data_dir=data_dir).download_and_prepare()
+  table = datasets.tfds_table("tiny_multispectral", data_dir=data_dir, download=False)
+  assert table.image_key == "sentinel2" and len(table) == 10
+  with pytest.raises(errors.InvalidInput, match="sentinel2 images are float32.*set data.scale"):
+    input_pipeline.ImageSource(table, 8, cache_dir=str(tmp_path / "c0"))
+  with pytest.raises(errors.InvalidInput, match="band descriptions, which TFDS examples do not have"):
+    table.with_raster(rasters.RasterSpec.parse("B4,B3,B2", "10000"))
+  with pytest.raises(errors.InvalidInput, match="asks for band 14 but the images have 13"):
+    table.with_raster(rasters.RasterSpec.parse("14,3,2", "10000"))
+  ds = list(tfds.load("tiny_multispectral", split="train", data_dir=data_dir, shuffle_files=False).as_numpy_iterator())
+  divided = table.with_raster(rasters.RasterSpec.parse("4,3,2", "10000"))
+  source = input_pipeline.ImageSource(divided, 16, cache_dir=str(tmp_path / "c1"))
+  want = np.clip(np.round(ds[3]["sentinel2"][..., [3, 2, 1]] / 10000 * 255), 0, 255).astype(np.uint8)
+  got = next(iter(input_pipeline.eval_batches(source, np.arange(4), global_batch=4)))["image"][3]
+  np.testing.assert_array_equal(got, input_pipeline.resize(want, 16).numpy())
+  stretched = datasets.fit_raster(table.with_raster(rasters.RasterSpec.parse("4,3,2", "stretch:0,100")),
+                                  np.arange(0, 10, 2))
+  train_b4 = np.concatenate([ds[i]["sentinel2"][..., 3].ravel() for i in range(0, 10, 2)])
+  assert stretched.raster.low[0] == float(train_b4.min()) and stretched.raster.high[0] == float(train_b4.max())
