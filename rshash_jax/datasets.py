@@ -33,7 +33,7 @@ LOCAL_UCMERCED = ("../shared/data/ucmerced",
 class ImageTable:
   """All examples of a dataset. Exactly one of `paths` / `tfds_name` describes the source."""
   name: str
-  labels: np.ndarray            # int32 [N]
+  labels: np.ndarray            # int32 [N] class ids, or multi-hot int32 [N, C] (a label file)
   class_names: List[str]
   paths: Optional[List[str]] = None
   tfds_name: Optional[str] = None
@@ -54,6 +54,10 @@ class ImageTable:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def multilabel(self) -> bool:
+    return self.labels.ndim == 2
 
   def __len__(self):
     return len(self.labels)
@@ -168,11 +172,16 @@ def split_per_class(labels: np.ndarray, train_ratio: float, seed: int):
   """Seeded per-class split: (train indices, test indices), each sorted.
 
   In every class, round(train_ratio * n) random examples go to train (at least one to
-  each side when the class has two or more).
+  each side when the class has two or more). Multi-hot labels [N, C] have no single class:
+  a seeded random split of all examples, round(train_ratio * N) to train.
   """
   if not 0.0 < train_ratio < 1.0:
     raise errors.InvalidInput(f"data.train_ratio must be in (0, 1), got {train_ratio}")
   rng = np.random.default_rng(seed)
+  if labels.ndim == 2:
+    perm = rng.permutation(len(labels))
+    n = min(max(int(round(train_ratio * len(labels))), 1), len(labels) - 1)
+    return np.sort(perm[:n]), np.sort(perm[n:])
   train, test = [], []
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
@@ -272,6 +281,43 @@ def tfds_table(name: str, split: str = "train", data_dir: Optional[str] = None,
                     description=f"TFDS {name} split {split} in {builder.data_dir}")
 
 
+def label_file(csv_path: str, image_root: Optional[str] = None, check_images: bool = True) -> ImageTable:
+  """A multi-label table from a CSV of `path,label1;label2;...` lines (an optional header
+  `path,labels`; paths relative to `image_root`, default the CSV's directory). Labels are
+  the sorted union of the names; the rows keep the file's order."""
+  import csv  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(csv_path):
+    raise errors.NotFound(f"label file not found: {csv_path}")
+  root = image_root or os.path.dirname(os.path.abspath(csv_path))
+  rows = []
+  with open(csv_path, newline="") as f:
+    for n, row in enumerate(csv.reader(f), 1):
+      if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["path", "labels"]):
+        continue
+      if len(row) != 2:
+        raise errors.InvalidInput(f"{csv_path}:{n}: expected 'path,label1;label2', got {','.join(row)!r}")
+      path, labels = row[0].strip(), [x.strip() for x in row[1].split(";") if x.strip()]
+      full = path if os.path.isabs(path) else os.path.join(root, path)
+      if not os.path.isfile(full):
+        raise errors.NotFound(f"{csv_path}:{n}: image not found: {full}")
+      if not labels:
+        raise errors.InvalidInput(f"{csv_path}:{n}: {path} has no label")
+      rows.append((full, labels))
+  if not rows:
+    raise errors.InvalidInput(f"{csv_path}: no labelled images")
+  names = sorted({x for _, labs in rows for x in labs})
+  col = {x: i for i, x in enumerate(names)}
+  labels = np.zeros((len(rows), len(names)), np.int32)
+  for i, (_, labs) in enumerate(rows):
+    labels[i, [col[x] for x in labs]] = 1
+  paths = [p for p, _ in rows]
+  if check_images:
+    for p in paths:
+      check_image(p)
+  return ImageTable(name=os.path.splitext(os.path.basename(csv_path))[0], labels=labels, class_names=names,
+                    paths=paths, description=f"{len(paths)} images with {len(names)} labels from {csv_path}")
+
+
 def from_config(data_cfg, workdir: str) -> ImageTable:
   """Resolves `data.source` (see the module docstring) into a table, and logs which."""
   source = data_cfg.source
@@ -282,7 +328,12 @@ def from_config(data_cfg, workdir: str) -> ImageTable:
         break
     else:
       source = "generated"
-  if source.startswith("folder:"):
+  if data_cfg.get("labels_file"):
+    if not source.startswith("folder:"):
+      raise errors.InvalidInput(f"config.data.labels_file needs data.source=folder:DIR (the image tree its paths "
+                                f"are relative to), got {source!r}")
+    table = label_file(data_cfg.labels_file, source[len("folder:"):])
+  elif source.startswith("folder:"):
     table = class_folder(source[len("folder:"):], name=data_cfg.get("name") or None)
   elif source.startswith("tfds:"):
     table = tfds_table(source[len("tfds:"):], split=data_cfg.get("tfds_split", "train"),

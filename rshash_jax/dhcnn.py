@@ -21,6 +21,11 @@ with two explicit choices (config `dhcnn.*`):
              everywhere, a plain weighted sum.
 The bank rows of the batch are overwritten with the batch's u (held constant) before the
 loss is computed, as DPSH does, so each image also pairs with itself.
+
+Multi-label data (labels multi-hot [N, C], e.g. from a label file): S_ij = 1 when i and j
+share at least one label, and CE becomes the multi-label loss, a sigmoid binary cross
+entropy per label averaged over the C labels (BCEWithLogits' mean); each label is
+predicted where its logit > 0. (An extension: the paper's data are single-label.)
 """
 
 from typing import Any, Dict, Optional
@@ -125,9 +130,11 @@ def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta
   pairwise, quant = pairwise_terms(u, bank, s, theta_scale=theta_scale, gradient=gradient, mask=mask)
   n_valid = jnp.maximum(jnp.sum(mask), 1.0)
   norm = n_valid * bank.shape[0]
-  onehot = jax.nn.one_hot(labels, num_classes) if labels.ndim == 1 else labels / jnp.maximum(
-      labels.sum(-1, keepdims=True), 1)
-  ce_each = -jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1)
+  if labels.ndim == 1:
+    ce_each = -jnp.sum(jax.nn.one_hot(labels, num_classes) * jax.nn.log_softmax(logits), axis=-1)
+  else:  # multi-hot: sigmoid cross entropy per label, averaged over labels
+    y = labels.astype(jnp.float32)
+    ce_each = jnp.mean(jax.nn.softplus(logits) - y * logits, axis=-1)
   ce = jnp.sum(ce_each * mask) / n_valid
   hash_part = (pairwise + beta * quant) / norm
   if ce_to_classifier == "full":

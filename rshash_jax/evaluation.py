@@ -12,14 +12,22 @@ from rshash_jax import distributed, hamming, metrics
 
 def evaluate_codes(db_codes: np.ndarray, q_codes: np.ndarray, db_labels: np.ndarray,
                    q_labels: np.ndarray, *, map_ks: Sequence[int] = (), ks: Sequence[int] = metrics.DHCNN_KS,
-                   q_predictions: Optional[np.ndarray] = None) -> Dict[str, Any]:
-  """Retrieval report of {-1,+1} (or real-valued) codes; adds accuracy when predictions given."""
+                   q_predictions: Optional[np.ndarray] = None,
+                   q_logits: Optional[np.ndarray] = None) -> Dict[str, Any]:
+  """Retrieval report of {-1,+1} (or real-valued) codes. With class ids [N]: relevance is
+  the same class and `q_predictions` add accuracy; with multi-hot labels [N, C]: relevance
+  is sharing a label and `q_logits` add per-label F1 (metrics.multilabel_f1)."""
   bits = db_codes.shape[1]
   db_p, q_p = hamming.pack_codes(db_codes), hamming.pack_codes(q_codes)
   report = metrics.retrieval_report(q_p, db_p, q_labels, db_labels, map_ks=map_ks, ks=ks, bits=bits)
   report["bits"] = int(bits)
   report["bit_balance"] = float(np.mean(np.asarray(db_codes) >= 0))
-  if q_predictions is not None:
+  multilabel = np.asarray(q_labels).ndim == 2
+  report["relevance"] = "shares at least one label" if multilabel else "same class"
+  if multilabel and q_logits is not None:
+    f1 = metrics.multilabel_f1(q_logits, q_labels)
+    report.update(f1_macro=f1["macro"], f1_micro=f1["micro"], f1_per_label=f1["per_label"])
+  elif q_predictions is not None:
     report["accuracy"] = metrics.accuracy(q_predictions, q_labels)
   return report
 
@@ -96,4 +104,6 @@ def summary_line(results: Dict[str, Any]) -> str:
     parts.append(f"mAP@{k}={v:.4f}")
   if "accuracy" in results:
     parts.append(f"accuracy={results['accuracy']:.4f}")
+  if "f1_macro" in results:
+    parts.append(f"F1 macro={results['f1_macro']:.4f} micro={results['f1_micro']:.4f}")
   return " ".join(parts)

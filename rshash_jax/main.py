@@ -43,6 +43,7 @@ config_flags.DEFINE_config_file("config", None, "train: config file (file.py or 
 flags.DEFINE_string("workdir", None, "train/export: directory of checkpoints, logs, results, encoder.")
 flags.DEFINE_string("encoder", None, "encode/search/serve: an exported encoder or a training workdir.")
 flags.DEFINE_string("data", None, "encode: class-folder root, any image folder, or tfds:NAME[:split].")
+flags.DEFINE_string("labels", None, "encode: a multi-label CSV (path,label1;label2) for the images under --data.")
 flags.DEFINE_string("out", None, "encode: codes file (.npz) to write; export: encoder directory to create.")
 flags.DEFINE_string("codes", None, "search/serve: codes file written by encode.")
 flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on (0.0.0.0: every interface).")
@@ -163,7 +164,9 @@ def _command(command, args):
     _train()
   elif command == "encode":
     _require("encode", "encoder", "data", "out")
-    _say(f"codes: {tools.encode(FLAGS.encoder, FLAGS.data, FLAGS.out, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk)}")
+    codes = tools.encode(FLAGS.encoder, FLAGS.data, FLAGS.out, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
+                         labels_file=FLAGS.labels)
+    _say(f"codes: {codes}")
   elif command == "search":
     _require("search", "encoder", "codes")
     if not args:

@@ -27,9 +27,13 @@ Definitions (the same in README.md):
   `empty="zero"` (default) or are left out with `empty="skip"`; recall leaves out
   queries with no relevant item in the database.
 * Accuracy = fraction of predictions equal to the label (argmax of logits).
+* Multi-label F1: a label is predicted where its logit > 0; per label
+  F1 = 2 TP / (2 TP + FP + FN) over the queries (1.0 for a label neither present nor
+  predicted anywhere, which then leaves no error to score); macro = mean of the per-label
+  F1, micro = 2 sum TP / (2 sum TP + sum FP + sum FN).
 """
 
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -258,6 +262,21 @@ def precision_at_radius(q_codes, db_codes, q_labels, db_labels, radius: int = 2,
   if not 0 <= radius < len(curve["precision"]):
     raise errors.InvalidInput(f"radius must be in [0, {len(curve['precision']) - 1}], got {radius}")
   return float(curve["precision"][radius])
+
+
+def multilabel_f1(logits, labels) -> Dict[str, Any]:
+  """{"per_label": [C] F1, "macro", "micro"} of logits > 0 against multi-hot labels [N, C]."""
+  lg, lab = np.asarray(logits), np.asarray(labels)
+  if lg.ndim != 2 or lab.shape != lg.shape or lg.size == 0:
+    raise errors.InvalidInput(f"logits {lg.shape} and multi-hot labels {lab.shape} must be [N, C] with N > 0")
+  pred, truth = lg > 0, lab > 0
+  tp = (pred & truth).sum(0).astype(np.float64)
+  fp = (pred & ~truth).sum(0).astype(np.float64)
+  fn = (~pred & truth).sum(0).astype(np.float64)
+  denom = 2 * tp + fp + fn
+  per = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
+  micro = float(2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1))
+  return {"per_label": per.tolist(), "macro": float(per.mean()), "micro": micro}
 
 
 def accuracy(predictions, labels) -> float:

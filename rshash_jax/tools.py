@@ -24,9 +24,15 @@ CODES_FORMAT = "rshash_jax.codes/1"
 
 
 def image_table(data: str, degrade: int = 1, check_images: bool = True,
-                raster: Optional[rasters.RasterSpec] = None) -> datasets.ImageTable:
-  """folder:DIR, DIR (class folders, or any tree of images: labels -1) or tfds:NAME[:split]."""
-  if data.startswith("tfds:"):
+                raster: Optional[rasters.RasterSpec] = None, labels_file: Optional[str] = None) -> datasets.ImageTable:
+  """folder:DIR, DIR (class folders, or any tree of images: labels -1) or tfds:NAME[:split];
+  with `labels_file` (a multi-label CSV), the images it lists under DIR with their labels."""
+  if labels_file:
+    if data.startswith("tfds:"):
+      raise errors.InvalidInput(f"--labels applies to an image folder, not {data}")
+    table = datasets.label_file(labels_file, data[len("folder:"):] if data.startswith("folder:") else data,
+                                check_images=check_images)
+  elif data.startswith("tfds:"):
     name, _, split = data[len("tfds:"):].partition(":")
     table = datasets.tfds_table(name, split=split or "train", download=False)
   else:
@@ -56,7 +62,7 @@ def image_table(data: str, degrade: int = 1, check_images: bool = True,
 
 
 def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chunk: int = 4096,
-           threads: int = 0) -> str:
+           threads: int = 0, labels_file: Optional[str] = None) -> str:
   """Encodes `data` with the encoder at `encoder_path` into the codes file `out` (.npz).
 
   Chunks of `chunk` images are shared out over the processes (each encodes its chunks on
@@ -67,7 +73,7 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
     out += ".npz"
   if distributed.agree(f"codes {out} exists", os.path.exists(out)):
     raise errors.AlreadyExists(f"codes file exists, nothing overwritten: {out}")
-  table = image_table(data, enc.meta.get("degrade", 1), raster=enc.raster)
+  table = image_table(data, enc.meta.get("degrade", 1), raster=enc.raster, labels_file=labels_file)
   n = len(table)
   store = chunk_store.ChunkStore(out + ".parts", n, {"codes": ((hamming.num_words(enc.bits),), "uint32"),
                                                       "predicted": ((), "int32")},
@@ -164,26 +170,34 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
   # Every process ranks (the database is sharded over all of them); the primary prints.
   say = print if distributed.is_primary() else (lambda *a, **k: None)
   out = []
+  db_labels = np.asarray(db["labels"])
+  row_of = {str(x): i for i, x in enumerate(db["paths"])}
   for qi, p in enumerate(paths):
-    q_class = os.path.basename(os.path.dirname(p))
-    q_label = class_names.index(q_class) if q_class in class_names else -1
-    pred = enc.class_names[res["predicted"][qi]] if "predicted" in res and enc.class_names else None
+    # The query's label(s): its row of the codes file if it is there, else its class folder.
+    if os.path.abspath(p) in row_of or p in row_of:
+      q_lab = db_labels[row_of.get(os.path.abspath(p), row_of.get(p))]
+    else:
+      q_class = os.path.basename(os.path.dirname(p))
+      q_lab = np.int64(class_names.index(q_class) if q_class in class_names and db_labels.ndim == 1 else -1)
+    pred = None
+    if "predicted" in res and enc.class_names:
+      pred = (";".join(n for n, z in zip(enc.class_names, res["logits"][qi]) if z > 0) or "-"
+              if enc.meta.get("multilabel") else enc.class_names[res["predicted"][qi]])
     q_lonlat = rasters.center_lonlat(p) if rasters.is_raster(p) else (float("nan"), float("nan"))
     where = f"  at lon {q_lonlat[0]:.6f}, lat {q_lonlat[1]:.6f}" if np.isfinite(q_lonlat).all() else ""
-    say(f"\nquery {p}" + (f"  predicted class: {pred}" if pred else "") + where)
+    say(f"\nquery {p}" + (f"  predicted: {pred}" if pred else "") + where)
     say(f"  {'rank':>4} {'dist':>4}  {'label':<20} " + (f"{'lon':>11} {'lat':>10}  " if has_coords else "") + "path")
     hits = []
     for r in range(k):
       j = int(idx[qi, r])
-      lab = int(db["labels"][j])
-      name = class_names[lab] if 0 <= lab < len(class_names) else "?"
-      mark = "" if q_label < 0 or lab < 0 else ("  relevant" if lab == q_label else "  not relevant")
+      name, relevant = _label_and_relevance(db_labels[j], q_lab, class_names)
+      mark = "" if relevant is None else ("  relevant" if relevant else "  not relevant")
       coords = ""
       if has_coords:
         coords = f"{lon[j]:>11.6f} {lat[j]:>10.6f}  " if np.isfinite(lon[j]) else f"{'-':>11} {'-':>10}  "
       say(f"  {r + 1:>4} {int(dist[qi, r]):>4}  {name:<20} {coords}{db['paths'][j]}{mark}")
       hits.append(dict(rank=r + 1, distance=int(dist[qi, r]), path=str(db["paths"][j]), label=name,
-                       relevant=None if q_label < 0 or lab < 0 else lab == q_label,
+                       relevant=relevant,
                        lon=float(lon[j]) if np.isfinite(lon[j]) else None,
                        lat=float(lat[j]) if np.isfinite(lat[j]) else None))
     out.append(dict(query=p, predicted=pred, results=hits,
@@ -217,6 +231,17 @@ def write_geojson(results: List[Dict], path: str):
                                                  "relevant": h["relevant"]}))
   with open(path, "w") as f:
     json.dump({"type": "FeatureCollection", "features": feats}, f, indent=1)
+
+
+def _label_and_relevance(lab: np.ndarray, q_lab: np.ndarray, class_names: List[str]):
+  """A hit's label text and whether it is relevant to the query (None: unknown): the same
+  class for class ids, at least one shared label for multi-hot rows."""
+  if np.ndim(lab) == 1:  # multi-hot
+    name = ";".join(n for n, v in zip(class_names, lab) if v) or "-"
+    return name, (None if np.ndim(q_lab) != 1 else bool(np.any((lab > 0) & (q_lab > 0))))
+  lab = int(lab)
+  name = class_names[lab] if 0 <= lab < len(class_names) else "?"
+  return name, (None if np.ndim(q_lab) != 0 or int(q_lab) < 0 or lab < 0 else lab == int(q_lab))
 
 
 def grid(results: List[Dict], png: str, size: int, raster: Optional[rasters.RasterSpec] = None):

@@ -194,7 +194,7 @@ def evaluate(s: _Setup, state, workdir: str) -> Dict[str, Any]:
   db_labels, q_labels = s.table.labels[s.train_idx], s.table.labels[s.test_idx]
   report = evaluation.evaluate_codes(np.where(db_u >= 0, 1, -1), np.where(q_u >= 0, 1, -1), db_labels, q_labels,
                                      map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks),
-                                     q_predictions=np.argmax(q_logits, axis=1))
+                                     q_predictions=np.argmax(q_logits, axis=1), q_logits=q_logits)
   results = dict(method="dhcnn", dataset=s.table.name, dataset_description=s.table.description,
                  split="validation" if config.data.validation else "test",
                  backbone=s.bb.name, pretrained=s.bb.pretrained, mode=config.train.mode,
@@ -250,7 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   encoder.save_encoder(os.path.join(workdir, "encoder"), method="dhcnn", bb=bb, head_params=params["head"],
                        bits=config.model.bits, class_names=s.table.class_names, hidden=config.model.head_hidden,
                        extra_meta={"results_map": results["map"], "dataset": s.table.name,
-                                   "raster": s.table.raster.to_meta()}, overwrite=True)
-  writer.write_scalars(total, {"eval/map": results["map"], "eval/accuracy": results.get("accuracy", 0.0)})
+                                   "raster": s.table.raster.to_meta(), "multilabel": s.table.multilabel},
+                       overwrite=True)
+  writer.write_scalars(total, {"eval/map": results["map"],
+                               "eval/accuracy": results.get("accuracy", results.get("f1_macro", 0.0))})
   writer.flush()
   return results

@@ -95,9 +95,12 @@ class SearchEngine:
 
   # -- queries ------------------------------------------------------------------------
   def entry(self, i: int) -> Dict[str, Any]:
-    lab = int(self.labels[i])
-    out = {"id": i, "path": self.paths[i],
-           "label": self.class_names[lab] if 0 <= lab < len(self.class_names) else None}
+    if self.labels.ndim == 2:  # multi-label codes: every label of the image
+      label = [n for n, v in zip(self.class_names, self.labels[i]) if v]
+    else:
+      lab = int(self.labels[i])
+      label = self.class_names[lab] if 0 <= lab < len(self.class_names) else None
+    out = {"id": i, "path": self.paths[i], "label": label}
     if self.lonlat is not None and np.isfinite(self.lonlat[i]).all():
       out["lon"], out["lat"] = float(self.lonlat[i, 0]), float(self.lonlat[i, 1])
     return out
