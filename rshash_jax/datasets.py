@@ -263,8 +263,17 @@ def tfds_table(name: str, split: str = "train", data_dir: Optional[str] = None,
           f"could not prepare TFDS dataset {name} (manual_dir={manual_dir}): {e}. For uc_merced put "
           "UCMerced_LandUse.zip in data.manual_dir, or use data.source=folder:/path/to/UCMerced_LandUse/Images") from e
   info = builder.info
+  # One ClassLabel (single-label), or a Sequence of ClassLabel (multi-label: bigearthnet).
   label_key = "label" if "label" in info.features else next(
-      k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel))
+      (k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+  multi = None
+  if label_key is None:
+    multi = next((k for k, f in info.features.items() if isinstance(f, tfds.features.Sequence)
+                  and isinstance(f.feature, tfds.features.ClassLabel)), None)
+    if multi is None:
+      raise errors.InvalidInput(f"TFDS dataset {name}: no ClassLabel or Sequence(ClassLabel) feature among "
+                                f"{list(info.features)}")
+    label_key = multi
   # An Image feature, or a multispectral Tensor [H, W, C] (eurosat/all's `sentinel2`).
   image_key = "image" if "image" in info.features else next(
       (k for k, f in info.features.items() if isinstance(f, tfds.features.Image)), None) or next(
@@ -275,8 +284,16 @@ def tfds_table(name: str, split: str = "train", data_dir: Optional[str] = None,
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={k: tfds.decode.SkipDecoding() for k, f in info.features.items()
                                     if k != label_key and isinstance(f, tfds.features.Image)})
-  labels = np.fromiter((int(ex[label_key]) for ex in ds.as_numpy_iterator()), np.int32)
-  return ImageTable(name=name.replace("/", "_"), labels=labels, class_names=info.features[label_key].names,
+  if multi:
+    names = info.features[label_key].feature.names
+    rows = [np.asarray(ex[label_key], np.int64) for ex in ds.as_numpy_iterator()]
+    labels = np.zeros((len(rows), len(names)), np.int32)
+    for i, r in enumerate(rows):
+      labels[i, r] = 1
+  else:
+    names = info.features[label_key].names
+    labels = np.fromiter((int(ex[label_key]) for ex in ds.as_numpy_iterator()), np.int32)
+  return ImageTable(name=name.replace("/", "_"), labels=labels, class_names=names,
                     tfds_name=name, tfds_split=split, tfds_data_dir=data_dir, image_key=image_key,
                     description=f"TFDS {name} split {split} in {builder.data_dir}")
 

@@ -151,7 +151,8 @@ def test_sentinel2_archive_end_to_end(s2_archive, tmp_path):
 
 
 def test_multispectral_tfds_source_through_the_same_switches(tmp_path):
-  """A TFDS builder with a float32 [H, W, 13] Tensor feature (as eurosat/all's `sentinel2`):
+  """A TFDS builder with a float32 [H, W, 13] Tensor feature (as eurosat/all's `sentinel2`)
+  and multi-labels (a Sequence of ClassLabel, as bigearthnet's `labels`): multi-hot rows;
   refused without data.scale, then streamed through data.bands / data.scale, the stretch
   fitted on training examples."""
   tfds = pytest.importorskip("tensorflow_datasets")
@@ -163,7 +164,7 @@ def test_multispectral_tfds_source_through_the_same_switches(tmp_path):
     def _info(self):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
           "sentinel2": tfds.features.Tensor(shape=(16, 16, 13), dtype=np.float32),
-          "label": tfds.features.ClassLabel(names=["a", "b"])}))
+          "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=["a", "b", "c"]))}))
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -171,12 +172,16 @@ def test_multispectral_tfds_source_through_the_same_switches(tmp_path):
     def _generate_examples(self):
       rng = np.random.default_rng(0)
       for i in range(10):
-        yield i, {"sentinel2": s2_tile(rng, i % 2, size=16).transpose(1, 2, 0).astype(np.float32), "label": i % 2}
+        yield i, {"sentinel2": s2_tile(rng, i % 2, size=16).transpose(1, 2, 0).astype(np.float32),
+                  "labels": [i % 2] if i % 3 else [i % 2, 2]}
 
   data_dir = str(tmp_path / "tfds")
   TinyMultispectral(data_dir=data_dir).download_and_prepare()
   table = datasets.tfds_table("tiny_multispectral", data_dir=data_dir, download=False)
-  assert table.image_key == "sentinel2" and len(table) == 10
+  assert table.image_key == "sentinel2" and len(table) == 10 and table.multilabel
+  ds_labels = [sorted(ex["labels"].tolist()) for ex in tfds.load("tiny_multispectral", split="train", data_dir=data_dir,
+                                                                  shuffle_files=False).as_numpy_iterator()]
+  assert [sorted(np.flatnonzero(r).tolist()) for r in table.labels] == ds_labels
   with pytest.raises(errors.InvalidInput, match="sentinel2 images are float32.*set data.scale"):
     input_pipeline.ImageSource(table, 8, cache_dir=str(tmp_path / "c0"))
   with pytest.raises(errors.InvalidInput, match="band descriptions, which TFDS examples do not have"):
