@@ -14,7 +14,7 @@ Modes (config.train.mode):
 import dataclasses
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -185,8 +185,9 @@ def encode(s: _Setup, params, constants, indices: np.ndarray):
   return u_out, l_out
 
 
-def evaluate(s: _Setup, state, workdir: str) -> Dict[str, Any]:
-  """Encodes database (train) and queries (test), ranks, writes results.json + plots."""
+def evaluate(s: _Setup, state, workdir: str, timing: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+  """Encodes database (train) and queries (test), ranks, writes results.json + plots.
+  `timing` (seconds per phase of this run) goes into results.json with eval_seconds added."""
   config = s.config
   t = time.perf_counter()
   db_u, _ = encode(s, state.params, state.constants, s.train_idx)
@@ -200,7 +201,8 @@ def evaluate(s: _Setup, state, workdir: str) -> Dict[str, Any]:
                  backbone=s.bb.name, pretrained=s.bb.pretrained, mode=config.train.mode,
                  num_classes=s.table.num_classes,
                  class_names=s.table.class_names, step=int(distributed.to_host(state.step)),
-                 eval_seconds=time.perf_counter() - t, devices=jax.device_count(),
+                 eval_seconds=time.perf_counter() - t,
+                 timing={**(timing or {}), "eval_seconds": time.perf_counter() - t}, devices=jax.device_count(),
                  processes=jax.process_count(), config=config.to_dict(), **report)
   evaluation.write_results(workdir, results)
   logging.info("%s", evaluation.summary_line(results))
@@ -212,7 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   evaluation results (also written to WORKDIR/results.json) or {} when stopped early."""
   config_checks.check_dhcnn(config)
   os.makedirs(workdir, exist_ok=True)
+  t_setup = time.perf_counter()
   s = _setup(config, workdir)
+  setup_seconds = time.perf_counter() - t_setup
   tc = config.train
   global_batch = tc.batch_size
   if global_batch % jax.process_count():
@@ -238,12 +242,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   logging.info("Training %s (%s) %d bits: steps %d -> %d of %d (%d/epoch, global batch %d, %d devices)",
                s.bb.name, tc.mode, config.model.bits, start, stop, total, spe, global_batch, s.mesh.devices.size)
   step_with_rng = lambda st, b: step_fn(st, b, rng)
+  t_train = time.perf_counter()
   state, finished = loop.run(step_with_rng, state, _batches(s, global_batch, start, stop), mesh=s.mesh,
                              mngr=mngr, writer=writer, total=total, stop=stop, log_every=tc.log_every_steps,
                              loss_key="reported")
   if not finished:
     return {}
-  results = evaluate(s, state, workdir)
+  # This run's phases (a resumed run counts only its own steps): data + backbone features
+  # (extracted, or read from the cache), training, evaluation.
+  timing = {"data_and_features_seconds": setup_seconds, "train_seconds": time.perf_counter() - t_train,
+            "train_steps": stop - start}
+  results = evaluate(s, state, workdir, timing)
   params = distributed.to_host(state.params)
   bb = s.bb if "backbone" not in params else dataclasses.replace(
       s.bb, variables={**s.bb.variables, "params": params["backbone"]})

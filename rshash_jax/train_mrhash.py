@@ -249,7 +249,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   config_checks.check_mrhash(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.data_mesh()
+  t_data = time.perf_counter()
   table, train_idx, test_idx, image_feats, sources, bb, view_table = load_data(config, workdir)
+  data_seconds = time.perf_counter() - t_data
   hc = config.mrhash
   t0 = time.perf_counter()
   norm = lambda x: np.asarray(mrhash.normalize_features(x, hc.feature_norm), np.float32)
@@ -274,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     h, params = stage2
     method = "mrhash" if len(set(hc.sources)) > 1 else "mrhash_unisource"
   train_seconds = time.perf_counter() - t0
+  t_eval = time.perf_counter()
   db_codes, q_codes = h[train_idx], h[test_idx]
   report = evaluation.evaluate_codes(np.where(db_codes >= 0, 1, -1), np.where(q_codes >= 0, 1, -1),
                                      table.labels[train_idx], table.labels[test_idx],
@@ -288,7 +291,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   report["r"] = r
   results = dict(method=method, dataset=table.name, dataset_description=table.description, backbone=bb.name,
                  pretrained=bb.pretrained, image_view=hc.image_view, sources=list(hc.sources),
-                 num_classes=table.num_classes, train_seconds=train_seconds, devices=jax.device_count(),
+                 num_classes=table.num_classes, train_seconds=train_seconds,
+                 timing={"data_and_features_seconds": data_seconds, "train_seconds": train_seconds,
+                         "eval_seconds": time.perf_counter() - t_eval}, devices=jax.device_count(),
                  processes=jax.process_count(),
                  mode=config.train.mode, split="validation" if config.data.validation else "test",
                  config=config.to_dict(), **report)

@@ -148,6 +148,7 @@ def test_cli_tiny(tmp_path, preset):
   assert res["method"] == ("itq" if "itq" in preset else "mrhash")
   for key in ("map", "map_at_r", "precision_at", "pr_curve", "num_database", "num_query"):
     assert key in res
+  assert set(res["timing"]) == {"data_and_features_seconds", "train_seconds", "eval_seconds"}
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny,finetune"])

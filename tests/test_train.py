@@ -48,6 +48,9 @@ def test_cli_tiny_run_writes_results(tmp_path):
   assert set(res["pr_curve"]) >= {"radius", "precision", "recall"} and len(res["pr_curve"]["radius"]) == 17
   assert (workdir / "pr_curve.png").stat().st_size > 1000
   assert "generated" in res["dataset_description"]
+  timing = res["timing"]  # this run's phases, comparable across settings
+  assert set(timing) == {"data_and_features_seconds", "train_seconds", "train_steps", "eval_seconds"}
+  assert timing["train_steps"] == 30 * 6 and all(v > 0 for v in timing.values())
 
 
 def test_cli_rejects_bad_config_value(tmp_path):
