@@ -97,7 +97,7 @@ class ImageTable:
     h = hashlib.sha1(self.name.encode())
     h.update(self.labels.tobytes())
     h.update(f"degrade={self.degrade}".encode() if self.degrade != 1 else b"")
-    h.update(self.raster.describe().encode() if self.raster != rasters.RasterSpec() else b"")
+    h.update(b"" if self.raster.is_default else self.raster.describe().encode())
     for p in self.paths or []:
       h.update(p.encode())
     return h.hexdigest()[:12]
@@ -134,7 +134,7 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
 def check_image(path: str):
   """Raises ValueError naming `path` if it is not a readable image."""
   if rasters.is_raster(path):  # rasterio reads what PIL cannot (many bands, 16-bit, float)
-    rasters._open(path).close()  # pylint: disable=protected-access
+    rasters.open_raster(path).close()
     return
   try:
     with Image.open(path) as im:
@@ -363,7 +363,7 @@ def from_config(data_cfg, workdir: str) -> ImageTable:
   else:
     raise errors.InvalidInput(f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}")
   spec = rasters.RasterSpec.parse(data_cfg.get("bands", ""), data_cfg.get("scale", ""))
-  if spec != rasters.RasterSpec():
+  if not spec.is_default:
     table = table.with_raster(spec)
   logging.info("Dataset %s: %d images, %d classes (%s)", table.name, len(table), table.num_classes, table.description)
   return table

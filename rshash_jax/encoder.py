@@ -121,17 +121,22 @@ class Encoder:
     it encodes."""
     return rasters.RasterSpec.from_meta(self.meta.get("raster"))
 
+  def apply_fn(self):
+    """The pure function (variables, uint8 images [B, S, S, 3]) -> (u, logits or None):
+    preprocessing, backbone and head (jitted by `encode`, converted by the SavedModel export)."""
+    pre, meta, module = self.preprocessing, self.meta, self.module
+
+    def fn(variables, images):
+      x = pre(images, jnp.dtype(meta["dtype"]))
+      if meta["method"] == "dhcnn":
+        return module.apply(variables, x)
+      return module.apply(variables, x, meta["feature_scale"])
+    return fn
+
   def _compiled(self):
     if self._fn is None:
-      pre, meta, module = self.preprocessing, self.meta, self.module
-
-      def fn(variables, images):
-        x = pre(images, jnp.dtype(meta["dtype"]))
-        if meta["method"] == "dhcnn":
-          return module.apply(variables, x)
-        return module.apply(variables, x, meta["feature_scale"])
       rep = sharding.replicated(self.mesh)
-      self._fn = jax.jit(fn, in_shardings=(rep, sharding.sharded_rows(self.mesh)))
+      self._fn = jax.jit(self.apply_fn(), in_shardings=(rep, sharding.sharded_rows(self.mesh)))
       self.variables = distributed.replicate(self.variables, self.mesh)
     return self._fn
 

@@ -181,7 +181,7 @@ def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Option
   key = hashlib.sha1(f"{table.tfds_name}|{table.tfds_split}|{len(table)}|{size}|{resize_size}|{table.degrade}"
                      f"|{table.raster.describe()}".encode()).hexdigest()[:16]
   feature = tfds.builder(table.tfds_name, data_dir=table.tfds_data_dir).info.features[table.image_key]
-  if table.raster == rasters.RasterSpec() and np.dtype(feature.np_dtype).kind == "f":
+  if table.raster.is_default and np.dtype(feature.np_dtype).kind == "f":
     raise errors.InvalidInput(f"TFDS {table.tfds_name}: its {table.image_key} images are {np.dtype(feature.np_dtype)} "
                               "(reflectance?): set data.scale (a divisor such as 10000, or stretch) and data.bands "
                               "(e.g. 4,3,2)")
@@ -196,7 +196,7 @@ def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Option
 
     def prep(ex):
       img = ex[table.image_key]
-      if spec != spec.__class__():  # data.bands / data.scale (rshash_jax/rasters.py)
+      if not spec.is_default:  # data.bands / data.scale (rshash_jax/rasters.py)
         img = tf.numpy_function(lambda a: rasters.to_rgb8(rasters.select_array_bands(a, spec, name), spec, name),
                                 [img], tf.uint8, stateful=False)
         img.set_shape([None, None, 3])

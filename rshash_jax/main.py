@@ -104,8 +104,12 @@ def _train():
     _say(f"results: {os.path.join(FLAGS.workdir, 'results.json')}")
 
 
+def _traceback_env() -> bool:
+  return os.environ.get("RSHASH_TRACEBACK", "") not in ("", "0")
+
+
 def _show_traceback() -> bool:
-  return FLAGS.traceback or os.environ.get("RSHASH_TRACEBACK", "") not in ("", "0")
+  return FLAGS.traceback or _traceback_env()
 
 
 def is_input_error(e: BaseException) -> bool:
@@ -198,7 +202,7 @@ def _parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _exit_with(e, os.environ.get("RSHASH_TRACEBACK", "") not in ("", "0") or "--traceback" in argv)
+    _exit_with(e, _traceback_env() or "--traceback" in argv)  # FLAGS.traceback is not parsed yet
 
 
 def run():

@@ -93,6 +93,11 @@ class RasterSpec:
     return cls(bands=spec_bands, divisor=divisor)
 
   @property
+  def is_default(self) -> bool:
+    """Bands 1,2,3 (or 1) of 8-bit rasters, as they are: no data.bands / data.scale."""
+    return self == RasterSpec()
+
+  @property
   def needs_fit(self) -> bool:
     return bool(self.stretch) and not self.low
 
@@ -137,7 +142,8 @@ def _band_indexes(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
   return tuple(out)
 
 
-def _open(path: str):
+def open_raster(path: str):
+  """rasterio.open, with an unreadable file an InvalidInput naming it."""
   import warnings  # pylint: disable=g-import-not-at-top
   import rasterio  # pylint: disable=g-import-not-at-top
   try:
@@ -148,22 +154,26 @@ def _open(path: str):
     raise errors.InvalidInput(f"corrupt or unreadable raster: {path} ({e})") from None
 
 
+def _checked_bands(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
+  """The band indexes `spec` picks from the open raster `src`, after checking that they
+  exist and that their type can be scaled to 0..255."""
+  idx = _band_indexes(src, spec, path)
+  if not spec.divisor and not spec.stretch and src.dtypes[idx[0] - 1] != "uint8":
+    raise errors.InvalidInput(f"{path}: a {src.dtypes[idx[0] - 1]} raster needs data.scale (a divisor such as "
+                              "10000 for reflectance, or stretch): its values have no fixed 0..255 range")
+  return idx
+
+
 def check(path: str, spec: RasterSpec):
   """Header checks before any long work: readable, the bands exist, the type can be scaled."""
-  with _open(path) as src:
-    idx = _band_indexes(src, spec, path)
-    if not spec.divisor and not spec.stretch and src.dtypes[idx[0] - 1] != "uint8":
-      raise errors.InvalidInput(f"{path}: a {src.dtypes[idx[0] - 1]} raster needs data.scale (a divisor such as "
-                                "10000 for reflectance, or stretch): its values have no fixed 0..255 range")
+  with open_raster(path) as src:
+    _checked_bands(src, spec, path)
 
 
 def read_bands(path: str, spec: RasterSpec) -> np.ma.MaskedArray:
   """The chosen bands as float32 [C, H, W], masked where nodata."""
-  with _open(path) as src:
-    idx = _band_indexes(src, spec, path)
-    if not spec.divisor and not spec.stretch and src.dtypes[idx[0] - 1] != "uint8":
-      raise errors.InvalidInput(f"{path}: a {src.dtypes[idx[0] - 1]} raster needs data.scale (a divisor such as "
-                                "10000 for reflectance, or stretch): its values have no fixed 0..255 range")
+  with open_raster(path) as src:
+    idx = _checked_bands(src, spec, path)
     try:
       data = src.read(idx, masked=True, out_dtype="float32")
     except Exception as e:  # a truncated or corrupt block
@@ -256,7 +266,7 @@ def fit_stretch_arrays(named_bands, spec: RasterSpec, seed: int = 0) -> RasterSp
 def center_lonlat(path: str) -> Tuple[float, float]:
   """WGS84 (lon, lat) of the raster's centre, or (nan, nan) without a transform and CRS."""
   from rasterio.transform import Affine  # pylint: disable=g-import-not-at-top
-  with _open(path) as src:
+  with open_raster(path) as src:
     if src.crs is None or src.transform == Affine.identity():
       return float("nan"), float("nan")
     x, y = src.xy(src.height / 2.0, src.width / 2.0, offset="ul")  # the centre point, in the CRS

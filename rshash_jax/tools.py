@@ -52,12 +52,9 @@ def image_table(data: str, degrade: int = 1, check_images: bool = True,
       table = datasets.ImageTable(name=os.path.basename(root), labels=np.full(len(paths), -1, np.int32),
                                   class_names=[], paths=paths, description=f"images under {root}")
   table.degrade = degrade
-  if raster is not None and raster != rasters.RasterSpec():
-    table = table.with_raster(raster)
-  elif table.paths is not None:
-    for p in table.paths:  # default bands and 8-bit check, before any long work
-      if rasters.is_raster(p):
-        rasters.check(p, rasters.RasterSpec())
+  spec = raster or rasters.RasterSpec()
+  if table.paths is not None or not spec.is_default:  # rasters' headers checked before any long work
+    table = table.with_raster(spec)
   return table
 
 
@@ -156,9 +153,6 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
       raise errors.AlreadyExists(f"output exists, nothing overwritten: {out_path}")
   paths = _query_paths(queries)
   degrade = enc.meta.get("degrade", 1)
-  for p in paths:
-    if rasters.is_raster(p):
-      rasters.check(p, enc.raster)
   imgs = np.stack([datasets.load_image(p, enc.image_size, degrade=degrade, raster=enc.raster) for p in paths])
   lon = db["lon"] if "lon" in db else np.full(len(db["codes"]), np.nan)
   lat = db["lat"] if "lat" in db else np.full(len(db["codes"]), np.nan)
@@ -174,8 +168,9 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
   row_of = {str(x): i for i, x in enumerate(db["paths"])}
   for qi, p in enumerate(paths):
     # The query's label(s): its row of the codes file if it is there, else its class folder.
-    if os.path.abspath(p) in row_of or p in row_of:
-      q_lab = db_labels[row_of.get(os.path.abspath(p), row_of.get(p))]
+    row = row_of.get(os.path.abspath(p), row_of.get(p))
+    if row is not None:
+      q_lab = db_labels[row]
     else:
       q_class = os.path.basename(os.path.dirname(p))
       q_lab = np.int64(class_names.index(q_class) if q_class in class_names and db_labels.ndim == 1 else -1)

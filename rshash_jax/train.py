@@ -196,13 +196,14 @@ def evaluate(s: _Setup, state, workdir: str, timing: Optional[Dict[str, float]] 
   report = evaluation.evaluate_codes(np.where(db_u >= 0, 1, -1), np.where(q_u >= 0, 1, -1), db_labels, q_labels,
                                      map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks),
                                      q_predictions=np.argmax(q_logits, axis=1), q_logits=q_logits)
+  eval_seconds = time.perf_counter() - t
   results = dict(method="dhcnn", dataset=s.table.name, dataset_description=s.table.description,
                  split="validation" if config.data.validation else "test",
                  backbone=s.bb.name, pretrained=s.bb.pretrained, mode=config.train.mode,
                  num_classes=s.table.num_classes,
                  class_names=s.table.class_names, step=int(distributed.to_host(state.step)),
-                 eval_seconds=time.perf_counter() - t,
-                 timing={**(timing or {}), "eval_seconds": time.perf_counter() - t}, devices=jax.device_count(),
+                 eval_seconds=eval_seconds, timing={**(timing or {}), "eval_seconds": eval_seconds},
+                 devices=jax.device_count(),
                  processes=jax.process_count(), config=config.to_dict(), **report)
   evaluation.write_results(workdir, results)
   logging.info("%s", evaluation.summary_line(results))

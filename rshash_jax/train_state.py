@@ -97,7 +97,7 @@ def checkpoint_manager(workdir: str, every_steps: int, keep: int = 2,
 
 
 def _shapes(tree) -> Dict[str, str]:
-  """path -> (shape, dtype) with one path spelling for flax structs, optax namedtuples and
+  """path -> "dtype[shape]" with one path spelling for flax structs, optax namedtuples and
   the plain dicts/lists orbax's metadata holds ('opt_state/1/0/mu/head/...')."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:

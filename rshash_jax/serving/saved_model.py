@@ -31,14 +31,10 @@ from rshash_jax import distributed, encoder as encoder_lib, errors, hamming
 def _jax_function(enc: encoder_lib.Encoder):
   """(variables, uint8 images [B, S, S, 3]) -> dict of outputs, as Encoder.encode computes them."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  pre, meta, module = enc.preprocessing, enc.meta, enc.module
+  apply = enc.apply_fn()
 
   def fn(variables, images):
-    x = pre(images, jnp.dtype(meta["dtype"]))
-    if meta["method"] == "dhcnn":
-      u, logits = module.apply(variables, x)
-    else:
-      u, logits = module.apply(variables, x, meta["feature_scale"])
+    u, logits = apply(variables, images)
     u = u.astype(jnp.float32)
     out = {"codes": hamming.pack_signs(u), "u": u}
     if logits is not None:
