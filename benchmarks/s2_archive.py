@@ -3,6 +3,7 @@ the DHCNN runs that compare band settings on it.
 
     python benchmarks/s2_archive.py --data=../shared/data/ucmerced --out=/tmp/ucm_s2
     python benchmarks/s2_archive.py --out=/tmp/ucm_s2 --run   # also train + evaluate each setting
+    python benchmarks/s2_archive.py --out=/tmp/ucm_s2 --read_rate   # tiles/s read per setting
 
 Each image becomes a uint16 GeoTIFF of 13 bands described B1..B12, B8A (Sentinel-2's
 order), `--size` pixels square, with a UTM zone 32N transform (10 m pixels, one tile per
@@ -12,6 +13,8 @@ where green dominates, as vegetation is); the other bands are smoothed mixtures 
 and B plus noise. Nothing here is real Sentinel-2 physics: it is an archive with the
 layout, types and value ranges a Sentinel-2 user brings, with the content of real scenes.
 
+--read_rate reads the first 200 tiles with each band setting (rasters.read: bands, scaling,
+uint8), 3 passes, and prints the median tiles/s on one core.
 --run trains `configs/dhcnn.py:local` (unchanged) per band setting and prints the test
 mAP / accuracy from each run's results.json and the run's wall time (feature extraction
 included).
@@ -69,10 +72,26 @@ def main():
   p.add_argument("--out", required=True)
   p.add_argument("--size", type=int, default=128)
   p.add_argument("--run", action="store_true")
+  p.add_argument("--read_rate", action="store_true")
   args = p.parse_args()
   t0 = time.time()
   table = build(args.data, args.out, args.size)
   print(f"archive: {len(table)} 13-band GeoTIFFs in {args.out} ({time.time() - t0:.0f} s)", flush=True)
+  if args.read_rate:
+    from rshash_jax import rasters  # pylint: disable=g-import-not-at-top
+    tiles = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.out) for f in fs if f.endswith(".tif"))[:200]
+    for bands, scale in SETTINGS:
+      spec = rasters.RasterSpec.parse(bands, scale)
+      if spec.needs_fit:
+        spec = rasters.fit_stretch(tiles, spec)
+      times = []
+      for _ in range(3):
+        t = time.perf_counter()
+        for path in tiles:
+          rasters.read(path, spec)
+        times.append(time.perf_counter() - t)
+      print(f"read {bands:<10} {scale:<8} {len(tiles) / np.median(times):.0f} tiles/s ({args.size}x{args.size}, "
+            "13-band uint16, median of 3)", flush=True)
   if not args.run:
     return
   print(f"{'bands':<10} {'scale':<8} {'mAP':>7} {'accuracy':>8} {'run s':>6}")
