@@ -93,7 +93,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.mrhash = ml_collections.ConfigDict()
   c.mrhash.image_view = "coarse4"            # what the hash network sees (train and test)
-  c.mrhash.sources = ("coarse4", "full")     # source 1 (AE input) first; views of the images
+  c.mrhash.sources = ("coarse4", "full")     # source 1 (AE input) first; views: full, coarseN, folder:DIR,
+                                             # each optionally ;bands=...;scale=... (multisource.py)
   c.mrhash.release_sources = ("msi", "vhr")  # release format: feature-file source names
   c.mrhash.num_clusters = 64                 # paper: 16 (EuroSAT, 10 classes); see the docstring
   c.mrhash.kmeans_n_init = 20

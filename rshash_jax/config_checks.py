@@ -1,6 +1,6 @@
 """Config validation before any long work: every error names the field and the value."""
 
-from rshash_jax import backbones, dhcnn, errors, mrhash, rasters, train_state
+from rshash_jax import backbones, dhcnn, errors, mrhash, multisource, rasters, train_state
 
 MODES = ("frozen", "finetune")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -105,6 +105,8 @@ def check_mrhash(config):
   if len(_get(config, "mrhash.sources")) < 1:
     _fail("mrhash.sources", config.mrhash.sources, "expected one or more source views")
   for spec in list(config.mrhash.sources) + [config.mrhash.image_view]:
+    spec, options = multisource.split_view(spec)
+    rasters.RasterSpec.parse(options.get("bands", ""), options.get("scale", ""))
     if not (spec == "full" or spec.startswith("folder:") or
             (spec.startswith("coarse") and spec[6:].isdigit() and int(spec[6:]) >= 1)):
       _fail("mrhash.sources/image_view", spec, "expected full, coarseN or folder:DIR")

@@ -19,7 +19,7 @@ def data() -> ml_collections.ConfigDict:
   d.augment = False             # flips / 90-degree rotations (fine-tuning)
   d.threads = 0                 # tf.data decode threads; 0 = the host's cores
   d.labels_file = ""            # multi-label CSV (path,label1;label2) for data.source=folder:DIR
-  d.bands = ""                  # GeoTIFF bands for R,G,B: "" (1,2,3), "4,3,2" or "B4,B3,B2" (rasters.py)
+  d.bands = ""                  # GeoTIFF bands: "" (1,2,3), "4,3,2", "B4,B3,B2", or all[:R,G,B] (rasters.py)
   d.scale = ""                  # GeoTIFF values to 0..255: "" (8-bit as is), "10000", "stretch[:2,98]"
   d.generated_classes = 6
   d.generated_per_class = 20

@@ -44,7 +44,7 @@ class ImageTable:
   # >1: a coarse-resolution view, as a sensor with `degrade` times larger ground sampling
   # distance sees the scene (area-averaged down by this factor, bicubic back up).
   degrade: int = 1
-  # How GeoTIFF/TIFF files become 8-bit RGB (data.bands, data.scale; rshash_jax/rasters.py).
+  # How GeoTIFF/TIFF files become 8-bit images (data.bands, data.scale; rshash_jax/rasters.py).
   raster: rasters.RasterSpec = dataclasses.field(default_factory=rasters.RasterSpec)
 
   @property
@@ -73,13 +73,31 @@ class ImageTable:
 
   def with_raster(self, spec: "rasters.RasterSpec") -> "ImageTable":
     """This table reading its rasters by `spec`; every raster's header is checked against it
-    now (bands present, type scalable), before any long work."""
-    for p in self.paths or []:
+    now (bands present, type scalable), before any long work. data.bands=all takes its band
+    count from the first image and requires it of every other."""
+    if spec.all_bands and self.paths is not None:
+      pictures = [p for p in self.paths if not rasters.is_raster(p)]
+      if pictures:
+        raise errors.InvalidInput(f"{pictures[0]}: not a GeoTIFF/TIFF raster; data.bands=all takes rasters only "
+                                  f"({len(pictures)} of the {len(self.paths)} images are not)")
+    lonlat = None if self.paths is None else np.full((len(self.paths), 2), np.nan)
+    for i, p in enumerate(self.paths or []):
       if rasters.is_raster(p):
-        rasters.check(p, spec)
+        count, numbers, lonlat[i] = rasters.header(p, spec)  # one opening: checks and coordinates
+        if spec.all_bands and not spec.count:
+          spec = spec.with_count(count, p)
+        if not spec.numbers:
+          spec = dataclasses.replace(spec, numbers=numbers)
     if self.paths is None:  # TFDS: the first example's bands
-      rasters.select_array_bands(next(self.tfds_arrays([0])), spec, f"TFDS {self.tfds_name}")
-    return dataclasses.replace(self, raster=spec)
+      name = f"TFDS {self.tfds_name}"
+      c = next(self.tfds_arrays([0])).shape[-1]
+      if spec.all_bands and not spec.count:
+        spec = spec.with_count(c, name)
+      numbers = rasters.array_band_numbers(c, spec, name)
+      spec = spec if spec.numbers else dataclasses.replace(spec, numbers=numbers)
+    out = dataclasses.replace(self, raster=spec)
+    out._lonlat = lonlat  # pylint: disable=protected-access,attribute-defined-outside-init
+    return out
 
   def tfds_arrays(self, indices):
     """The raw images [H, W, C] of a TFDS table at sorted `indices` (one pass over the split)."""
@@ -107,7 +125,9 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
   """A tree root/<class>/<image>. Classes and files in sorted order define the ids.
 
   check_images opens every file's header up front, so a corrupt or non-image file is
-  reported by name before any long work starts.
+  reported by name before any long work starts. Rasters are left to `with_raster`, which
+  `from_config` and `tools.image_table` run on every table: it checks their headers
+  against data.bands / data.scale and reads their coordinates in the same opening.
   """
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
@@ -126,7 +146,8 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
                               f"classes of {'/'.join(IMAGE_EXTENSIONS)} images, found {len(names)}")
   if check_images:
     for p in paths:
-      check_image(p)
+      if not rasters.is_raster(p):  # rasters: ImageTable.with_raster
+        check_image(p)
   return ImageTable(name=name or os.path.basename(root), labels=np.asarray(labels, np.int32),
                     class_names=names, paths=paths, description=f"class folders under {root}")
 
@@ -330,7 +351,8 @@ def label_file(csv_path: str, image_root: Optional[str] = None, check_images: bo
   paths = [p for p, _ in rows]
   if check_images:
     for p in paths:
-      check_image(p)
+      if not rasters.is_raster(p):  # rasters: ImageTable.with_raster (see class_folder)
+        check_image(p)
   return ImageTable(name=os.path.splitext(os.path.basename(csv_path))[0], labels=labels, class_names=names,
                     paths=paths, description=f"{len(paths)} images with {len(names)} labels from {csv_path}")
 
@@ -363,7 +385,7 @@ def from_config(data_cfg, workdir: str) -> ImageTable:
   else:
     raise errors.InvalidInput(f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}")
   spec = rasters.RasterSpec.parse(data_cfg.get("bands", ""), data_cfg.get("scale", ""))
-  if not spec.is_default:
+  if table.paths is not None or not spec.is_default:  # rasters' headers checked before any long work
     table = table.with_raster(spec)
   logging.info("Dataset %s: %d images, %d classes (%s)", table.name, len(table), table.num_classes, table.description)
   return table

@@ -5,7 +5,8 @@ An exported encoder is a directory:
   params/        an orbax PyTree checkpoint: backbone + head variables, preprocessing arrays
 
 `load_encoder` restores it on whatever devices exist (params replicated over a ('data',)
-mesh of all local devices) and encodes uint8 RGB images into packed codes, predicted
+mesh of all local devices) and encodes uint8 images (RGB, or every band of the archive
+under data.bands=all) into packed codes, predicted
 classes (DHCNN) and the continuous outputs.
 """
 
@@ -116,13 +117,18 @@ class Encoder:
     return self.meta["class_names"]
 
   @property
+  def channels(self) -> int:
+    """Bands of the images it takes: 3 (RGB), or the archive's band count (data.bands=all)."""
+    return self.preprocessing.channels
+
+  @property
   def raster(self) -> rasters.RasterSpec:
     """How this encoder's training read GeoTIFFs (bands, scaling): applied to every raster
     it encodes."""
     return rasters.RasterSpec.from_meta(self.meta.get("raster"))
 
   def apply_fn(self):
-    """The pure function (variables, uint8 images [B, S, S, 3]) -> (u, logits or None):
+    """The pure function (variables, uint8 images [B, S, S, C]) -> (u, logits or None):
     preprocessing, backbone and head (jitted by `encode`, converted by the SavedModel export)."""
     pre, meta, module = self.preprocessing, self.meta, self.module
 
@@ -142,8 +148,9 @@ class Encoder:
 
   def encode(self, images: np.ndarray) -> Dict[str, np.ndarray]:
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-      raise errors.InvalidInput(f"expected uint8 images [B, {self.image_size}, {self.image_size}, 3], got {images.shape}")
+    shape = (self.image_size, self.image_size, self.channels)
+    if images.ndim != 4 or images.shape[1:] != shape:
+      raise errors.InvalidInput(f"expected uint8 images [B, {', '.join(map(str, shape))}], got {images.shape}")
     n = images.shape[0]
     n_dev = self.mesh.devices.size
     pad = (-n) % n_dev
@@ -176,7 +183,8 @@ def load_encoder(path: str, devices=None) -> Encoder:
     tree = ckptr.restore(os.path.join(path, "params"))
   tree = jax.device_get(tree)
   module, pre, _ = backbones.build(meta["backbone"], image_size=meta["image_size"], dtype=jnp.dtype(meta["dtype"]),
-                                   lrn_params=tuple(meta["lrn_params"]) or None)
+                                   lrn_params=tuple(meta["lrn_params"]) or None,
+                                   channels=rasters.RasterSpec.from_meta(meta.get("raster")).channels)
   pre = dataclasses.replace(pre, mean=np.asarray(tree["preprocess"]["mean"]), std=np.asarray(tree["preprocess"]["std"]),
                             scale=meta["scale"], bgr=meta["bgr"])
   bb_vars = tree["backbone"]

@@ -94,6 +94,8 @@ def cache_key(bb: backbones.Backbone, table: datasets.ImageTable, weights_path: 
               resize_size: Optional[int]) -> str:
   desc = dict(backbone=bb.name, pretrained=bb.pretrained, weights=weights_path, size=bb.image_size,
               resize=resize_size, dtype=str(jnp.dtype(bb.module.dtype)), table=table.fingerprint())
+  if bb.preprocessing.channels != 3:  # data.bands=all: an adapted stem
+    desc["channels"] = bb.preprocessing.channels
   return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -54,7 +54,7 @@ def default_threads() -> int:
 
 
 def resize(img, size: int, resize_size: Optional[int] = None, degrade: int = 1):
-  """uint8 [H, W, 3] -> uint8 [size, size, 3]: degrade > 1 first area-averages the image down
+  """uint8 [H, W, C] -> uint8 [size, size, C]: degrade > 1 first area-averages the image down
   by that factor (a coarser sensor); then an antialiased bicubic resize to resize_size (then
   a centre crop of size) or straight to size. One definition for every source."""
   img = tf.cast(img, tf.float32)
@@ -65,7 +65,7 @@ def resize(img, size: int, resize_size: Optional[int] = None, degrade: int = 1):
   if target != size:
     img = tf.image.resize_with_crop_or_pad(img, size, size)
   img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
-  img.set_shape([size, size, 3])
+  img.set_shape([size, size, img.shape[-1]])
   return img
 
 
@@ -75,15 +75,30 @@ def _decode_tf(path):
   return img
 
 
+def channels(raster) -> int:
+  """Channels of the images a table or encoder reading rasters by `raster` gets: 3, or
+  every band under data.bands=all."""
+  return raster.channels if raster is not None else 3
+
+
 def _decode_other(path, raster):
   img = tf.numpy_function(lambda p: datasets.decode_other(p.decode(), raster), [path], tf.uint8, stateful=False)
-  img.set_shape([None, None, 3])
+  img.set_shape([None, None, channels(raster)])
   return img
 
 
+def _refuse_picture(name: str, raster):
+  if channels(raster) != 3:
+    raise errors.InvalidInput(f"{name}: not a GeoTIFF/TIFF raster; data.bands=all here takes rasters of "
+                              f"{raster.count} bands")
+
+
 def decode_file(path: str, raster=None):
-  """One file's pixels, uint8 [H, W, 3], by the decoder its format gets in the pipelines
-  (rasters by `raster`, a rasters.RasterSpec)."""
+  """One file's pixels, uint8 [H, W, 3] ([H, W, C] under data.bands=all), by the decoder
+  its format gets in the pipelines (rasters by `raster`, a rasters.RasterSpec)."""
+  from rshash_jax import rasters  # pylint: disable=g-import-not-at-top
+  if not rasters.is_raster(path):
+    _refuse_picture(path, raster)
   if path.lower().endswith(TF_FORMATS):
     try:
       return _decode_tf(tf.constant(path))
@@ -108,6 +123,7 @@ def decode_bytes(data: bytes, name: str = "upload", raster=None) -> np.ndarray:
   from rshash_jax import rasters  # pylint: disable=g-import-not-at-top
   if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF / BigTIFF: as files are read
     return rasters.read_bytes(data, raster or rasters.RasterSpec(), name)
+  _refuse_picture(name, raster)
   try:
     with Image.open(io.BytesIO(data)) as im:
       fmt, mode, bands = im.format, im.mode, len(im.getbands())
@@ -134,7 +150,8 @@ def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade:
 
 
 class ImageSource:
-  """Examples of a table by index, decoded and resized to [size, size, 3] uint8 in tf.data.
+  """Examples of a table by index, decoded and resized to [size, size, C] uint8 in tf.data
+  (C = 3, or every band under data.bands=all).
 
   Folder tables decode each file (TF_FORMATS in the graph, the rest through PIL). TFDS
   tables are streamed once, split into per-process slices, into a chunk store of resized
@@ -157,7 +174,7 @@ class ImageSource:
     if self._images is not None:
       images = self._images
       img = tf.numpy_function(lambda j: np.asarray(images[int(j)]), [i], tf.uint8, stateful=False)
-      img.set_shape([self.size, self.size, 3])
+      img.set_shape([self.size, self.size, channels(self.table.raster)])
       return img
     path = tf.gather(self._paths, i)
     raster = self.table.raster
@@ -186,7 +203,7 @@ def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Option
                               "(reflectance?): set data.scale (a divisor such as 10000, or stretch) and data.bands "
                               "(e.g. 4,3,2)")
   store = chunk_store.ChunkStore(os.path.join(cache_dir, f"images_{table.name}_{key}"), len(table),
-                                 {"image": ((size, size, 3), "uint8")}, chunk=1024, key=key)
+                                 {"image": ((size, size, channels(table.raster)), "uint8")}, chunk=1024, key=key)
 
   def compute(start, stop):
     ds = tfds.load(table.tfds_name, split=f"{table.tfds_split}[{start}:{stop}]", data_dir=table.tfds_data_dir,
@@ -197,12 +214,12 @@ def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Option
     def prep(ex):
       img = ex[table.image_key]
       if not spec.is_default:  # data.bands / data.scale (rshash_jax/rasters.py)
-        img = tf.numpy_function(lambda a: rasters.to_rgb8(rasters.select_array_bands(a, spec, name), spec, name),
+        img = tf.numpy_function(lambda a: rasters.to_uint8(rasters.select_array_bands(a, spec, name), spec, name),
                                 [img], tf.uint8, stateful=False)
-        img.set_shape([None, None, 3])
+        img.set_shape([None, None, channels(spec)])
       elif img.dtype != tf.uint8:  # e.g. 16-bit: scaled to 0..255 as convert_image_dtype does
         img = tf.image.convert_image_dtype(tf.image.convert_image_dtype(img, tf.float32), tf.uint8)
-      return resize(img[..., :3], size, resize_size, table.degrade)
+      return resize(img if spec.all_bands else img[..., :3], size, resize_size, table.degrade)
     images = np.stack(list(ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator()))
     if len(images) != stop - start:
       raise errors.InvalidInput(f"TFDS {table.tfds_name}[{start}:{stop}] gave {len(images)} examples, expected "
@@ -310,8 +327,11 @@ def eval_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int,
   labels, ids = source.table.labels, source.table.ids
   ds = tf.data.Dataset.from_tensor_slices((mine(idx).astype(np.int64), mine(pos), mine(pos < n)))
 
-  def load(i, p, m):
-    return {"image": source(i), "label": tf.gather(labels, i), "id": tf.gather(ids, i), "pos": p, "mask": m}
+  blank = tf.zeros([source.size, source.size, channels(source.table.raster)], tf.uint8)
+
+  def load(i, p, m):  # padding rows are blank, not decoded again
+    image = tf.cond(m, lambda: source(i), lambda: blank)
+    return {"image": image, "label": tf.gather(labels, i), "id": tf.gather(ids, i), "pos": p, "mask": m}
 
   threads = threads or default_threads()
   ds = ds.map(load, num_parallel_calls=threads).batch(per_proc).prefetch(2)

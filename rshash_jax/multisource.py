@@ -11,6 +11,11 @@ Two ways in:
    full image, `full`; a coarse-resolution view `coarseN`, N times coarser; or
    `folder:DIR`, a tree with the same relative paths as the table, e.g. another sensor),
    whose features a pretrained backbone extracts once, cached on disk, in id order.
+   A view may read its rasters its own way: `;bands=...` and `;scale=...` after it take
+   the place of data.bands / data.scale for that source alone (same syntax, rasters.py),
+   e.g. `folder:/data/s2;bands=B8,B4,B3;scale=stretch` beside `full` aerial RGB, or
+   `folder:/data/s2;bands=all;scale=10000` (the backbone's stem adapted to that
+   source's band count). A stretch is fitted on the training split of that source.
 """
 
 import dataclasses
@@ -19,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from rshash_jax import backbones, datasets, errors, features
+from rshash_jax import backbones, datasets, errors, features, rasters
 
 
 @dataclasses.dataclass
@@ -112,8 +117,50 @@ def read_release(directory: str, source_names: Sequence[str], splits=("train", "
   return MultiSource(table, sources, list(source_names), parts[0], parts[1] if len(parts) > 1 else None)
 
 
-def view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
-  """The table seen through source `spec`: full | coarseN | folder:DIR (same relative paths)."""
+VIEW_OPTIONS = ("bands", "scale")
+
+
+def split_view(spec: str):
+  """'folder:DIR;bands=4,3,2;scale=10000' -> ('folder:DIR', {'bands': '4,3,2', 'scale': '10000'})."""
+  base, *opts = spec.split(";")
+  options = {}
+  for o in opts:
+    key, eq, value = o.partition("=")
+    if not eq or key.strip() not in VIEW_OPTIONS or key.strip() in options:
+      raise errors.InvalidInput(f"source view {spec!r}: {o!r} is not an option; expected ;bands=... and/or "
+                                ";scale=..., each once")
+    options[key.strip()] = value.strip()
+  return base, options
+
+
+def view_raster(spec: rasters.RasterSpec, options) -> rasters.RasterSpec:
+  """The raster spec of a view with `options`: the table's `spec`, with the view's own bands
+  and / or scale (not yet fitted)."""
+  own = rasters.RasterSpec.parse(options.get("bands", ""), options.get("scale", ""))
+  bands = own if "bands" in options else spec
+  scale = own if "scale" in options else spec
+  return rasters.RasterSpec(bands=bands.bands, all_bands=bands.all_bands, divisor=scale.divisor,
+                            stretch=scale.stretch)
+
+
+def view(table: datasets.ImageTable, spec: str, train_idx=None, seed: int = 0) -> datasets.ImageTable:
+  """The table seen through source `spec`: full | coarseN | folder:DIR (same relative
+  paths), each optionally with ;bands= / ;scale= (that view's own reading of its rasters;
+  a stretch fitted on the rows `train_idx`)."""
+  spec, options = split_view(spec)
+  if not options:
+    return _view(table, spec)
+  out = _view(dataclasses.replace(table, raster=view_raster(table.raster, options)), spec)
+  if not spec.startswith("folder:"):  # a folder view has checked its rasters' headers already
+    out = out.with_raster(out.raster)
+  if out.raster.needs_fit:
+    if train_idx is None:
+      raise errors.InvalidInput(f"source view {spec!r}: scale=stretch needs the training split to fit on")
+    out = datasets.fit_raster(out, train_idx, seed)
+  return out
+
+
+def _view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
   if spec == "full":
     return table
   if spec.startswith("coarse"):
@@ -131,17 +178,19 @@ def view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
       raise errors.NotFound(f"source {spec}: {len(missing)} images missing, e.g. {missing[0]}")
-    # One data.bands / data.scale for every source: checked against this sensor's rasters.
+    # data.bands / data.scale, or this view's own: checked against this sensor's rasters.
     return dataclasses.replace(table, paths=paths, description=f"images under {root}").with_raster(table.raster)
   raise errors.InvalidInput(f"unknown source view {spec!r}: use full, coarseN or folder:DIR")
 
 
 def features_of_views(table: datasets.ImageTable, specs: Sequence[str], bb: backbones.Backbone,
                       cache_dir: str, *, batch_size: int = 32, threads: int = 0,
-                      weights_path: Optional[str] = None) -> List[np.ndarray]:
-  """Backbone features [N, D] of every source view, cached in cache_dir by table + view."""
+                      weights_path: Optional[str] = None, train_idx=None, seed: int = 0) -> List[np.ndarray]:
+  """Backbone features [N, D] of every source view, cached in cache_dir by table + view; a
+  view of C bands (bands=all) is read by `bb` with its stem adapted to C channels."""
   out = []
   for spec in specs:
-    out.append(features.cached_features(bb, view(table, spec), cache_dir, weights_path=weights_path,
-                                        batch_size=batch_size, threads=threads))
+    v = view(table, spec, train_idx, seed)
+    out.append(features.cached_features(backbones.with_channels(bb, v.raster.channels), v, cache_dir,
+                                        weights_path=weights_path, batch_size=batch_size, threads=threads))
   return out

@@ -8,6 +8,14 @@ orthophotos come with more than 3 bands, 16-bit or float values, nodata and a CR
                (repeated as grey); "4,3,2": band numbers counted from 1 as GDAL and
                rasterio count them; "B4,B3,B2": the rasters' band descriptions. The chosen
                bands feed the backbone's R, G, B in that order (1 or 3 bands).
+               "all", "all:4,3,2" or "all:B4,B3,B2": every band of the raster. The three
+               named (default 1,2,3) come first and take the pretrained R, G, B filters of
+               the backbone's stem; the other bands follow in raster order and take the
+               mean of those filters; the whole stem kernel is then scaled by 3 / C (C
+               bands), so that an input whose bands all carry the same values gives the
+               pretrained stem's activation (timm's `adapt_input_conv` convention). Every
+               image of the archive must then have the same band count (checked on every
+               header), stored in the encoder with the bands' order.
   data.scale   "" (default): 8-bit rasters as they are; other data types are refused
                (their range is unknown) with a message naming the file.
                "10000" (any number): reflectance / that number * 255 (Sentinel-2 L2A: 10000).
@@ -18,7 +26,7 @@ orthophotos come with more than 3 bands, 16-bit or float values, nodata and a CR
 Values keep their type until scaling (float32 arithmetic); nodata pixels (the raster's
 nodata value or mask) are left out of the percentiles and come out 0; a tile with no
 valid pixel is an error. After scaling, values are clipped to 0..255 and rounded to uint8:
-from there on a raster is an image like any other.
+from there on a raster is an image like any other (with C channels under data.bands=all).
 
 Coordinates: `center_lonlat(path)` is the centre pixel's position (transform + CRS,
 converted to WGS84 longitude / latitude with pyproj); rasters without a transform or CRS
@@ -26,6 +34,7 @@ have none (NaN), nothing is invented.
 """
 
 import dataclasses
+import functools
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -48,11 +57,20 @@ class RasterSpec:
   stretch: Tuple[float, float] = ()    # (lo, hi) percentiles: a per-band stretch
   low: Tuple[float, ...] = ()          # the stretch's per-band values, once fitted
   high: Tuple[float, ...] = ()
+  all_bands: bool = False              # data.bands=all[:R,G,B]: `bands` are the three for R, G, B
+  count: int = 0                       # all_bands: the archive's band count, once resolved
+  numbers: Tuple[int, ...] = ()        # the bands read, as numbers, on the training archive's first raster
 
   @classmethod
   def parse(cls, bands: str = "", scale: str = "") -> "RasterSpec":
     """From config strings (data.bands, data.scale); errors name the field and value."""
     spec_bands: Tuple = ()
+    given = bands.strip()
+    all_bands = given == "all" or given.startswith("all:")
+    if all_bands:
+      bands = given[len("all:"):]
+      if given.startswith("all:") and not bands.strip():
+        raise errors.InvalidInput(f"config.data.bands={given!r} is invalid: expected all or all:R,G,B")
     if bands.strip():
       items = [b.strip() for b in bands.split(",")]
       if any(not b for b in items):
@@ -66,9 +84,16 @@ class RasterSpec:
                                   "descriptions (B4,B3,B2), not both")
       else:
         spec_bands = tuple(items)
+      if all_bands and len(spec_bands) != 3:
+        raise errors.InvalidInput(f"config.data.bands='all:{bands}' is invalid: all:R,G,B names the 3 bands "
+                                  f"that take the pretrained R, G, B filters, got {len(spec_bands)}")
       if len(spec_bands) not in (1, 3):
         raise errors.InvalidInput(f"config.data.bands={bands!r} selects {len(spec_bands)} bands: an RGB "
-                                  "backbone takes 3 (or 1, repeated as grey)")
+                                  "backbone takes 3 (or 1, repeated as grey); data.bands=all feeds every band")
+      if all_bands and len(set(spec_bands)) != len(spec_bands):
+        raise errors.InvalidInput(f"config.data.bands='all:{bands}' names a band twice")
+    if all_bands:
+      return dataclasses.replace(cls.parse("", scale), bands=spec_bands, all_bands=True)
     scale = scale.strip()
     if not scale:
       return cls(bands=spec_bands)
@@ -95,25 +120,42 @@ class RasterSpec:
   @property
   def is_default(self) -> bool:
     """Bands 1,2,3 (or 1) of 8-bit rasters, as they are: no data.bands / data.scale."""
-    return self == RasterSpec()
+    return dataclasses.replace(self, numbers=()) == RasterSpec()
 
   @property
   def needs_fit(self) -> bool:
     return bool(self.stretch) and not self.low
 
+  @property
+  def channels(self) -> int:
+    """Channels of the images this spec gives: 3 (RGB), or every band under data.bands=all."""
+    if self.all_bands and not self.count:
+      raise errors.InvalidInput("data.bands=all: the band count has not been read from the rasters yet")
+    return self.count if self.all_bands else 3
+
+  def with_count(self, count: int, name: str) -> "RasterSpec":
+    """data.bands=all: this spec with the archive's band count, read from `name`."""
+    if count < 3:
+      raise errors.InvalidInput(f"{name}: data.bands=all needs rasters of 3 or more bands, this one has {count}")
+    return dataclasses.replace(self, count=int(count))
+
   def to_meta(self) -> dict:
     return {"bands": list(self.bands), "divisor": self.divisor, "stretch": list(self.stretch),
-            "low": list(self.low), "high": list(self.high)}
+            "low": list(self.low), "high": list(self.high), "all_bands": self.all_bands, "count": self.count,
+            "numbers": list(self.numbers)}
 
   @classmethod
   def from_meta(cls, meta: Optional[dict]) -> "RasterSpec":
     if not meta:
       return cls()
     return cls(bands=tuple(meta["bands"]), divisor=float(meta["divisor"]), stretch=tuple(meta["stretch"]),
-               low=tuple(meta["low"]), high=tuple(meta["high"]))
+               low=tuple(meta["low"]), high=tuple(meta["high"]), all_bands=bool(meta.get("all_bands", False)),
+               count=int(meta.get("count", 0)), numbers=tuple(meta.get("numbers", ())))
 
   def describe(self) -> str:
     bands = ",".join(map(str, self.bands)) or "default"
+    if self.all_bands:
+      bands = f"all {self.count or '?'} ({bands} as R,G,B)"
     if self.divisor:
       return f"bands {bands}, value / {self.divisor:g} * 255"
     if self.stretch:
@@ -123,6 +165,15 @@ class RasterSpec:
 
 
 def _band_indexes(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
+  if spec.all_bands:
+    if spec.count and src.count != spec.count:
+      raise errors.InvalidInput(f"{path}: has {src.count} band(s); data.bands=all here takes {spec.count} "
+                                "(the band count of the training archive)")
+    if src.count < 3:
+      raise errors.InvalidInput(f"{path}: data.bands=all needs rasters of 3 or more bands, this one has "
+                                f"{src.count}")
+    rgb = _band_indexes(src, dataclasses.replace(spec, all_bands=False, bands=spec.bands or (1, 2, 3)), path)
+    return rgb + tuple(b for b in range(1, src.count + 1) if b not in rgb)
   if not spec.bands:
     return (1, 2, 3) if src.count >= 3 else (1,)
   if isinstance(spec.bands[0], int):
@@ -164,32 +215,45 @@ def _checked_bands(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
   return idx
 
 
-def check(path: str, spec: RasterSpec):
-  """Header checks before any long work: readable, the bands exist, the type can be scaled."""
+def check(path: str, spec: RasterSpec) -> Tuple[int, Tuple[int, ...]]:
+  """Header checks before any long work: readable, the bands exist, the type can be scaled.
+  Returns the raster's band count and the numbers of the bands `spec` reads from it."""
+  count, numbers, _ = header(path, spec)
+  return count, numbers
+
+
+def header(path: str, spec: RasterSpec) -> Tuple[int, Tuple[int, ...], Tuple[float, float]]:
+  """`check`, and the centre's WGS84 (lon, lat) (`center_lonlat`), from one opening."""
   with open_raster(path) as src:
-    _checked_bands(src, spec, path)
+    return src.count, _checked_bands(src, spec, path), _lonlat(src)
 
 
 def read_bands(path: str, spec: RasterSpec) -> np.ma.MaskedArray:
   """The chosen bands as float32 [C, H, W], masked where nodata."""
   with open_raster(path) as src:
-    idx = _checked_bands(src, spec, path)
-    try:
-      data = src.read(idx, masked=True, out_dtype="float32")
-    except Exception as e:  # a truncated or corrupt block
-      raise errors.InvalidInput(f"corrupt or unreadable raster: {path} ({e})") from None
+    return _read_open(src, spec, path)
+
+
+def _read_open(src, spec: RasterSpec, name: str) -> np.ma.MaskedArray:
+  idx = _checked_bands(src, spec, name)
+  try:
+    data = src.read(idx, masked=True, out_dtype="float32")
+  except Exception as e:  # a truncated or corrupt block
+    raise errors.InvalidInput(f"corrupt or unreadable raster: {name} ({e})") from None
   if np.ma.getmaskarray(data).all():
-    raise errors.InvalidInput(f"{path}: every pixel of bands {idx} is nodata: nothing to encode")
+    raise errors.InvalidInput(f"{name}: every pixel of bands {idx} is nodata: nothing to encode")
   return data
 
 
 def read(path: str, spec: RasterSpec) -> np.ndarray:
-  """A raster as uint8 [H, W, 3] for an RGB backbone (see the module docstring)."""
-  return to_rgb8(read_bands(path, spec), spec, path)
+  """A raster as uint8 [H, W, 3] for an RGB backbone, [H, W, C] under data.bands=all (see
+  the module docstring)."""
+  return to_uint8(read_bands(path, spec), spec, path)
 
 
-def to_rgb8(data: np.ma.MaskedArray, spec: RasterSpec, name: str) -> np.ndarray:
-  """Chosen bands [C, H, W] (masked where nodata) -> uint8 [H, W, 3] by `spec`'s scaling."""
+def to_uint8(data: np.ma.MaskedArray, spec: RasterSpec, name: str) -> np.ndarray:
+  """Chosen bands [C, H, W] (masked where nodata) -> uint8 [H, W, 3] (one band repeated as
+  grey), or [H, W, C] under data.bands=all, by `spec`'s scaling."""
   if spec.divisor:
     x = data.filled(0.0) / spec.divisor * 255.0
   elif spec.stretch:
@@ -207,31 +271,44 @@ def to_rgb8(data: np.ma.MaskedArray, spec: RasterSpec, name: str) -> np.ndarray:
   return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 
-def select_array_bands(array: np.ndarray, spec: RasterSpec, name: str) -> np.ma.MaskedArray:
-  """An in-memory image [H, W, C] (a TFDS example) -> its chosen bands [C', H, W] float32.
-  Arrays have no band descriptions: bands are numbers here."""
-  c = array.shape[-1]
+def array_band_numbers(c: int, spec: RasterSpec, name: str) -> Tuple[int, ...]:
+  """The band numbers `spec` reads from an in-memory image of `c` bands (no descriptions)."""
   if spec.bands and not isinstance(spec.bands[0], int):
     raise errors.InvalidInput(f"{name}: data.bands={','.join(spec.bands)} names band descriptions, which "
                               "TFDS examples do not have: use band numbers (e.g. 4,3,2)")
   idx = spec.bands or ((1, 2, 3) if c >= 3 else (1,))
+  if spec.all_bands:
+    if spec.count and c != spec.count:
+      raise errors.InvalidInput(f"{name}: the images have {c} band(s); data.bands=all here takes {spec.count}")
+    idx = tuple(idx) + tuple(b for b in range(1, c + 1) if b not in idx)
   past = [b for b in idx if b > c]
   if past:
     raise errors.InvalidInput(f"{name}: data.bands asks for band {past[0]} but the images have {c} band(s)")
+  return tuple(idx)
+
+
+def select_array_bands(array: np.ndarray, spec: RasterSpec, name: str) -> np.ma.MaskedArray:
+  """An in-memory image [H, W, C] (a TFDS example) -> its chosen bands [C', H, W] float32.
+  Arrays have no band descriptions: bands are numbers here."""
+  idx = array_band_numbers(array.shape[-1], spec, name)
   return np.ma.masked_invalid(np.moveaxis(array[..., [b - 1 for b in idx]].astype(np.float32), -1, 0))
 
 
 def read_bytes(data: bytes, spec: RasterSpec, name: str = "upload") -> np.ndarray:
-  """A TIFF's contents (an upload) read exactly as a file is (`read`), from a private
-  temporary file; errors name `name`."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  with tempfile.NamedTemporaryFile(suffix=".tif") as f:
-    f.write(data)
-    f.flush()
+  """A TIFF's contents (an upload) read exactly as a file is (`read`), in memory (rasterio's
+  MemoryFile: nothing is written to disk); errors name `name`."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  import rasterio  # pylint: disable=g-import-not-at-top
+  from rasterio.io import MemoryFile  # pylint: disable=g-import-not-at-top
+  with MemoryFile(data) as mem:
     try:
-      return read(f.name, spec)
-    except errors.InvalidInput as e:
-      raise errors.InvalidInput(str(e).replace(f.name, name)) from None
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        src = mem.open()
+    except Exception as e:  # rasterio.errors.RasterioIOError and friends
+      raise errors.InvalidInput(f"corrupt or unreadable raster: {name} ({e})") from None
+    with src:
+      return to_uint8(_read_open(src, spec, name), spec, name)
 
 
 def fit_stretch(paths: Sequence[str], spec: RasterSpec, max_files: int = 256, seed: int = 0) -> RasterSpec:
@@ -265,16 +342,24 @@ def fit_stretch_arrays(named_bands, spec: RasterSpec, seed: int = 0) -> RasterSp
 
 def center_lonlat(path: str) -> Tuple[float, float]:
   """WGS84 (lon, lat) of the raster's centre, or (nan, nan) without a transform and CRS."""
-  from rasterio.transform import Affine  # pylint: disable=g-import-not-at-top
   with open_raster(path) as src:
-    if src.crs is None or src.transform == Affine.identity():
-      return float("nan"), float("nan")
-    x, y = src.xy(src.height / 2.0, src.width / 2.0, offset="ul")  # the centre point, in the CRS
-    crs = src.crs
-  from pyproj import CRS, Transformer  # pylint: disable=g-import-not-at-top
-  to_wgs84 = Transformer.from_crs(CRS.from_user_input(crs.to_wkt()), CRS.from_epsg(4326), always_xy=True)
-  lon, lat = to_wgs84.transform(x, y)
+    return _lonlat(src)
+
+
+def _lonlat(src) -> Tuple[float, float]:
+  from rasterio.transform import Affine  # pylint: disable=g-import-not-at-top
+  if src.crs is None or src.transform == Affine.identity():
+    return float("nan"), float("nan")
+  x, y = src.xy(src.height / 2.0, src.width / 2.0, offset="ul")  # the centre point, in the CRS
+  lon, lat = _to_wgs84(src.crs.to_wkt()).transform(x, y)
   return float(lon), float(lat)
+
+
+@functools.lru_cache(maxsize=64)
+def _to_wgs84(wkt: str):
+  """One pyproj transformer per CRS of an archive (building one costs more than a header)."""
+  from pyproj import CRS, Transformer  # pylint: disable=g-import-not-at-top
+  return Transformer.from_crs(CRS.from_user_input(wkt), CRS.from_epsg(4326), always_xy=True)
 
 
 def table_lonlat(paths: Sequence[str]) -> np.ndarray:

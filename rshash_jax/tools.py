@@ -249,12 +249,12 @@ def grid(results: List[Dict], png: str, size: int, raster: Optional[rasters.Rast
   for row, r in zip(axes, results):
     for ax in row:
       ax.axis("off")
-    row[0].imshow(datasets.load_image(r["query"], min(size, 128), raster=raster))
+    row[0].imshow(datasets.load_image(r["query"], min(size, 128), raster=raster)[..., :3])  # R, G, B come first
     row[0].set_title("query" + (f"\n{r['predicted']}" if r["predicted"] else ""), fontsize=7)
     for ax, h in zip(row[1:], r["results"]):
       path = h["path"]
       if os.path.isfile(path):
-        ax.imshow(datasets.load_image(path, min(size, 128), raster=raster))
+        ax.imshow(datasets.load_image(path, min(size, 128), raster=raster)[..., :3])
       ax.set_title(f"d={h['distance']} {h['label']}", fontsize=6)
       if h["relevant"] is not None:
         ax.axis("on")

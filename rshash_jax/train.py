@@ -51,7 +51,8 @@ def _setup(config, workdir: str) -> _Setup:
   mc = config.model
   dtype = jnp.dtype(mc.dtype)
   bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
-                        image_size=mc.image_size or None, dtype=dtype, seed=config.seed)
+                        image_size=mc.image_size or None, dtype=dtype, seed=config.seed,
+                        channels=table.raster.channels)
   feats = None
   cache = config.features.cache_dir or os.path.join(workdir, "cache")
   if config.train.mode == "frozen":
@@ -69,7 +70,7 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
   if s.feats is not None:
     dummy = jnp.zeros((1, s.feats.shape[1]), jnp.float32)
   else:
-    dummy = jnp.zeros((1, s.bb.image_size, s.bb.image_size, 3), jnp.float32)
+    dummy = jnp.zeros((1, s.bb.image_size, s.bb.image_size, s.bb.preprocessing.channels), jnp.float32)
   head = jax.jit(lambda k: s.model.init(k, dummy)["params"]["head"])(jax.random.key(config.seed))
   if config.train.init_head_from:
     # Linear probe, then fine-tune: start from the head of a finished (e.g. frozen) run.

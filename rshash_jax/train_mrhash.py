@@ -50,8 +50,10 @@ def load_data(config, workdir: str):
     table = datasets.from_config(dc, workdir)
     train_idx, test_idx = datasets.split_per_class(table.labels, dc.train_ratio, dc.seed)
     table = datasets.fit_raster(table, train_idx, dc.seed)  # the training part only
-    sources = multisource.features_of_views(table, list(hc.sources), bb, cache, **kw)
-    img_view = multisource.view(table, hc.image_view)
+    sources = multisource.features_of_views(table, list(hc.sources), bb, cache, train_idx=train_idx,
+                                            seed=dc.seed, **kw)
+    img_view = multisource.view(table, hc.image_view, train_idx, dc.seed)
+    bb = backbones.with_channels(bb, img_view.raster.channels)  # the hash network's input
   if dc.validation:
     train_idx, test_idx = datasets.validation_split(table.labels, train_idx, dc.validation, dc.seed)
     logging.info("Validation run: %d database / %d queries from the training part", len(train_idx), len(test_idx))
@@ -170,7 +172,7 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
   # config.train is stage 2's; fine-tuning trains the backbone at backbone_lr_mult x the rate.
   tx = train_state.make_optimizer(tc, spe, {"backbone": tc.backbone_lr_mult} if finetune else None)
   mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name="checkpoints/stage2")
-  dummy = (jnp.zeros((1, bb.image_size, bb.image_size, 3)) if finetune else jnp.zeros((1, image_feats.shape[1])))
+  dummy = (jnp.zeros((1, bb.image_size, bb.image_size, bb.preprocessing.channels)) if finetune else jnp.zeros((1, image_feats.shape[1])))
   params = jax.jit(model.init)(jax.random.key(config.seed + 1), dummy, [jnp.zeros((1, x.shape[1])) for x in xs])
   params = jax.device_get(params["params"])
   params["ae"] = ae_params

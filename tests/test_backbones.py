@@ -365,3 +365,49 @@ def test_depthwise_conv_gradients_match_grouped_conv(k, stride, size):
   ours = lambda x, w: jnp.sum(jnp.sin(efficientnet_lite.depthwise_conv_same(x, w, stride)))
   for a, b in zip(jax.grad(ours, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,size", [("tiny_cnn", 32), ("efficientnet_lite0", 64), ("squeezenet", 96)])
+def test_stem_adapted_to_many_bands_keeps_rgb_filters_and_activation(name, size):
+  """data.bands=all: the stem's R, G, B filters stay (times 3 / C), every further band gets
+  their mean, so bands that all hold the same values give the 3-channel model's output;
+  the further bands' normalisation is the average of the R, G, B one."""
+  bb3 = backbones.create(name, pretrained=False, image_size=size, seed=1)
+  bb7 = backbones.with_channels(bb3, 7)
+  assert bb7.preprocessing.channels == 7 and backbones.with_channels(bb7, 7) is bb7
+  flat3, flat7 = common.flatten(bb3.variables["params"]), common.flatten(bb7.variables["params"])
+  changed = [k for k in flat3 if flat3[k].shape != flat7[k].shape]
+  assert len(changed) == 1  # the stem's kernel, and nothing else
+  w3, w7 = np.asarray(flat3[changed[0]]), np.asarray(flat7[changed[0]])
+  np.testing.assert_allclose(w7[..., :3, :], w3 * 3 / 7, rtol=1e-6)
+  np.testing.assert_allclose(w7[..., 3:, :], np.repeat(w3.mean(axis=2, keepdims=True), 4, axis=2) * 3 / 7,
+                             rtol=1e-6, atol=1e-8)
+  for k in flat3:
+    if k not in changed:
+      np.testing.assert_array_equal(np.asarray(flat3[k]), np.asarray(flat7[k]))
+  pre3, pre7 = bb3.preprocessing, bb7.preprocessing
+  mean3 = np.broadcast_to(np.asarray(pre3.mean, np.float32), (3,))
+  np.testing.assert_allclose(np.asarray(pre7.mean)[3:], mean3.mean(), rtol=1e-6)
+  # A grey scene (every band equal): the same features as the RGB model on it. The
+  # normalised inputs are equal only where the R, G, B normalisations are, so compare on
+  # pixels chosen to normalise to the same value in every band (mean + std * z).
+  z = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 1)).astype(np.float32)
+  std3 = np.broadcast_to(np.asarray(pre3.std, np.float32), (3,))
+  x3 = z * std3 + mean3
+  x7 = z * np.asarray(pre7.std, np.float32) + np.asarray(pre7.mean, np.float32)
+  if pre3.bgr:  # the model's B, G, R are the image's R, G, B reversed
+    x3, x7 = x3[..., ::-1], np.concatenate([x7[..., 2::-1], x7[..., 3:]], axis=-1)
+  f3 = bb3.module.apply(bb3.variables, pre3(x3))["features"]
+  f7 = bb7.module.apply(bb7.variables, pre7(x7))["features"]
+  np.testing.assert_allclose(np.asarray(f7), np.asarray(f3), rtol=2e-4, atol=2e-5)
+  with pytest.raises(ValueError, match=r"expected images \[\.\.\., %d, %d, 7\]" % (size, size)):
+    pre7(np.zeros((1, size, size, 3), np.uint8))
+
+
+def test_mean_image_preprocessing_extends_to_many_bands():
+  pre = common.Preprocessing(size=8, mean=np.arange(8 * 8 * 3, dtype=np.float32).reshape(8, 8, 3), std=(2.0, 4.0, 6.0))
+  pre5 = pre.with_channels(5)
+  assert np.shape(pre5.mean) == (8, 8, 5) and tuple(np.asarray(pre5.std)) == (2.0, 4.0, 6.0, 4.0, 4.0)
+  np.testing.assert_allclose(pre5.mean[..., 4], pre.mean.mean(axis=-1))
+  x = np.random.default_rng(0).uniform(0, 255, (1, 8, 8, 5)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(pre5(x))[..., :3], np.asarray(pre(x[..., :3])), rtol=1e-6)

@@ -118,9 +118,10 @@ def s2_archive(tmp_path_factory):
   return root
 
 
-def test_sentinel2_archive_end_to_end(s2_archive, tmp_path):
+def test_sentinel2_archive_end_to_end(s2_archive, tmp_path, monkeypatch):
   """Train on B4,B3,B2 with a stretch fitted on the training split, encode (coordinates in
-  the codes file), search with --geojson; a raster with other bands is refused."""
+  the codes file; each raster opened twice: header, then pixels; padding is not decoded), search with --geojson; a
+  raster with other bands is refused."""
   c = dhcnn_config.get_config("tiny")
   c.data.source = f"folder:{s2_archive}"
   c.data.bands, c.data.scale = "B4,B3,B2", "stretch"
@@ -128,7 +129,12 @@ def test_sentinel2_archive_end_to_end(s2_archive, tmp_path):
   assert res["map"] > 0
   meta = json.load(open(tmp_path / "w" / "encoder" / "encoder.json"))
   assert meta["raster"]["bands"] == ["B4", "B3", "B2"] and len(meta["raster"]["low"]) == 3
+  opened = []
+  open_raster = rasters.open_raster
+  monkeypatch.setattr(rasters, "open_raster", lambda p: opened.append(p) or open_raster(p))
   codes = tools.encode(str(tmp_path / "w"), str(s2_archive), str(tmp_path / "codes.npz"))
+  monkeypatch.undo()
+  assert len(opened) == 2 * 24 and len(set(opened)) == 24
   z = np.load(codes)
   for j, p in enumerate(z["paths"]):
     np.testing.assert_allclose((z["lon"][j], z["lat"][j]), rasters.center_lonlat(str(p)), atol=1e-12)
@@ -198,3 +204,131 @@ def test_multispectral_tfds_source_through_the_same_switches(tmp_path):
                                   np.arange(0, 10, 2))
   train_b4 = np.concatenate([ds[i]["sentinel2"][..., 3].ravel() for i in range(0, 10, 2)])
   assert stretched.raster.low[0] == float(train_b4.min()) and stretched.raster.high[0] == float(train_b4.max())
+
+
+def test_all_bands_spec_reads_rgb_first_then_the_rest(tmp_path):
+  path = str(tmp_path / "t.tif")
+  data = s2_tile(np.random.default_rng(5), 2)
+  write_tile(path, data)
+  spec = rasters.RasterSpec.parse("all:B4,B3,B2", "10000")
+  assert spec.all_bands and spec.bands == ("B4", "B3", "B2") and spec.divisor == 10000
+  img = rasters.read(path, spec)
+  order = [4, 3, 2, 1, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+  want = np.clip(np.round(data[[b - 1 for b in order]].astype(np.float32) / 10000 * 255), 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(img, want.transpose(1, 2, 0))
+  np.testing.assert_array_equal(rasters.read(path, rasters.RasterSpec.parse("all:4,3,2", "10000")), img)
+  assert rasters.read(path, rasters.RasterSpec.parse("all", "10000"))[..., 0].tolist() == want[3].tolist()
+  assert rasters.check(path, spec.with_count(13, path)) == (13, tuple(order))
+  with pytest.raises(errors.InvalidInput, match=r"t.tif: has 13 band\(s\); data.bands=all here takes 12"):
+    rasters.check(path, spec.with_count(12, "x"))
+  for bands, message in [("all:4,3", "names the 3 bands"), ("all:", "expected all or all:R,G,B"),
+                         ("all:4,4,2", "names a band twice"), ("4,3,2,1", "data.bands=all feeds every band")]:
+    with pytest.raises(errors.InvalidInput, match=message):
+      rasters.RasterSpec.parse(bands, "10000")
+  meta = rasters.RasterSpec.from_meta(spec.with_count(13, path).to_meta())
+  assert meta.all_bands and meta.count == 13 and meta.channels == 13
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_all_bands_end_to_end_and_saved_model_rasters_signature(s2_archive, tmp_path):
+  """data.bands=all: a 13-channel stem trained and exported; encode / search read every
+  band; the SavedModel takes 13-band pixels and raw float bands (its `rasters` signature,
+  scaling in the graph) and gives the codes of `encode`, bit for bit; pictures and rasters
+  of another band count are refused by name."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import rshash_jax  # pylint: disable=g-import-not-at-top
+  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from rshash_jax.serving import saved_model  # pylint: disable=g-import-not-at-top
+  c = dhcnn_config.get_config("tiny")
+  c.data.source = f"folder:{s2_archive}"
+  c.data.bands, c.data.scale = "all:B4,B3,B2", "stretch"
+  workdir = str(tmp_path / "w")
+  res = train.train_and_evaluate(c, workdir)
+  assert res["map"] > 0
+  enc = rshash_jax.load_encoder(workdir)
+  assert enc.channels == 13 and enc.raster.all_bands and enc.raster.numbers == (4, 3, 2, 1, 5, 6, 7, 8, 9, 10, 11,
+                                                                                 12, 13)
+  assert len(enc.raster.low) == 13
+  assert enc.variables["params"]["backbone"]["conv1"]["kernel"].shape[2] == 13
+  codes = tools.encode(workdir, str(s2_archive), str(tmp_path / "codes.npz"))
+  z = np.load(codes)
+  query = str(s2_archive / "class2" / "tile3.tif")
+  hits = tools.search(workdir, codes, [query], k=3)[0]["results"]
+  assert len(hits) == 3 and hits[0]["distance"] == 0  # the query is in the archive (ties: any order)
+  # The SavedModel, read by TensorFlow alone (no JAX) in a fresh interpreter.
+  out = str(tmp_path / "sm")
+  saved_model.export_saved_model(workdir, out)
+  files = [str(s2_archive / "class0" / "tile1.tif"), query]
+  bands = []
+  for p in files:
+    with rasterio.open(p) as src:
+      bands.append(src.read(masked=True, out_dtype="float32").filled(np.nan).transpose(1, 2, 0))
+  bands[0][:3, :5] = np.nan  # nodata, as the raster's mask gives it
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 20, 24, 13), dtype=np.uint8)
+  np.save(tmp_path / "bands.npy", np.stack(bands))
+  np.save(tmp_path / "pixels.npy", pixels)
+  script = r"""
+import sys
+sys.modules["jax"] = None
+import numpy as np, tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+assert sorted(m.signatures) == ["rasters", "serving_default"], sorted(m.signatures)
+r = m.signatures["rasters"](bands=tf.constant(np.load(sys.argv[2])))
+p = m.signatures["serving_default"](images=tf.constant(np.load(sys.argv[3])))
+np.savez(sys.argv[4], rasters=r["codes"].numpy(), pixels=p["codes"].numpy())
+"""
+  proc = subprocess.run([sys.executable, "-c", script, out, str(tmp_path / "bands.npy"), str(tmp_path / "pixels.npy"),
+                         str(tmp_path / "tf.npz")], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(tmp_path / "tf.npz")
+  want_pixels = enc.encode(np.stack([input_pipeline.resize(p, enc.image_size).numpy() for p in pixels]))["codes"]
+  np.testing.assert_array_equal(got["pixels"], want_pixels)
+  paths = list(z["paths"])
+  np.testing.assert_array_equal(got["rasters"][1], z["codes"][paths.index(query)])
+  masked = rasters.to_uint8(np.ma.masked_invalid(bands[0].transpose(2, 0, 1)[[3, 2, 1, 0] + list(range(4, 13))]),
+                            enc.raster, "x")
+  np.testing.assert_array_equal(got["rasters"][0], enc.encode(input_pipeline.resize(masked, enc.image_size)
+                                                              .numpy()[None])["codes"][0])
+  # Refused by name: a picture, and a raster of another band count.
+  other = tmp_path / "other" / "a"
+  other.mkdir(parents=True)
+  write_tile(str(other / "x12.tif"), s2_tile(np.random.default_rng(6), 0)[:12])
+  with pytest.raises(errors.InvalidInput, match=r"x12.tif: has 12 band\(s\); data.bands=all here takes 13"):
+    tools.encode(workdir, str(tmp_path / "other"), str(tmp_path / "other.npz"))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(other / "pic.png")
+  (other / "x12.tif").unlink()
+  with pytest.raises(errors.InvalidInput, match=r"pic.png: not a GeoTIFF/TIFF raster; data.bands=all takes rasters"):
+    tools.encode(workdir, str(tmp_path / "other"), str(tmp_path / "other.npz"))
+  with pytest.raises(errors.InvalidInput, match=r"up.png: not a GeoTIFF/TIFF raster; data.bands=all here takes "
+                                                r"rasters of 13 bands"):
+    input_pipeline.decode_bytes((other / "pic.png").read_bytes(), "up.png", enc.raster)
+
+
+def test_mrhash_sources_read_their_own_bands(s2_archive, tmp_path):
+  """MrHash sources with their own ;bands= / ;scale=: the hash network sees B4,B3,B2
+  stretched, a second source every band / 10000 through a 13-channel stem; features of
+  each view differ, the exported encoder keeps the image view's reading."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+  import mrhash as mrhash_config  # pylint: disable=g-import-not-at-top
+  from rshash_jax import multisource, train_mrhash  # pylint: disable=g-import-not-at-top
+  c = mrhash_config.get_config("tiny")
+  c.data.source = f"folder:{s2_archive}"
+  c.data.bands, c.data.scale = "B4,B3,B2", "stretch"
+  c.mrhash.image_view = "full"
+  c.mrhash.sources = ("full", f"folder:{s2_archive};bands=all;scale=10000")
+  table, train_idx, _, image_feats, sources, bb, img_view = train_mrhash.load_data(c, str(tmp_path / "w0"))
+  assert bb.preprocessing.channels == 3 and img_view.raster.bands == ("B4", "B3", "B2")
+  np.testing.assert_array_equal(sources[0], image_feats)
+  assert sources[1].shape == sources[0].shape and not np.allclose(sources[1], sources[0])
+  v = multisource.view(table, c.mrhash.sources[1], train_idx)
+  assert v.raster.all_bands and v.raster.count == 13 and v.raster.divisor == 10000 and not v.raster.stretch
+  res = train_mrhash.train_and_evaluate(c, str(tmp_path / "w"))
+  assert np.isfinite(res["map"])
+  meta = json.load(open(tmp_path / "w" / "encoder" / "encoder.json"))
+  assert meta["raster"]["bands"] == ["B4", "B3", "B2"] and len(meta["raster"]["low"]) == 3
+  for bad, message in [(";bands=4,3", "selects 2 bands"), (";colour=1", "is not an option"),
+                       (";scale=-1", "positive divisor")]:
+    with pytest.raises(errors.InvalidInput, match=message):
+      multisource.view(table, f"folder:{s2_archive}{bad}", train_idx)

@@ -12,6 +12,9 @@
 | efficientnet_lite1/2 | pool 1280   | 240/260 | lukemelas-layout .pth (user file)              |
 | squeezenet           | pool 512    | 227   | package ndf                                      |
 | tiny_cnn             | pool 64     | any   | none (tests and quick looks)                     |
+
+Every backbone takes 3-channel RGB; `create(..., channels=C)` (data.bands=all) adapts the
+pretrained stem to C bands, R, G, B first (`with_channels`).
 """
 
 import dataclasses
@@ -20,9 +23,10 @@ from typing import Any, Dict, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rshash_jax import errors
-from rshash_jax.backbones import alexnet, efficientnet_lite, squeezenet, vgg_f
+from rshash_jax.backbones import alexnet, common, efficientnet_lite, squeezenet, vgg_f
 from rshash_jax.backbones.common import Preprocessing
 
 NAMES = ("vgg_f", "alexnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
@@ -61,8 +65,9 @@ class Backbone:
 
 
 def build(name: str, *, image_size: Optional[int] = None, dtype: Any = jnp.float32,
-          lrn_params=None) -> Tuple[nn.Module, Preprocessing, int]:
-  """(module, preprocessing, feature_dim) of backbone `name`, without any weights."""
+          lrn_params=None, channels: int = 3) -> Tuple[nn.Module, Preprocessing, int]:
+  """(module, preprocessing, feature_dim) of backbone `name`, without any weights, for
+  images of `channels` bands."""
   if name not in NAMES:
     raise errors.InvalidInput(f"unknown backbone {name!r}; choose one of {', '.join(NAMES)}")
   if name == "vgg_f":
@@ -81,16 +86,18 @@ def build(name: str, *, image_size: Optional[int] = None, dtype: Any = jnp.float
     module, pre, dim = TinyCNN(dtype=dtype), Preprocessing(size=32, mean=(127.5,) * 3, std=(64.0,) * 3), 64
   if image_size is not None:
     pre = dataclasses.replace(pre, size=int(image_size))
-  return module, pre, dim
+  return module, pre.with_channels(channels), dim
 
 
 def create(name: str, *, pretrained: bool = True, weights_path: Optional[str] = None,
-           image_size: Optional[int] = None, dtype: Any = jnp.float32, seed: int = 0) -> Backbone:
+           image_size: Optional[int] = None, dtype: Any = jnp.float32, seed: int = 0,
+           channels: int = 3) -> Backbone:
   """Builds backbone `name` with ImageNet weights (pretrained) or a random initialisation.
 
   weights_path: a local weights file; None takes the file of the weights package where one
   exists (efficientnet_lite0, squeezenet) and fails with directions otherwise.
   image_size overrides the input size (not for vgg_f, whose fc6 needs 224).
+  channels > 3: the stem adapted to that many bands (`with_channels`).
   """
   module, pre, dim = build(name, image_size=image_size, dtype=dtype)
   variables = None
@@ -108,4 +115,33 @@ def create(name: str, *, pretrained: bool = True, weights_path: Optional[str] = 
       raise errors.InvalidInput(f"{name} has no pretrained weights; set pretrained=False")
   if variables is None:
     variables = dict(jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, pre.size, pre.size, 3), jnp.float32)))
-  return Backbone(name, module, variables, pre, dim, pretrained)
+  return with_channels(Backbone(name, module, variables, pre, dim, pretrained), channels)
+
+
+def with_channels(bb: Backbone, channels: int) -> Backbone:
+  """`bb` for images of `channels` bands whose first three are R, G, B (data.bands=all).
+
+  The stem's kernel (the parameters whose shape follows the input's channels) keeps its
+  pretrained R, G, B filters; each further band gets the mean of those three; the whole
+  kernel is scaled by 3 / channels, so that an image whose bands all hold the same values
+  gives the stem activation of the 3-channel model (timm's `adapt_input_conv`). The
+  preprocessing gives the further bands the average of the R, G, B mean and std."""
+  if channels == bb.preprocessing.channels:
+    return bb
+  if channels < 3:
+    raise errors.InvalidInput(f"a backbone takes 3 or more channels, got {channels}")
+  size = bb.image_size
+  before, after = common.param_shapes(bb.module, size, 3), common.param_shapes(bb.module, size, channels)
+  flat = common.flatten(jax.device_get(dict(bb.variables)))
+  for name, shape in before.items():
+    if after[name] == shape:
+      continue
+    axis = [i for i, (a, b) in enumerate(zip(shape, after[name])) if a != b]
+    if len(axis) != 1 or shape[axis[0]] != 3:
+      raise errors.InvalidInput(f"{bb.name}: cannot adapt parameter {name} {shape} to {channels} channels")
+    w = np.asarray(flat[name])
+    wf = w.astype(np.float32)
+    extra = np.repeat(wf.mean(axis=axis[0], keepdims=True), channels - 3, axis=axis[0])
+    flat[name] = (np.concatenate([wf, extra], axis=axis[0]) * (3.0 / channels)).astype(w.dtype)
+  variables = common.unflatten(flat)
+  return dataclasses.replace(bb, variables=variables, preprocessing=bb.preprocessing.with_channels(channels))

@@ -22,23 +22,40 @@ class Preprocessing:
 
   `mean` is per channel (3,) or a mean image (H, W, 3) in the model's channel order,
   resized to `size` when it differs (VGG-F ships a 224x224 mean image).
+  `channels` > 3 (data.bands=all): R, G, B first, then the other bands; those take the
+  average of the R, G, B means and standard deviations (`with_channels`).
   """
   size: int
   mean: Any = (0.0, 0.0, 0.0)
   std: Any = (1.0, 1.0, 1.0)
   scale: float = 1.0
   bgr: bool = False
+  channels: int = 3
+
+  def with_channels(self, channels: int) -> "Preprocessing":
+    """This preprocessing for images of `channels` bands, R, G, B first (see the class)."""
+    if channels == self.channels:
+      return self
+    if self.channels != 3 or channels < 3:
+      raise errors.InvalidInput(f"cannot adapt a {self.channels}-channel preprocessing to {channels} channels")
+
+    def extend(v):
+      v = np.asarray(v, np.float32)
+      v = np.broadcast_to(v, v.shape[:-1] + (3,)) if v.ndim else np.full((3,), v, np.float32)
+      return np.concatenate([v, np.repeat(v.mean(axis=-1, keepdims=True), channels - 3, axis=-1)], axis=-1)
+    return dataclasses.replace(self, mean=extend(self.mean), std=extend(self.std), channels=int(channels))
 
   def __call__(self, images, dtype=jnp.float32):
-    """images: uint8/float [B, size, size, 3] RGB in [0, 255] -> normalised model input."""
+    """images: uint8/float [B, size, size, C] RGB (then other bands) in [0, 255] -> normalised
+    model input."""
     x = jnp.asarray(images, jnp.float32)
-    if x.shape[-3:] != (self.size, self.size, 3):
-      raise errors.InvalidInput(f"expected images [..., {self.size}, {self.size}, 3], got {x.shape}")
+    if x.shape[-3:] != (self.size, self.size, self.channels):
+      raise errors.InvalidInput(f"expected images [..., {self.size}, {self.size}, {self.channels}], got {x.shape}")
     if self.bgr:
-      x = x[..., ::-1]
+      x = jnp.concatenate([x[..., 2::-1], x[..., 3:]], axis=-1) if self.channels > 3 else x[..., ::-1]
     mean = jnp.asarray(self.mean, jnp.float32)
     if mean.ndim == 3 and mean.shape[:2] != (self.size, self.size):
-      mean = jax.image.resize(mean, (self.size, self.size, 3), "bilinear")
+      mean = jax.image.resize(mean, (self.size, self.size, mean.shape[-1]), "bilinear")
     return ((x * self.scale - mean) / jnp.asarray(self.std, jnp.float32)).astype(dtype)
 
   def to_config(self) -> Dict[str, Any]:
@@ -47,7 +64,7 @@ class Preprocessing:
     if mean.ndim == 3:
       mean = mean.mean(axis=(0, 1))
     return dict(size=self.size, mean=mean.tolist(), std=np.asarray(self.std).tolist(),
-                scale=self.scale, bgr=self.bgr)
+                scale=self.scale, bgr=self.bgr, channels=self.channels)
 
 
 def _head(items, n: int = 8, sep: str = ", ") -> str:
@@ -100,9 +117,9 @@ def unflatten(flat: Mapping[str, Any]) -> Params:
   return out
 
 
-def param_shapes(module, size: int) -> Dict[str, Tuple[int, ...]]:
-  """Flat {name: shape} of `module`'s params for a [1, size, size, 3] input."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+def param_shapes(module, size: int, channels: int = 3) -> Dict[str, Tuple[int, ...]]:
+  """Flat {name: shape} of `module`'s params for a [1, size, size, channels] input."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, channels))))
   return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
 
 
