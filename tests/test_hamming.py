@@ -80,6 +80,7 @@ def test_distances_match_numpy(bits):
     (20000, 12, 100, 4096),    # 12 bits: huge ties, many chunks and groups
     (3000, 40, 3000, 1 << 16),  # k = N: full ranking
     (9000, 128, 700, 1 << 11),  # k larger than the group count
+    (20000, 300, 10, 1 << 14),  # distances past 255: the group minima stay int32
     (37, 7, 37, 8),
     (1, 3, 1, 8),
 ])
