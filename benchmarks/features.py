@@ -6,6 +6,21 @@
 Seeded 80/20 per-class split; each test image takes the label of its nearest training
 image (cosine similarity of the features). Prints images/s of feature extraction
 (decode + resize + CNN, all cores) and, as its last line, `accuracy=0.xxxx`.
+
+Against PyTorch CPU on the same network and batch (`pip install torch==2.13.0` in the
+benchmark's environment only; benchmarks/torch_peer.py runs it in a process of its own):
+
+    python benchmarks/features.py --backbone=efficientnet_lite0 --data=../shared/data/ucmerced \
+        --batch_size=32 --torch
+    python benchmarks/features.py --backbone=vgg_f --random_init --data=../shared/data/ucmerced \
+        --batch_size=32 --torch
+
+Each of `--pairs` pairs times ours on `--peer_images` images of the dataset (decoded and
+resized by tf.data, overlapped with the network) and then PyTorch's forward pass (no_grad,
+eval) on as many images already decoded, normalised and in memory, in its faster layout
+(NCHW or channels_last, measured first). The ratio is our images/s over PyTorch's; the
+line before the accuracy gives the median of the pairs and their range. Also printed: our
+network alone on an in-memory batch, as PyTorch is timed.
 """
 
 import argparse
@@ -31,6 +46,9 @@ def main():
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--train_ratio", type=float, default=0.8)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--torch", action="store_true", help="time PyTorch CPU beside us (benchmarks/torch_peer.py)")
+  p.add_argument("--pairs", type=int, default=5, help="with --torch: interleaved pairs")
+  p.add_argument("--peer_images", type=int, default=320, help="with --torch: images per side and pair")
   args = p.parse_args()
   logging.set_verbosity(logging.INFO)
   input_pipeline.configure_tf()
@@ -53,7 +71,48 @@ def main():
   print(f"backbone={bb.name} pretrained={bb.pretrained} images={len(table)} size={bb.image_size} "
         f"devices={jax.device_count()} extract_s={dt:.1f} images_per_s={len(table) / dt:.1f}")
   print(f"train={len(train)} test={len(test)} 1-NN cosine")
+  if args.torch:
+    compare_with_torch(args, bb, table, mesh, encoder, n)
   print(f"accuracy={acc:.4f}")
+
+
+def compare_with_torch(args, bb, table, mesh, encoder, n_batch):
+  import _peer  # pylint: disable=g-import-not-at-top
+  peer = _peer.Peer(threads=os.cpu_count())
+  peer.load(bb.name, bb.variables)
+  print(f"PyTorch {peer.info['torch']}, {peer.info['threads']} threads; same network: max |features ours - "
+        f"PyTorch| / max |features| = {_peer.check_same_function(peer, bb):.1e}")
+  batches = max(1, args.peer_images // n_batch)
+  images = batches * n_batch
+  layouts = {lay: peer.ask(cmd="forward", batch=n_batch, batches=batches, layout=lay)["seconds"]
+             for lay in ("nchw", "channels_last")}
+  layout = min(layouts, key=layouts.get)
+  print("PyTorch forward layouts, images/s: " + ", ".join(f"{k} {images / v:.1f}" for k, v in layouts.items())
+        + f" -> peer: {layout}")
+  x = np.random.default_rng(0).integers(0, 256, (n_batch, bb.image_size, bb.image_size, 3)).astype(np.uint8)
+  indices = np.arange(min(images, len(table)))
+  source = input_pipeline.ImageSource(table, bb.image_size)  # built once, as a run's extraction does
+  ratios, ours, alone, theirs = [], [], [], []
+  for i in range(args.pairs):
+    t = time.perf_counter()
+    features.extract(bb, table, mesh, batch_size=args.batch_size, encoder=encoder, indices=indices, log_every=0,
+                     source=source)
+    a = len(indices) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(batches):
+      encoder(bb.variables, x).block_until_ready()
+    c = images / (time.perf_counter() - t)
+    b = images / peer.ask(cmd="forward", batch=n_batch, batches=batches, layout=layout)["seconds"]
+    ratios.append(a / b)
+    ours.append(a)
+    alone.append(c)
+    theirs.append(b)
+    print(f"pair {i}: ours {a:.1f} images/s (decode + resize + network; network alone {c:.1f}), "
+          f"PyTorch forward {b:.1f} images/s, ratio {a / b:.2f}")
+  peer.close()
+  print(f"{bb.name} batch {n_batch}: ours {np.median(ours):.1f} images/s with decoding ({np.median(alone):.1f} "
+        f"network alone), PyTorch {np.median(theirs):.1f} ({layout}); ratio median {np.median(ratios):.2f} "
+        f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs)")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,23 @@ def _pool(x):
   return nn.max_pool(x, (3, 3), (2, 2), padding=((0, 1), (0, 1)))
 
 
+class _FullyConnected(nn.Module):
+  """A VALID convolution whose kernel covers the whole input (fc6: 6x6, fc7: 1x1) as the
+  matrix product it is; params 'kernel' [H, W, Cin, Cout] and 'bias' as nn.Conv's, so the
+  MatConvNet weights load unchanged. XLA:CPU runs the product faster than the convolution."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x [B, H, W, C] (the kernel's window) or [B, C] (a 1x1 window) -> [B, features]."""
+    window = x.shape[1:] if x.ndim == 4 else (1, 1, x.shape[-1])
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (*window, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    y = x.reshape(x.shape[0], -1).astype(self.dtype) @ kernel.reshape(-1, self.features).astype(self.dtype)
+    return y + bias.astype(self.dtype)
+
+
 class VGGF(nn.Module):
   """Returns {'features': relu7 [B, 4096], 'logits': [B, num_classes]}."""
   num_classes: int = 1000
@@ -69,9 +86,8 @@ class VGGF(nn.Module):
         x = lrn(x, *self.lrn_params)
       if name in ("conv1", "conv2", "conv5"):
         x = _pool(x)
-    x = nn.relu(nn.Conv(4096, (6, 6), padding="VALID", dtype=self.dtype, name="fc6")(x))
-    x = nn.relu(nn.Conv(4096, (1, 1), dtype=self.dtype, name="fc7")(x))
-    features = x.reshape(x.shape[0], -1)
+    x = nn.relu(_FullyConnected(4096, dtype=self.dtype, name="fc6")(x))
+    features = nn.relu(_FullyConnected(4096, dtype=self.dtype, name="fc7")(x))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc8")(features)
     return {"features": features, "logits": logits}
 

@@ -1,0 +1,227 @@
+"""PyTorch CPU peer for benchmarks/features.py and benchmarks/train_step.py: the same
+networks in PyTorch, run in a worker process of their own.
+
+torch is never a dependency of rshash_jax: install it only in the benchmark's environment,
+`pip install torch==2.13.0` (a CPU wheel here; other specs pull GBs of CUDA).
+
+Why a separate process: timed in one process, the two frameworks slow each other down
+(their allocators and thread pools share the address space; our train step measured 12.6
+images/s alone and 10-11 interleaved with PyTorch in the same process). Here the caller
+and this worker take turns, one command at a time, the idle side blocked on a pipe.
+
+Protocol: one JSON command per line on stdin, one JSON answer per line on stdout.
+  {"cmd": "load", "model": "efficientnet_lite0" | "vgg_f", "weights": "state.npz", "classes": C, "bits": K}
+  {"cmd": "features", "input": "x.npy", "output": "y.npy", "layout": "nchw" | "channels_last"}
+  {"cmd": "forward", "batch": B, "batches": N, "layout": ...}        -> {"seconds": s}
+  {"cmd": "train", "batch": B, "steps": N, "layout": ..., "bank": N_train} -> {"seconds": [s, ...]}
+The weights file holds the rshash_jax variables under PyTorch names and layouts
+(`state_dict`), so both sides compute the same function; `features` lets the caller
+check that. Inputs are the backbone's normalised NCHW float32 tensors (no decoding here:
+PyTorch is timed on the network alone).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# EfficientNet-Lite0 blocks (kernel, stride, expand, in, out), as rshash_jax's block_config(1.0, 1.0).
+_LITE0 = [(3, 1, 1, 32, 16), (3, 2, 6, 16, 24), (3, 1, 6, 24, 24), (5, 2, 6, 24, 40), (5, 1, 6, 40, 40),
+          (3, 2, 6, 40, 80), (3, 1, 6, 80, 80), (3, 1, 6, 80, 80), (5, 1, 6, 80, 112), (5, 1, 6, 112, 112),
+          (5, 1, 6, 112, 112), (5, 2, 6, 112, 192), (5, 1, 6, 192, 192), (5, 1, 6, 192, 192),
+          (5, 1, 6, 192, 192), (3, 1, 6, 192, 320)]
+
+
+class SameConv(nn.Conv2d):
+  """Conv2d with TensorFlow "SAME" padding: symmetric padding inside the convolution
+  where SAME is symmetric, an explicit pad only where it is not (stride 2, even input)."""
+
+  def forward(self, x):
+    k, s = self.kernel_size[0], self.stride[0]
+    h = x.shape[-1]
+    total = max((math.ceil(h / s) - 1) * s + k - h, 0)
+    if total % 2:
+      x = F.pad(x, (total // 2, total - total // 2, total // 2, total - total // 2))
+      return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+    return F.conv2d(x, self.weight, self.bias, self.stride, total // 2, 1, self.groups)
+
+
+class MBConv(nn.Module):
+  def __init__(self, k, s, e, cin, cout):
+    super().__init__()
+    mid = cin * e
+    if e != 1:
+      self._expand_conv = SameConv(cin, mid, 1, bias=False)
+      self._bn0 = nn.BatchNorm2d(mid, eps=1e-3)
+    self._depthwise_conv = SameConv(mid, mid, k, s, groups=mid, bias=False)
+    self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
+    self._project_conv = SameConv(mid, cout, 1, bias=False)
+    self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+    self.expand, self.residual = e != 1, s == 1 and cin == cout
+
+  def forward(self, x):
+    h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+    h = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(h)))))
+    return h + x if self.residual else h
+
+
+class EfficientNetLite0(nn.Module):
+  """lukemelas parameter names (those of efficientnet-lite0-57934424.pth)."""
+  feature_dim = 1280
+
+  def __init__(self, classes=1000):
+    super().__init__()
+    self._conv_stem = SameConv(3, 32, 3, 2, bias=False)
+    self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
+    self._blocks = nn.ModuleList([MBConv(*b) for b in _LITE0])
+    self._conv_head = SameConv(320, 1280, 1, bias=False)
+    self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
+    self._fc = nn.Linear(1280, classes)
+
+  def features(self, x):
+    x = F.relu6(self._bn0(self._conv_stem(x)))
+    for b in self._blocks:
+      x = b(x)
+    return F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
+
+
+class VGGF(nn.Module):
+  """VGG-F as rshash_jax.backbones.vgg_f (MatConvNet's LRN: alpha not divided by depth)."""
+  feature_dim = 4096
+
+  def __init__(self, classes=1000, lrn=(5.0, 2.0, 1e-4, 0.75)):
+    super().__init__()
+    self.conv1, self.conv2 = nn.Conv2d(3, 64, 11, 4), nn.Conv2d(64, 256, 5, 1, 2)
+    self.conv3, self.conv4, self.conv5 = (nn.Conv2d(256, 256, 3, 1, 1) for _ in range(3))
+    self.fc6, self.fc7 = nn.Conv2d(256, 4096, 6), nn.Conv2d(4096, 4096, 1)
+    self.fc8 = nn.Linear(4096, classes)
+    d, kappa, alpha, beta = lrn
+    self.lrn = nn.LocalResponseNorm(int(d), alpha=alpha * d, beta=beta, k=kappa)
+
+  @staticmethod
+  def _pool(x):
+    return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-math.inf), 3, 2)
+
+  def features(self, x):
+    x = self._pool(self.lrn(F.relu(self.conv1(x))))
+    x = self._pool(self.lrn(F.relu(self.conv2(x))))
+    x = self._pool(F.relu(self.conv5(F.relu(self.conv4(F.relu(self.conv3(x)))))))
+    return F.relu(self.fc7(F.relu(self.fc6(x)))).flatten(1)
+
+
+class DHCNN(nn.Module):
+  """Backbone + hash layer + classifier on the codes, as rshash_jax.dhcnn."""
+
+  def __init__(self, backbone, bits, classes):
+    super().__init__()
+    self.backbone = backbone
+    self.hash, self.classifier = nn.Linear(backbone.feature_dim, bits), nn.Linear(bits, classes)
+
+  def forward(self, x):
+    u = self.hash(self.backbone.features(x))
+    return u, self.classifier(u)
+
+
+def _build(cmd):
+  backbone = {"efficientnet_lite0": EfficientNetLite0, "vgg_f": VGGF}[cmd["model"]]()
+  if cmd.get("weights"):
+    with np.load(cmd["weights"]) as z:
+      state = {k: torch.from_numpy(z[k]) for k in z.files}
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.startswith(("_fc", "fc8")) and "num_batches" not in m]
+    if missing or unexpected:
+      raise ValueError(f"{cmd['weights']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+  return DHCNN(backbone, cmd.get("bits", 64), cmd.get("classes", 21))
+
+
+def _layout(model, x, layout):
+  if layout == "channels_last":
+    return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+  return model.to(memory_format=torch.contiguous_format), x.contiguous()
+
+
+def _frozen_batch_norm(model):
+  """Training as rshash_jax trains: batch norm on its stored statistics (dhcnn fine-tunes
+  with batches too small to re-estimate them), dropout-free backbone."""
+  model.train()
+  for m in model.modules():
+    if isinstance(m, nn.BatchNorm2d):
+      m.eval()
+
+
+def _train(model, cmd):
+  b, n_bank, steps = cmd["batch"], cmd["bank"], cmd["steps"]
+  classes = model.classifier.out_features
+  g = torch.Generator().manual_seed(0)
+  bank = torch.zeros(n_bank, model.hash.out_features)
+  bank_labels = torch.randint(0, classes, (n_bank,), generator=g)
+  opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+  size = 224
+  _frozen_batch_norm(model)
+  times = []
+  for _ in range(steps):
+    rows = torch.randperm(n_bank, generator=g)[:b]
+    pixels = torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g)
+    t = time.perf_counter()
+    # The step as rshash_jax's: uint8 NHWC pixels in, preprocessing inside the step.
+    x = pixels.permute(0, 3, 1, 2).float().sub_(127.0).div_(128.0)
+    model_, x = _layout(model, x, cmd["layout"])
+    u, logits = model_(x)
+    y = bank_labels[rows]
+    bank[rows] = u.detach()
+    theta = 0.5 * u @ bank.T
+    s = (y[:, None] == bank_labels[None, :]).float()
+    pairwise = (F.softplus(theta) - s * theta).sum()
+    quant = ((torch.sign(u).detach() - u) ** 2).sum()
+    loss = 0.2 * (pairwise + 25.0 * quant) / (b * n_bank) + 0.8 * F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def main():
+  torch.set_num_threads(int(os.environ.get("TORCH_THREADS", os.cpu_count())))
+  model = None
+  print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    try:
+      if cmd["cmd"] == "load":
+        model = _build(cmd)
+        out = {"ok": True}
+      elif cmd["cmd"] == "features":
+        x = torch.from_numpy(np.load(cmd["input"]))
+        model.eval()
+        with torch.no_grad():
+          m, x = _layout(model, x, cmd.get("layout", "nchw"))
+          np.save(cmd["output"], m.backbone.features(x).numpy())
+        out = {"ok": True}
+      elif cmd["cmd"] == "forward":
+        x = torch.randn(cmd["batch"], 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        model.eval()
+        with torch.no_grad():
+          m, x = _layout(model, x, cmd["layout"])
+          m.backbone.features(x)  # warm-up (oneDNN primitive creation)
+          t = time.perf_counter()
+          for _ in range(cmd["batches"]):
+            m.backbone.features(x)
+          out = {"seconds": time.perf_counter() - t}
+      elif cmd["cmd"] == "train":
+        out = {"seconds": _train(model, cmd)}
+      else:
+        raise ValueError(f"unknown command {cmd['cmd']!r}")
+    except Exception as e:  # the caller prints it and stops
+      out = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  main()
