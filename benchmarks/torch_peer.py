@@ -164,6 +164,8 @@ def _train(model, cmd):
   opt = torch.optim.Adam(model.parameters(), lr=1e-5)
   size = 224
   _frozen_batch_norm(model)
+  fmt = torch.channels_last if cmd["layout"] == "channels_last" else torch.contiguous_format
+  model = model.to(memory_format=fmt)  # once: the timed step converts only its input
   times = []
   for _ in range(steps):
     rows = torch.randperm(n_bank, generator=g)[:b]
@@ -171,8 +173,7 @@ def _train(model, cmd):
     t = time.perf_counter()
     # The step as rshash_jax's: uint8 NHWC pixels in, preprocessing inside the step.
     x = pixels.permute(0, 3, 1, 2).float().sub_(127.0).div_(128.0)
-    model_, x = _layout(model, x, cmd["layout"])
-    u, logits = model_(x)
+    u, logits = model(x.contiguous(memory_format=fmt))
     y = bank_labels[rows]
     bank[rows] = u.detach()
     theta = 0.5 * u @ bank.T
