@@ -15,6 +15,11 @@ Commands:
   python -m rshash_jax.main --config=configs/mrhash.py:local,itq --workdir=/tmp/itq
   # The paper's end-to-end training (backbone at 0.01 x the learning rate; an accelerator job):
   python -m rshash_jax.main --config=configs/mrhash.py:local,finetune --workdir=/tmp/mrhash_ft
+  # Partial fine-tuning, as DHCNN's (rshash_jax/train.py): the layers below blocks_15 run
+  # once per image and view into an activation cache on CPU; blocks_15, the head and the
+  # hash network train:
+  python -m rshash_jax.main --config=configs/mrhash.py:local,finetune --workdir=/tmp/mrhash_pft \
+      --config.train.finetune_from=blocks_15
 
 Presets (comma-separated): local, tiny, unisource, lsh, itq, finetune, bits=N.
 
@@ -26,6 +31,8 @@ Departures from the official code, each a config choice (the sound one is the de
   train.mode = "frozen" (default: backbone features cached once; CPU-friendly) or
       "finetune" (the paper: the backbone trains at train.backbone_lr_mult = 0.01 x the
       rate, 1e-5 vs 1e-3; augmentation is flips / 90-degree rotations, not random crops).
+      With train.finetune_from=P only P and the layers above it train (train.finetune_cache,
+      train.cached_views as for DHCNN); not measured on UC Merced yet.
 Settings of ours:
   model.head_hidden = 1024: with a frozen backbone one trainable ReLU layer in front of the
       hash layer stands in for the paper's trainable fc6/fc7 (0: the hash layer alone).

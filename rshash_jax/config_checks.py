@@ -1,6 +1,6 @@
 """Config validation before any long work: every error names the field and the value."""
 
-from rshash_jax import backbones, dhcnn, errors, mrhash, multisource, rasters, train_state
+from rshash_jax import backbones, dhcnn, errors, features, mrhash, multisource, rasters, train_state
 
 MODES = ("frozen", "finetune")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -80,6 +80,32 @@ def check_dhcnn(config):
   _range(config, "dhcnn.theta_scale", 0.0, 1e3, lo_open=True)
   _choice(config, "dhcnn.gradient", dhcnn.GRADIENTS)
   _choice(config, "dhcnn.ce_to_classifier", dhcnn.CE_MODES)
+  _range(config, "dhcnn.center_weight", 0.0, 1e6)
+  check_finetune_from(config)
+
+
+FINETUNE_CACHE = ("auto", "yes", "no")
+
+
+def check_finetune_from(config):
+  """train.finetune_from (a split point of the backbone, with mode=finetune), finetune_cache,
+  cached_views."""
+  point = _get(config, "train.finetune_from")
+  if not point:
+    return
+  if config.train.mode != "finetune":
+    _fail("train.finetune_from", point, f"it needs train.mode=finetune (train.mode is {config.train.mode!r})")
+  name = config.model.backbone
+  points = backbones.split_points(name)
+  if not points:
+    _fail("train.finetune_from", point, "partial fine-tuning needs a backbone with split points "
+          f"(efficientnet_lite0..4, tiny_cnn), not {name}")
+  if point not in points:
+    _fail("train.finetune_from", point, f"expected a split point of {name}: "
+          + (f"{points[0]} .. {points[-2]}, {points[-1]}" if len(points) > 2 else ", ".join(points)))
+  _choice(config, "train.finetune_cache", FINETUNE_CACHE)
+  _positive_int(config, "train.cached_views")
+  _range(config, "train.cached_views", 1, len(features.DIHEDRAL))
 
 
 def check_mrhash(config):
@@ -91,6 +117,7 @@ def check_mrhash(config):
     config.data.source = "generated"  # the rest of check_common applies unchanged
   check_common(config)
   _choice(config, "train.mode", MODES)
+  check_finetune_from(config)
   _positive_int(config, "mrhash.num_clusters")
   _positive_int(config, "mrhash.kmeans_n_init")
   _positive_int(config, "mrhash.ae_epochs")

@@ -59,6 +59,11 @@ def train() -> ml_collections.ConfigDict:
   t.checkpoint_every_steps = 1000
   t.max_steps_per_run = 0       # >0: stop (checkpointed) after this many steps; rerun resumes
   t.init_head_from = ""         # DHCNN: a finished run's workdir/export whose head starts this one
+  t.finetune_from = ""          # finetune: "" trains the whole backbone; blocks_N / head (EfficientNet-Lite)
+                                # trains that layer and above, the layers below frozen
+  t.finetune_cache = "auto"     # with finetune_from: auto (on CPU) | yes | no: compute the frozen layers'
+                                # activations once (a chunk store) or in every step
+  t.cached_views = 4            # with the cache and data.augment: dihedral views cached per image (1..8)
   return t
 
 

@@ -22,6 +22,17 @@ with two explicit choices (config `dhcnn.*`):
 The bank rows of the batch are overwritten with the batch's u (held constant) before the
 loss is computed, as DPSH does, so each image also pairs with itself.
 
+Class-wise hash targets (`dhcnn.center_weight` > 0; an extension, off by default: the paper
+has none). Each class c gets a target code t_c in {-1, +1}^K (hash_centers: rows of a
+Hadamard matrix and their negations when K is a power of 2 and 2K >= C, else seeded random
+codes, as CSQ, Yuan et al. CVPR 2020, builds them), and
+
+  loss += center_weight * mean_i ||t_{y_i} - u_i||^2 / K
+
+pulls every image's u onto its class's code, so that the Hamming ranking follows the
+classes as the classifier does (targets far apart: K/2 bits for Hadamard rows). Multi-label
+images take the sign of the sum of their labels' targets; tied bits are left free.
+
 Multi-label data (labels multi-hot [N, C], e.g. from a label file): S_ij = 1 when i and j
 share at least one label, and CE becomes the multi-label loss, a sigmoid binary cross
 entropy per label averaged over the C labels (BCEWithLogits' mean); each label is
@@ -33,6 +44,8 @@ from typing import Any, Dict, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
 
 from rshash_jax import errors
 
@@ -72,17 +85,24 @@ class HashHead(nn.Module):
 
 class DHCNN(nn.Module):
   """Backbone + HashHead. `backbone` is a module returning {'features', ...}; None takes
-  features directly (frozen mode over cached features)."""
+  features directly (frozen mode over cached features). With backbone_start (partial
+  fine-tuning) only the backbone's layers from that split point on are part of the model."""
   backbone: Optional[nn.Module]
   bits: int
   num_classes: int
   hidden: int = 0
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  backbone_start: str = ""  # partial fine-tuning: x is the backbone's activation at this split point
 
   @nn.compact
   def __call__(self, x, train: bool = False, ce_grad_scale: float = 1.0):
-    f = x if self.backbone is None else self.backbone(x, train=train)["features"]
+    if self.backbone is None:
+      f = x
+    elif self.backbone_start:
+      f = self.backbone(x, train=train, start=self.backbone_start)["features"]
+    else:
+      f = self.backbone(x, train=train)["features"]
     return HashHead(self.bits, self.num_classes, self.hidden, self.dropout, self.dtype,
                     name="head")(f, train, ce_grad_scale)
 
@@ -112,14 +132,37 @@ def pairwise_terms(u, bank, s, *, theta_scale: float, gradient: str, mask=None):
   return pairwise, quant
 
 
+def hash_centers(num_classes: int, bits: int, seed: int = 0) -> np.ndarray:
+  """[C, K] class target codes in {-1, +1} (CSQ's construction): the rows of the K x K
+  Hadamard matrix and of its negation when K is a power of 2 and 2K >= C (any two differ in
+  K/2 or K bits), else codes of independent fair random bits drawn from `seed`."""
+  if bits & (bits - 1) == 0 and 2 * bits >= num_classes:
+    h = scipy.linalg.hadamard(bits).astype(np.float32)
+    return np.concatenate([h, -h])[:num_classes]
+  rng = np.random.default_rng(seed)
+  return np.where(rng.random((num_classes, bits)) < 0.5, -1.0, 1.0).astype(np.float32)
+
+
+def center_term(u, labels, centers, mask):
+  """mean over valid rows of ||t - u||^2 / K, t the class target of each row (multi-hot:
+  the sign of the sum of its labels' targets, tied bits not counted)."""
+  if labels.ndim == 1:
+    t = centers[labels]
+  else:
+    t = jnp.sign(labels.astype(jnp.float32) @ centers)
+  per_row = jnp.mean(jnp.abs(t) * jnp.square(t - u), axis=-1)
+  return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta: float,
             theta_scale: float, gradient: str = "official", ce_to_classifier: str = "full",
-            num_classes: int, mask=None) -> Dict[str, Any]:
-  """DHCNN loss of one batch. Returns dict(loss, pairwise, quant, ce, bank) where `bank`
-  is the memory bank with this batch's rows written (the caller keeps it).
+            num_classes: int, mask=None, centers=None, center_weight: float = 0.0) -> Dict[str, Any]:
+  """DHCNN loss of one batch. Returns dict(loss, pairwise, quant, ce, center, bank) where
+  `bank` is the memory bank with this batch's rows written (the caller keeps it).
 
   u [B, K], logits [B, C] (computed from u), labels [B] (or multi-hot), bank_rows [B]
-  rows of the batch in the bank [N, K], bank_labels [N]; mask [B] drops padded rows.
+  rows of the batch in the bank [N, K], bank_labels [N]; mask [B] drops padded rows;
+  centers [C, K] class targets (hash_centers), used when center_weight > 0.
   """
   if ce_to_classifier not in CE_MODES:
     raise errors.InvalidInput(f"dhcnn.ce_to_classifier must be one of {CE_MODES}, got {ce_to_classifier!r}")
@@ -141,8 +184,15 @@ def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta
     total = eta * hash_part + ce  # logits were computed from a (1 - eta)-grad-scaled u
   else:
     total = eta * hash_part + (1.0 - eta) * ce
-  return dict(loss=total, reported=eta * hash_part + (1.0 - eta) * ce, pairwise=pairwise / norm,
-              quant=quant / norm, ce=ce, bank=bank)
+  reported = eta * hash_part + (1.0 - eta) * ce
+  center = jnp.zeros((), jnp.float32)
+  if center_weight:
+    if centers is None:
+      raise errors.InvalidInput("dhcnn.center_weight > 0 needs the class targets (hash_centers)")
+    center = center_term(u, labels, centers, mask)
+    total, reported = total + center_weight * center, reported + center_weight * center
+  return dict(loss=total, reported=reported, pairwise=pairwise / norm,
+              quant=quant / norm, ce=ce, center=center, bank=bank)
 
 
 def ce_grad_scale(eta: float, ce_to_classifier: str) -> float:

@@ -110,16 +110,110 @@ def cached_features(bb: backbones.Backbone, table: datasets.ImageTable, cache_di
   chunks on its own devices, so no collective runs during extraction and an interrupted
   extraction (with any process count) continues at the first missing chunk."""
   key = cache_key(bb, table, weights_path, resize_size)
-  store = chunk_store.ChunkStore(os.path.join(cache_dir, f"features_{bb.name}_{key}"), len(table),
-                                 {"features": ((bb.feature_dim,), "float32")}, chunk=chunk, key=key)
+  return _cached(lambda mesh: make_encoder(bb, mesh), bb, table, cache_dir, f"features_{bb.name}_{key}", key,
+                 "features", (bb.feature_dim,), batch_size=batch_size, resize_size=resize_size, threads=threads,
+                 chunk=chunk, name=f"features {bb.name}")
+
+
+# Views of an image for cached augmentation (train.cached_views): the dihedral group's 8
+# elements in this order, as (transpose, flip rows, flip columns) of an [H, W] image.
+DIHEDRAL = ((False, False, False), (False, False, True), (False, True, False), (False, True, True),
+            (True, False, True), (True, True, False), (True, False, False), (True, True, True))
+
+
+def dihedral(x, v: int):
+  """View v of images x [B, H, W, C] (v = 0: unchanged; 1: left-right flip; 2: up-down
+  flip; 3: rotation by 180; 4, 5: rotations by 90; 6, 7: the transposes)."""
+  transpose, flip_rows, flip_cols = DIHEDRAL[v]
+  if transpose:
+    x = jnp.swapaxes(x, 1, 2)
+  if flip_rows:
+    x = x[:, ::-1]
+  if flip_cols:
+    x = x[:, :, ::-1]
+  return x
+
+
+def activation_shape(bb: backbones.Backbone, point: str):
+  """[h, w, c] of the activation at split point `point` of an image of bb's size."""
+  x = jax.ShapeDtypeStruct((1, bb.image_size, bb.image_size, bb.preprocessing.channels), jnp.float32)
+  out = jax.eval_shape(lambda v, x: bb.module.apply(v, x, stop=point), bb.variables, x)
+  return tuple(out["activation"].shape[1:])
+
+
+def cached_activations(bb: backbones.Backbone, table: datasets.ImageTable, cache_dir: str, point: str, *,
+                       views: int = 1, weights_path: Optional[str] = None, batch_size: int = 32,
+                       resize_size: Optional[int] = None, threads: int = 0, chunk: int = 256) -> np.ndarray:
+  """The backbone's activations at split point `point` (the input of the first trained
+  layer in train.finetune_from) of `views` dihedral views of every image, memoised like
+  cached_features: memory-mapped float32 [N, views, h, w, c]."""
+  if not 1 <= views <= len(DIHEDRAL):
+    raise ValueError(f"views must be 1..{len(DIHEDRAL)}, got {views}")
+  shape = activation_shape(bb, point)
+  key = hashlib.sha1(f"{cache_key(bb, table, weights_path, resize_size)}/{point}/{views}".encode()).hexdigest()[:16]
+
+  def make(mesh):
+    def fn(variables, images):
+      x = bb.preprocessing(images, bb.module.dtype)
+      acts = [bb.module.apply(variables, dihedral(x, v), stop=point)["activation"] for v in range(views)]
+      return jnp.stack(acts, axis=1).reshape(x.shape[0], -1).astype(jnp.float32)
+    return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.sharded_rows(mesh)),
+                   out_shardings=sharding.sharded_rows(mesh))
+  return _cached(make, bb, table, cache_dir, f"activations_{bb.name}_{point}_{key}", key, "activations",
+                 (views, *shape),
+                 batch_size=batch_size, resize_size=resize_size, threads=threads, chunk=chunk,
+                 name=f"{bb.name} activations at {point} x{views}")
+
+
+def use_activation_cache(tc) -> bool:
+  """train.finetune_cache: 'auto' caches the frozen layers' activations on CPU, where they
+  are most of a step's cost, and runs them in the step on accelerators."""
+  if tc.finetune_cache == "auto":
+    return jax.default_backend() == "cpu"
+  return tc.finetune_cache == "yes"
+
+
+def views_to_cache(config) -> int:
+  """train.cached_views with data.augment, else 1 (the image as it is)."""
+  return config.train.cached_views if config.data.augment else 1
+
+
+def read_views(acts: np.ndarray, global_row: np.ndarray, step: int, seed: int) -> np.ndarray:
+  """This process's rows of a global batch from an activation store [N, views, ...], one
+  view per row drawn from (seed, step): a resumed run draws the same views."""
+  views = np.random.default_rng([seed, step, 1]).integers(0, acts.shape[1], len(global_row))
+  mine, my_views = input_pipeline.process_rows(global_row), input_pipeline.process_rows(views)
+  order = np.argsort(mine, kind="stable")  # memory-mapped rows read in file order
+  x = np.empty((len(mine), *acts.shape[2:]), np.float32)
+  x[order] = acts[mine[order], my_views[order]]
+  return x
+
+
+def frozen_input(bb: backbones.Backbone, point: str = ""):
+  """uint8 images -> the trained model's input: bb's preprocessing, then with a split point
+  the frozen layers below it (no gradient), for fine-tuning without an activation cache."""
+  prep = lambda x: bb.preprocessing(x, bb.module.dtype)
+  if not point:
+    return prep
+  return lambda x: jax.lax.stop_gradient(bb.module.apply(bb.variables, prep(x), stop=point)["activation"])
+
+
+def _cached(make_fn, bb, table, cache_dir, dirname, key, field, row_shape, *, batch_size, resize_size, threads,
+            chunk, name) -> np.ndarray:
+  """make_fn(mesh)(bb.variables, images) [B, prod(row_shape)] of every image of `table`, in
+  the chunk store cache_dir/dirname (one field), memory-mapped [N, *row_shape]."""
+  store = chunk_store.ChunkStore(os.path.join(cache_dir, dirname), len(table),
+                                 {field: (row_shape, "float32")}, chunk=chunk, key=key)
   state = {}
+  width = int(np.prod(row_shape))
 
   def compute(start, stop):
     if not state:  # built and compiled once, on the first missing chunk
       state["mesh"] = sharding.data_mesh(jax.local_devices())
-      state["fn"] = make_encoder(bb, state["mesh"])
+      state["fn"] = make_fn(state["mesh"])
       state["source"] = input_pipeline.ImageSource(table, bb.image_size, resize_size, cache_dir=cache_dir)
-    feats = extract(bb, table, state["mesh"], batch_size=batch_size, resize_size=resize_size, threads=threads,
-                    encoder=state["fn"], indices=np.arange(start, stop), source=state["source"])
-    return {"features": feats}
-  return store.build(compute, name=f"features {bb.name}")["features"]
+    rows = apply_to_images(state["fn"], bb.variables, table, bb.image_size, width, state["mesh"],
+                           indices=np.arange(start, stop), batch_size=batch_size, resize_size=resize_size,
+                           threads=threads, name=name, cache_dir=cache_dir, source=state["source"])
+    return {field: rows.reshape(-1, *row_shape)}
+  return store.build(compute, name=name)[field]

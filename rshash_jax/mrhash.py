@@ -80,10 +80,12 @@ class HashNet(nn.Module):
     return h, z
 
 
-def image_features(backbone: nn.Module, x, feature_norm: str, scale: float):
-  """Backbone features of preprocessed images as the hash network sees them: row
-  normalisation, then the training-set scale (fine-tuning and exported encoders)."""
-  f = backbone(x, train=False)["features"].astype(jnp.float32)
+def image_features(backbone: nn.Module, x, feature_norm: str, scale: float, start: str = ""):
+  """Backbone features of preprocessed images (or, with `start`, of the backbone's
+  activations at that split point) as the hash network sees them: row normalisation,
+  then the training-set scale (fine-tuning and exported encoders)."""
+  out = backbone(x, train=False, start=start) if start else backbone(x, train=False)
+  f = out["features"].astype(jnp.float32)
   return normalize_features(f, feature_norm) / scale
 
 
@@ -97,6 +99,7 @@ class MrHash(nn.Module):
   backbone: Optional[nn.Module] = None
   feature_norm: str = "none"
   feature_scale: float = 1.0
+  backbone_start: str = ""  # partial fine-tuning: the image input is the activation at this split point
 
   def setup(self):
     self.ae = MultiSourceAE(self.source_dims)
@@ -105,7 +108,8 @@ class MrHash(nn.Module):
 
   def _hash(self, image_input):
     if self.backbone is not None:
-      image_input = image_features(self.backbone, image_input, self.feature_norm, self.feature_scale)
+      image_input = image_features(self.backbone, image_input, self.feature_norm, self.feature_scale,
+                                   self.backbone_start)
     return self.hashnet(image_input)
 
   def __call__(self, image_input, sources: Sequence[Any]):

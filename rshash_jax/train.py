@@ -9,12 +9,19 @@ Modes (config.train.mode):
   finetune: backbone + hash head trained end to end on images (the paper).
   frozen:   backbone features of every image computed once (cached in the workdir), the
             hash head trained on them: minutes on a laptop CPU.
+  finetune with train.finetune_from=P (a split point: blocks_N or head, EfficientNet-Lite):
+            the layers below P frozen, P and above trained with the hash head. With the
+            activation cache (train.finetune_cache: auto = on CPU) the frozen layers run
+            once per image and view (train.cached_views dihedral views when data.augment;
+            each step draws one view per image), stored like the feature cache; without
+            it they run in every step on augmented images. Same model and parameters
+            either way; only the augmentations drawn differ.
 """
 
 import dataclasses
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,18 @@ class _Setup:
   model: dhcnn.DHCNN
   feats: Any  # [N, D] in frozen mode, else None
   cache_dir: str  # feature caches, TFDS image stores
+  acts: Any = None  # [N, views, h, w, c] cached activations at train.finetune_from, else None
+  act_shape: Tuple[int, ...] = ()  # [h, w, c] of the activation at train.finetune_from
+
+  @property
+  def point(self) -> str:
+    """The split point of partial fine-tuning ('' otherwise)."""
+    return self.config.train.finetune_from if self.config.train.mode == "finetune" else ""
+
+  @property
+  def cached(self):
+    """Per-example model inputs read from a cache (features or activations), else None."""
+    return self.feats if self.feats is not None else self.acts
 
 
 def _setup(config, workdir: str) -> _Setup:
@@ -59,9 +78,18 @@ def _setup(config, workdir: str) -> _Setup:
     feats = features.cached_features(bb, table, cache, weights_path=mc.weights_path or None,
                                      batch_size=config.features.batch_size,
                                      resize_size=config.data.resize_size or None, threads=config.data.threads)
+  acts, act_shape = None, ()
+  point = config.train.finetune_from if config.train.mode == "finetune" else ""
+  if point:
+    act_shape = features.activation_shape(bb, point)
+  if point and features.use_activation_cache(config.train):
+    acts = features.cached_activations(bb, table, cache, point, views=features.views_to_cache(config),
+                                       weights_path=mc.weights_path or None, batch_size=config.features.batch_size,
+                                       resize_size=config.data.resize_size or None, threads=config.data.threads)
   model = dhcnn.DHCNN(backbone=None if feats is not None else bb.module, bits=mc.bits,
-                      num_classes=table.num_classes, hidden=mc.head_hidden, dropout=mc.dropout, dtype=dtype)
-  return _Setup(config, mesh, table, train_idx, test_idx, bb, model, feats, cache)
+                      num_classes=table.num_classes, hidden=mc.head_hidden, dropout=mc.dropout, dtype=dtype,
+                      backbone_start=point)
+  return _Setup(config, mesh, table, train_idx, test_idx, bb, model, feats, cache, acts, act_shape)
 
 
 def _init_state(s: _Setup, tx) -> train_state.TrainState:
@@ -69,6 +97,8 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
   config = s.config
   if s.feats is not None:
     dummy = jnp.zeros((1, s.feats.shape[1]), jnp.float32)
+  elif s.point:
+    dummy = jnp.zeros((1, *s.act_shape), jnp.float32)
   else:
     dummy = jnp.zeros((1, s.bb.image_size, s.bb.image_size, s.bb.preprocessing.channels), jnp.float32)
   head = jax.jit(lambda k: s.model.init(k, dummy)["params"]["head"])(jax.random.key(config.seed))
@@ -84,8 +114,9 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
   params = {"head": head}
   constants = {}
   if s.feats is None:
-    params["backbone"] = s.bb.variables["params"]
-    constants = {k: {"backbone": v} for k, v in s.bb.variables.items() if k != "params"}
+    part = backbones.trained_part(s.bb, s.point, s.act_shape)
+    params["backbone"] = part["params"]
+    constants = {k: {"backbone": v} for k, v in part.items() if k != "params"}
   n_train = len(s.train_idx)
   extra = {"bank": jnp.zeros((n_train, config.model.bits), jnp.float32)}
   return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -98,6 +129,7 @@ def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preproces
   preprocess: uint8 images -> backbone input (finetune mode); None for features."""
   dc = config.dhcnn
   ce_scale = dhcnn.ce_grad_scale(dc.eta, dc.ce_to_classifier)
+  centers = jnp.asarray(dhcnn.hash_centers(model.num_classes, model.bits, config.seed)) if dc.center_weight else None
   rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
 
   def step(state, batch, rng):
@@ -111,13 +143,14 @@ def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preproces
                               rngs={"dropout": jax.random.fold_in(rng, state.step)})
       out = dhcnn.loss_fn(u, logits, batch["label"], batch["row"], state.extra["bank"], bank_labels,
                           eta=dc.eta, beta=dc.beta, theta_scale=dc.theta_scale, gradient=dc.gradient,
-                          ce_to_classifier=dc.ce_to_classifier, num_classes=model.num_classes)
+                          ce_to_classifier=dc.ce_to_classifier, num_classes=model.num_classes,
+                          centers=centers, center_weight=dc.center_weight)
       return out["loss"], out
     grads, out = jax.grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra={"bank": out["bank"]})
-    metrics = {k: out[k] for k in ("reported", "pairwise", "quant", "ce")}
+    metrics = {k: out[k] for k in ("reported", "pairwise", "quant", "ce", "center")}
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     return new, metrics
 
@@ -134,6 +167,12 @@ def _batches(s: _Setup, global_batch: int, start: int, total: int):
       mine = input_pipeline.process_rows(row)
       yield {"x": s.feats[mine], "label": s.table.labels[mine], "row": row_of[mine]}
     return
+  if s.acts is not None:
+    for row, step in input_pipeline.global_steps(s.train_idx, global_batch, config.data.seed, start, total):
+      mine = input_pipeline.process_rows(row)
+      x = features.read_views(s.acts, row, step, config.data.seed)
+      yield {"x": x, "label": s.table.labels[mine], "row": row_of[mine]}
+    return
   source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None,
                                       cache_dir=s.cache_dir)
   for b in input_pipeline.train_batches(source, s.train_idx, global_batch=global_batch, seed=config.data.seed,
@@ -143,10 +182,11 @@ def _batches(s: _Setup, global_batch: int, start: int, total: int):
 
 
 def _preprocess(s: _Setup):
-  """Backbone preprocessing of uint8 images in finetune mode (features need none)."""
-  if s.feats is not None:
+  """uint8 images -> the model's input in finetune mode: the backbone's preprocessing, and
+  with finetune_from (no cache) the frozen layers below it. None for cached inputs."""
+  if s.cached is not None:
     return None
-  return lambda x: s.bb.preprocessing(x, s.bb.module.dtype)
+  return features.frozen_input(s.bb, s.point)
 
 
 def encode(s: _Setup, params, constants, indices: np.ndarray):
@@ -162,12 +202,13 @@ def encode(s: _Setup, params, constants, indices: np.ndarray):
   u_out = np.zeros((len(indices), config.model.bits), np.float32)
   l_out = np.zeros((len(indices), s.table.num_classes), np.float32)
   pos = {int(i): j for j, i in enumerate(indices)}
-  if s.feats is not None:
+  if s.cached is not None:
     padded = -(-len(indices) // gb) * gb
     idx = np.concatenate([indices, np.full(padded - len(indices), indices[0])])
     for start in range(0, padded, gb):
-      row = idx[start:start + gb]
-      u, logits = apply(variables, features.to_global(mesh, s.feats[input_pipeline.process_rows(row)]))
+      mine = input_pipeline.process_rows(idx[start:start + gb])
+      x = s.feats[mine] if s.feats is not None else s.acts[mine, 0]  # view 0: the image as it is
+      u, logits = apply(variables, features.to_global(mesh, x))
       u, logits = features.gather_rows(u), features.gather_rows(logits)
       keep = slice(0, max(0, min(gb, len(indices) - start)))
       u_out[start:start + gb][:keep.stop] = u[keep]
@@ -201,6 +242,7 @@ def evaluate(s: _Setup, state, workdir: str, timing: Optional[Dict[str, float]] 
   results = dict(method="dhcnn", dataset=s.table.name, dataset_description=s.table.description,
                  split="validation" if config.data.validation else "test",
                  backbone=s.bb.name, pretrained=s.bb.pretrained, mode=config.train.mode,
+                 finetune_from=s.point or None, activation_cache=s.acts is not None,
                  num_classes=s.table.num_classes,
                  class_names=s.table.class_names, step=int(distributed.to_host(state.step)),
                  eval_seconds=eval_seconds, timing={**(timing or {}), "eval_seconds": eval_seconds},
@@ -256,8 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
             "train_steps": stop - start}
   results = evaluate(s, state, workdir, timing)
   params = distributed.to_host(state.params)
-  bb = s.bb if "backbone" not in params else dataclasses.replace(
-      s.bb, variables={**s.bb.variables, "params": params["backbone"]})
+  # The trained backbone layers (all, or finetune_from and above) over the pretrained ones.
+  bb = s.bb if "backbone" not in params else backbones.with_trained(s.bb, params["backbone"])
   encoder.save_encoder(os.path.join(workdir, "encoder"), method="dhcnn", bb=bb, head_params=params["head"],
                        bits=config.model.bits, class_names=s.table.class_names, hidden=config.model.head_hidden,
                        extra_meta={"results_map": results["map"], "dataset": s.table.name,

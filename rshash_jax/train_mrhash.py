@@ -13,7 +13,6 @@ are row-normalised (mrhash.feature_norm) and divided by their training-set RMS.
 evaluates it the same way (no training stages). No labels enter training anywhere.
 """
 
-import dataclasses
 import os
 import time
 from typing import Any, Dict
@@ -141,6 +140,15 @@ def kmeans(z: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
   return best.astype(np.float32)
 
 
+def _activation_batches(acts, train_idx, arrays, global_batch, seed, start, stop):
+  """Partial fine-tuning from the activation cache: per-process batches {'f': one cached view
+  of each image's activation, 'x<s>': source features, 'row'} of global steps start -> stop."""
+  for rows, step in input_pipeline.global_steps(np.arange(len(train_idx)), global_batch, seed, start, stop):
+    mine = input_pipeline.process_rows(rows)
+    yield {"f": features.read_views(acts, train_idx[rows], step, seed), **{k: v[mine] for k, v in arrays.items()},
+           "row": mine}
+
+
 def _image_batches(config, workdir, bb, view_table, train_idx, arrays, global_batch, start, stop):
   """Fine-tuning: per-process batches {'f': uint8 images of the hash network's view, 'x<s>':
   source features, 'row'} of global steps start -> stop (augmented as config.data.augment)."""
@@ -162,9 +170,17 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
   hc, tc = config.mrhash, config.train
   image_feats = all_feats[train_idx]
   finetune = tc.mode == "finetune"
+  point = tc.finetune_from if finetune else ""  # partial fine-tuning, as DHCNN's (train.py)
+  act_shape = features.activation_shape(bb, point) if point else ()
+  cache_dir = config.features.cache_dir or os.path.join(workdir, "cache")
+  acts = None
+  if point and features.use_activation_cache(tc):
+    acts = features.cached_activations(bb, view_table, cache_dir, point, views=features.views_to_cache(config),
+                                       weights_path=config.model.weights_path or None,
+                                       batch_size=config.features.batch_size, threads=config.data.threads)
   model = mrhash.MrHash([x.shape[1] for x in xs], bits=config.model.bits, num_clusters=hc.num_clusters,
                         hidden=config.model.head_hidden, backbone=bb.module if finetune else None,
-                        feature_norm=hc.feature_norm, feature_scale=scale)
+                        feature_norm=hc.feature_norm, feature_scale=scale, backbone_start=point)
   n = image_feats.shape[0]
   gb = min(tc.batch_size, n - n % mesh.devices.size)
   spe = input_pipeline.steps_per_epoch(n, gb)
@@ -172,14 +188,20 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
   # config.train is stage 2's; fine-tuning trains the backbone at backbone_lr_mult x the rate.
   tx = train_state.make_optimizer(tc, spe, {"backbone": tc.backbone_lr_mult} if finetune else None)
   mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name="checkpoints/stage2")
-  dummy = (jnp.zeros((1, bb.image_size, bb.image_size, bb.preprocessing.channels)) if finetune else jnp.zeros((1, image_feats.shape[1])))
+  if point:
+    dummy = jnp.zeros((1, *act_shape))
+  elif finetune:
+    dummy = jnp.zeros((1, bb.image_size, bb.image_size, bb.preprocessing.channels))
+  else:
+    dummy = jnp.zeros((1, image_feats.shape[1]))
   params = jax.jit(model.init)(jax.random.key(config.seed + 1), dummy, [jnp.zeros((1, x.shape[1])) for x in xs])
   params = jax.device_get(params["params"])
   params["ae"] = ae_params
   constants = {}
   if finetune:
-    params["backbone"] = bb.variables["params"]
-    constants = {k: {"backbone": v} for k, v in bb.variables.items() if k != "params"}
+    part = backbones.trained_part(bb, point, act_shape)
+    params["backbone"] = part["params"]
+    constants = {k: {"backbone": v} for k, v in part.items() if k != "params"}
   if hc.hash_init == "itq":  # config_checks: only with a linear hash layer (head_hidden=0)
     # Start the hash layer at ITQ's projection of the same features (scaled so tanh sees
     # unit-variance inputs); the KL loss then moves the codes towards the multisource clusters.
@@ -209,7 +231,7 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
       state = state.replace(extra={"p": targets(state.params)})
     return state
 
-  prep = (lambda x: bb.preprocessing(x, bb.module.dtype)) if finetune else (lambda x: x)
+  prep = features.frozen_input(bb, point) if finetune and acts is None else (lambda x: x)
 
   def loss_of(p, state, batch):
     srcs = [batch[f"x{s}"] for s in range(len(xs))]
@@ -222,7 +244,9 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
   logging.info("MrHash stage 2 (hashing, %s backbone): steps %d -> %d of %d, batch %d, %d bits",
                tc.mode, start, stop, total, gb, config.model.bits)
   arrays = {f"x{s}": x for s, x in enumerate(xs)}
-  if finetune:
+  if acts is not None:
+    batches = _activation_batches(acts, train_idx, arrays, gb, config.data.seed, start, stop)
+  elif finetune:
     batches = _image_batches(config, workdir, bb, view_table, train_idx, arrays, gb, start, stop)
   else:
     batches = _feature_batches({"f": image_feats, **arrays}, np.arange(n), gb, config.data.seed, start, stop)
@@ -237,6 +261,11 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
     h = mrhash.batched_apply(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)),
                              jnp.asarray(all_feats))
     return np.asarray(h), params
+  if acts is not None:  # view 0 of every example: the image as it is
+    codes = jax.jit(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)))
+    h = np.concatenate([np.asarray(codes(jnp.asarray(acts[i:i + config.eval.batch_size, 0])))
+                        for i in range(0, len(acts), config.eval.batch_size)])
+    return h, params
   rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
   fn = jax.jit(lambda v, images: model.apply(v, prep(images), method=lambda m, x: m.codes(x)),
                in_shardings=(rep, rows), out_shardings=rows)
@@ -301,8 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                  config=config.to_dict(), **report)
   evaluation.write_results(workdir, results)
   if not hc.baseline:
-    if "backbone" in params:  # fine-tuned
-      bb = dataclasses.replace(bb, variables={**bb.variables, "params": params["backbone"]})
+    if "backbone" in params:  # fine-tuned (all layers, or those from train.finetune_from on)
+      bb = backbones.with_trained(bb, params["backbone"])
     encoder.save_encoder(os.path.join(workdir, "encoder"), method="mrhash", bb=bb, head_params=params["hashnet"],
                          bits=config.model.bits, class_names=table.class_names, hidden=config.model.head_hidden,
                          feature_scale=scale, feature_norm=hc.feature_norm, degrade=view_table.degrade,

@@ -188,3 +188,40 @@ def test_train_step_same_on_1_and_8_devices():
   np.testing.assert_allclose(b1, b8, rtol=1e-5, atol=1e-7)
   for k in m1:
     np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5)
+
+
+@pytest.mark.parametrize("classes,bits", [(21, 32), (21, 64), (30, 16), (45, 48)])
+def test_hash_centers_are_far_apart(classes, bits):
+  """Hadamard rows (and negations) differ in K/2 or K bits; random codes are seeded."""
+  t = dhcnn.hash_centers(classes, bits, seed=3)
+  assert t.shape == (classes, bits) and set(np.unique(t)) == {-1.0, 1.0}
+  d = (bits - t @ t.T) / 2  # Hamming distances
+  off = d[~np.eye(classes, dtype=bool)]
+  if bits & (bits - 1) == 0 and 2 * bits >= classes:
+    assert set(np.unique(off)) <= {bits / 2, bits}
+  else:
+    assert off.min() > 0 and abs(off.mean() - bits / 2) < 0.1 * bits
+    np.testing.assert_array_equal(t, dhcnn.hash_centers(classes, bits, seed=3))
+
+
+def test_center_term_value_gradient_and_multilabel():
+  """center_weight adds w * mean_i ||t_{y_i} - u_i||^2 / K to the loss (numpy formula); a
+  multi-hot row takes sign(sum of its labels' targets), tied bits not counted; 0 adds nothing."""
+  u, logits, labels, rows, bank, bank_labels = _problem(2, c=3)
+  centers = dhcnn.hash_centers(3, 8)
+  kw = dict(eta=0.2, beta=25.0, theta_scale=0.5, gradient="autodiff", ce_to_classifier="scaled", num_classes=3)
+  args = [jnp.asarray(a) for a in (u, logits, labels, rows, bank, bank_labels)]
+  base = dhcnn.loss_fn(*args, **kw)
+  out = dhcnn.loss_fn(*args, **kw, centers=jnp.asarray(centers), center_weight=2.0)
+  want = np.mean(np.sum((centers[labels] - u) ** 2, axis=1) / 8)
+  np.testing.assert_allclose(float(out["center"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(out["loss"]), float(base["loss"]) + 2.0 * want, rtol=1e-5)
+  assert float(base["center"]) == 0.0
+  g = jax.grad(lambda uu: dhcnn.center_term(uu, jnp.asarray(labels), jnp.asarray(centers), jnp.ones(len(u))))(
+      jnp.asarray(u))
+  np.testing.assert_allclose(g, 2 * (u - centers[labels]) / (8 * len(u)), rtol=1e-5, atol=1e-7)
+  multi = np.array([[1, 1, 0], [0, 0, 1]])  # rows 0 and 1 of Hadamard(8) tie on half the bits
+  t = np.sign(multi @ centers)
+  got = dhcnn.center_term(jnp.asarray(u[:2]), jnp.asarray(multi), jnp.asarray(centers), jnp.ones(2))
+  assert (t[0] == 0).sum() == 4
+  np.testing.assert_allclose(float(got), np.mean(np.sum(np.abs(t) * (t - u[:2]) ** 2, axis=1) / 8), rtol=1e-5)

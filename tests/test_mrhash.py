@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from rshash_jax import baselines, datasets, mrhash, multisource, train_mrhash
+from rshash_jax import backbones, baselines, datasets, mrhash, multisource, train_mrhash
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import mrhash as mrhash_config  # noqa: E402
@@ -215,3 +216,26 @@ def test_validation_split_never_touches_the_test_part(tmp_path):
   c.data.validation = 1.0
   with pytest.raises(ValueError, match="config.data.validation=1.0"):
     train_mrhash.train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+def test_partial_finetune_from_cache_equals_without(tmp_path):
+  """train.finetune_from=conv2 trains conv2 and the hash network on tiny_cnn: from the
+  cached conv1 activations (4 dihedral views, data.augment off: view 0 only) or with conv1
+  run in every step, the same codes; conv1 stays as it was."""
+  from rshash_jax import encoder  # pylint: disable=g-import-not-at-top
+  res, params = {}, {}
+  for cache in ("yes", "no"):
+    c = mrhash_config.get_config("tiny,finetune")
+    c.train.finetune_from, c.train.finetune_cache, c.data.augment = "conv2", cache, False
+    c.mrhash.ae_epochs, c.train.epochs = 2, 2
+    res[cache] = train_mrhash.train_and_evaluate(c, str(tmp_path / cache))
+    params[cache] = encoder.load_encoder(str(tmp_path / cache / "encoder")).variables["params"]["backbone"]
+  assert os.listdir(tmp_path / "yes" / "cache") != os.listdir(tmp_path / "no" / "cache")  # the activation store
+  assert res["yes"]["map"] == pytest.approx(res["no"]["map"], abs=1e-6)
+  init = backbones.create("tiny_cnn", pretrained=False, image_size=c.model.image_size or None,
+                          seed=c.seed).variables["params"]
+  for name in ("conv1", "conv2"):
+    for cache in params:
+      same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init[name]), jax.tree.leaves(params[cache][name])))
+      assert same == (name == "conv1"), (cache, name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params["yes"][name], params["no"][name])

@@ -163,3 +163,63 @@ def test_train_batches_resume_mid_epoch(tmp_path):
   for a, b in zip(full[7:], tail):
     np.testing.assert_array_equal(a, b)
   assert jax.process_count() == 1
+
+
+def test_partial_finetune_with_cached_activations_equals_without(tmp_path):
+  """train.finetune_from=conv2 (tiny_cnn): conv1 frozen (the saved encoder keeps it as it
+  was), conv2 trained with the head; running conv1 once into the activation cache or in
+  every step trains the same model. (EfficientNet-Lite's split: test_backbones.)"""
+  from rshash_jax import backbones, encoder  # pylint: disable=g-import-not-at-top
+  runs = {cache: train.train_and_evaluate(_tiny(tmp_path, "mode=finetune", train__finetune_from="conv2",
+                                                train__finetune_cache=cache), str(tmp_path / cache))
+          for cache in ("yes", "no")}
+  assert runs["yes"]["activation_cache"] and not runs["no"]["activation_cache"]
+  assert runs["yes"]["finetune_from"] == "conv2"
+  np.testing.assert_allclose(runs["yes"]["map"], runs["no"]["map"], atol=1e-6)
+  store = [d for d in os.listdir(tmp_path / "yes" / "cache") if d.startswith("activations_")]
+  assert len(store) == 1  # one chunk store of the frozen layers' output
+  init = backbones.create("tiny_cnn", pretrained=False, seed=0).variables["params"]
+  got = {c: encoder.load_encoder(str(tmp_path / c / "encoder")).variables["params"]["backbone"] for c in runs}
+  for name in ("conv1", "conv2"):
+    for c in got:
+      same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init[name]), jax.tree.leaves(got[c][name])))
+      assert same == (name == "conv1"), (c, name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), got["yes"][name], got["no"][name])
+
+
+def test_cached_views_are_the_dihedral_views_of_each_image(tmp_path):
+  """train.cached_views=3 with data.augment: the store holds the frozen layers' output for the
+  first 3 dihedral views (as is, left-right flip, up-down flip) of every image."""
+  from rshash_jax import backbones, features  # pylint: disable=g-import-not-at-top
+  c = _tiny(tmp_path)
+  table = datasets.from_config(c.data, str(tmp_path))
+  bb = backbones.create("efficientnet_lite0", pretrained=False, image_size=32, seed=0)
+  acts = features.cached_activations(bb, table, str(tmp_path / "cache"), "blocks_3", views=3, batch_size=16)
+  assert acts.shape == (len(table), 3, *features.activation_shape(bb, "blocks_3"))
+  images = next(input_pipeline.eval_batches(input_pipeline.ImageSource(table, 32), np.arange(4), global_batch=4))
+  x = bb.preprocessing(images["image"])
+  for v, flip in enumerate((lambda a: a, lambda a: a[:, :, ::-1], lambda a: a[:, ::-1])):
+    want = bb.module.apply(bb.variables, flip(x), stop="blocks_3")["activation"]
+    np.testing.assert_allclose(acts[images["pos"], v], want, rtol=1e-4, atol=1e-5)
+  img = np.arange(12.0).reshape(1, 3, 4, 1)
+  seen = {features.dihedral(img, v).tobytes() + bytes(features.dihedral(img, v).shape[1:3]) for v in range(8)}
+  assert len(seen) == 8  # eight different views: the whole dihedral group
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(train__finetune_from="blocks_3"), "needs train.mode=finetune"),
+    (dict(train__mode="finetune", train__finetune_from="blocks_3", model__backbone="squeezenet"),
+     "needs a backbone with split points"),
+    (dict(train__mode="finetune", train__finetune_from="blocks_3"), "split point of tiny_cnn: conv2"),
+    (dict(train__mode="finetune", train__finetune_from="blocks_16", model__backbone="efficientnet_lite0"),
+     "blocks_0 .. blocks_15, head"),
+    (dict(train__mode="finetune", train__finetune_from="head", model__backbone="efficientnet_lite0",
+          train__cached_views=9), "train.cached_views=9"),
+    (dict(train__mode="finetune", train__finetune_from="head", model__backbone="efficientnet_lite0",
+          train__finetune_cache="maybe"), "train.finetune_cache='maybe'"),
+    (dict(dhcnn__center_weight=-1.0), "dhcnn.center_weight=-1.0"),
+])
+def test_partial_finetune_and_center_settings_are_checked(tmp_path, overrides, message):
+  from rshash_jax import config_checks, errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.InvalidInput, match=message.replace(".", r"\.").replace("(", r"\(")):
+    config_checks.check_dhcnn(_tiny(tmp_path, **overrides))

@@ -36,16 +36,22 @@ NAMES = ("vgg_f", "alexnet", "efficientnet_lite0", "efficientnet_lite1", "effici
 
 
 class TinyCNN(nn.Module):
-  """Two strided convolutions and a global pool: a stand-in backbone for tests."""
+  """Two strided convolutions and a global pool: a stand-in backbone for tests. One split
+  point, 'conv2' (start / stop as EfficientNetLite's)."""
   width: int = 32
   num_classes: int = 1000
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, start: str = "", stop: str = ""):
     del train
+    if {start, stop} - {"", "conv2"} or start == stop == "conv2":
+      raise ValueError(f"tiny_cnn splits at 'conv2' only, got start={start!r} stop={stop!r}")
     x = x.astype(self.dtype)
-    x = nn.relu(nn.Conv(self.width, (3, 3), (2, 2), dtype=self.dtype, name="conv1")(x))
+    if not start:
+      x = nn.relu(nn.Conv(self.width, (3, 3), (2, 2), dtype=self.dtype, name="conv1")(x))
+    if stop:
+      return {"activation": x}
     x = nn.relu(nn.Conv(2 * self.width, (3, 3), (2, 2), dtype=self.dtype, name="conv2")(x))
     features = jnp.mean(x, axis=(1, 2))
     return {"features": features, "logits": nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(features)}
@@ -64,6 +70,30 @@ class Backbone:
   @property
   def image_size(self) -> int:
     return self.preprocessing.size
+
+
+def split_points(name: str) -> Tuple[str, ...]:
+  """Where backbone `name` can be cut for partial fine-tuning (train.finetune_from): the
+  layers before a point run frozen, the point and what follows train. () where it cannot."""
+  if name.startswith("efficientnet_lite"):
+    return efficientnet_lite.split_points(name)
+  return ("conv2",) if name == "tiny_cnn" else ()
+
+
+def trained_part(bb: Backbone, start: str, activation_shape: Tuple[int, ...]) -> Dict[str, Dict[str, Any]]:
+  """bb's variables (per collection) of the layers from split point `start` on (all of
+  them for start ''); activation_shape: [h, w, c] of the activation at `start`."""
+  if not start:
+    return bb.variables
+  shapes = jax.eval_shape(lambda x: bb.module.init(jax.random.key(0), x, start=start),
+                          jax.ShapeDtypeStruct((1, *activation_shape), jnp.float32))
+  return {c: {k: bb.variables[c][k] for k in shapes.get(c, {})} for c in bb.variables}
+
+
+def with_trained(bb: Backbone, params: Dict[str, Any]) -> Backbone:
+  """bb with trained backbone parameters (all, or those of a partial fine-tuning) in place
+  of its own."""
+  return dataclasses.replace(bb, variables={**bb.variables, "params": {**bb.variables["params"], **params}})
 
 
 def build(name: str, *, image_size: Optional[int] = None, dtype: Any = jnp.float32,

@@ -222,19 +222,46 @@ class MBConv(nn.Module):
     return h
 
 
+def split_points(variant: str = "efficientnet_lite0") -> Tuple[str, ...]:
+  """Where the network can be cut (train.finetune_from): 'blocks_0' .. 'blocks_{n-1}', then
+  'head' (the final 1x1 convolution). Cutting at P runs every layer before P once, frozen,
+  and trains P and everything above it."""
+  width, depth = VARIANTS[variant][:2]
+  return tuple(f"blocks_{i}" for i in range(len(block_config(width, depth)))) + ("head",)
+
+
 class EfficientNetLite(nn.Module):
-  """Returns {'features': pooled [B, 1280], 'logits': [B, num_classes]}."""
+  """Returns {'features': pooled [B, 1280], 'logits': [B, num_classes]}.
+
+  start / stop (names from split_points, '' for the input / the output) run a part of the
+  network: stop=P returns {'activation': the input of P}; start=P takes that activation
+  as x and runs P and what follows. Parameter names do not depend on the part run, so a
+  part's variables are a subset of the whole network's."""
   variant: str = "efficientnet_lite0"
   num_classes: int = 1000
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, start: str = "", stop: str = ""):
     width, depth, _, dropout = VARIANTS[self.variant]
+    points = ("",) + split_points(self.variant)
+    for p in (start, stop):
+      if p not in points:
+        raise ValueError(f"{self.variant} has no split point {p!r}; choose one of {', '.join(points[1:])}")
+    first = points.index(start)
+    last = points.index(stop) if stop else len(points)
+    if stop and last <= first:
+      raise ValueError(f"stop={stop!r} must come after start={start!r}")
     x = x.astype(self.dtype)
-    x = _ConvBN(32, 3, 2, dtype=self.dtype, conv_name="conv_stem", bn_name="bn0", name="stem")(x)
+    if first == 0:
+      x = _ConvBN(32, 3, 2, dtype=self.dtype, conv_name="conv_stem", bn_name="bn0", name="stem")(x)
     for i, (k, s, e, cin, cout) in enumerate(block_config(width, depth)):
-      x = MBConv(k, s, e, cin, cout, dtype=self.dtype, name=f"blocks_{i}")(x)
+      if i + 1 == last:
+        return {"activation": x}
+      if i + 1 >= first:
+        x = MBConv(k, s, e, cin, cout, dtype=self.dtype, name=f"blocks_{i}")(x)
+    if last == len(points) - 1:
+      return {"activation": x}
     x = _ConvBN(FEATURE_DIM, 1, dtype=self.dtype, conv_name="conv_head", bn_name="bn1", name="head")(x)
     features = jnp.mean(x, axis=(1, 2))
     h = nn.Dropout(dropout, deterministic=not train)(features)
