@@ -50,8 +50,8 @@ class _Setup:
 
   @property
   def point(self) -> str:
-    """The split point of partial fine-tuning ('' otherwise)."""
-    return self.config.train.finetune_from if self.config.train.mode == "finetune" else ""
+    """The split point of partial fine-tuning ('' otherwise; config_checks: finetune mode only)."""
+    return self.config.train.finetune_from
 
   @property
   def cached(self):
@@ -79,13 +79,14 @@ def _setup(config, workdir: str) -> _Setup:
                                      batch_size=config.features.batch_size,
                                      resize_size=config.data.resize_size or None, threads=config.data.threads)
   acts, act_shape = None, ()
-  point = config.train.finetune_from if config.train.mode == "finetune" else ""
-  if point:
-    act_shape = features.activation_shape(bb, point)
+  point = config.train.finetune_from  # config_checks: finetune mode only
   if point and features.use_activation_cache(config.train):
     acts = features.cached_activations(bb, table, cache, point, views=features.views_to_cache(config),
                                        weights_path=mc.weights_path or None, batch_size=config.features.batch_size,
                                        resize_size=config.data.resize_size or None, threads=config.data.threads)
+    act_shape = acts.shape[2:]
+  elif point:
+    act_shape = features.activation_shape(bb, point)
   model = dhcnn.DHCNN(backbone=None if feats is not None else bb.module, bits=mc.bits,
                       num_classes=table.num_classes, hidden=mc.head_hidden, dropout=mc.dropout, dtype=dtype,
                       backbone_start=point)

@@ -170,14 +170,16 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
   hc, tc = config.mrhash, config.train
   image_feats = all_feats[train_idx]
   finetune = tc.mode == "finetune"
-  point = tc.finetune_from if finetune else ""  # partial fine-tuning, as DHCNN's (train.py)
-  act_shape = features.activation_shape(bb, point) if point else ()
-  cache_dir = config.features.cache_dir or os.path.join(workdir, "cache")
-  acts = None
+  point = tc.finetune_from  # partial fine-tuning, as DHCNN's (train.py); config_checks: finetune mode only
+  acts, act_shape = None, ()
   if point and features.use_activation_cache(tc):
-    acts = features.cached_activations(bb, view_table, cache_dir, point, views=features.views_to_cache(config),
+    acts = features.cached_activations(bb, view_table, config.features.cache_dir or os.path.join(workdir, "cache"),
+                                       point, views=features.views_to_cache(config),
                                        weights_path=config.model.weights_path or None,
                                        batch_size=config.features.batch_size, threads=config.data.threads)
+    act_shape = acts.shape[2:]
+  elif point:
+    act_shape = features.activation_shape(bb, point)
   model = mrhash.MrHash([x.shape[1] for x in xs], bits=config.model.bits, num_clusters=hc.num_clusters,
                         hidden=config.model.head_hidden, backbone=bb.module if finetune else None,
                         feature_norm=hc.feature_norm, feature_scale=scale, backbone_start=point)
@@ -263,9 +265,7 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
     return np.asarray(h), params
   if acts is not None:  # view 0 of every example: the image as it is
     codes = jax.jit(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)))
-    h = np.concatenate([np.asarray(codes(jnp.asarray(acts[i:i + config.eval.batch_size, 0])))
-                        for i in range(0, len(acts), config.eval.batch_size)])
-    return h, params
+    return np.asarray(mrhash.batched_apply(codes, acts[:, 0], batch=config.eval.batch_size)), params
   rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
   fn = jax.jit(lambda v, images: model.apply(v, prep(images), method=lambda m, x: m.codes(x)),
                in_shardings=(rep, rows), out_shardings=rows)
