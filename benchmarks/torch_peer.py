@@ -1,5 +1,5 @@
-"""PyTorch CPU peer for benchmarks/features.py and benchmarks/train_step.py: the same
-networks in PyTorch, run in a worker process of their own.
+"""PyTorch peer for benchmarks/features.py and benchmarks/train_step.py: the same
+networks in PyTorch, run in a worker process of their own, on the CPU or a CUDA GPU.
 
 torch is never a dependency of rshash_jax: install it only in the benchmark's environment,
 `pip install torch==2.13.0` (a CPU wheel here; other specs pull GBs of CUDA).
@@ -10,14 +10,17 @@ images/s alone and 10-11 interleaved with PyTorch in the same process). Here the
 and this worker take turns, one command at a time, the idle side blocked on a pipe.
 
 Protocol: one JSON command per line on stdin, one JSON answer per line on stdout.
-  {"cmd": "load", "model": "efficientnet_lite0" | "vgg_f", "weights": "state.npz", "classes": C, "bits": K}
+  {"cmd": "load", "model": "efficientnet_lite0" | "vgg_f", "weights": "state.npz", "classes": C, "bits": K,
+   "device": "cpu" | "cuda", "dtype": "float32" | "bfloat16"}
   {"cmd": "features", "input": "x.npy", "output": "y.npy", "layout": "nchw" | "channels_last"}
   {"cmd": "forward", "batch": B, "batches": N, "layout": ...}        -> {"seconds": s}
   {"cmd": "train", "batch": B, "steps": N, "layout": ..., "bank": N_train} -> {"seconds": [s, ...]}
 The weights file holds the rshash_jax variables under PyTorch names and layouts
 (`state_dict`), so both sides compute the same function; `features` lets the caller
 check that. Inputs are the backbone's normalised NCHW float32 tensors (no decoding here:
-PyTorch is timed on the network alone).
+PyTorch is timed on the network alone). On "cuda" the inputs are made on the GPU before
+the clock starts and every timed region ends with torch.cuda.synchronize(); "bfloat16"
+runs forward and train under torch.autocast (float32 weights and optimiser, as ours).
 """
 
 import json
@@ -140,6 +143,18 @@ def _build(cmd):
   return DHCNN(backbone, cmd.get("bits", 64), cmd.get("classes", 21))
 
 
+_RUN = {"device": "cpu", "dtype": "float32"}
+
+
+def _sync():
+  if _RUN["device"] == "cuda":
+    torch.cuda.synchronize()
+
+
+def _autocast():
+  return torch.autocast(_RUN["device"], dtype=torch.bfloat16, enabled=_RUN["dtype"] == "bfloat16")
+
+
 def _layout(model, x, layout):
   if layout == "channels_last":
     return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -157,10 +172,11 @@ def _frozen_batch_norm(model):
 
 def _train(model, cmd):
   b, n_bank, steps = cmd["batch"], cmd["bank"], cmd["steps"]
+  dev = _RUN["device"]
   classes = model.classifier.out_features
   g = torch.Generator().manual_seed(0)
-  bank = torch.zeros(n_bank, model.hash.out_features)
-  bank_labels = torch.randint(0, classes, (n_bank,), generator=g)
+  bank = torch.zeros(n_bank, model.hash.out_features, device=dev)
+  bank_labels = torch.randint(0, classes, (n_bank,), generator=g).to(dev)
   opt = torch.optim.Adam(model.parameters(), lr=1e-5)
   size = 224
   _frozen_batch_norm(model)
@@ -168,12 +184,15 @@ def _train(model, cmd):
   model = model.to(memory_format=fmt)  # once: the timed step converts only its input
   times = []
   for _ in range(steps):
-    rows = torch.randperm(n_bank, generator=g)[:b]
-    pixels = torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g)
+    rows = torch.randperm(n_bank, generator=g)[:b].to(dev)
+    pixels = torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g).to(dev)
+    _sync()
     t = time.perf_counter()
     # The step as rshash_jax's: uint8 NHWC pixels in, preprocessing inside the step.
     x = pixels.permute(0, 3, 1, 2).float().sub_(127.0).div_(128.0)
-    u, logits = model(x.contiguous(memory_format=fmt))
+    with _autocast():
+      u, logits = model(x.contiguous(memory_format=fmt))
+    u, logits = u.float(), logits.float()
     y = bank_labels[rows]
     bank[rows] = u.detach()
     theta = 0.5 * u @ bank.T
@@ -184,6 +203,7 @@ def _train(model, cmd):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    _sync()
     times.append(time.perf_counter() - t)
   return times
 
@@ -196,24 +216,28 @@ def main():
     cmd = json.loads(line)
     try:
       if cmd["cmd"] == "load":
-        model = _build(cmd)
-        out = {"ok": True}
-      elif cmd["cmd"] == "features":
-        x = torch.from_numpy(np.load(cmd["input"]))
+        _RUN.update(device=cmd.get("device", "cpu"), dtype=cmd.get("dtype", "float32"))
+        model = _build(cmd).to(_RUN["device"])
+        out = {"ok": True, "device": torch.cuda.get_device_name() if _RUN["device"] == "cuda" else "cpu"}
+      elif cmd["cmd"] == "features":  # float32 always: this is the same-function check
+        x = torch.from_numpy(np.load(cmd["input"])).to(_RUN["device"])
         model.eval()
         with torch.no_grad():
           m, x = _layout(model, x, cmd.get("layout", "nchw"))
-          np.save(cmd["output"], m.backbone.features(x).numpy())
+          np.save(cmd["output"], m.backbone.features(x).float().cpu().numpy())
         out = {"ok": True}
       elif cmd["cmd"] == "forward":
-        x = torch.randn(cmd["batch"], 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(cmd["batch"], 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(_RUN["device"])
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast():
           m, x = _layout(model, x, cmd["layout"])
-          m.backbone.features(x)  # warm-up (oneDNN primitive creation)
+          for _ in range(2):  # warm-up (oneDNN primitives, cuDNN algorithm choice)
+            m.backbone.features(x)
+          _sync()
           t = time.perf_counter()
           for _ in range(cmd["batches"]):
             m.backbone.features(x)
+          _sync()
           out = {"seconds": time.perf_counter() - t}
       elif cmd["cmd"] == "train":
         out = {"seconds": _train(model, cmd)}

@@ -3,8 +3,12 @@
     pip install torch==2.13.0          # the benchmark's environment only (a CPU wheel here)
     python benchmarks/train_step.py --backbone=efficientnet_lite0 --batch=32
     python benchmarks/train_step.py --backbone=vgg_f --batch=32
+    # On a GPU (the peer then runs on the same GPU; bf16 compute on both sides), with the
+    # forward pass (features, network alone) timed too and MFU printed:
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 python benchmarks/train_step.py --backbone=vgg_f \
+        --batch=256 --steps=5 --pairs=3 --forward_batches=10 --dtype=bfloat16
 
-Ours is the real step of `configs/dhcnn.py:local,finetune` (train.make_train_step:
+Ours is the real step of `configs/dhcnn.py:local,finetune` (dhcnn_step.make_train_step:
 uint8 pixels in, preprocessing, backbone, hash layer, classifier, pairwise loss over the
 memory bank, quantisation, cross entropy, Adam; batch norm on stored statistics). The
 peer (benchmarks/torch_peer.py, in its own process) runs the same network, loss and
@@ -13,7 +17,11 @@ channels_last) and the faster is the peer. Both sides use every core. Each pair 
 `--steps` steps of ours, then of PyTorch's (median step each); the ratio is PyTorch's
 step time over ours (> 1: we are faster), and the last line gives the median of
 `--pairs` ratios with their range. VGG-F and the untrained hash head start from random
-weights; Lite0 from ImageNet weights when the `weights` extra is installed.
+weights; Lite0 from ImageNet weights when the `weights` extra is installed. Batches are on
+the device before the clock starts, on both sides. MFU: model FLOPs (convolutions and
+matrix products of the forward's jaxpr, x3 per step) over the chip's dense bf16 peak and
+over a bf16 matrix product measured in the run. Measured on an H100 (README): VGG-F 3.24x
+PyTorch, MFU 13%; Lite0 1.71x, MFU 2%.
 
 Where our step's time goes, and what was changed (EfficientNet-Lite0, batch 32, 2-core
 AVX2 EPYC, XLA:CPU profile of the step; the library's matrix kernels are YNNPACK's):
@@ -32,6 +40,7 @@ AVX2 EPYC, XLA:CPU profile of the step; the library's matrix kernels are YNNPACK
 """
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -42,8 +51,61 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _peer  # noqa: E402
-from rshash_jax import backbones, dhcnn, sharding, train, train_state  # noqa: E402
+from rshash_jax import backbones, dhcnn, dhcnn_step, sharding, train_state  # noqa: E402
 from configs import dhcnn as dhcnn_config  # noqa: E402
+
+
+# Dense bf16 peak of the chips we are lent (datasheet, FLOP/s); MFU is also printed
+# against a bf16 matrix product measured in the same run.
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
+
+
+def _jaxpr_matmul_flops(jaxpr) -> float:
+  """2 x multiply-adds of every convolution and matrix product in a jaxpr (sub-jaxprs
+  included): the FLOPs that MFU counts. Elementwise work is left out, as usual."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      lhs, rhs = (v.aval for v in eqn.invars)
+      out = eqn.outvars[0].aval
+      dn = eqn.params["dimension_numbers"]
+      kernel_in = rhs.shape[dn.rhs_spec[1]]  # input features per group
+      window = np.prod([rhs.shape[d] for d in dn.rhs_spec[2:]])
+      total += 2.0 * np.prod(out.shape) * kernel_in * window
+    elif eqn.primitive.name == "dot_general":
+      (lc, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs.shape[d] for d in lc])
+    for v in eqn.params.values():
+      for j in (v if isinstance(v, (tuple, list)) else (v,)):
+        if isinstance(j, jax.extend.core.ClosedJaxpr):
+          total += _jaxpr_matmul_flops(j.jaxpr)
+        elif isinstance(j, jax.extend.core.Jaxpr):
+          total += _jaxpr_matmul_flops(j)
+  return total
+
+
+def model_flops_per_image(model, variables, size: int) -> float:
+  """Forward FLOPs of backbone + hash head for one image: convolutions and matrix products
+  counted from the forward's jaxpr, the same on every platform (XLA's cost analysis on GPU
+  misses the cuDNN convolutions). A train step counts 3x this per image (forward, and the
+  two products of each layer's backward pass)."""
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  return _jaxpr_matmul_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x).jaxpr)
+
+
+def matmul_flops_per_s(n: int = 8192, reps: int = 10) -> float:
+  """A bf16 [n, n] x [n, n] product on the default device, best of 3 runs of `reps`."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+  fn = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: (a + c[0, 0]) @ b, a))
+  fn(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(3):
+    t = time.perf_counter()
+    fn(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 * reps / best
 
 
 def our_step(bb, batch: int, bits: int, classes: int, bank: int):
@@ -54,27 +116,50 @@ def our_step(bb, batch: int, bits: int, classes: int, bank: int):
   tx = train_state.make_optimizer(config.train, max(1, bank // batch))
   size = bb.image_size
   head = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3)))["params"]["head"])(jax.random.key(0))
-  params = {"head": head, "backbone": bb.variables["params"]}
-  constants = {k: {"backbone": v} for k, v in bb.variables.items() if k != "params"}
+  own = jax.tree.map(jnp.array, bb.variables)  # copies: the step donates the state's buffers
+  params = {"head": head, "backbone": own["params"]}
+  constants = {k: {"backbone": v} for k, v in own.items() if k != "params"}
   state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                  constants=constants, extra={"bank": jnp.zeros((bank, bits), jnp.float32)})
   rng = np.random.default_rng(0)
   labels = rng.integers(0, classes, bank)
-  step = train.make_train_step(model, tx, config, jnp.asarray(labels), sharding.data_mesh(),
-                               preprocess=lambda x: bb.preprocessing(x, bb.module.dtype))
+  mesh = sharding.data_mesh()
+  step = dhcnn_step.make_train_step(model, tx, config, jnp.asarray(labels), mesh,
+                                    preprocess=lambda x: bb.preprocessing(x, bb.module.dtype))
   key = jax.random.key_data(jax.random.key(0))
   box = {"state": state}
+  # A few batches placed on the devices before the clock starts (as the peer's are).
+  pool = []
+  for _ in range(4):
+    rows = rng.choice(bank, batch, replace=False)
+    b = {"x": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "label": labels[rows], "row": rows}
+    pool.append(jax.device_put(b, sharding.sharded_rows(mesh)))
 
   def run(steps: int):
     times = []
-    for _ in range(steps):
-      rows = rng.choice(bank, batch, replace=False)
-      b = {"x": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "label": labels[rows], "row": rows}
+    for i in range(steps):
       t = time.perf_counter()
-      box["state"], metrics = step(box["state"], b, key)
+      box["state"], metrics = step(box["state"], pool[i % len(pool)], key)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t)
     return times
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": params, **constants})
+  return run, model, shapes  # shapes only: the step donates the state's buffers
+
+
+def our_forward(bb, batch: int):
+  """Backbone features of a batch of normalised images already on the device: the network
+  alone, as the peer's `forward` command."""
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (batch, bb.image_size, bb.image_size, 3)))
+  fn = jax.jit(lambda v, x: bb.module.apply(v, x)["features"])
+  fn(bb.variables, x).block_until_ready()
+
+  def run(batches: int):
+    t = time.perf_counter()
+    for _ in range(batches):
+      out = fn(bb.variables, x)
+    out.block_until_ready()
+    return time.perf_counter() - t
   return run
 
 
@@ -87,40 +172,88 @@ def main():
   p.add_argument("--bits", type=int, default=64)
   p.add_argument("--classes", type=int, default=21)
   p.add_argument("--bank", type=int, default=1680, help="training-set size (memory bank rows)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype of both sides (parameters and optimiser stay float32)")
+  p.add_argument("--depthwise", default="auto", choices=("auto", "taps", "conv"),
+                 help="EfficientNet-Lite's depthwise implementation (efficientnet_lite.depthwise_impl)")
+  p.add_argument("--forward_batches", type=int, default=0,
+                 help="> 0: also time this many forward batches (features, the network alone) per side")
+  p.add_argument("--peer", default="torch", choices=("torch", "none"))
   args = p.parse_args()
 
+  platform = jax.default_backend()
   pretrained = args.backbone == "efficientnet_lite0" and _peer.have_lite0_weights()
-  bb = backbones.create(args.backbone, pretrained=pretrained, seed=0)
-  peer = _peer.Peer(threads=os.cpu_count())
-  peer.load(args.backbone, bb.variables, bits=args.bits, classes=args.classes)
-  print(f"backbone={args.backbone} pretrained={pretrained} batch={args.batch} jax={jax.__version__} "
-        f"devices={jax.device_count()} torch={peer.info['torch']} torch_threads={peer.info['threads']}")
-  print(f"same network: max |features ours - PyTorch| / max |features| = {_peer.check_same_function(peer, bb):.1e}")
+  bb = backbones.create(args.backbone, pretrained=pretrained, seed=0, dtype=jnp.dtype(args.dtype))
+  if args.backbone.startswith("efficientnet"):
+    bb = dataclasses.replace(bb, module=bb.module.clone(depthwise=args.depthwise))
+  peer = None
+  if args.peer == "torch":
+    peer = _peer.Peer(threads=os.cpu_count())
+    loaded = peer.load(args.backbone, bb.variables, bits=args.bits, classes=args.classes,
+                       device="cuda" if platform == "gpu" else "cpu", dtype=args.dtype)
+  kind = jax.devices()[0].device_kind
+  print(f"backbone={args.backbone} pretrained={pretrained} batch={args.batch} dtype={args.dtype} "
+        f"jax={jax.__version__} devices={jax.device_count()} ({platform}: {kind}) "
+        + (f"torch={peer.info['torch']} on {loaded['device']} torch_threads={peer.info['threads']}" if peer else
+           "no peer"))
+  if peer:
+    print(f"same network: max |features ours - PyTorch| / max |features| = {_peer.check_same_function(peer, bb):.1e}"
+          " (ours in the run's dtype, PyTorch float32)")
 
-  ours = our_step(bb, args.batch, args.bits, args.classes, args.bank)
+  ours, model, variables = our_step(bb, args.batch, args.bits, args.classes, args.bank)
+  counted = model  # depthwise layers counted as the grouped convolutions they are, whatever runs them
+  if args.backbone.startswith("efficientnet"):
+    counted = model.clone(backbone=bb.module.clone(depthwise="conv"))
+  flops_step = 3 * args.batch * model_flops_per_image(counted, variables, bb.image_size)
   t = time.perf_counter()
   ours(2)  # compile + the first, slower step
   print(f"ours: compile + 2 steps {time.perf_counter() - t:.1f} s")
-  layouts = {}
-  for layout in ("nchw", "channels_last"):
-    s = peer.ask(cmd="train", batch=args.batch, steps=args.steps + 1, layout=layout, bank=args.bank)["seconds"]
-    layouts[layout] = float(np.median(s[1:]))
-  layout = min(layouts, key=layouts.get)
-  print("PyTorch layouts, images/s: " + ", ".join(f"{k} {args.batch / v:.2f}" for k, v in layouts.items())
-        + f" -> peer: {layout}")
+  peak = next((v for k, v in PEAK_BF16.items() if k in kind), None) if platform == "gpu" else None
+  ceiling = matmul_flops_per_s() if platform == "gpu" else None
+  layout = "nchw"
+  if peer:
+    layouts = {}
+    for layout in ("nchw", "channels_last"):
+      s = peer.ask(cmd="train", batch=args.batch, steps=args.steps + 1, layout=layout, bank=args.bank)["seconds"]
+      layouts[layout] = float(np.median(s[1:]))
+    layout = min(layouts, key=layouts.get)
+    print("PyTorch layouts, images/s: " + ", ".join(f"{k} {args.batch / v:.2f}" for k, v in layouts.items())
+          + f" -> peer: {layout}")
   ratios, ours_rate, theirs_rate = [], [], []
   for i in range(args.pairs):
     a = float(np.median(ours(args.steps)))
-    b = float(np.median(peer.ask(cmd="train", batch=args.batch, steps=args.steps, layout=layout,
-                                 bank=args.bank)["seconds"]))
-    ratios.append(b / a)
     ours_rate.append(args.batch / a)
-    theirs_rate.append(args.batch / b)
-    print(f"pair {i}: ours {args.batch / a:.2f} images/s, PyTorch {args.batch / b:.2f} images/s, ratio {b / a:.2f}")
-  peer.close()
-  print(f"{args.backbone} batch {args.batch}: ours {np.median(ours_rate):.2f} images/s, PyTorch "
-        f"{np.median(theirs_rate):.2f} images/s ({layout}); ratio median {np.median(ratios):.2f} "
-        f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs)")
+    line = f"pair {i}: ours {args.batch / a:.2f} images/s"
+    if peer:
+      b = float(np.median(peer.ask(cmd="train", batch=args.batch, steps=args.steps, layout=layout,
+                                   bank=args.bank)["seconds"]))
+      ratios.append(b / a)
+      theirs_rate.append(args.batch / b)
+      line += f", PyTorch {args.batch / b:.2f} images/s, ratio {b / a:.2f}"
+    print(line)
+  step_s = args.batch / float(np.median(ours_rate))
+  print(f"model FLOPs per step {flops_step / 1e9:.1f} G (3 x forward x batch): {flops_step / step_s / 1e12:.2f} "
+        "TFLOP/s" + (f", MFU {100 * flops_step / step_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 peak"
+                     if peak else "")
+        + (f", {100 * flops_step / step_s / ceiling:.1f}% of a measured bf16 matmul ({ceiling / 1e12:.0f} TFLOP/s)"
+           if ceiling else ""))
+  if args.forward_batches:
+    fwd = our_forward(bb, args.batch)
+    f_ours, f_theirs = [], []
+    for _ in range(args.pairs):
+      f_ours.append(args.batch * args.forward_batches / fwd(args.forward_batches))
+      if peer:
+        sec = peer.ask(cmd="forward", batch=args.batch, batches=args.forward_batches, layout=layout)["seconds"]
+        f_theirs.append(args.batch * args.forward_batches / sec)
+    fr = np.asarray(f_ours) / np.asarray(f_theirs) if peer else None
+    print(f"forward (features, network alone): ours {np.median(f_ours):.1f} images/s"
+          + (f", PyTorch {np.median(f_theirs):.1f} images/s, ratio median {np.median(fr):.2f} "
+             f"(min {fr.min():.2f}, max {fr.max():.2f})" if peer else ""))
+  if peer:
+    peer.close()
+    print(f"{args.backbone} batch {args.batch} {args.dtype}: ours {np.median(ours_rate):.2f} images/s, PyTorch "
+          f"{np.median(theirs_rate):.2f} images/s ({layout}); ratio median {np.median(ratios):.2f} "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs)")
 
 
 if __name__ == "__main__":

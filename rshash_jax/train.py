@@ -30,8 +30,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from rshash_jax import (backbones, config_checks, datasets, dhcnn, distributed, encoder, errors, evaluation,
-                        features, input_pipeline, loop, sharding, train_state)
+from rshash_jax import (backbones, config_checks, datasets, dhcnn, dhcnn_step, distributed, encoder, errors,
+                        evaluation, features, input_pipeline, loop, sharding, train_state)
 
 
 @dataclasses.dataclass
@@ -122,40 +122,6 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
   extra = {"bank": jnp.zeros((n_train, config.model.bits), jnp.float32)}
   return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                 constants=constants, extra=extra)
-
-
-def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preprocess=None):
-  """The jitted data-parallel step: (state, batch) -> (state, metrics).
-
-  preprocess: uint8 images -> backbone input (finetune mode); None for features."""
-  dc = config.dhcnn
-  ce_scale = dhcnn.ce_grad_scale(dc.eta, dc.ce_to_classifier)
-  centers = jnp.asarray(dhcnn.hash_centers(model.num_classes, model.bits, config.seed)) if dc.center_weight else None
-  rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
-
-  def step(state, batch, rng):
-    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # raw key data (placeable on any mesh)
-      rng = jax.random.wrap_key_data(rng)
-
-    def loss_of(params):
-      variables = {"params": params, **state.constants}
-      x = batch["x"] if preprocess is None else preprocess(batch["x"])
-      u, logits = model.apply(variables, x, train=True, ce_grad_scale=ce_scale,
-                              rngs={"dropout": jax.random.fold_in(rng, state.step)})
-      out = dhcnn.loss_fn(u, logits, batch["label"], batch["row"], state.extra["bank"], bank_labels,
-                          eta=dc.eta, beta=dc.beta, theta_scale=dc.theta_scale, gradient=dc.gradient,
-                          ce_to_classifier=dc.ce_to_classifier, num_classes=model.num_classes,
-                          centers=centers, center_weight=dc.center_weight)
-      return out["loss"], out
-    grads, out = jax.grad(loss_of, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra={"bank": out["bank"]})
-    metrics = {k: out[k] for k in ("reported", "pairwise", "quant", "ce", "center")}
-    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    return new, metrics
-
-  return jax.jit(step, in_shardings=(rep, rows, rep), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
 def _batches(s: _Setup, global_batch: int, start: int, total: int):
@@ -278,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   state = distributed.replicate(_init_state(s, tx), s.mesh)
   state = train_state.restore_or_keep(mngr, state)
   bank_labels = distributed.replicate(s.table.labels[s.train_idx], s.mesh)
-  step_fn = make_train_step(s.model, tx, config, bank_labels, s.mesh, preprocess=_preprocess(s))
+  step_fn = dhcnn_step.make_train_step(s.model, tx, config, bank_labels, s.mesh, preprocess=_preprocess(s))
   rng = distributed.replicate(jax.random.key_data(jax.random.key(config.seed)), s.mesh)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -4,6 +4,7 @@ import collections
 import importlib.util
 import os
 import pickle
+import re
 
 import jax
 import jax.numpy as jnp
@@ -367,6 +368,33 @@ def test_depthwise_conv_gradients_match_grouped_conv(k, stride, size):
   ours = lambda x, w: jnp.sum(jnp.sin(efficientnet_lite.depthwise_conv_same(x, w, stride)))
   for a, b in zip(jax.grad(ours, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,stride", [(5, 2), (3, 1)])
+def test_depthwise_impls_give_the_same_block(k, stride):
+  """EfficientNet-Lite's depthwise layers as shifted sums (CPU) or grouped convolutions
+  (accelerators): same parameters, values and gradients of an inverted-residual block, and
+  the network's `depthwise` field reaches all 16 of Lite0's depthwise layers."""
+  assert efficientnet_lite.depthwise_impl("auto") == ("taps" if jax.default_backend() == "cpu" else "conv")
+  with pytest.raises(ValueError, match="'fast'"):
+    efficientnet_lite.depthwise_impl("fast")
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 9, 8)), jnp.float32)
+  taps = efficientnet_lite.MBConv(k, stride, 6, 8, 8, depthwise="taps")
+  conv = taps.clone(depthwise="conv")
+  v = taps.init(jax.random.key(0), x)
+  assert jax.tree.map(np.shape, conv.init(jax.random.key(0), x)) == jax.tree.map(np.shape, v)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply({**v, "params": p}, x)))
+  np.testing.assert_allclose(loss(taps)(v["params"], x), loss(conv)(v["params"], x), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(taps), argnums=(0, 1))(v["params"], x)),
+                  jax.tree.leaves(jax.grad(loss(conv), argnums=(0, 1))(v["params"], x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+  def grouped_convs(impl):
+    net = efficientnet_lite.EfficientNetLite(num_classes=3, depthwise=impl)
+    img = jnp.zeros((1, 32, 32, 3))
+    jaxpr = str(jax.make_jaxpr(lambda v: net.apply(v, img))(jax.eval_shape(net.init, jax.random.key(0), img)))
+    return sum(int(g) > 1 for g in re.findall(r"feature_group_count=(\d+)", jaxpr))
+  assert (grouped_convs("conv"), grouped_convs("taps")) == (16, 0)
 
 
 @pytest.mark.parametrize("window", [(6, 6, 5), None])

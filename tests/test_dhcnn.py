@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rshash_jax import dhcnn, sharding, train, train_state
+from rshash_jax import dhcnn, dhcnn_step, sharding, train_state
 
 import sys, os  # noqa: E401
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -178,7 +178,7 @@ def test_train_step_same_on_1_and_8_devices():
     state = train_state.TrainState(step=np.zeros((), np.int32), params=params, opt_state=jax.device_get(tx.init(params)),
                                    constants={}, extra={"bank": bank})
     state = jax.device_put(state, sharding.replicated(mesh))
-    step = train.make_train_step(model, tx, c, jax.device_put(bank_labels, sharding.replicated(mesh)), mesh)
+    step = dhcnn_step.make_train_step(model, tx, c, jax.device_put(bank_labels, sharding.replicated(mesh)), mesh)
     gbatch = {k: jax.device_put(v, sharding.sharded_rows(mesh)) for k, v in batch.items()}
     for _ in range(3):
       state, metrics = step(state, gbatch, jax.random.key(0))

@@ -146,17 +146,36 @@ def _depthwise_bwd(stride, res, g):
 depthwise_conv_same.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+DEPTHWISE_IMPLS = ("auto", "taps", "conv")
+
+
+def depthwise_impl(impl: str) -> str:
+  """'auto' -> 'taps' (depthwise_conv_same) on CPU, 'conv' (the grouped convolution,
+  cuDNN's on GPUs) on accelerators, where the grouped convolution is the fast one."""
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(f"depthwise impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "taps" if jax.default_backend() == "cpu" else "conv"
+  return impl
+
+
 class DepthwiseConv(nn.Module):
-  """Depthwise kxk conv without bias; param 'kernel' [k, k, 1, C] like nn.Conv's."""
+  """Depthwise kxk conv without bias; param 'kernel' [k, k, 1, C] like nn.Conv's.
+  impl: see depthwise_impl (both compute the same function; a test pins them)."""
   kernel_size: int
   stride: int = 1
   dtype: Any = jnp.float32
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, 1, c))
-    return depthwise_conv_same(x, kernel.astype(self.dtype), self.stride)
+    kernel = kernel.astype(self.dtype)
+    if depthwise_impl(self.impl) == "taps":
+      return depthwise_conv_same(x, kernel, self.stride)
+    return lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "SAME",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
 
 
 class PointwiseConv(nn.Module):
@@ -185,11 +204,12 @@ class _ConvBN(nn.Module):
   dtype: Any = jnp.float32
   conv_name: str = "conv"
   bn_name: str = "bn"
+  depthwise: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     if self.groups > 1:  # depthwise
-      x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name=self.conv_name)(x)
+      x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, impl=self.depthwise, name=self.conv_name)(x)
     elif self.kernel == 1 and self.stride == 1:
       x = PointwiseConv(self.features, dtype=self.dtype, name=self.conv_name)(x)
     else:
@@ -207,6 +227,7 @@ class MBConv(nn.Module):
   cin: int
   cout: int
   dtype: Any = jnp.float32
+  depthwise: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -214,8 +235,8 @@ class MBConv(nn.Module):
     mid = self.cin * self.expand
     if self.expand != 1:
       h = _ConvBN(mid, 1, dtype=self.dtype, conv_name="expand_conv", bn_name="bn0", name="expand")(h)
-    h = _ConvBN(mid, self.kernel, self.stride, groups=mid, dtype=self.dtype,
-                conv_name="depthwise_conv", bn_name="bn1", name="depthwise")(h)
+    h = _ConvBN(mid, self.kernel, self.stride, groups=mid, dtype=self.dtype, conv_name="depthwise_conv",
+                bn_name="bn1", depthwise=self.depthwise, name="depthwise")(h)
     h = _ConvBN(self.cout, 1, act=False, dtype=self.dtype, conv_name="project_conv", bn_name="bn2", name="project")(h)
     if self.stride == 1 and self.cin == self.cout:
       h = h + x
@@ -236,10 +257,12 @@ class EfficientNetLite(nn.Module):
   start / stop (names from split_points, '' for the input / the output) run a part of the
   network: stop=P returns {'activation': the input of P}; start=P takes that activation
   as x and runs P and what follows. Parameter names do not depend on the part run, so a
-  part's variables are a subset of the whole network's."""
+  part's variables are a subset of the whole network's. depthwise: the depthwise
+  convolutions' implementation (depthwise_impl), not a parameter of the function."""
   variant: str = "efficientnet_lite0"
   num_classes: int = 1000
   dtype: Any = jnp.float32
+  depthwise: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False, start: str = "", stop: str = ""):
@@ -259,7 +282,7 @@ class EfficientNetLite(nn.Module):
       if i + 1 == last:
         return {"activation": x}
       if i + 1 >= first:
-        x = MBConv(k, s, e, cin, cout, dtype=self.dtype, name=f"blocks_{i}")(x)
+        x = MBConv(k, s, e, cin, cout, dtype=self.dtype, depthwise=self.depthwise, name=f"blocks_{i}")(x)
     if last == len(points) - 1:
       return {"activation": x}
     x = _ConvBN(FEATURE_DIM, 1, dtype=self.dtype, conv_name="conv_head", bn_name="bn1", name="head")(x)
