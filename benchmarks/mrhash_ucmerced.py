@@ -14,6 +14,16 @@ reported separately).
 To choose settings without the test queries, --validation=0.25 splits the training part
 again (1260 database / 420 queries) and evaluates there, e.g.
     python benchmarks/mrhash_ucmerced.py --validation=0.25 --methods=MrHash-multisource --clusters=16
+
+The objective options (issue 13), declared here before any of their runs: --objective
+names one of OBJECTIVES (mrhash.stage2_loss's weights; MrHash methods only). Protocol:
+every entry on validation, seeds 0, 1, 2, 32 and 64 bits, beside ITQ on the same split:
+    python benchmarks/mrhash_ucmerced.py --validation=0.25 --objective=NAME \
+        --methods=MrHash-multisource[,ITQ]
+The entry with the highest validation mAP@100, averaged over both code lengths and the
+seeds, becomes configs/mrhash.py's `best` preset (ties: the simpler, fewer terms); only
+then is the test split read, once, for it, ITQ, LSH and its unisource ablation:
+    python benchmarks/mrhash_ucmerced.py --objective=NAME
 """
 
 import argparse
@@ -31,6 +41,14 @@ from absl import logging  # noqa: E402
 import mrhash as mrhash_config  # noqa: E402  (configs/mrhash.py)
 from rshash_jax import input_pipeline, train_mrhash  # noqa: E402
 
+OBJECTIVES = {
+    "paper": {},  # KL + KL + reconstruction, as the paper
+    "pair0.3": {"pair_weight": 0.3},
+    "pair1": {"pair_weight": 1.0},
+    "pair3": {"pair_weight": 3.0},
+    "quant_balance": {"quant_weight": 0.1, "balance_weight": 0.1},
+    "pair1_quant_balance": {"pair_weight": 1.0, "quant_weight": 0.1, "balance_weight": 0.1},
+}
 METHODS = (("LSH", "lsh"), ("ITQ", "itq"), ("MrHash-unisource", "unisource"), ("MrHash-multisource", ""))
 
 
@@ -47,6 +65,8 @@ def main():
   p.add_argument("--seeds", default="0,1,2", help="model seeds (init, k-means, LSH/ITQ); the split is fixed")
   p.add_argument("--methods", default=",".join(m for m, _ in METHODS), help="subset of " +
                  ", ".join(m for m, _ in METHODS))
+  p.add_argument("--objective", default="paper", choices=tuple(OBJECTIVES),
+                 help="MrHash objective options (OBJECTIVES; declared before their runs)")
   p.add_argument("--validation", type=float, default=0.0,
                  help="> 0: evaluate on this share of the training part (for choosing settings; test unused)")
   args = p.parse_args()
@@ -69,11 +89,14 @@ def main():
         c.mrhash.num_clusters = args.clusters or c.mrhash.num_clusters
         c.mrhash.feature_norm = args.feature_norm or c.mrhash.feature_norm
         c.model.head_hidden = args.hidden if args.hidden >= 0 else c.model.head_hidden
+        if preset not in ("lsh", "itq"):
+          for key, value in OBJECTIVES[args.objective].items():
+            c.mrhash[key] = value
         c.data.validation = args.validation
         c.features.cache_dir = cache
         c.eval.map_at_r = args.r
         c.seed = seed
-        workdir = os.path.join(args.workdir, f"{preset or 'mrhash'}_{bits}_seed{seed}")
+        workdir = os.path.join(args.workdir, f"{preset or 'mrhash'}_{args.objective}_{bits}_seed{seed}")
         shutil.rmtree(workdir, ignore_errors=True)  # never resume a run made with other settings
         res = train_mrhash.train_and_evaluate(c, workdir)
         runs.setdefault((label, bits), []).append((res["map_at_r"], res["map"], res["train_seconds"]))
@@ -81,7 +104,8 @@ def main():
               f"train {res['train_seconds']:.1f}s", flush=True)
   print(f"\ntotal wall time {time.perf_counter() - t_all:.0f}s (includes one-off feature extraction)")
   print(f"mean +- std over seeds {args.seeds}; {c.mrhash.num_clusters} clusters, hidden {c.model.head_hidden}, "
-        f"feature_norm={c.mrhash.feature_norm}, evaluated on the "
+        f"feature_norm={c.mrhash.feature_norm}, objective {args.objective} {OBJECTIVES[args.objective]}, "
+        "evaluated on the "
         f"{'validation part of the training split' if args.validation else 'test split'}")
   print(f"| method | bits | mAP@{args.r} | mAP | train s |")
   print("|---|---|---|---|---|")

@@ -21,7 +21,10 @@ Commands:
   python -m rshash_jax.main --config=configs/mrhash.py:local,finetune --workdir=/tmp/mrhash_pft \
       --config.train.finetune_from=blocks_15
 
-Presets (comma-separated): local, tiny, unisource, lsh, itq, finetune, bits=N.
+Presets (comma-separated): local, tiny, best, unisource, lsh, itq, finetune, bits=N.
+  best: mrhash.pair_weight = 3 (the codes' inner products follow the pseudo multi-labels'
+      similarity, mrhash.pair_term), chosen on the validation split (below); the paper's
+      objective stays the default.
 
 Departures from the official code, each a config choice (the sound one is the default):
   mrhash.kl_reduction = "batchmean" (KL per sample, the definition; default) or "mean"
@@ -57,8 +60,7 @@ How these settings were chosen, honestly: the clusters were first compared on th
 split (commit b47d713 reported 16/32/64/128 clusters on test queries); the validation
 table below came afterwards and agrees with that choice, but it is not a selection made
 blind to the test split, and at 32 bits the default only ties ITQ on validation (mAP@100
-0.6328 vs 0.6340). A grid declared in advance and selected on validation alone is open
-work (issue 13). Validation split: the 80% training part split again 75/25 per class:
+0.6328 vs 0.6340). Validation split: the 80% training part split again 75/25 per class:
 1260 database / 420 queries; --validation=0.25 of benchmarks/mrhash_ucmerced.py, seeds 0
 and 1, multisource; mAP@100 / mAP, 32 | 64 bits:
   hidden 1024, l2, clusters 16:  0.5784/0.5284 | 0.5967/0.5563
@@ -69,15 +71,36 @@ and 1, multisource; mAP@100 / mAP, 32 | 64 bits:
   hidden 1024, none, clusters 64: 0.6328/0.5664 | 0.6644/0.6012   (the defaults)
   ITQ (raw features):            0.6340/0.5370 | 0.6458/0.5445
 
+The objective options, chosen blind to the test split (issue 13): the grid was declared in
+benchmarks/mrhash_ucmerced.py (OBJECTIVES, with the selection rule) before any of its runs;
+each entry ran on the validation split above with seeds 0, 1, 2 at 32 and 64 bits, on the
+defaults otherwise; mAP@100 / mAP, mean over seeds (std of mAP@100), 32 | 64 bits:
+  paper (the default)               0.6153/0.5434 (0.0067) | 0.6659/0.5970 (0.0091)
+  pair_weight 0.3                   0.6266/0.5469 (0.0170) | 0.6769/0.6128 (0.0042)
+  pair_weight 1                     0.6475/0.5730 (0.0164) | 0.6844/0.6211 (0.0092)
+  pair_weight 3                     0.6636/0.5977 (0.0168) | 0.6990/0.6343 (0.0114)  selected
+  quant 0.1, balance 0.1            0.6262/0.5594 (0.0135) | 0.6819/0.6135 (0.0098)
+  pair 1, quant 0.1, balance 0.1    0.6570/0.5840 (0.0068) | 0.7026/0.6329 (0.0050)
+  ITQ                               0.6261/0.5334 (0.0039) | 0.6442/0.5433 (0.0021)
+Rule: the best mAP@100 averaged over both lengths: pair_weight 3 (0.6813) over pair 1 +
+quant + balance (0.6798); it is the `best` preset. It leads ITQ on validation by 0.038 and
+0.055, more than its seed std at both lengths. pair_weight 3 is the grid's largest: larger
+weights were not declared and are not tried. With the current code (images resized by
+TensorFlow) the paper's objective is below ITQ at 32 bits on validation.
+    python benchmarks/mrhash_ucmerced.py --validation=0.25 --objective=NAME --methods=MrHash-multisource
+
 Measured here (2-core CPU, ../shared/data/ucmerced 80/20, coarse4 view + full image,
-`python benchmarks/mrhash_ucmerced.py`, mean +- std over seeds 0, 1, 2; mAP@100 / mAP):
-  32 bits: LSH 0.3850/0.2419, ITQ 0.6578/0.5386, MrHash-unisource 0.6483/0.5419,
-           MrHash-multisource 0.6643/0.5813 (~45 s of training per MrHash run)
-  64 bits: LSH 0.4933/0.3245, ITQ 0.6779/0.5504, MrHash-unisource 0.6912/0.5912,
-           MrHash-multisource 0.6980/0.6141
-  MrHash's seed std is ~0.018, larger than its mAP@100 lead over ITQ (0.007, 0.020); its
-  full-mAP lead (0.043, 0.064) holds for every seed. With the paper's settings (16
-  clusters, no hidden layer) MrHash-multisource was below ITQ: 0.5818/0.5324 at 32 bits.
+test split read once after the selection above, mean +- std over seeds 0, 1, 2; mAP@100 /
+mAP; `python benchmarks/mrhash_ucmerced.py --objective=pair3`, and `--objective=paper
+--methods=MrHash-multisource` for the default's row):
+  32 bits: LSH 0.3861/0.2412, ITQ 0.6498/0.5369, MrHash-multisource (default) 0.6609/0.5808,
+           best: MrHash-unisource 0.6645/0.5682, MrHash-multisource 0.6956 +- 0.0110/0.6229
+  64 bits: LSH 0.4943/0.3258, ITQ 0.6825/0.5532, MrHash-multisource (default) 0.7046/0.6303,
+           best: MrHash-unisource 0.7053/0.6050, MrHash-multisource 0.7288 +- 0.0137/0.6683
+  `best` leads ITQ by 0.046 mAP@100 at both lengths, more than its seed std (the default's
+  lead at 32 bits, 0.011, is under its std of 0.016). 73-82 s of training per MrHash run.
+  With the paper's settings (16 clusters, no hidden layer) MrHash-multisource was below
+  ITQ: 0.5818/0.5324 at 32 bits (seed 0, before images were resized by TensorFlow).
   Fine-tuning (:local,finetune) here: ~6.5 s per step of 32 images (2652 steps, ~4.8 h);
   the paper's batch of 128 did not fit this 23 GB machine.
   configs/mrhash.py:tiny: ~30 s on generated scenes.
@@ -111,6 +134,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mrhash.ae_lr_halve_epochs = 40
   c.mrhash.recon_weight = 5.0
   c.mrhash.kl_reduction = "batchmean"        # batchmean (sound) | mean (official)
+  c.mrhash.pair_weight = 0.0                 # options of ours, 0 = the paper's objective (mrhash.stage2_loss):
+  c.mrhash.quant_weight = 0.0                #   pairwise pseudo-label similarity, quantisation,
+  c.mrhash.balance_weight = 0.0              #   bit balance of the codes h
   c.mrhash.baseline = ""                     # "" (MrHash) | lsh | itq
   c.mrhash.hash_init = "random"              # random (paper) | itq: hash layer starts at ITQ
   c.mrhash.feature_norm = "none"             # none (paper: raw features) | l2 (rows to unit norm)
@@ -142,6 +168,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       c.model.bits = int(item[5:])
     elif item == "local":
       c.data.source = "auto"
+    elif item == "best":
+      c.mrhash.pair_weight = 3.0  # chosen on validation (docstring, benchmarks/mrhash_ucmerced.py)
     elif item == "unisource":
       c.mrhash.sources = (c.mrhash.image_view, c.mrhash.image_view)
     elif item in ("lsh", "itq"):
@@ -171,6 +199,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       c.eval.map_ks = (10,)
       c.eval.ks = (1, 5, 10)
     else:
-      raise errors.InvalidInput(f"unknown preset {item!r}; choose from local, tiny, unisource, lsh, itq, finetune, "
-                                "bits=N")
+      raise errors.InvalidInput(f"unknown preset {item!r}; choose from local, tiny, best, unisource, lsh, itq, "
+                                "finetune, bits=N")
   return c

@@ -124,6 +124,8 @@ def check_mrhash(config):
   _positive_int(config, "mrhash.ae_batch_size")
   _positive_int(config, "eval.map_at_r")
   _choice(config, "mrhash.kl_reduction", mrhash.KL_REDUCTIONS)
+  for field in ("mrhash.pair_weight", "mrhash.quant_weight", "mrhash.balance_weight"):
+    _range(config, field, 0.0, 1e6)
   _choice(config, "mrhash.baseline", ("", "lsh", "itq"))
   _choice(config, "mrhash.hash_init", ("random", "itq"))
   if config.mrhash.hash_init == "itq" and config.model.head_hidden:

@@ -12,6 +12,10 @@ branch without gradient. The hash network (features of the single-source image -
 K -> tanh = h; z_img = W_l h, no bias; optionally with the backbone in front, fine-tuned)
 is trained with KL(P||Q_img) + KL(P||Q_feat) + 5 (sum of the reconstruction MSEs).
 Codes: +1 where h >= 0, else -1. No label is used anywhere.
+
+Options of ours, off by default (the paper's objective has none of them): a pairwise term
+that asks the codes' inner products to follow the pseudo multi-labels' similarity, a
+quantisation term and a bit-balance term (`stage2_loss`).
 """
 
 from typing import Any, Optional, Sequence, Tuple
@@ -157,14 +161,41 @@ def kl_divergence(p, q, reduction: str = "batchmean", eps: float = 1e-12):
   return jnp.mean(jnp.sum(elem, axis=1)) if reduction == "batchmean" else jnp.mean(elem)
 
 
+def pair_term(h, p):
+  """Pairwise similarity of the pseudo multi-labels carried into the codes' inner products:
+  mean over batch pairs of (h_i . h_j / K - (2 cos(p_i, p_j) - 1))^2. Rows of the target P
+  sharing their clusters should get equal codes (inner product K), rows with disjoint
+  clusters opposite ones; cosine keeps it a similarity in [0, 1] for soft rows."""
+  pn = p / (jnp.linalg.norm(p, axis=1, keepdims=True) + 1e-12)
+  target = 2.0 * (pn @ pn.T) - 1.0
+  return jnp.mean(jnp.square(h @ h.T / h.shape[1] - target))
+
+
+def quant_term(h):
+  """mean (|h| - 1)^2: tanh outputs pushed to +-1, so the sign loses little."""
+  return jnp.mean(jnp.square(jnp.abs(h) - 1.0))
+
+
+def balance_term(h):
+  """mean over bits of (mean over the batch of h_k)^2: each bit +1 on half the images."""
+  return jnp.mean(jnp.square(jnp.mean(h, axis=0)))
+
+
 def stage2_loss(out, p, sources, *, recon_weight: float = 5.0, kl_reduction: str = "batchmean",
-                first_source_weight: float = 1.0) -> Tuple[Any, dict]:
-  """KL(P||Q_img) + KL(P||Q_feat) + recon_weight * (MSE recon 1 + MSE recon 2 + ...)."""
+                first_source_weight: float = 1.0, pair_weight: float = 0.0, quant_weight: float = 0.0,
+                balance_weight: float = 0.0) -> Tuple[Any, dict]:
+  """KL(P||Q_img) + KL(P||Q_feat) + recon_weight * (MSE recon 1 + MSE recon 2 + ...), the
+  paper's objective; options of ours (0 = off, the default): + pair_weight * pair_term
+  + quant_weight * quant_term + balance_weight * balance_term of the codes h."""
   kl_img = kl_divergence(p, out["q_img"], kl_reduction)
   kl_feat = kl_divergence(p, out["q_feat"], kl_reduction)
   recon = reconstruction_loss(out["recons"], sources, first_weight=first_source_weight)
+  h = out["h"]
+  pair, quant, balance = pair_term(h, p), quant_term(h), balance_term(h)
   loss = kl_img + kl_feat + recon_weight * recon
-  return loss, dict(loss=loss, kl_img=kl_img, kl_feat=kl_feat, recon=recon)
+  loss = loss + pair_weight * pair + quant_weight * quant + balance_weight * balance
+  return loss, dict(loss=loss, kl_img=kl_img, kl_feat=kl_feat, recon=recon, pair=pair, quant=quant,
+                    balance=balance)
 
 
 def stage1_loss(recons, sources):

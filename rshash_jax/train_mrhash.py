@@ -239,7 +239,9 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
     srcs = [batch[f"x{s}"] for s in range(len(xs))]
     out = model.apply({"params": p, **state.constants}, prep(batch["f"]), srcs)
     target = state.extra["p"][batch["row"]]
-    return mrhash.stage2_loss(out, target, srcs, recon_weight=hc.recon_weight, kl_reduction=hc.kl_reduction)
+    return mrhash.stage2_loss(out, target, srcs, recon_weight=hc.recon_weight, kl_reduction=hc.kl_reduction,
+                              pair_weight=hc.pair_weight, quant_weight=hc.quant_weight,
+                              balance_weight=hc.balance_weight)
 
   start = int(distributed.to_host(state.step))
   stop = loop.stop_step(start, total, tc.max_steps_per_run)

@@ -57,6 +57,31 @@ def test_reconstruction_loss_weights():
   assert float(mrhash.reconstruction_loss([a, a], [b, b])) == pytest.approx(0.1 + 1.0)
 
 
+def test_optional_code_terms_match_numpy():
+  """pair / quant / balance terms against numpy formulas; weights 0 leave the paper's loss."""
+  rng = np.random.default_rng(5)
+  h = np.tanh(rng.standard_normal((6, 8)))
+  p = rng.dirichlet(np.ones(4) * 0.3, 6)
+  cos = (p @ p.T) / np.outer(np.linalg.norm(p, axis=1), np.linalg.norm(p, axis=1))
+  want_pair = np.mean((h @ h.T / 8 - (2 * cos - 1)) ** 2)
+  np.testing.assert_allclose(float(mrhash.pair_term(jnp.asarray(h), jnp.asarray(p))), want_pair, rtol=1e-5)
+  np.testing.assert_allclose(float(mrhash.quant_term(jnp.asarray(h))), np.mean((np.abs(h) - 1) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(float(mrhash.balance_term(jnp.asarray(h))), np.mean(h.mean(0) ** 2), rtol=1e-5)
+  # identical pseudo-label rows and identical codes of +-1 cost nothing
+  ones = jnp.ones((3, 4))
+  assert float(mrhash.pair_term(jnp.sign(ones), jnp.asarray([[1.0, 0.0]] * 3))) == 0.0
+  q = jnp.asarray(rng.dirichlet(np.ones(4), 6), jnp.float32)
+  out = {"h": jnp.asarray(h, jnp.float32), "q_img": q, "q_feat": q, "recons": [jnp.zeros((6, 3))]}
+  srcs = [jnp.ones((6, 3))]
+  base, parts = mrhash.stage2_loss(out, jnp.asarray(p, jnp.float32), srcs)
+  np.testing.assert_allclose(float(base), float(parts["kl_img"] + parts["kl_feat"] + 5.0 * parts["recon"]),
+                             rtol=1e-6)
+  full, parts = mrhash.stage2_loss(out, jnp.asarray(p, jnp.float32), srcs, pair_weight=2.0, quant_weight=0.5,
+                                   balance_weight=3.0)
+  np.testing.assert_allclose(float(full - base), 2.0 * want_pair + 0.5 * np.mean((np.abs(h) - 1) ** 2)
+                             + 3.0 * np.mean(h.mean(0) ** 2), rtol=1e-4)
+
+
 def test_itq_and_lsh():
   rng = np.random.default_rng(1)
   x = rng.standard_normal((200, 20)) @ rng.standard_normal((20, 20))
@@ -140,7 +165,7 @@ def test_coarse_view_is_coarser(tmp_path):
     multisource.view(table, "coarseX")
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny,itq"])
+@pytest.mark.parametrize("preset", ["tiny,best", "tiny,itq"])
 def test_cli_tiny(tmp_path, preset):
   cmd = [sys.executable, "-m", "rshash_jax.main", f"--config=configs/mrhash.py:{preset}", f"--workdir={tmp_path}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -193,6 +218,8 @@ def test_feature_norm_choices():
     ("mrhash.feature_norm", "l1", "config.mrhash.feature_norm='l1' is invalid"),
     ("train.mode", "sideways", "config.train.mode='sideways' is invalid"),
     ("mrhash.hash_init", "itq", "set model.head_hidden=0"),
+    ("mrhash.pair_weight", -1.0, "config.mrhash.pair_weight=-1.0 is invalid"),
+    ("mrhash.balance_weight", 1e9, "config.mrhash.balance_weight=1000000000.0 is invalid"),
 ])
 def test_bad_config_values_are_named(field, value, message):
   from rshash_jax import config_checks  # pylint: disable=g-import-not-at-top
