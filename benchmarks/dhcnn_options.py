@@ -30,6 +30,14 @@ step for blocks_15 on this 2-core CPU, blocks_11 would not fit a 15-minute prese
    part, queries = the test part), so the table shows what each option does, with the
    selected rows marked. Selection never looks at these numbers.
 
+--grid=modes (issue 13, item 1: what partial fine-tuning costs and gives, not a choice):
+frozen | partial (blocks_15, the `best` preset) | full fine-tuning (every layer trains, the
+frozen layers' activations are not cached), `local,centers` otherwise, 64 bits, all at the
+same --epochs (required: 100 epochs of full fine-tuning take ~4 h on this CPU), on the
+test split only; the data/cache, training and evaluation seconds are printed apart:
+    python benchmarks/dhcnn_options.py --grid=modes --epochs=3 --data=../shared/data/ucmerced \
+        --workdir=/tmp/dhcnn_modes
+
 Prints one row per run (split, bits, backbone, center weight, mAP, accuracy, gap =
 accuracy - mAP, seconds of features + training + evaluation) and, at the end, the selected
 setting of each length. Feature extraction is done once per backbone (a shared cache), and
@@ -59,6 +67,8 @@ POINTS = ("", "head", "blocks_15")
 
 def run(args, split: str, bits: int, backbone: str, center_weight: float, point: str = ""):
   c = dhcnn_config.get_config("local" + (",partial" if point else ""))
+  full = point == "full"  # every layer trains: no split point, nothing cached
+  point = "" if full else point
   c.data.source = f"folder:{args.data}"
   c.data.validation = 0.25 if split == "validation" else 0.0
   c.model.bits, c.model.backbone = bits, backbone
@@ -68,20 +78,23 @@ def run(args, split: str, bits: int, backbone: str, center_weight: float, point:
   c.train.checkpoint_every_steps = 10 ** 9
   if args.epochs:
     c.train.epochs = args.epochs
-  wd = os.path.join(args.workdir, f"{split}_{bits}_{backbone}_{center_weight:g}" + (f"_{point}" if point else ""))
+  name = "full" if full else point
+  wd = os.path.join(args.workdir, f"{split}_{bits}_{backbone}_{center_weight:g}" + (f"_{name}" if name else ""))
   path = os.path.join(wd, "results.json")
   if not os.path.isfile(path):  # a finished run is read back: the benchmark resumes
     train.train_and_evaluate(c, wd)
   with open(path) as f:
     r = json.load(f)
   t = r["timing"]
-  row = dict(split=split, bits=bits, backbone=backbone, center_weight=center_weight, point=point or "frozen",
+  row = dict(split=split, bits=bits, backbone=backbone, center_weight=center_weight, point=name or "frozen",
              map=r["map"],
              accuracy=r["accuracy"], gap=r["accuracy"] - r["map"],
              seconds=t["data_and_features_seconds"] + t["train_seconds"] + t["eval_seconds"],
-             train_seconds=t["train_seconds"])
+             data_seconds=t["data_and_features_seconds"], train_seconds=t["train_seconds"],
+             eval_seconds=t["eval_seconds"])
   print("{split:10s} {bits:3d} {backbone:18s} {center_weight:4g} {point:9s}  mAP {map:.4f}  acc {accuracy:.4f}  "
-        "gap {gap:+.4f}  {seconds:6.1f} s (train {train_seconds:.1f} s)".format(**row), flush=True)
+        "gap {gap:+.4f}  {seconds:6.1f} s (data/cache {data_seconds:.1f} s, train {train_seconds:.1f} s, "
+        "eval {eval_seconds:.1f} s)".format(**row), flush=True)
   return row
 
 
@@ -91,8 +104,16 @@ def main():
   p.add_argument("--workdir", default="/tmp/dhcnn_options")
   p.add_argument("--epochs", type=int, default=0, help="0: the preset's")
   p.add_argument("--skip_test", action="store_true", help="validation and selection only")
-  p.add_argument("--grid", default="frozen", choices=("frozen", "partial"))
+  p.add_argument("--grid", default="frozen", choices=("frozen", "partial", "modes"))
   args = p.parse_args()
+  if args.grid == "modes":
+    if not args.epochs:
+      p.error("--grid=modes compares the modes at equal epochs: give --epochs")
+    logging.set_verbosity(logging.WARNING)
+    input_pipeline.configure_tf()
+    for point in ("", "blocks_15", "full"):
+      run(args, "test", 64, "efficientnet_lite0", 1.0, point)
+    return
   logging.set_verbosity(logging.WARNING)
   input_pipeline.configure_tf()
   if args.grid == "frozen":
