@@ -34,13 +34,27 @@ one core, per query of a 256-query batch, the pieces jitted apart):
     64 KiB blocks that stay in L2 for all 256 queries changes nothing; the pass reads
     ~20 GB/s at 128 bits, under one core's bandwidth).
   * Selecting the k best of the 32K group minima (float32 top_k) costs ~90-200 us,
-    gathering and re-ranking the k x 32 candidates ~45 us.
+    gathering and re-ranking the k x 32 candidates ~45 us. top_k is mostly a fixed cost
+    per call at k = 100 (256 rows, one core, per row: 16 us on 512 keys, 32 us on 3,200,
+    64 us on 16,384; a full sort of 3,200 costs 521 us), so the group minima are now
+    ranked in two levels (hamming._select_groups: 512 super-group minima, then 3,200
+    groups) and the first chunk is not merged with an empty list: 1M codes, median of
+    three runs, 64 bits 2600 -> 2813 q/s, 128 bits 1528 -> 1722, 32 bits unchanged.
   * Formulations that should need fewer instructions are compiled worse by XLA:CPU:
     byte planes (uint8 XOR + popcount, sums in uint8) 7-30x slower; the group minimum
     over a major axis (the vectorisable layout) 3-20x slower: both stop the fusion.
   * What helped: the group minimum as uint8 instead of an index-carrying int32 key
     (the key was redundant: groups are contiguous, so group order is index order):
     1M x 64 bits 2209 -> 2749 q/s, 128 bits 1491 -> 1585 q/s (2 cores, best of 3).
+  * Tried and dropped: a bit-sliced database (bit b of 32 consecutive codes in one
+    word, so one XOR handles 256 codes per AVX2 op and distances are summed by
+    carry-save adder trees, ~3 ops per code at 128 bits against ~8 for the lookup
+    popcount). XLA fuses it into one loop, but LLVM schedules the adder tree
+    breadth-first and spills: 1561-1948 instructions per 256 codes, 340-520 of them
+    spill stores, whatever the tree's shape (Wallace, Harley-Seal, recursive halving;
+    LLVM's `-pre-RA-sched=source` / `-enable-misched=false` change nothing). The
+    group-minimum pass ran 0.91x (32 bits), 0.49-0.54x (64) and 0.48-0.53x (128) of
+    the current one (262,144 codes, 256 queries, one device).
 FAISS's IndexBinaryFlat uses scalar 64-bit popcnt, one instruction per 64 bits: on a CPU
 without AVX-512 that beats 8-lane emulated popcounts at 128 bits. Closing the gap there
 needs a kernel XLA does not emit (VPOPCNTDQ where the CPU has it, or a hand-written

@@ -1,6 +1,7 @@
 """rshash_jax.hamming against numpy brute force, on tie-heavy random codes."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -90,6 +91,32 @@ def test_topk_exact_with_ties(n, bits, k, chunk):
   q = hamming.pack_codes(random_codes(rng, 13, bits, p=0.8))
   d, i = hamming.HammingIndex(db, chunk_size=chunk).search(q, k, query_batch=8)
   rd, ri = np_topk(q, db, k)
+  np.testing.assert_array_equal(d, rd)
+  np.testing.assert_array_equal(i, ri)
+
+
+@pytest.mark.parametrize("n_groups, kg, top", [(4096, 10, 3), (640, 10, 40), (8192, 64, 2)])
+def test_two_level_group_selection_is_exact(n_groups, kg, top):
+  """The super-group selection returns exactly the flat selection's groups (ties by index)."""
+  rng = np.random.default_rng(n_groups + kg)
+  # few values (ties everywhere), and super-groups at different levels (ties across them)
+  level = rng.integers(0, top, (5, n_groups // hamming._SUPER)).repeat(hamming._SUPER, axis=1)
+  gkey = (level + rng.integers(0, 3, (5, n_groups))).astype(np.uint8)
+  assert n_groups // hamming._SUPER >= 2 * kg  # the two-level path runs
+  got = np.asarray(hamming._select_groups(jnp.asarray(gkey), kg, top + 3))
+  flat = np.sort(np.lexsort((np.tile(np.arange(n_groups), (5, 1)), gkey), axis=-1)[:, :kg], axis=-1)
+  np.testing.assert_array_equal(got, flat)
+
+
+def test_topk_exact_through_two_level_selection():
+  rng = np.random.default_rng(3)
+  db = hamming.pack_codes(random_codes(rng, 40000, 12, p=0.8))
+  q = hamming.pack_codes(random_codes(rng, 7, 12, p=0.8))
+  index = hamming.HammingIndex(db, mesh=sharding.data_mesh(jax.devices()[:1]), chunk_size=1 << 15)
+  chunk, group = hamming._plan(12, 5, index.n_local, index._chunk_cap)
+  assert chunk // group // hamming._SUPER >= 2 * 5
+  d, i = index.search(q, 5)
+  rd, ri = np_topk(q, db, 5)
   np.testing.assert_array_equal(d, rd)
   np.testing.assert_array_equal(i, ri)
 
