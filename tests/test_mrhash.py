@@ -178,29 +178,24 @@ def test_cli_tiny(tmp_path, preset):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny,finetune"])
-def test_resume_equals_uninterrupted(tmp_path, preset):
+def test_resume_equals_uninterrupted_and_its_encoder_reproduces_its_codes(tmp_path, preset):
+  """A run stopped inside both stages and resumed gives the uninterrupted run's results;
+  `encode` with its saved encoder (backbone -> L2 norm -> / scale -> hash net) gives the
+  codes training evaluated: the same mAP on the same split (fine-tuned backbone included)."""
+  from rshash_jax import metrics, tools  # pylint: disable=g-import-not-at-top
   c = mrhash_config.get_config(preset)
+  c.mrhash.feature_norm = "l2"  # the encoder must redo the normalisation
   full = train_mrhash.train_and_evaluate(c, str(tmp_path / "full"))
   c2 = mrhash_config.get_config(preset)
+  c2.mrhash.feature_norm = "l2"
   c2.train.max_steps_per_run = 10  # stage 1 has 12 steps, stage 2 18: stops inside both
   while not (res := train_mrhash.train_and_evaluate(c2, str(tmp_path / "parts"))):
     pass
   for key in ("map", "map_at_r", "pr_curve"):
     assert res[key] == full[key], key
-
-
-@pytest.mark.parametrize("preset", ["tiny", "tiny,finetune"])
-def test_exported_encoder_reproduces_training_codes(tmp_path, preset):
-  """`encode` with the saved encoder (backbone -> L2 norm -> / scale -> hash net) gives the
-  codes training evaluated: the same mAP on the same split (fine-tuned backbone included)."""
-  from rshash_jax import metrics, tools  # pylint: disable=g-import-not-at-top
-  c = mrhash_config.get_config(preset)
-  c.mrhash.feature_norm = "l2"  # the encoder must redo the normalisation
-  c.data.generated_per_class = 20  # enough examples for a mAP that depends on every code
-  res = train_mrhash.train_and_evaluate(c, str(tmp_path / "w"))
   assert res["mode"] == c.train.mode
   data = res["dataset_description"].split(" in ", 1)[1].split(",")[0]
-  out = np.load(tools.encode(str(tmp_path / "w"), data, str(tmp_path / "codes.npz")))
+  out = np.load(tools.encode(str(tmp_path / "parts"), data, str(tmp_path / "codes.npz")))
   tr, te = datasets.split_per_class(out["labels"], c.data.train_ratio, c.data.seed)
   got = metrics.mean_average_precision(out["codes"][te], out["codes"][tr], out["labels"][te], out["labels"][tr])
   assert got == pytest.approx(res["map"], abs=1e-6)
