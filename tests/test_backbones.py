@@ -343,7 +343,7 @@ def test_real_weights_see_the_window(name):
     pytest.skip("the ndf test photo is not installed")
   bb = backbones.create(name)
   img = Image.open(photo).convert("RGB").resize((bb.image_size,) * 2, Image.BICUBIC)
-  out = bb.module.apply(bb.variables, bb.preprocessing(np.asarray(img)[None]))
+  out = jax.jit(bb.module.apply)(bb.variables, bb.preprocessing(np.asarray(img)[None]))  # jitted: ~7x faster than op by op
   top5 = np.argsort(-np.asarray(out["logits"][0]))[:5].tolist()
   assert set(top5) & set(_WINDOW_CLASSES), top5
 
@@ -463,8 +463,8 @@ def test_stem_adapted_to_many_bands_keeps_rgb_filters_and_activation(name, size)
   x7 = z * np.asarray(pre7.std, np.float32) + np.asarray(pre7.mean, np.float32)
   if pre3.bgr:  # the model's B, G, R are the image's R, G, B reversed
     x3, x7 = x3[..., ::-1], np.concatenate([x7[..., 2::-1], x7[..., 3:]], axis=-1)
-  f3 = bb3.module.apply(bb3.variables, pre3(x3))["features"]
-  f7 = bb7.module.apply(bb7.variables, pre7(x7))["features"]
+  f3 = jax.jit(bb3.module.apply)(bb3.variables, pre3(x3))["features"]
+  f7 = jax.jit(bb7.module.apply)(bb7.variables, pre7(x7))["features"]
   np.testing.assert_allclose(np.asarray(f7), np.asarray(f3), rtol=2e-4, atol=2e-5)
   with pytest.raises(ValueError, match=r"expected images \[\.\.\., %d, %d, 7\]" % (size, size)):
     pre7(np.zeros((1, size, size, 3), np.uint8))
