@@ -26,24 +26,40 @@ HBM and FAISS is absent unless installed):
 
 Where the time goes (measured on a 2-core AMD EPYC with AVX2 and no AVX-512, 1M codes,
 one core, per query of a 256-query batch, the pieces jitted apart):
-  * The fused XOR / popcount / group-minimum pass dominates: ~310 us (32 bits), ~400 us
-    (64), ~700-800 us (128) of ~1000 us (128 bits) in all. Its LLVM IR (XLA_FLAGS=
-    --xla_dump_to) is vectorised 8 x i32 wide (prefer-vector-width=256), and without
-    AVX-512 VPOPCNTDQ each `ctpop.v8i32` becomes a nibble-lookup sequence of ~10
-    instructions: it is compute-bound, not memory-bound (tiling the database into
-    64 KiB blocks that stay in L2 for all 256 queries changes nothing; the pass reads
-    ~20 GB/s at 128 bits, under one core's bandwidth).
-  * Selecting the k best of the 32K group minima (float32 top_k) costs ~90-200 us,
-    gathering and re-ranking the k x 32 candidates ~45 us. top_k is mostly a fixed cost
+  * The fused XOR / popcount / group-minimum pass dominates. Its LLVM IR (XLA_FLAGS=
+    --xla_dump_to) is vectorised 256 bits wide, and without AVX-512 VPOPCNTDQ LLVM
+    emulates `ctpop.v8i32` with a nibble lookup plus a per-lane horizontal byte sum (~12
+    instructions per 8 words): compute-bound, not memory-bound (two processes pinned to
+    the two cores run the pass as fast as one). What cut it (hamming._popcount_sum):
+    - SWAR counts on uint32 words that stay in 4-bit fields for two words and in bytes
+      for up to six, one multiply to sum a code's bytes: 32 bits 316 -> 237 us, 64 bits
+      376 -> 327, 128 bits 709 -> 610.
+    - From 128 bits up, uint64 words and `population_count` (LLVM's 64-bit lane count
+      ends in one vpsadbw; half the lanes to XOR): 128 bits 610 -> ~510 us. jax needs x64
+      for uint64, so those searches run in a `jax.enable_x64` scope (thread-local).
+      At 64 bits uint64 loses to SWAR (391 against 327 us).
+    - Padding masked per group (the groups past the database's end, and the one group it
+      cuts recomputed with the item mask) instead of a compare-and-select per code: full
+      search, 1M codes, 2 devices, 32 bits +12%, 64 and 128 bits +7%.
+  * Selecting the k best of the group minima (float32 top_k) costs ~45-55 us per 2^19-code
+    chunk, gathering and re-ranking the k x 32 candidates ~30-45 us: at 128 bits the
+    pass is ~70% of a chunk (254 of 362 us), selection the rest. top_k is mostly a fixed cost
     per call at k = 100 (256 rows, one core, per row: 16 us on 512 keys, 32 us on 3,200,
-    64 us on 16,384; a full sort of 3,200 costs 521 us), so the group minima are now
-    ranked in two levels (hamming._select_groups: 512 super-group minima, then 3,200
-    groups) and the first chunk is not merged with an empty list: 1M codes, median of
-    three runs, 64 bits 2600 -> 2813 q/s, 128 bits 1528 -> 1722, 32 bits unchanged.
+    64 us on 16,384; a full sort of 3,200 costs 521 us), so the group minima are ranked
+    in two levels (hamming._select_groups: 512 super-group minima, then 3,200 groups)
+    and the first chunk is not merged with an empty list: 1M codes, median of three
+    runs, 64 bits 2600 -> 2813 q/s, 128 bits 1528 -> 1722, 32 bits unchanged. Super-groups
+    of 16 or 64 and groups of 16 were no faster (groups of 16 slow the pass 2.7x).
+  * Chunks: smaller chunks pay the selection more often, larger ones fall out of the
+    shared last-level cache (32 MiB here, both devices' chunks in it). Interleaved, 10M
+    codes, 2 devices: at 128 bits 2^19 codes (8 MiB) ran 1.09x 2^20 and 2^21 0.69x; at 32
+    and 64 bits 2^19 ran 0.84-0.86x 2^20. HammingIndex's CPU default caps a chunk at 8 MiB.
+    Tiling the pass so a 1-4 MiB block serves all 256 queries before the next (output
+    reordered) was slower (172-187 against 221 q/s at 10M x 128 bits).
   * Formulations that should need fewer instructions are compiled worse by XLA:CPU:
     byte planes (uint8 XOR + popcount, sums in uint8) 7-30x slower; the group minimum
     over a major axis (the vectorisable layout) 3-20x slower: both stop the fusion.
-  * What helped: the group minimum as uint8 instead of an index-carrying int32 key
+  * What helped earlier: the group minimum as uint8 instead of an index-carrying int32 key
     (the key was redundant: groups are contiguous, so group order is index order):
     1M x 64 bits 2209 -> 2749 q/s, 128 bits 1491 -> 1585 q/s (2 cores, best of 3).
   * Tried and dropped: a bit-sliced database (bit b of 32 consecutive codes in one
@@ -54,11 +70,10 @@ one core, per query of a 256-query batch, the pieces jitted apart):
     spill stores, whatever the tree's shape (Wallace, Harley-Seal, recursive halving;
     LLVM's `-pre-RA-sched=source` / `-enable-misched=false` change nothing). The
     group-minimum pass ran 0.91x (32 bits), 0.49-0.54x (64) and 0.48-0.53x (128) of
-    the current one (262,144 codes, 256 queries, one device).
-FAISS's IndexBinaryFlat uses scalar 64-bit popcnt, one instruction per 64 bits: on a CPU
-without AVX-512 that beats 8-lane emulated popcounts at 128 bits. Closing the gap there
-needs a kernel XLA does not emit (VPOPCNTDQ where the CPU has it, or a hand-written
-custom call).
+    the lookup-popcount pass of the time (262,144 codes, 256 queries, one device).
+FAISS's IndexBinaryFlat uses scalar 64-bit popcnt, one instruction per 64 bits. On a CPU
+with AVX-512 VPOPCNTDQ, LLVM's uint64 lane count is one instruction per 8 words, so the
+128-bit path should gain most there (not measured: this machine lacks it).
 
 On an H100 (jax 0.11.2), 100M codes: 2,007-2,933 q/s for Q = 1000 at 128..32 bits, the
 database streamed at 5-13 GB/s of a 2,254 GB/s read probe (it is read once per query
@@ -84,7 +99,8 @@ def parse_args():
   p.add_argument("--numpy_queries", type=int, default=20)
   p.add_argument("--pairs", type=int, default=5, help="interleaved (rshash_jax, FAISS) timing pairs")
   p.add_argument("--query_batch", type=int, default=256, help="queries per pass over the database (search's)")
-  p.add_argument("--chunk_size", type=int, default=1 << 20, help="HammingIndex's database chunk per device")
+  p.add_argument("--chunk_size", type=int, default=None,
+                 help="HammingIndex's database chunk per device (default: HammingIndex's)")
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args()
 
@@ -157,8 +173,9 @@ def read_bandwidth_gbs():
 
 
 def popcount_words_per_s():
-  """The search's own fused XOR + popcount + group-minimum pass (one word per code, 256
-  queries) over 64K codes per device, which stay in L2: XLA's best per word here."""
+  """The search's own fused XOR + popcount + group-minimum pass (one uint32 word per
+  code, 256 queries, the platform's popcount form) over 64K codes per device, which
+  stay in L2: our best per word here."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from rshash_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -169,8 +186,9 @@ def popcount_words_per_s():
 
   def body(q, db):
     def one(i, acc):
-      d = jax.lax.population_count((q + i.astype(jnp.uint32))[:, :, None] ^ db.reshape(1, -1, 32))
-      return acc + jnp.min(d, axis=-1).astype(jnp.int32).sum()
+      d = hamming._popcount_sum([((q + i.astype(jnp.uint32))[:, :, None], db.reshape(1, -1, 32))],
+                                hamming.use_swar(jax.devices()[0].platform))
+      return acc + jnp.min(d, axis=-1).sum()
     return jax.lax.fori_loop(0, reps, one, jnp.int32(0))[None]
   fn = jax.jit(jax.shard_map(body, mesh=sharding.data_mesh(), in_specs=(P(), P(sharding.DATA_AXIS)),
                              out_specs=P(sharding.DATA_AXIS), check_vma=False))

@@ -75,6 +75,108 @@ def test_distances_match_numpy(bits):
   np.testing.assert_array_equal(np.asarray(d), np_distances(q, db))
 
 
+@pytest.mark.parametrize("words", [1, 2, 3, 4, 5, 6, 7, 13])
+def test_popcount_forms_agree(words):
+  """lax.population_count, SWAR on uint32 and uint64 words give numpy's counts, also
+  at the largest sums (all-ones words: 8 per byte per word, 192 per six words)."""
+  rng = np.random.default_rng(words)
+  a = rng.integers(0, 2**32, (64, words), dtype=np.uint64).astype(np.uint32)
+  b = rng.integers(0, 2**32, (64, words), dtype=np.uint64).astype(np.uint32)
+  a[:8] = 0xFFFFFFFF
+  b[:8] = 0
+  b[8:16] = a[8:16]  # distance 0
+  want = np_distances(a, b)
+  for swar in (False, True):
+    got = hamming._distances(jnp.asarray(a), jnp.asarray(b), swar)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), want)
+  if words % 2 == 0:
+    with jax.enable_x64(True):
+      wa, wb = (jnp.asarray(np.ascontiguousarray(x).view(np.uint64)) for x in (a, b))
+      got = hamming._distances(wa, wb, True)  # uint64 words take the population_count path
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert not jax.config.jax_enable_x64
+
+
+@pytest.mark.parametrize("n, bits, k", [
+    (6221, 32, 5), (6221, 64, 40), (6221, 96, 5), (6221, 128, 5), (6221, 160, 6221),
+    (1500, 128, 1500), (700, 32, 3)])
+def test_topk_never_returns_padding(n, bits, k):
+  """Shards end in zero-word padding (here a whole device's shard, and groups that the
+  database end cuts), and the padding is nearer to these queries than any code: it is
+  masked per group plus the one cut group, and none of it may rank or displace a code."""
+  rng = np.random.default_rng(n + bits)
+  db = hamming.pack_codes(random_codes(rng, n, bits, p=0.7))
+  q = np.concatenate([np.zeros((1, hamming.num_words(bits)), np.uint32),  # padding at distance 0
+                      hamming.pack_codes(random_codes(rng, 6, bits, p=0.3))])
+  index = hamming.HammingIndex(db, chunk_size=1 << 10)
+  assert index.n_local * index.n_devices > n  # padded
+  d, i = index.search(q, k)
+  assert d.dtype == np.int32 and i.dtype == np.int32
+  rd, ri = np_topk(q, db, k)
+  np.testing.assert_array_equal(d, rd)
+  np.testing.assert_array_equal(i, ri)
+  assert not jax.config.jax_enable_x64
+
+
+@pytest.mark.parametrize("bits", [32, 128])
+def test_topk_group_cut_by_database_end_is_masked(bits):
+  """The group that the database's end cuts holds codes and padding. Here the padding is
+  the nearest, the k best codes lie in k different groups, and the cut group's codes are
+  the farthest: an unmasked cut group would take one of the k groups' places."""
+  n, k = 1000, 5
+  index_for = lambda db: hamming.HammingIndex(db, mesh=sharding.data_mesh(jax.devices()[:1]),
+                                              chunk_size=1 << 10)
+  codes = np.ones((n, bits))
+  probe = index_for(hamming.pack_codes(codes))
+  _, group = hamming._plan(bits, k, probe._chunk)
+  assert n % group and probe.n_local > n  # a cut group, then padding
+  for g in range(k):
+    codes[g * group * 3, 1:] = -1  # distance 1 from the zero query, k different groups
+  db = hamming.pack_codes(codes)
+  q = np.zeros((1, hamming.num_words(bits)), np.uint32)
+  d, i = index_for(db).search(q, k)
+  np.testing.assert_array_equal(d, np.ones((1, k), np.int32))
+  np.testing.assert_array_equal(i, [[g * group * 3 for g in range(k)]])
+
+
+def test_chunks_fit_the_shard():
+  """Chunks are multiples of a unit, not powers of two: a shard is padded by less than a
+  unit per chunk."""
+  assert hamming._chunking(500_000, 1 << 19) == (500_736, 1)
+  assert hamming._chunking(600_000, 1 << 20) == (600_064, 1)
+  assert hamming._chunking(5_000_000, 1 << 19) == (500_736, 10)
+  assert hamming._chunking(5, 1 << 20) == (8, 1)
+  assert hamming._chunking(3000, 8) == (8, 375)
+
+
+@pytest.mark.parametrize("bits, k", [(64, 1), (64, 100), (128, 7), (40, 300)])
+def test_topk_exact_with_chunks_that_are_not_powers_of_two(bits, k):
+  rng = np.random.default_rng(bits + k)
+  db = hamming.pack_codes(random_codes(rng, 10_000, bits, p=0.8))
+  q = hamming.pack_codes(random_codes(rng, 9, bits, p=0.8))
+  index = hamming.HammingIndex(db, mesh=sharding.data_mesh(jax.devices()[:2]), chunk_size=4096)
+  assert (index._chunk, index.n_local) == (3072, 6144)  # 2 chunks of 3 units per device
+  d, i = index.search(q, k)
+  rd, ri = np_topk(q, db, k)
+  np.testing.assert_array_equal(d, rd)
+  np.testing.assert_array_equal(i, ri)
+
+
+def test_topk_under_global_x64_matches():
+  """A caller that enabled x64 gets the same int32 results (narrow and wide words)."""
+  rng = np.random.default_rng(5)
+  for bits in (64, 128):
+    db = hamming.pack_codes(random_codes(rng, 3000, bits))
+    q = hamming.pack_codes(random_codes(rng, 5, bits))
+    with jax.enable_x64(True):
+      d, i = hamming.HammingIndex(db, chunk_size=1 << 10).search(q, 20)
+    assert d.dtype == np.int32 and i.dtype == np.int32
+    rd, ri = np_topk(q, db, 20)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(i, ri)
+
+
 @pytest.mark.parametrize("n, bits, k, chunk", [
     (400, 16, 10, 1 << 16),
     (5000, 64, 100, 1 << 16),
@@ -113,7 +215,7 @@ def test_topk_exact_through_two_level_selection():
   db = hamming.pack_codes(random_codes(rng, 40000, 12, p=0.8))
   q = hamming.pack_codes(random_codes(rng, 7, 12, p=0.8))
   index = hamming.HammingIndex(db, mesh=sharding.data_mesh(jax.devices()[:1]), chunk_size=1 << 15)
-  chunk, group = hamming._plan(12, 5, index.n_local, index._chunk_cap)
+  chunk, group = hamming._plan(12, 5, index._chunk)
   assert chunk // group // hamming._SUPER >= 2 * 5
   d, i = index.search(q, 5)
   rd, ri = np_topk(q, db, 5)
@@ -155,3 +257,6 @@ def test_topk_rejects_bad_input():
     hamming.hamming_topk(q64, db[:0], 1)
   with pytest.raises(ValueError, match="empty"):
     hamming.hamming_distances(q64[:0], db)
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+      hamming.HammingIndex(db, chunk_size=bad)
