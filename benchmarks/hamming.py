@@ -18,8 +18,10 @@ HBM and FAISS is absent unless installed):
               read-bandwidth probe (a jitted sum over 1 GiB sharded over every device).
   % popcnt    words XORed and popcounted per second (Q x N x words) over the same
               fused XOR / popcount / group-minimum loop run on codes that stay in L2
-              (64K one-word codes per device, 256 queries): XLA's best rate per word on
-              this CPU, so the rest is selection, merging and memory.
+              (64K one-word codes per device, 256 queries, the platform's popcount
+              form): the one-word rate, so the rest is selection, merging and memory.
+              Codes of several words can pass 100%: their per-code work (group
+              minimum, mask) is shared by more words, and 128+ bits use uint64 words.
   db GB/s     the database bytes the search must stream from memory: N x words x 4 once
               per batch of --query_batch queries; "% bw" of that is the memory-roofline
               fraction in the usual sense (scan GB/s counts each query's comparisons).
