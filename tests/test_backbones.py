@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ import scipy.io
 
 import fake_torch
 from rshash_jax import backbones
-from rshash_jax.backbones import alexnet, common, efficientnet_lite, squeezenet, torch_pickle, vgg_f
+from rshash_jax.backbones import alexnet, common, conv, efficientnet_lite, squeezenet, torch_pickle, vgg_f
 
 
 def _random_like(shapes, seed=0):
@@ -370,6 +371,30 @@ def test_depthwise_conv_gradients_match_grouped_conv(k, stride, size):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("k, stride, pad, cin", [(11, 4, 0, 3), (5, 1, 2, 40), (3, 2, 1, 33), (3, 1, 1, 8)])
+def test_conv_with_patch_kernel_gradient_equals_nn_conv(k, stride, pad, cin):
+  """conv.Conv (VGG-F's layers): nn.Conv's parameters, values and gradients (input and
+  kernel) with either impl; the stacked-patch (few channels) and per-tap forms both run."""
+  assert conv.conv_impl("auto") == ("patches" if jax.default_backend() == "cpu" else "xla")
+  with pytest.raises(ValueError, match="'im2col'"):
+    conv.conv_impl("im2col")
+  rng = np.random.default_rng(k + cin)
+  x = jnp.asarray(rng.standard_normal((2, 23, 23, cin)), jnp.float32)
+  ref = nn.Conv(6, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)))
+  v = ref.init(jax.random.key(0), x)
+  v = jax.tree.map(lambda a: a + 0.1, v)  # a nonzero bias too
+  r = jnp.asarray(rng.standard_normal(ref.apply(v, x).shape), jnp.float32)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply({"params": p}, x)) * r)
+  want = jax.grad(loss(ref), argnums=(0, 1))(v["params"], x)
+  for impl in ("patches", "xla"):
+    ours = conv.Conv(6, k, stride, pad, impl=impl)
+    assert jax.tree.map(np.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(np.shape, v)
+    np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(v["params"], x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("k,stride", [(5, 2), (3, 1)])
 def test_depthwise_impls_give_the_same_block(k, stride):
   """EfficientNet-Lite's depthwise layers as shifted sums (CPU) or grouped convolutions
@@ -380,13 +405,13 @@ def test_depthwise_impls_give_the_same_block(k, stride):
     efficientnet_lite.depthwise_impl("fast")
   x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 9, 8)), jnp.float32)
   taps = efficientnet_lite.MBConv(k, stride, 6, 8, 8, depthwise="taps")
-  conv = taps.clone(depthwise="conv")
+  grouped = taps.clone(depthwise="conv")
   v = taps.init(jax.random.key(0), x)
-  assert jax.tree.map(np.shape, conv.init(jax.random.key(0), x)) == jax.tree.map(np.shape, v)
+  assert jax.tree.map(np.shape, grouped.init(jax.random.key(0), x)) == jax.tree.map(np.shape, v)
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply({**v, "params": p}, x)))
-  np.testing.assert_allclose(loss(taps)(v["params"], x), loss(conv)(v["params"], x), rtol=1e-5)
+  np.testing.assert_allclose(loss(taps)(v["params"], x), loss(grouped)(v["params"], x), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(jax.grad(loss(taps), argnums=(0, 1))(v["params"], x)),
-                  jax.tree.leaves(jax.grad(loss(conv), argnums=(0, 1))(v["params"], x))):
+                  jax.tree.leaves(jax.grad(loss(grouped), argnums=(0, 1))(v["params"], x))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
   def grouped_convs(impl):

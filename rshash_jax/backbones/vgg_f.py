@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rshash_jax import errors
-from rshash_jax.backbones import common
+from rshash_jax.backbones import common, conv
 
 FEATURE_DIM = 4096
 _CONVS = (("conv1", 11, 4, 0, 64), ("conv2", 5, 1, 2, 256), ("conv3", 3, 1, 1, 256),
@@ -75,13 +75,14 @@ class VGGF(nn.Module):
   num_classes: int = 1000
   lrn_params: Sequence[float] = DEFAULT_LRN
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # conv.conv_impl: the kernel gradient's form, not the function
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # no dropout in VGG-F
     x = x.astype(self.dtype)
     for name, k, s, p, f in _CONVS:
-      x = nn.relu(nn.Conv(f, (k, k), (s, s), padding=((p, p), (p, p)), dtype=self.dtype, name=name)(x))
+      x = nn.relu(conv.Conv(f, k, s, p, dtype=self.dtype, impl=self.conv_impl, name=name)(x))
       if name in ("conv1", "conv2"):
         x = lrn(x, *self.lrn_params)
       if name in ("conv1", "conv2", "conv5"):
