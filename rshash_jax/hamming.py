@@ -169,10 +169,11 @@ def _popcount_sum(pairs, swar: bool = False) -> jax.Array:
     return total.astype(jnp.int32)
   total = None
   for s in range(0, len(xs), 6):  # a byte holds <= 6 * 8 = 48 and a code's sum <= 192 < 256
+    end = min(s + 6, len(xs))
     acc = None
-    for j in range(s, min(s + 6, len(xs)), 2):
+    for j in range(s, end, 2):
       n = _nibble_counts(xs[j])
-      if j + 1 < min(s + 6, len(xs)):
+      if j + 1 < end:
         n = n + _nibble_counts(xs[j + 1])  # fields <= 8
       b = (n & jnp.uint32(_M4)) + ((n >> 4) & jnp.uint32(_M4))  # bytes <= 16
       acc = b if acc is None else acc + b
@@ -237,7 +238,8 @@ def _chunking(per_device: int, chunk_target: int) -> Tuple[int, int]:
   if per_device <= unit:
     return 1 << max(0, math.ceil(math.log2(max(per_device, 1)))), 1
   n_chunks = -(-per_device // chunk_target)
-  return -(-(-(-per_device // n_chunks)) // unit) * unit, n_chunks
+  per_chunk = -(-per_device // n_chunks)
+  return -(-per_chunk // unit) * unit, n_chunks
 
 
 def _plan(bits_max: int, k: int, chunk: int) -> Tuple[int, int]:
@@ -444,9 +446,10 @@ class HammingIndex:
 
   def _search_fn(self, k: int):
     if k not in self._fns:
-      chunk, group = _plan(self.num_words * WORD_BITS, k, self._chunk)
+      bits_max = self.num_words * WORD_BITS
+      chunk, group = _plan(bits_max, k, self._chunk)
       body = functools.partial(_local_topk, k=k, chunk=chunk, group=group, n_devices=self.n_devices,
-                               bits_max=self.num_words * WORD_BITS, swar=self._swar)
+                               bits_max=bits_max, swar=self._swar)
       fn = jax.shard_map(body, mesh=self.mesh,
                          in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
                          out_specs=(P(), P()), check_vma=False)

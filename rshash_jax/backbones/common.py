@@ -67,6 +67,18 @@ class Preprocessing:
                 scale=self.scale, bgr=self.bgr, channels=self.channels)
 
 
+def backend_impl(what: str, impl: str, cpu: str, accelerator: str) -> str:
+  """Resolves a layer's implementation choice: one of ("auto", cpu, accelerator); "auto"
+  is `cpu` on the CPU backend and `accelerator` elsewhere. The choices compute the same
+  function (a test pins each pair); only their speed differs by platform."""
+  impls = ("auto", cpu, accelerator)
+  if impl not in impls:
+    raise ValueError(f"{what} impl must be one of {impls}, got {impl!r}")
+  if impl == "auto":
+    return cpu if jax.default_backend() == "cpu" else accelerator
+  return impl
+
+
 def _head(items, n: int = 8, sep: str = ", ") -> str:
   return sep.join(items[:n]) + (f"{sep}... ({len(items) - n} more)" if len(items) > n else "")
 

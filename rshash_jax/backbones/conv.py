@@ -25,18 +25,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("auto", "patches", "xla")
+from rshash_jax.backbones import common
+
 _DN = ("NHWC", "HWIO", "NHWC")
 _STACK_BELOW_CHANNELS = 32  # fewer input channels: one product over all taps' patches
 
 
 def conv_impl(impl: str) -> str:
   """'auto' -> 'patches' on CPU, 'xla' on accelerators."""
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "patches" if jax.default_backend() == "cpu" else "xla"
-  return impl
+  return common.backend_impl("conv", impl, cpu="patches", accelerator="xla")
 
 
 def _conv(x, kernel, strides, padding):

@@ -146,17 +146,10 @@ def _depthwise_bwd(stride, res, g):
 depthwise_conv_same.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-DEPTHWISE_IMPLS = ("auto", "taps", "conv")
-
-
 def depthwise_impl(impl: str) -> str:
   """'auto' -> 'taps' (depthwise_conv_same) on CPU, 'conv' (the grouped convolution,
   cuDNN's on GPUs) on accelerators, where the grouped convolution is the fast one."""
-  if impl not in DEPTHWISE_IMPLS:
-    raise ValueError(f"depthwise impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "taps" if jax.default_backend() == "cpu" else "conv"
-  return impl
+  return common.backend_impl("depthwise", impl, cpu="taps", accelerator="conv")
 
 
 class DepthwiseConv(nn.Module):
