@@ -185,7 +185,11 @@ class PointwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
-    return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0].astype(self.dtype))
+    # Rows as a 2-D matrix: the kernel gradient is then a product contracting one major
+    # dimension, which XLA:CPU's dot takes as it is. Contracted over (n, h, w) of the 4-D
+    # array, its dot canonicalisation transposed the whole output gradient first.
+    rows = x.reshape(-1, x.shape[-1]) @ kernel[0, 0].astype(self.dtype)
+    return rows.reshape(*x.shape[:-1], self.features)
 
 
 class _ConvBN(nn.Module):
