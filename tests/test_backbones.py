@@ -442,6 +442,41 @@ def test_vgg_f_fully_connected_matches_valid_conv_values_and_gradients(window):
     np.testing.assert_allclose(np.reshape(a, np.shape(b)), b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("act", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_frozen_batch_norm_matches_flax_batch_norm(act, dtype):
+  """EfficientNet-Lite's batch norm on stored statistics (custom gradient, fewer arrays
+  kept for the backward pass): nn.BatchNorm(use_running_average=True)'s variables, values
+  and gradients (input, scale, bias; ReLU6's mask included), with means far from zero so
+  that the scale gradient's sum(g * z) - mean * sum(g) form has something to cancel."""
+  rng = np.random.default_rng(5)
+  c = 6
+  mean = rng.uniform(-8, 8, c).astype(np.float32)
+  var = rng.uniform(0.2, 4.0, c).astype(np.float32)
+  x = jnp.asarray(mean + np.sqrt(var) * rng.standard_normal((4, 7, 5, c)) * 2, dtype)
+  ours = efficientnet_lite.FrozenBatchNorm(act=act, dtype=dtype)
+  bn = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=dtype)
+  ref = nn.Sequential([bn, nn.relu6]) if act else bn
+  v = bn.init(jax.random.key(0), x)
+  assert jax.tree.map(np.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(np.shape, v)
+  v = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32),
+                  "bias": jnp.asarray(rng.uniform(-1, 3, c), jnp.float32)},
+       "batch_stats": {"mean": jnp.asarray(mean), "var": jnp.asarray(var)}}
+  vr = {k: {"layers_0": t} for k, t in v.items()} if act else v
+  got, want = ours.apply(v, x), ref.apply(vr, x)
+  assert got.dtype == want.dtype == dtype
+  if act:
+    assert 0 < float(jnp.mean((want > 0) & (want < 6))) < 1  # both sides of the mask occur
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  r = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  loss = lambda m: lambda p, x, stats: jnp.sum(m.apply({"params": p, "batch_stats": stats}, x).astype(jnp.float32) * r)
+  g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(v["params"], x, v["batch_stats"])
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(vr["params"], x, vr["batch_stats"])
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
 def test_pointwise_conv_matches_flax_conv_values_and_gradients():
   """EfficientNet-Lite's 1x1 convolutions are matrix products (faster gradients on XLA:CPU):
   same parameter, same values and gradients as nn.Conv((1, 1), use_bias=False)."""

@@ -192,6 +192,72 @@ class PointwiseConv(nn.Module):
     return rows.reshape(*x.shape[:-1], self.features)
 
 
+def _bn_pre_activation(z, mean, var, scale, bias, dtype):
+  """nn.BatchNorm(use_running_average=True)'s arithmetic, in its order and dtypes."""
+  return ((z - mean) * (lax.rsqrt(var + _BN_EPS) * scale) + bias).astype(dtype)
+
+
+def _relu6_mask(y):
+  """Where jax.nn.relu6 passes the gradient (its custom JVP): 0 < y < 6."""
+  return (y > 0) & (y < 6)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def frozen_bn_act(z, mean, var, scale, bias, act: bool, dtype):
+  """Batch norm on stored statistics over the last axis, then ReLU6 if `act`.
+
+  Same values as nn.BatchNorm(use_running_average=True) [+ nn.relu6], and the same
+  gradients up to float rounding. Written out because autodiff of the plain form keeps
+  z - mean as the residual for the scale's gradient: one more full-size array written in
+  the forward pass of every layer (49 in Lite0) and read back in the backward. Here the
+  residual is z itself, which the convolution wrote anyway, and the backward pass
+  recomputes the pre-activation inside its fused loops.
+  """
+  y = _bn_pre_activation(z, mean, var, scale, bias, dtype)
+  return jnp.minimum(jnp.maximum(y, 0), 6.).astype(dtype) if act else y
+
+
+def _frozen_bn_act_fwd(z, mean, var, scale, bias, act, dtype):
+  return frozen_bn_act(z, mean, var, scale, bias, act, dtype), (z, mean, var, scale, bias)
+
+
+def _frozen_bn_act_bwd(act, dtype, res, g):
+  z, mean, var, scale, bias = res
+  # The barrier keeps XLA from merging this recomputation with the forward's identical
+  # expressions, which would make it write z - mean out again for both to read.
+  z = lax.optimization_barrier(z)
+  if act:
+    g = jnp.where(_relu6_mask(_bn_pre_activation(z, mean, var, scale, bias, dtype)), g, 0)
+  g32 = g.astype(jnp.float32)
+  axes = tuple(range(z.ndim - 1))
+  rs = lax.rsqrt(var + _BN_EPS)
+  d_bias = jnp.sum(g32, axes)
+  d_scale = (jnp.sum(g32 * z, axes) - mean * d_bias) * rs
+  dz = (g32 * (rs * scale)).astype(z.dtype)
+  return (dz, jnp.zeros_like(mean), jnp.zeros_like(var), d_scale.astype(scale.dtype),
+          d_bias.astype(bias.dtype))
+
+
+frozen_bn_act.defvjp(_frozen_bn_act_fwd, _frozen_bn_act_bwd)
+
+
+class FrozenBatchNorm(nn.Module):
+  """nn.BatchNorm(use_running_average=True, epsilon=1e-3) [+ ReLU6] with frozen_bn_act's
+  gradient; the same variables ('batch_stats' mean/var, 'params' scale/bias), so
+  checkpoints and converted weights are unchanged."""
+  act: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+    var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return frozen_bn_act(x, mean.value, var.value, scale, bias, self.act, jnp.dtype(self.dtype))
+
+
 class _ConvBN(nn.Module):
   features: int
   kernel: int
@@ -212,8 +278,7 @@ class _ConvBN(nn.Module):
     else:
       x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
                   padding="SAME", use_bias=False, dtype=self.dtype, name=self.conv_name)(x)
-    x = nn.BatchNorm(use_running_average=True, epsilon=_BN_EPS, dtype=self.dtype, name=self.bn_name)(x)
-    return nn.relu6(x) if self.act else x
+    return FrozenBatchNorm(act=self.act, dtype=self.dtype, name=self.bn_name)(x)
 
 
 class MBConv(nn.Module):
