@@ -371,11 +371,13 @@ def test_depthwise_conv_gradients_match_grouped_conv(k, stride, size):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("k, stride, pad, cin", [(11, 4, 0, 3), (5, 1, 2, 40), (3, 2, 1, 33), (3, 1, 1, 8)])
-def test_conv_with_patch_kernel_gradient_equals_nn_conv(k, stride, pad, cin):
+@pytest.mark.parametrize("k, stride, pad, cin", [(11, 4, 0, 3), (5, 1, 2, 40), (3, 2, 1, 33), (3, 1, 1, 8),
+                                                (4, 3, 1, 2), (3, 3, 0, 1)])
+def test_conv_impls_equal_nn_conv(k, stride, pad, cin):
   """conv.Conv (VGG-F's layers): nn.Conv's parameters, values and gradients (input and
-  kernel) with either impl; the stacked-patch (few channels) and per-tap forms both run."""
-  assert conv.conv_impl("auto") == ("patches" if jax.default_backend() == "cpu" else "xla")
+  kernel) with every impl; the stacked-patch (few channels) and per-tap forms both run,
+  and space-to-depth with kernels that are and are not multiples of the stride."""
+  assert conv.conv_impl("auto") == ("patches" if jax.default_backend() == "cpu" else "space_to_depth")
   with pytest.raises(ValueError, match="'im2col'"):
     conv.conv_impl("im2col")
   rng = np.random.default_rng(k + cin)
@@ -386,7 +388,7 @@ def test_conv_with_patch_kernel_gradient_equals_nn_conv(k, stride, pad, cin):
   r = jnp.asarray(rng.standard_normal(ref.apply(v, x).shape), jnp.float32)
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply({"params": p}, x)) * r)
   want = jax.grad(loss(ref), argnums=(0, 1))(v["params"], x)
-  for impl in ("patches", "xla"):
+  for impl in ("patches", "space_to_depth", "xla"):
     ours = conv.Conv(6, k, stride, pad, impl=impl)
     assert jax.tree.map(np.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(np.shape, v)
     np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)

@@ -67,11 +67,11 @@ class Preprocessing:
                 scale=self.scale, bgr=self.bgr, channels=self.channels)
 
 
-def backend_impl(what: str, impl: str, cpu: str, accelerator: str) -> str:
-  """Resolves a layer's implementation choice: one of ("auto", cpu, accelerator); "auto"
-  is `cpu` on the CPU backend and `accelerator` elsewhere. The choices compute the same
-  function (a test pins each pair); only their speed differs by platform."""
-  impls = ("auto", cpu, accelerator)
+def backend_impl(what: str, impl: str, cpu: str, accelerator: str, others: Tuple[str, ...] = ()) -> str:
+  """Resolves a layer's implementation choice: one of ("auto", cpu, accelerator, *others);
+  "auto" is `cpu` on the CPU backend and `accelerator` elsewhere. The choices compute the
+  same function (tests pin them to each other); only their speed differs by platform."""
+  impls = ("auto", cpu, accelerator, *others)
   if impl not in impls:
     raise ValueError(f"{what} impl must be one of {impls}, got {impl!r}")
   if impl == "auto":

@@ -75,7 +75,7 @@ class VGGF(nn.Module):
   num_classes: int = 1000
   lrn_params: Sequence[float] = DEFAULT_LRN
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"  # conv.conv_impl: the kernel gradient's form, not the function
+  conv_impl: str = "auto"  # conv.conv_impl: how each platform computes it, not what
 
   @nn.compact
   def __call__(self, x, train: bool = False):
