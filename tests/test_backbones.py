@@ -1,6 +1,7 @@
 """Backbones: weight readers on synthetic files of each format, shapes, bf16, real weights."""
 
 import collections
+import functools
 import importlib.util
 import os
 import pickle
@@ -251,6 +252,27 @@ def test_lrn_matches_matconvnet_formula():
     lo, hi = max(0, c - 2), min(7, c + 3)
     want[..., c] = x[..., c] / (kappa + alpha * np.sum(x[..., lo:hi] ** 2, -1)) ** beta
   np.testing.assert_allclose(np.asarray(vgg_f.lrn(jnp.asarray(x), d, kappa, alpha, beta)), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [5, 4])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lrn_impls_give_the_same_values_and_gradients(depth, dtype):
+  """vgg_f.lrn's written-out gradient (CPU) against autodiff of the formula (accelerators):
+  even window depths too (the window is not symmetric), at VGG-F's activation scale."""
+  assert vgg_f.lrn_impl("auto") == ("written" if jax.default_backend() == "cpu" else "autodiff")
+  with pytest.raises(ValueError, match="'fast'"):
+    vgg_f.lrn_impl("fast")
+  rng = np.random.default_rng(depth)
+  x = jnp.asarray(rng.standard_normal((2, 4, 3, 9)) * 40, dtype)
+  r = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  p = (depth, 2.0, 1e-3, 0.75)
+  written, autodiff = (functools.partial(vgg_f.lrn, impl=i) for i in ("written", "autodiff"))
+  np.testing.assert_array_equal(np.asarray(written(x, *p), np.float32), np.asarray(autodiff(x, *p), np.float32))
+  loss = lambda f: lambda x: jnp.sum(f(x, *p).astype(jnp.float32) * r)
+  got, want = jax.jit(jax.grad(loss(written)))(x), jax.grad(loss(autodiff))(x)
+  assert got.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
 
 
 # --- SqueezeNet ----------------------------------------------------------------------
