@@ -20,8 +20,9 @@ step time over ours (> 1: we are faster), and the last line gives the median of
 weights; Lite0 from ImageNet weights when the `weights` extra is installed. Batches are on
 the device before the clock starts, on both sides. MFU: model FLOPs (convolutions and
 matrix products of the forward's jaxpr, x3 per step) over the chip's dense bf16 peak and
-over a bf16 matrix product measured in the run. Measured on an H100 (README): VGG-F 3.24x
-PyTorch, MFU 13%; Lite0 1.71x, MFU 2%.
+over a bf16 matrix product measured in the run. Measured on an H100, batch 256 (README):
+VGG-F 4.38x PyTorch, MFU 18% (23% at batch 1024); Lite0 1.34x, MFU 1.4% (its rate varies
+run to run with the autotuner's choice of depthwise-gradient kernel).
 
 Where our step's time goes, and what was changed (EfficientNet-Lite0, batch 32, 2-core
 AVX2 EPYC, XLA:CPU profile of the step; the library's matrix kernels are YNNPACK's):
@@ -34,11 +35,18 @@ AVX2 EPYC, XLA:CPU profile of the step; the library's matrix kernels are YNNPACK
     (efficientnet_lite._tap_products_sum) reads the input once: 7.1 -> 12.6 images/s.
   * XLA flags tried on the old step: YNNPACK off (2.9 images/s), oneDNN on (4.5), YNNPACK
     convolutions off (6.0, kept no flag: the rewrites above do better without one).
-  * What is left (2.5 s of thread time per step): matrix products 0.8 s, batch-norm
-    recomputation in the backward pass 0.3 s, transposes for the 112x112 layers'
-    kernel gradients 0.3 s, the stem's 3x3 convolution gradient (its kernel gradient
-    alone: 118 ms as XLA's convolution, 78 ms as backbones/conv.py's patch products;
-    not switched, ~1.5% of the step).
+  * 1x1 convolutions as products of 2-D matrices (x.reshape(-1, C) @ kernel): contracted
+    over (n, h, w) of the 4-D array, XLA:CPU's dot canonicalisation transposed the whole
+    output gradient for each kernel gradient (blocks_1 expand: a 154 MB copy, 261 ms, then
+    a 164 ms dot). Profile 4.0 -> 3.2 s; 0.76x -> 1.00x PyTorch (a slower day: 9.9 images/s).
+  * Batch norm on stored statistics with a written-out gradient
+    (efficientnet_lite.frozen_bn_act): autodiff kept z - mean for the scale's gradient,
+    one more full-size array per layer written forward and read back; the custom VJP
+    keeps z and computes sum(g z) - mean sum(g). Profile 3.1 -> 2.3 s; 1.00x -> 1.10x.
+  * What is left (2.3 s per step): the library's matrix products ~1.3 s, the depthwise
+    kernel gradients' reduce ~0.4 s, the depthwise and ReLU6 selects and pads.
+  * One CPU device per core (--xla_force_host_platform_device_count=2, batch split over
+    them) ran 0.83x against 0.76x before the two changes above; not adopted.
 
 VGG-F (batch 32, same machine): each layer's forward + backward timed alone against
 PyTorch's showed the convolutions' kernel gradients as the gap (jitted, kernel gradient
@@ -47,7 +55,9 @@ in PyTorch ~415 ms). XLA:CPU runs them as convolutions with the batch as feature
 dimension and the output map as window. backbones/conv.py computes them as matrix
 products over each tap's strided input slice (conv1: over all taps' patches stacked):
 194 / 229 / 74 ms. The step went from 8.68 images/s (0.91x PyTorch, 0.75..0.92) to 11.99
-(1.28x, 1.12..1.33), `python benchmarks/train_step.py --backbone=vgg_f`.
+(1.28x, 1.12..1.33), `python benchmarks/train_step.py --backbone=vgg_f`. Then LRN's
+gradient written out (vgg_f.lrn, CPU only: on the GPU autodiff's form was faster): the
+step 6.9 -> 9.6 images/s interleaved on a slower day; 1.41x PyTorch (1.38..1.52).
 """
 
 import argparse
