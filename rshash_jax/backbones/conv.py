@@ -18,8 +18,8 @@ channels, the kernel zero-padded to a multiple of s and rearranged alike), the f
 TPU ResNet input layers use. VGG-F's conv1 (11x11/4 over 3 channels) is then a 3x3
 convolution over 48 channels, which the GPU's matrix units take without padding the
 channels: H100, bf16, batch 256, its forward kernel alone took 0.93 ms plus 0.44 ms of
-channel padding, and the VGG-F train step went from 32.0k to 39.7k images/s
-(benchmarks/train_step.py). Values are the same up to summation order.
+channel padding, and the VGG-F train step (benchmarks/train_step.py's step, both forms in
+one run) went from 32.0k to 39.7k images/s. Values are the same up to summation order.
 
 `Conv` keeps nn.Conv's parameters ('kernel' [kh, kw, Cin, Cout], 'bias'), so checkpoints
 and converted weights load unchanged. impl "auto" is "patches" on CPU and
@@ -66,8 +66,7 @@ def conv_space_to_depth(x, kernel, strides, padding):
   ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
   bh, bw = -(-kh // sh), -(-kw // sw)  # the kernel's extent in blocks
   hp, wp = (ho - 1 + bh) * sh, (wo - 1 + bw) * sw  # the padded input rows / columns read
-  x = jnp.pad(x, ((0, 0), (pt, 0), (pl, 0), (0, 0)))[:, :hp, :wp]
-  x = jnp.pad(x, ((0, 0), (0, hp - x.shape[1]), (0, wp - x.shape[2]), (0, 0)))
+  x = jnp.pad(x, ((0, 0), (pt, max(hp - pt - h, 0)), (pl, max(wp - pl - w, 0)), (0, 0)))[:, :hp, :wp]
   x = x.reshape(b, hp // sh, sh, wp // sw, sw, cin).transpose(0, 1, 3, 2, 4, 5)
   k = jnp.pad(kernel, ((0, bh * sh - kh), (0, bw * sw - kw), (0, 0), (0, 0)))
   k = k.reshape(bh, sh, bw, sw, cin, cout).transpose(0, 2, 1, 3, 4, 5)

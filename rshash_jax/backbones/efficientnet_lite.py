@@ -214,7 +214,7 @@ def frozen_bn_act(z, mean, var, scale, bias, act: bool, dtype):
   recomputes the pre-activation inside its fused loops.
   """
   y = _bn_pre_activation(z, mean, var, scale, bias, dtype)
-  return jnp.minimum(jnp.maximum(y, 0), 6.).astype(dtype) if act else y
+  return jax.nn.relu6(y) if act else y
 
 
 def _frozen_bn_act_fwd(z, mean, var, scale, bias, act, dtype):
