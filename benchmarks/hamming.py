@@ -216,7 +216,7 @@ def main():
       db = random_packed(rng, n, bits)
       q = random_packed(rng, ARGS.queries, bits)
       index = hamming.HammingIndex(db, chunk_size=ARGS.chunk_size)
-      index.search(q[:8], ARGS.k, query_batch=ARGS.query_batch)  # compile
+      index.search(q[:ARGS.query_batch], ARGS.k, query_batch=ARGS.query_batch)  # compile the timed shape
       nq = min(ARGS.numpy_queries, ARGS.queries)
       t_np, (d_np, i_np) = timed(lambda: numpy_topk(q[:nq], db, ARGS.k))
       fidx = None

@@ -129,7 +129,7 @@ def test_topk_group_cut_by_database_end_is_masked(bits):
                                               chunk_size=1 << 10)
   codes = np.ones((n, bits))
   probe = index_for(hamming.pack_codes(codes))
-  _, group = hamming._plan(bits, k, probe._chunk)
+  group = hamming._group_size(k, probe._chunk)
   assert n % group and probe.n_local > n  # a cut group, then padding
   for g in range(k):
     codes[g * group * 3, 1:] = -1  # distance 1 from the zero query, k different groups
@@ -205,9 +205,29 @@ def test_two_level_group_selection_is_exact(n_groups, kg, top):
   level = rng.integers(0, top, (5, n_groups // hamming._SUPER)).repeat(hamming._SUPER, axis=1)
   gkey = (level + rng.integers(0, 3, (5, n_groups))).astype(np.uint8)
   assert n_groups // hamming._SUPER >= 2 * kg  # the two-level path runs
-  got = np.asarray(hamming._select_groups(jnp.asarray(gkey), kg, top + 3))
+  got = np.asarray(hamming._select_groups(jnp.asarray(gkey), kg)[0])
   flat = np.sort(np.lexsort((np.tile(np.arange(n_groups), (5, 1)), gkey), axis=-1)[:, :kg], axis=-1)
   np.testing.assert_array_equal(got, flat)
+
+
+@pytest.mark.parametrize("n, k, top, dtype", [
+    (3200, 100, 129, np.int32), (512, 100, 40, np.uint8), (200, 100, 3, np.int32),
+    (37, 37, 5, np.int32), (33, 1, 2, np.uint8), (1, 1, 0, np.int32), (700, 650, 300, np.int32)])
+def test_counting_selection_equals_a_stable_sort(n, k, top, dtype):
+  """_select_first (threshold by bisection on counts, then bit masks) returns the first k
+  positions of a stable sort by value, in position order, with ties across words and
+  rows whose bracket is loose (lo = 0, hi = top) or tight (the true extremes)."""
+  rng = np.random.default_rng(n + k)
+  d = rng.integers(0, top + 1, (6, n)).astype(dtype)
+  d[0] = top  # one value everywhere
+  want = np.sort(np.argsort(d, axis=1, kind="stable")[:, :k], axis=1)
+  for lo, hi in ((np.zeros(6), np.full(6, top)), (d.min(1), d.max(1))):
+    got = np.asarray(jax.jit(hamming._select_first, static_argnums=1)(
+        jnp.asarray(d), k, jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)))
+    np.testing.assert_array_equal(got, want)
+  kth = jax.jit(hamming._kth_smallest, static_argnums=1)(
+      jnp.asarray(d), k, jnp.asarray(d.min(1), jnp.int32), jnp.asarray(d.max(1), jnp.int32))
+  np.testing.assert_array_equal(kth, np.sort(d, axis=1)[:, k - 1])
 
 
 def test_topk_exact_through_two_level_selection():
@@ -215,7 +235,7 @@ def test_topk_exact_through_two_level_selection():
   db = hamming.pack_codes(random_codes(rng, 40000, 12, p=0.8))
   q = hamming.pack_codes(random_codes(rng, 7, 12, p=0.8))
   index = hamming.HammingIndex(db, mesh=sharding.data_mesh(jax.devices()[:1]), chunk_size=1 << 15)
-  chunk, group = hamming._plan(12, 5, index._chunk)
+  chunk, group = index._chunk, hamming._group_size(5, index._chunk)
   assert chunk // group // hamming._SUPER >= 2 * 5
   d, i = index.search(q, 5)
   rd, ri = np_topk(q, db, 5)
