@@ -43,15 +43,23 @@ one core, per query of a 256-query batch, the pieces jitted apart):
     - Padding masked per group (the groups past the database's end, and the one group it
       cuts recomputed with the item mask) instead of a compare-and-select per code: full
       search, 1M codes, 2 devices, 32 bits +12%, 64 and 128 bits +7%.
-  * Selecting the k best of the group minima (float32 top_k) costs ~45-55 us per 2^19-code
-    chunk, gathering and re-ranking the k x 32 candidates ~30-45 us: at 128 bits the
-    pass is ~70% of a chunk (254 of 362 us), selection the rest. top_k is mostly a fixed cost
-    per call at k = 100 (256 rows, one core, per row: 16 us on 512 keys, 32 us on 3,200,
-    64 us on 16,384; a full sort of 3,200 costs 521 us), so the group minima are ranked
-    in two levels (hamming._select_groups: 512 super-group minima, then 3,200 groups)
-    and the first chunk is not merged with an empty list: 1M codes, median of three
-    runs, 64 bits 2600 -> 2813 q/s, 128 bits 1528 -> 1722, 32 bits unchanged. Super-groups
-    of 16 or 64 and groups of 16 were no faster (groups of 16 slow the pass 2.7x).
+  * Selection. It was float32 top_k in two levels over the group minima (512 super-group
+    minima, then 3,200 groups) and once over the k x 32 candidates: XLA:CPU's top_k is
+    mostly a fixed cost per row at k = 100 (256 rows, one core, per row: 16 us on 512
+    keys, 32 us on 3,200, 64 us on 16,384; a full sort of 3,200 costs 521 us). Distances
+    are small integers, so now every level counts (hamming._select_first): the k-th
+    smallest value by bisection on counts, each level's bracket given by the one before
+    (few passes), then bit masks of the positions below it and of the first ties, read
+    out by a binary search on running counts. Trace of one device (both cores), 500K x
+    128 bits, 256 queries: the three top_k calls took 93-95 us/query and everything but
+    the pass 128-133; with counting, everything but the pass takes 80-103 (the rest is
+    the candidates' gather, the group-key gather and the masks). Interleaved against the
+    top_k version in one run (2 devices, 5 pairs, median): 1M codes 1.28x / 1.20x / 1.10x
+    at 32 / 64 / 128 bits, 10M x 128 bits 1.14x. Two traps on the way: unrolled, the
+    position search's arithmetic was fused by XLA into the gathers that use it and
+    recomputed per gathered element (32 per group; slower than top_k), so it is a loop;
+    and the final sort by (distance, index) is one int32 key (XLA:CPU sorts a single
+    integer operand with a plain comparison; two operands cost 13.5 us/query).
   * Chunks: smaller chunks pay the selection more often, larger ones fall out of the
     shared last-level cache (32 MiB here, both devices' chunks in it). Interleaved, 10M
     codes, 2 devices: at 128 bits 2^19 codes (8 MiB) ran 1.09x 2^20 and 2^21 0.69x; at 32
@@ -83,6 +91,9 @@ batch, so memory is not the limit); Q = 16 reads it at 54-91 GB/s. Query batches
 or 1024 and chunks of 1M to 16M codes changed the rate by 8% at most: the fused pass and
 the per-chunk selection loop bound it, and a GPU-specific selection is not written yet.
     python benchmarks/hamming.py --sizes=100000000 --queries=1000 --pairs=3 --numpy_queries=1
+Those GPU figures predate the counting selection (they used top_k) and were not measured
+again: no GPU was lent since. Its bisection is a while loop whose condition a GPU reads
+back each step, so re-measure there before quoting them for the current code.
 """
 
 import argparse
