@@ -292,6 +292,7 @@ def _select_k(d: jax.Array, idx: jax.Array, k: int, lo, hi) -> Tuple[jax.Array, 
 
 
 def _bounds(d: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Per row (min, max) as int32: a bracket of any k-th smallest value for `_select_first`."""
   return jnp.min(d, axis=-1).astype(jnp.int32), jnp.max(d, axis=-1).astype(jnp.int32)
 
 
