@@ -255,8 +255,8 @@ def _select_first(d: jax.Array, k: int, lo: jax.Array, hi: jax.Array) -> jax.Arr
   n = d.shape[-1]
   if k > n:
     raise errors.InvalidInput(f"internal: selecting {k} of {n}")
-  t = _kth_smallest(d, k, lo, hi)[..., None]
   d = d.astype(jnp.int32)
+  t = _kth_smallest(d, k, lo, hi)[..., None]
   pad = -n % WORD_BITS
   if pad:  # never selected: k values <= t lie before them
     d = jnp.pad(d, [(0, 0)] * (d.ndim - 1) + [(0, pad)], constant_values=np.iinfo(np.int32).max)
@@ -274,8 +274,9 @@ def _select_first(d: jax.Array, k: int, lo: jax.Array, hi: jax.Array) -> jax.Arr
 
   def search(s, pos):  # the j-th selected position: the largest p with j selected before it
     trial = pos + (top >> (s + 1))
-    w = jnp.minimum(trial >> 5, before.shape[-1] - 1)
-    low = jnp.take_along_axis(sel, w, axis=-1) & ((jnp.uint32(1) << (trial & 31).astype(jnp.uint32)) - 1)
+    w = jnp.minimum(trial // WORD_BITS, before.shape[-1] - 1)
+    below_trial = (jnp.uint32(1) << (trial % WORD_BITS).astype(jnp.uint32)) - jnp.uint32(1)
+    low = jnp.take_along_axis(sel, w, axis=-1) & below_trial
     ahead = jnp.take_along_axis(before, w, axis=-1) + lax.population_count(low).astype(jnp.int32)
     return jnp.where((trial < n + pad) & (ahead <= j), trial, pos)
 
@@ -523,8 +524,8 @@ class HammingIndex:
   def _search_fn(self, k: int):
     if k not in self._fns:
       bits_max = self.num_words * WORD_BITS
-      body = functools.partial(_local_topk, k=k, chunk=self._chunk, group=_group_size(k, self._chunk), n_devices=self.n_devices,
-                               bits_max=bits_max, swar=self._swar)
+      body = functools.partial(_local_topk, k=k, chunk=self._chunk, group=_group_size(k, self._chunk),
+                               n_devices=self.n_devices, bits_max=bits_max, swar=self._swar)
       fn = jax.shard_map(body, mesh=self.mesh,
                          in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
                          out_specs=(P(), P()), check_vma=False)
