@@ -40,7 +40,7 @@ def build(data: str, out: str, size: int, seed: int = 0):
   from rasterio.transform import from_origin  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, REPO)
-  from rshash_jax import datasets  # pylint: disable=g-import-not-at-top
+  from rshash_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
   table = datasets.class_folder(data)
   rng = np.random.default_rng(seed)
   for i, (path, label) in enumerate(zip(table.paths, table.labels)):
@@ -49,7 +49,7 @@ def build(data: str, out: str, size: int, seed: int = 0):
     dst = os.path.join(dst_dir, os.path.splitext(os.path.basename(path))[0] + ".tif")
     if os.path.exists(dst):
       continue
-    rgb = datasets.load_image(path, size).astype(np.float32)
+    rgb = input_pipeline.load_image(path, size).astype(np.float32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     bands = {"B4": r * 30 + 200, "B3": g * 30 + 200, "B2": b * 30 + 200,
              "B8": np.clip(1.6 * g - 0.5 * r, 0, None) * 30 + 300}

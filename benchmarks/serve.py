@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 
 def _codes_file(encoder_path: str, image_paths, num_codes: int, out: str):
-  from rshash_jax import encoder as encoder_lib, hamming, input_pipeline, tools  # pylint: disable=g-import-not-at-top
+  from rshash_jax import codes as codes_lib, encoder as encoder_lib, hamming, input_pipeline  # pylint: disable=g-import-not-at-top
   enc = encoder_lib.load_encoder(encoder_path)
   real = image_paths[:256]
   imgs = np.stack([input_pipeline.load_image(p, enc.image_size, degrade=enc.meta.get("degrade", 1)) for p in real])
@@ -46,7 +46,7 @@ def _codes_file(encoder_path: str, image_paths, num_codes: int, out: str):
   extra = rng.integers(0, 2**32, (num_codes - len(codes), hamming.num_words(enc.bits)), dtype=np.uint64)
   all_codes = np.concatenate([codes, extra.astype(np.uint32)])
   paths = np.asarray([real[i % len(real)] for i in range(num_codes)])
-  np.savez(out, format=tools.CODES_FORMAT, codes=all_codes, ids=np.arange(num_codes), labels=np.full(num_codes, -1),
+  np.savez(out, format=codes_lib.FORMAT, codes=all_codes, ids=np.arange(num_codes), labels=np.full(num_codes, -1),
            predicted=np.full(num_codes, -1), paths=paths, class_names=np.asarray([], dtype=str), bits=enc.bits,
            identity=enc.identity, method=enc.meta["method"], backbone=enc.meta["backbone"])
   return enc

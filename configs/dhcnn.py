@@ -66,7 +66,7 @@ alternatives (re-tune the learning rate with them).
 
 import ml_collections
 
-from rshash_jax import config_defaults, errors, metrics
+from rshash_jax import config_defaults, errors
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -93,7 +93,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
   c.eval.map_ks = (5, 10, 20, 50, 100)
-  c.eval.ks = metrics.DHCNN_KS
+  c.eval.ks = config_defaults.DHCNN_KS
 
   for item in filter(None, (a.strip() for a in arg.split(","))):
     _apply(c, item)

@@ -108,7 +108,7 @@ mAP; `python benchmarks/mrhash_ucmerced.py --objective=pair3`, and `--objective=
 
 import ml_collections
 
-from rshash_jax import config_defaults, errors, metrics
+from rshash_jax import config_defaults, errors
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -161,7 +161,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.map_at_r = 100                      # 1900 for EuroSAT (paper), 9375 for DSRSID
   c.eval.map_ks = (100,)
-  c.eval.ks = metrics.DHCNN_KS
+  c.eval.ks = config_defaults.DHCNN_KS
 
   for item in filter(None, (a.strip() for a in arg.split(","))):
     if item.startswith("bits="):

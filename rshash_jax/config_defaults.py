@@ -2,6 +2,9 @@
 
 import ml_collections
 
+# Cut-offs of the precision/recall-at-k curves of the DHCNN paper (1, 11, 21, 31, 50, 100, ..., 1000).
+DHCNN_KS = (1, 11, 21, 31) + tuple(range(50, 1001, 50))
+
 
 def data() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()

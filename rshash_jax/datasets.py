@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from rshash_jax import errors, rasters
+from rshash_jax import distributed, errors, rasters
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Where `auto` looks for UC Merced, relative to the working directory and to this package.
@@ -174,13 +174,6 @@ def decode_pil(path: str) -> np.ndarray:
     raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e})") from e
 
 
-def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1,
-               raster: Optional[rasters.RasterSpec] = None) -> np.ndarray:
-  """`path` as uint8 [size, size, 3], exactly as the training and encoding pipelines see it
-  (input_pipeline.resize: degrade, antialiased bicubic, optional centre crop)."""
-  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.load_image(path, size, resize_size, degrade, raster)
-
 
 def decode_other(path: str, raster: Optional[rasters.RasterSpec] = None) -> np.ndarray:
   """Files TensorFlow does not decode: rasters through rasterio, the rest through PIL."""
@@ -238,7 +231,6 @@ def generate(directory: str, num_classes: int = 6, per_class: int = 20, size: in
              seed: int = 0) -> ImageTable:
   """Writes (once, by the primary process, atomically) a class-folder tree of synthetic PNG
   scenes and returns its table."""
-  from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
   root = os.path.join(directory, f"generated_c{num_classes}_n{per_class}_s{size}_seed{seed}")
   done = os.path.join(root, ".complete")
 

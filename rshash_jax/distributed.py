@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from rshash_jax import errors
+from rshash_jax import errors, sharding
 
 _barrier_count = 0
 
@@ -182,7 +182,6 @@ def write_once(path: str, write: Callable[[str], None], name: Optional[str] = No
 def replicate(tree, mesh):
   """Host values (identical on every process) -> arrays replicated over `mesh`, which may
   span devices of other processes (a plain device_put of device arrays cannot)."""
-  from rshash_jax import sharding  # pylint: disable=g-import-not-at-top
   return jax.device_put(jax.device_get(tree), sharding.replicated(mesh))
 
 

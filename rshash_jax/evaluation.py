@@ -7,11 +7,11 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 from absl import logging
 
-from rshash_jax import distributed, hamming, metrics
+from rshash_jax import config_defaults, distributed, hamming, metrics
 
 
 def evaluate_codes(db_codes: np.ndarray, q_codes: np.ndarray, db_labels: np.ndarray,
-                   q_labels: np.ndarray, *, map_ks: Sequence[int] = (), ks: Sequence[int] = metrics.DHCNN_KS,
+                   q_labels: np.ndarray, *, map_ks: Sequence[int] = (), ks: Sequence[int] = config_defaults.DHCNN_KS,
                    q_predictions: Optional[np.ndarray] = None,
                    q_logits: Optional[np.ndarray] = None) -> Dict[str, Any]:
   """Retrieval report of {-1,+1} (or real-valued) codes. With class ids [N]: relevance is

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rshash_jax import backbones, chunk_store, datasets, distributed, input_pipeline, sharding
 
@@ -26,20 +25,6 @@ def make_encoder(bb: backbones.Backbone, mesh, output: str = "features"):
     return bb.module.apply(variables, bb.preprocessing(images, bb.module.dtype))[output].astype(jnp.float32)
   return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.sharded_rows(mesh)),
                  out_shardings=sharding.sharded_rows(mesh))
-
-
-def to_global(mesh, local: np.ndarray):
-  """This process's rows -> one global array sharded over the mesh's 'data' axis (for a
-  mesh of this process's devices alone, `local` is the whole array)."""
-  return jax.make_array_from_process_local_data(NamedSharding(mesh, P(sharding.DATA_AXIS)), local)
-
-
-def gather_rows(x) -> np.ndarray:
-  """A data-sharded array -> the full numpy array on every process."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def apply_to_images(fn, variables, table: datasets.ImageTable, size: int, out_dim: int, mesh, *,
@@ -66,9 +51,9 @@ def apply_to_images(fn, variables, table: datasets.ImageTable, size: int, out_di
   steps = -(-len(indices) // global_batch)
   for step, batch in enumerate(input_pipeline.eval_batches(source, indices, global_batch=global_batch,
                                                             threads=threads, local=local)):
-    values = gather_rows(fn(variables, to_global(mesh, batch["image"])))
-    pos = gather_rows(to_global(mesh, batch["pos"]))
-    mask = gather_rows(to_global(mesh, batch["mask"]))
+    values = sharding.gather_rows(fn(variables, sharding.to_global(mesh, batch["image"])))
+    pos = sharding.gather_rows(sharding.to_global(mesh, batch["pos"]))
+    mask = sharding.gather_rows(sharding.to_global(mesh, batch["mask"]))
     out[pos[mask]] = values[mask]
     done += int(mask.sum())
     if log_every and (step + 1) % log_every == 0 or step + 1 == steps:

@@ -12,6 +12,8 @@ the same two eagerly (search queries). A decode error names the file. TFDS split
 streamed once into a memory-mapped image store. data.threads=0: the host's cores.
 """
 
+import hashlib
+import io
 import os
 from typing import Iterator, Optional
 
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from rshash_jax import datasets, errors
+from rshash_jax import chunk_store, datasets, errors, rasters
 
 
 def _options(threads: int) -> tf.data.Options:
@@ -96,7 +98,6 @@ def _refuse_picture(name: str, raster):
 def decode_file(path: str, raster=None):
   """One file's pixels, uint8 [H, W, 3] ([H, W, C] under data.bands=all), by the decoder
   its format gets in the pipelines (rasters by `raster`, a rasters.RasterSpec)."""
-  from rshash_jax import rasters  # pylint: disable=g-import-not-at-top
   if not rasters.is_raster(path):
     _refuse_picture(path, raster)
   if path.lower().endswith(TF_FORMATS):
@@ -118,9 +119,7 @@ def decode_bytes(data: bytes, name: str = "upload", raster=None) -> np.ndarray:
   """An image file's contents (not a path: an upload) as uint8 [H, W, 3], by the decoder
   `decode_file` would use for that format, so a file searched by upload or by path gives
   the same pixels. Errors name `name` and say what is wrong."""
-  import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from rshash_jax import rasters  # pylint: disable=g-import-not-at-top
   if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF / BigTIFF: as files are read
     return rasters.read_bytes(data, raster or rasters.RasterSpec(), name)
   _refuse_picture(name, raster)
@@ -192,9 +191,7 @@ class ImageSource:
 
 
 def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Optional[int], cache_dir: str):
-  import hashlib  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from rshash_jax import chunk_store, rasters  # pylint: disable=g-import-not-at-top
   key = hashlib.sha1(f"{table.tfds_name}|{table.tfds_split}|{len(table)}|{size}|{resize_size}|{table.degrade}"
                      f"|{table.raster.describe()}".encode()).hexdigest()[:16]
   feature = tfds.builder(table.tfds_name, data_dir=table.tfds_data_dir).info.features[table.image_key]

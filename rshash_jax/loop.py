@@ -6,7 +6,7 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from rshash_jax import distributed, errors, features, train_state
+from rshash_jax import distributed, errors, sharding, train_state
 
 
 def _check_and_write(pending, step, writer, mngr, loss_key, prefix):
@@ -38,7 +38,7 @@ def run(step_fn: Callable, state, batches: Iterable[dict], *, mesh, mngr, writer
   for batch in batches:
     if before_step is not None:
       state = before_step(step, state)
-    state, metrics = step_fn(state, {k: features.to_global(mesh, v) for k, v in batch.items()})
+    state, metrics = step_fn(state, {k: sharding.to_global(mesh, v) for k, v in batch.items()})
     step += 1
     pending.append(metrics)
     preempted = mngr.reached_preemption(step)

@@ -38,13 +38,10 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from rshash_jax import errors, hamming, sharding
+from rshash_jax import config_defaults, errors, hamming, sharding
 
 NORMALIZATIONS = ("retrieved", "min", "all")
 NO_RELEVANT = ("zero", "skip")
-
-# DHCNN's protocol: precision/recall at 1, 11, 21, 31, 50, 100, ..., 1000 retrieved.
-DHCNN_KS = (1, 11, 21, 31) + tuple(range(50, 1001, 50))
 
 _MAX_BLOCK = 1 << 22  # elements of a [queries, database] block held at once (~100 MB of temporaries)
 
@@ -195,7 +192,7 @@ def _valid_ks(ks: Sequence[int], n: int) -> Tuple[int, ...]:
 
 
 def precision_recall_at_k(q_codes, db_codes, q_labels, db_labels,
-                          ks: Sequence[int] = DHCNN_KS) -> Dict[str, Dict[int, float]]:
+                          ks: Sequence[int] = config_defaults.DHCNN_KS) -> Dict[str, Dict[int, float]]:
   """Mean P@k and R@k for each k (k larger than the database is clipped to it).
 
   Returns {"precision": {k: P@k}, "recall": {k: R@k}}; R@k leaves out queries with
@@ -294,7 +291,7 @@ def accuracy(predictions, labels) -> float:
 
 
 def retrieval_report(q_codes, db_codes, q_labels, db_labels, *, map_ks: Sequence[int] = (),
-                     ks: Sequence[int] = DHCNN_KS, bits: Optional[int] = None) -> Dict:
+                     ks: Sequence[int] = config_defaults.DHCNN_KS, bits: Optional[int] = None) -> Dict:
   """Everything an evaluation writes, from one full ranking (same definitions as above).
 
   Returns map (full ranking), map_at {k: mAP@k}, precision_at / recall_at {k: ...},

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from rshash_jax import errors
@@ -39,3 +40,16 @@ def is_local(mesh: Mesh) -> bool:
   """True when every device of `mesh` belongs to this process."""
   pi = jax.process_index()
   return all(d.process_index == pi for d in mesh.devices.flat)
+
+
+def to_global(mesh, local: np.ndarray):
+  """This process's rows -> one global array sharded over the mesh's 'data' axis (for a
+  mesh of this process's devices alone, `local` is the whole array)."""
+  return jax.make_array_from_process_local_data(sharded_rows(mesh), local)
+
+
+def gather_rows(x) -> np.ndarray:
+  """A data-sharded array -> the full numpy array on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -17,11 +17,8 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from rshash_jax import (chunk_store, datasets, distributed, encoder as encoder_lib, errors, hamming, input_pipeline,
+from rshash_jax import (chunk_store, codes as codes_lib, datasets, distributed, encoder as encoder_lib, errors, hamming, input_pipeline,
                         rasters)
-
-CODES_FORMAT = "rshash_jax.codes/1"
-
 
 def image_table(data: str, degrade: int = 1, check_images: bool = True,
                 raster: Optional[rasters.RasterSpec] = None, labels_file: Optional[str] = None) -> datasets.ImageTable:
@@ -95,36 +92,16 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
 
   arrays = store.build(compute, name="encode", log=lambda msg: print(f"  {msg}", file=sys.stderr))
 
-  def write(tmp):
-    with open(tmp, "wb") as f:
-      lonlat = table.lonlat()
-      np.savez(f, format=CODES_FORMAT, codes=arrays["codes"], ids=table.ids, labels=table.labels,
-               lon=lonlat[:, 0], lat=lonlat[:, 1],
-               predicted=arrays["predicted"],
-               paths=np.asarray(table.paths or [f"{table.tfds_name}:{table.tfds_split}[{i}]" for i in table.ids]),
-               class_names=np.asarray(table.class_names, dtype=str), bits=enc.bits, identity=enc.identity,
-               method=enc.meta["method"], backbone=enc.meta["backbone"])
-  distributed.write_once(out, write, name="codes file")
+  lonlat = table.lonlat()
+  paths = table.paths or [f"{table.tfds_name}:{table.tfds_split}[{i}]" for i in table.ids]
+  distributed.write_once(out, lambda tmp: codes_lib.write_codes(
+      tmp, codes=arrays["codes"], ids=table.ids, labels=table.labels, lonlat=lonlat,
+      predicted=arrays["predicted"], paths=paths, class_names=table.class_names, encoder=enc),
+      name="codes file")
   if distributed.is_primary():
     shutil.rmtree(store.directory)
     shutil.rmtree(out + ".images", ignore_errors=True)  # a TFDS source's decoded images
   return out
-
-
-def load_codes(path: str, enc: Optional[encoder_lib.Encoder] = None) -> Dict[str, np.ndarray]:
-  """A codes file's arrays; with `enc`, refuses codes that another encoder wrote."""
-  if not os.path.isfile(path):
-    raise errors.NotFound(f"codes file not found: {path}")
-  try:
-    z = dict(np.load(path, allow_pickle=False))
-  except Exception as e:
-    raise errors.InvalidInput(f"{path}: not a codes file ({e})") from e
-  if str(z.get("format")) != CODES_FORMAT:
-    raise errors.InvalidInput(f"{path}: not an rshash_jax codes file (format {z.get('format')!r})")
-  if enc is not None and (str(z["identity"]) != enc.identity or int(z["bits"]) != enc.bits):
-    raise errors.InvalidInput(f"{path} was encoded by encoder {z['identity']} ({int(z['bits'])} bits), "
-                              f"not by {enc.identity} ({enc.bits} bits): re-encode the database with this encoder")
-  return z
 
 
 def _query_paths(queries: Sequence[str]) -> List[str]:
@@ -147,13 +124,13 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
   """Top-k of each query image in a codes file; prints a table (with each hit's WGS84
   coordinates where the codes file has them), optionally a PNG grid and a GeoJSON file."""
   enc = encoder_lib.load_encoder(encoder_path)
-  db = load_codes(codes_path, enc)
+  db = codes_lib.load_codes(codes_path, enc)
   for out_path in (png, geojson):
     if out_path and distributed.agree(f"output {out_path} exists", os.path.exists(out_path)):
       raise errors.AlreadyExists(f"output exists, nothing overwritten: {out_path}")
   paths = _query_paths(queries)
   degrade = enc.meta.get("degrade", 1)
-  imgs = np.stack([datasets.load_image(p, enc.image_size, degrade=degrade, raster=enc.raster) for p in paths])
+  imgs = np.stack([input_pipeline.load_image(p, enc.image_size, degrade=degrade, raster=enc.raster) for p in paths])
   lon = db["lon"] if "lon" in db else np.full(len(db["codes"]), np.nan)
   lat = db["lat"] if "lat" in db else np.full(len(db["codes"]), np.nan)
   has_coords = bool(np.isfinite(lon).any())
@@ -249,12 +226,12 @@ def grid(results: List[Dict], png: str, size: int, raster: Optional[rasters.Rast
   for row, r in zip(axes, results):
     for ax in row:
       ax.axis("off")
-    row[0].imshow(datasets.load_image(r["query"], min(size, 128), raster=raster)[..., :3])  # R, G, B come first
+    row[0].imshow(input_pipeline.load_image(r["query"], min(size, 128), raster=raster)[..., :3])  # R, G, B come first
     row[0].set_title("query" + (f"\n{r['predicted']}" if r["predicted"] else ""), fontsize=7)
     for ax, h in zip(row[1:], r["results"]):
       path = h["path"]
       if os.path.isfile(path):
-        ax.imshow(datasets.load_image(path, min(size, 128), raster=raster)[..., :3])
+        ax.imshow(input_pipeline.load_image(path, min(size, 128), raster=raster)[..., :3])
       ax.set_title(f"d={h['distance']} {h['label']}", fontsize=6)
       if h["relevant"] is not None:
         ax.axis("on")

@@ -175,8 +175,8 @@ def encode(s: _Setup, params, constants, indices: np.ndarray):
     for start in range(0, padded, gb):
       mine = input_pipeline.process_rows(idx[start:start + gb])
       x = s.feats[mine] if s.feats is not None else s.acts[mine, 0]  # view 0: the image as it is
-      u, logits = apply(variables, features.to_global(mesh, x))
-      u, logits = features.gather_rows(u), features.gather_rows(logits)
+      u, logits = apply(variables, sharding.to_global(mesh, x))
+      u, logits = sharding.gather_rows(u), sharding.gather_rows(logits)
       keep = slice(0, max(0, min(gb, len(indices) - start)))
       u_out[start:start + gb][:keep.stop] = u[keep]
       l_out[start:start + gb][:keep.stop] = logits[keep]
@@ -184,10 +184,10 @@ def encode(s: _Setup, params, constants, indices: np.ndarray):
   source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None,
                                       cache_dir=s.cache_dir)
   for b in input_pipeline.eval_batches(source, indices, global_batch=gb, threads=config.data.threads):
-    u, logits = apply(variables, features.to_global(mesh, b["image"]))
-    u, logits = features.gather_rows(u), features.gather_rows(logits)
-    ids = features.gather_rows(features.to_global(mesh, b["id"]))
-    mask = features.gather_rows(features.to_global(mesh, b["mask"]))
+    u, logits = apply(variables, sharding.to_global(mesh, b["image"]))
+    u, logits = sharding.gather_rows(u), sharding.gather_rows(logits)
+    ids = sharding.gather_rows(sharding.to_global(mesh, b["id"]))
+    mask = sharding.gather_rows(sharding.to_global(mesh, b["mask"]))
     for j in np.flatnonzero(mask):
       u_out[pos[int(ids[j])]] = u[j]
       l_out[pos[int(ids[j])]] = logits[j]

@@ -27,7 +27,8 @@ from clu import metric_writers
 from scipy.cluster import vq
 
 from rshash_jax import (backbones, baselines, config_checks, datasets, distributed, encoder, errors, evaluation,
-                        features, input_pipeline, loop, mrhash, multisource, sharding, train_state)
+                        features, hamming, input_pipeline, loop, metrics, mrhash, multisource, sharding,
+                        train_state)
 
 
 def load_data(config, workdir: str):
@@ -317,7 +318,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   r = min(config.eval.map_at_r, len(train_idx))
   report["map_at_r"] = report["map_at"].get(r) if r in report["map_at"] else None
   if report["map_at_r"] is None:
-    from rshash_jax import hamming, metrics  # pylint: disable=g-import-not-at-top
     report["map_at_r"] = metrics.mean_average_precision(
         hamming.pack_codes(np.where(q_codes >= 0, 1, -1)), hamming.pack_codes(np.where(db_codes >= 0, 1, -1)),
         table.labels[test_idx], table.labels[train_idx], topk=r)

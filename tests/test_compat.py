@@ -18,7 +18,6 @@ import shutil
 import sys
 
 import numpy as np
-import pytest
 
 DATA = pathlib.Path(__file__).parent / "data" / "release_0_1_0"
 EXPECTED = DATA / "expected.json"
@@ -27,14 +26,9 @@ QUERIES = [str(DATA / "queries" / "q0.png"), str(DATA / "queries" / "q1.png")]
 
 
 def _codes_file_api():
-  """load_codes and the query image loader, wherever this release keeps them."""
-  try:
-    from rshash_jax.retrieval import codes as codes_lib  # pylint: disable=g-import-not-at-top
-    from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-    return codes_lib.load_codes, input_pipeline.load_image
-  except ImportError:
-    from rshash_jax import datasets, tools  # pylint: disable=g-import-not-at-top
-    return tools.load_codes, datasets.load_image
+  """load_codes and the query image loader of this code."""
+  from rshash_jax import codes as codes_lib, input_pipeline  # pylint: disable=g-import-not-at-top
+  return codes_lib.load_codes, input_pipeline.load_image
 
 
 def _observed(tmp_path):
@@ -60,10 +54,7 @@ def _observed(tmp_path):
   c = dhcnn_config.get_config("tiny")
   c.data.generated_per_class = 4
   c.train.epochs = 3
-  try:
-    from rshash_jax.training import train_dhcnn as train  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    from rshash_jax import train  # pylint: disable=g-import-not-at-top
+  from rshash_jax import train  # pylint: disable=g-import-not-at-top
   res = train.train_and_evaluate(c, str(workdir))
   out["resumed"] = {"step": res["step"], "map": res["map"], "accuracy": res["accuracy"]}
   return out

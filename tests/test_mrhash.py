@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rshash_jax import backbones, baselines, datasets, mrhash, multisource, train_mrhash
+from rshash_jax import backbones, baselines, datasets, input_pipeline, mrhash, multisource, train_mrhash
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import mrhash as mrhash_config  # noqa: E402
@@ -156,8 +156,8 @@ def test_release_format_end_to_end(tmp_path):
 
 def test_coarse_view_is_coarser(tmp_path):
   table = datasets.generate(str(tmp_path), num_classes=2, per_class=1, size=32)
-  full = datasets.load_image(table.paths[0], 32)
-  coarse = datasets.load_image(multisource.view(table, "coarse4").paths[0], 32, degrade=4)
+  full = input_pipeline.load_image(table.paths[0], 32)
+  coarse = input_pipeline.load_image(multisource.view(table, "coarse4").paths[0], 32, degrade=4)
   # Coarse: less high-frequency energy (neighbouring pixels closer).
   hf = lambda a: np.abs(np.diff(a.astype(float), axis=1)).mean()
   assert hf(coarse) < 0.7 * hf(full)

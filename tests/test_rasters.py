@@ -14,7 +14,7 @@ rasterio = pytest.importorskip("rasterio")
 from rasterio.transform import from_origin  # noqa: E402
 from rasterio.warp import transform as warp_transform  # noqa: E402
 
-from rshash_jax import datasets, errors, rasters, tools, train  # noqa: E402
+from rshash_jax import datasets, errors, input_pipeline, rasters, tools, train  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import dhcnn as dhcnn_config  # noqa: E402
@@ -57,7 +57,7 @@ def test_bands_by_number_and_description_scaling_and_nodata(tmp_path):
   np.testing.assert_array_equal(by_number, want.transpose(1, 2, 0))
   assert (by_number[:2] == 0).all()
   # Through the pipeline's decoder, with the spec on the table.
-  img = datasets.load_image(path, 16, raster=rasters.RasterSpec.parse("B4,B3,B2", "10000"))
+  img = input_pipeline.load_image(path, 16, raster=rasters.RasterSpec.parse("B4,B3,B2", "10000"))
   assert img.shape == (16, 16, 3) and img.dtype == np.uint8
   # A percentile stretch leaves nodata out: fitted values come from the valid pixels only.
   spec = rasters.fit_stretch([path], rasters.RasterSpec.parse("4", "stretch:0,100"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rshash_jax
-from rshash_jax import datasets, tools
+from rshash_jax import input_pipeline, tools
 from rshash_jax.serving import saved_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +55,7 @@ def test_saved_model_reproduces_load_encoder_with_tensorflow_alone(trained, tmp_
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = np.load(tmp_path / "tf.npz")
-  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  want_files = enc.encode(np.stack([datasets.load_image(p, enc.image_size) for p in files]))
+  want_files = enc.encode(np.stack([input_pipeline.load_image(p, enc.image_size) for p in files]))
   want_pixels = enc.encode(np.stack([input_pipeline.resize(p, enc.image_size).numpy() for p in pixels]))
   for prefix, want in (("bytes_", want_files), ("pixels_", want_pixels)):
     np.testing.assert_array_equal(got[prefix + "codes"], want["codes"])  # bit for bit

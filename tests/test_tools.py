@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rshash_jax
-from rshash_jax import chunk_store, tools, train
+from rshash_jax import chunk_store, codes as codes_lib, tools, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import dhcnn as dhcnn_config  # noqa: E402
@@ -107,7 +107,7 @@ def test_cli_input_errors_are_one_line_and_exit_2(trained, tmp_path):
       (corrupt / c / f"{i}.png").write_bytes(open(os.path.join(data, "class00", sorted(
           os.listdir(os.path.join(data, "class00")))[i]), "rb").read())
   (corrupt / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-  np.savez(tmp_path / "foreign.npz", format=tools.CODES_FORMAT, identity="0123456789abcdef", bits=8,
+  np.savez(tmp_path / "foreign.npz", format=codes_lib.FORMAT, identity="0123456789abcdef", bits=8,
            codes=np.zeros((1, 1), np.uint32))
   (tmp_path / "exists.npz").write_bytes(b"")
   query = os.path.join(data, "class00", sorted(os.listdir(os.path.join(data, "class00")))[0])

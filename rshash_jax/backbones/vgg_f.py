@@ -13,7 +13,6 @@ stored HWIO float32, the mean image in `normalization.averageImage` (or
 `meta.normalization` in newer files). Input: RGB 0-255 minus the mean image, 224x224.
 """
 
-import functools
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 

@@ -36,7 +36,7 @@ the export in a numbered version folder) or load it anywhere TensorFlow runs:
 import json
 import os
 
-from rshash_jax import distributed, encoder as encoder_lib, errors, hamming
+from rshash_jax import distributed, encoder as encoder_lib, errors, hamming, input_pipeline
 
 
 def _jax_function(enc: encoder_lib.Encoder):
@@ -71,7 +71,6 @@ def raster_preprocessor(spec, size: int, degrade: int = 1):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   idx = [int(n) - 1 for n in spec.numbers]
   lo = np.asarray(spec.low, np.float32)
   span = np.maximum(np.asarray(spec.high, np.float32) - lo, np.float32(1e-12))
@@ -97,7 +96,6 @@ def _write(enc: encoder_lib.Encoder, path: str):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from orbax import export as oex  # pylint: disable=g-import-not-at-top
 
-  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   size, degrade, c = enc.image_size, int(enc.meta.get("degrade", 1)), enc.channels
   variables = jax.device_get(enc.variables)
   module = oex.JaxModule(variables, _jax_function(enc), trainable=False,

@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from rshash_jax import encoder as encoder_lib, errors, hamming, input_pipeline, tools
+from rshash_jax import codes as codes_lib, encoder as encoder_lib, errors, hamming, input_pipeline
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _log = logging.getLogger("rshash_jax.serving")
@@ -70,7 +70,7 @@ class SearchEngine:
 
   def __init__(self, encoder_path: str, codes_path: str, *, max_batch: int = 16):
     self.encoder = encoder_lib.load_encoder(encoder_path)
-    db = tools.load_codes(codes_path, self.encoder)
+    db = codes_lib.load_codes(codes_path, self.encoder)
     self.codes_path = codes_path
     self.paths = [str(p) for p in db["paths"]]
     self.labels = np.asarray(db["labels"])
