@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 from flax import traverse_util
 
-from rshash_jax.backbones import efficientnet_lite
+from rshash_jax.models.backbones import efficientnet_lite
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py")
 

@@ -7,7 +7,7 @@ Each grid is declared here before any of its numbers was looked at, and is not c
 
 --grid=frozen (the first):
   model.backbone      efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2
-  dhcnn.center_weight 0 (the paper) | 0.1 | 1   (class-wise hash targets, rshash_jax/dhcnn.py)
+  dhcnn.center_weight 0 (the paper) | 0.1 | 1   (class-wise hash targets, rshash_jax/models/dhcnn.py)
   model.bits          32 | 64                   (each length chosen on its own)
 every point on `configs/dhcnn.py:local` otherwise (frozen features, Adam, 100 epochs).
 
@@ -57,7 +57,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from absl import logging  # noqa: E402
 
 import dhcnn as dhcnn_config  # noqa: E402  (configs/dhcnn.py)
-from rshash_jax import input_pipeline, train  # noqa: E402
+from rshash_jax.data import input_pipeline  # noqa: E402
+from rshash_jax.training import train_dhcnn  # noqa: E402
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 CENTER_WEIGHTS = (0.0, 0.1, 1.0)
@@ -82,7 +83,7 @@ def run(args, split: str, bits: int, backbone: str, center_weight: float, point:
   wd = os.path.join(args.workdir, f"{split}_{bits}_{backbone}_{center_weight:g}" + (f"_{name}" if name else ""))
   path = os.path.join(wd, "results.json")
   if not os.path.isfile(path):  # a finished run is read back: the benchmark resumes
-    train.train_and_evaluate(c, wd)
+    train_dhcnn.train_and_evaluate(c, wd)
   with open(path) as f:
     r = json.load(f)
   t = r["timing"]

@@ -33,7 +33,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from rshash_jax import backbones, datasets, features, input_pipeline, sharding  # noqa: E402
+from rshash_jax.data import datasets, features, input_pipeline  # noqa: E402
+from rshash_jax.models import backbones  # noqa: E402
+from rshash_jax.parallel import sharding  # noqa: E402
 
 
 def main():

@@ -128,7 +128,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
-from rshash_jax import hamming  # noqa: E402
+from rshash_jax.retrieval import hamming  # noqa: E402
 
 try:
   import faiss  # noqa: E402
@@ -173,7 +173,7 @@ def numpy_topk(q, db, k):
 
 def _sharded(x):
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from rshash_jax import sharding  # pylint: disable=g-import-not-at-top
+  from rshash_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.data_mesh()
   return jax.device_put(x, NamedSharding(mesh, P(sharding.DATA_AXIS))), mesh.devices.size
 
@@ -194,7 +194,7 @@ def popcount_words_per_s():
   stay in L2: our best per word here."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from rshash_jax import sharding  # pylint: disable=g-import-not-at-top
+  from rshash_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   db, n_dev = _sharded(rng.integers(0, 1 << 32, (65536 * len(jax.devices()),), dtype=np.uint64).astype(np.uint32))
   q = jnp.asarray(rng.integers(0, 1 << 32, (256, 1), dtype=np.uint64).astype(np.uint32))

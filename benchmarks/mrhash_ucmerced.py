@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 import mrhash as mrhash_config  # noqa: E402  (configs/mrhash.py)
-from rshash_jax import input_pipeline, train_mrhash  # noqa: E402
+from rshash_jax.data import input_pipeline  # noqa: E402
+from rshash_jax.training import train_mrhash  # noqa: E402
 
 OBJECTIVES = {
     "paper": {},  # KL + KL + reconstruction, as the paper

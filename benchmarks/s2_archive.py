@@ -40,7 +40,7 @@ def build(data: str, out: str, size: int, seed: int = 0):
   from rasterio.transform import from_origin  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, REPO)
-  from rshash_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+  from rshash_jax.data import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
   table = datasets.class_folder(data)
   rng = np.random.default_rng(seed)
   for i, (path, label) in enumerate(zip(table.paths, table.labels)):
@@ -82,7 +82,7 @@ def main():
   table = build(args.data, args.out, args.size)
   print(f"archive: {len(table)} 13-band GeoTIFFs in {args.out} ({time.time() - t0:.0f} s)", flush=True)
   if args.read_rate:
-    from rshash_jax import rasters  # pylint: disable=g-import-not-at-top
+    from rshash_jax.data import rasters  # pylint: disable=g-import-not-at-top
     tiles = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.out) for f in fs if f.endswith(".tif"))[:200]
     for path in tiles:  # warm-up: the page cache and rasterio's driver, for every setting alike
       rasters.read_bands(path, rasters.RasterSpec.parse("all", "10000"))

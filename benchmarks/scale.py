@@ -29,7 +29,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rshash_jax import datasets, input_pipeline  # noqa: E402
+from rshash_jax.data import datasets, input_pipeline  # noqa: E402
 
 ARGS = None
 

@@ -37,7 +37,8 @@ def _free_port() -> int:
 
 
 def _codes_file(encoder_path: str, image_paths, num_codes: int, out: str):
-  from rshash_jax import codes as codes_lib, encoder as encoder_lib, hamming, input_pipeline  # pylint: disable=g-import-not-at-top
+  from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming  # pylint: disable=g-import-not-at-top
   enc = encoder_lib.load_encoder(encoder_path)
   real = image_paths[:256]
   imgs = np.stack([input_pipeline.load_image(p, enc.image_size, degrade=enc.meta.get("degrade", 1)) for p in real])

@@ -95,7 +95,7 @@ class EfficientNetLite0(nn.Module):
 
 
 class VGGF(nn.Module):
-  """VGG-F as rshash_jax.backbones.vgg_f (MatConvNet's LRN: alpha not divided by depth)."""
+  """VGG-F as rshash_jax.models.backbones.vgg_f (MatConvNet's LRN: alpha not divided by depth)."""
   feature_dim = 4096
 
   def __init__(self, classes=1000, lrn=(5.0, 2.0, 1e-4, 0.75)):

@@ -72,7 +72,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _peer  # noqa: E402
-from rshash_jax import backbones, dhcnn, dhcnn_step, sharding, train_state  # noqa: E402
+from rshash_jax.models import backbones, dhcnn  # noqa: E402
+from rshash_jax.parallel import sharding  # noqa: E402
+from rshash_jax.training import dhcnn_step, train_state  # noqa: E402
 from configs import dhcnn as dhcnn_config  # noqa: E402
 
 

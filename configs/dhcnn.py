@@ -18,7 +18,7 @@ Presets (`configs/dhcnn.py:ARGS`, comma-separated; `key=value` items set fields 
   paper       the paper's setup: vgg_f (needs imagenet-vgg-f.mat: model.weights_path),
               finetune, 100 epochs, batch 10, SGD 1e-2 -> 1e-5 log-spaced, beta 25, eta 0.2.
   finetune    end-to-end training of the chosen backbone.
-  centers     class-wise hash targets, dhcnn.center_weight = 1 (an extension; rshash_jax/dhcnn.py).
+  centers     class-wise hash targets, dhcnn.center_weight = 1 (an extension; rshash_jax/models/dhcnn.py).
   partial     partial fine-tuning: train.finetune_from = blocks_15 (EfficientNet-Lite0's last
               block, its head convolution and the hash head train; the layers below run once
               per image and view into an activation cache on CPU), 4 cached dihedral views,

@@ -10,7 +10,7 @@
 # non-zero exit status (and names the process); the other processes get RSHASH_GRACE
 # seconds (default 20) to stop on their own, then are terminated. Environment:
 # PYTHON (default: python), RSHASH_PORT (default: a free port), and everything
-# rshash_jax/distributed.py reads (RSHASH_INIT_TIMEOUT, RSHASH_HEARTBEAT_TIMEOUT, ...).
+# rshash_jax/parallel/distributed.py reads (RSHASH_INIT_TIMEOUT, RSHASH_HEARTBEAT_TIMEOUT, ...).
 set -uo pipefail
 if [[ $# -lt 1 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: launch/local.sh N [python -m rshash_jax.main arguments]" >&2

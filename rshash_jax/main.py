@@ -87,15 +87,15 @@ def _require(command, *names):
 def _train():
   _require("train", "config", "workdir")
   import jax  # pylint: disable=g-import-not-at-top
-  from rshash_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from rshash_jax.training import evaluation  # pylint: disable=g-import-not-at-top
   logging.info("JAX devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform,
                jax.process_count())
   config = FLAGS.config
   if config.method == "dhcnn":
-    from rshash_jax import train  # pylint: disable=g-import-not-at-top
-    results = train.train_and_evaluate(config, FLAGS.workdir)
+    from rshash_jax.training import train_dhcnn  # pylint: disable=g-import-not-at-top
+    results = train_dhcnn.train_and_evaluate(config, FLAGS.workdir)
   elif config.method == "mrhash":
-    from rshash_jax import train_mrhash  # pylint: disable=g-import-not-at-top
+    from rshash_jax.training import train_mrhash  # pylint: disable=g-import-not-at-top
     results = train_mrhash.train_and_evaluate(config, FLAGS.workdir)
   else:
     raise errors.InvalidInput(f"config.method={config.method!r} is not a known method (dhcnn, mrhash)")
@@ -138,9 +138,9 @@ def main(argv):
     command = args.pop(0) if args and args[0] in COMMANDS else "train"
     if command != "search" and args:
       raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
-    from rshash_jax import distributed  # pylint: disable=g-import-not-at-top
+    from rshash_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     # Before anything touches a JAX backend: join the other processes, if any (see
-    # rshash_jax/distributed.py for the environment variables).
+    # rshash_jax/parallel/distributed.py for the environment variables).
     multi = distributed.initialize_from_env()
     _command(command, args)
   except Exception as e:  # pylint: disable=broad-except
@@ -162,20 +162,21 @@ def _exit_with(e: BaseException, show_traceback: bool):
 
 
 def _command(command, args):
-  from rshash_jax import input_pipeline, tools  # pylint: disable=g-import-not-at-top
+  from rshash_jax import commands  # pylint: disable=g-import-not-at-top
+  from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.configure_tf()
   if command == "train":
     _train()
   elif command == "encode":
     _require("encode", "encoder", "data", "out")
-    codes = tools.encode(FLAGS.encoder, FLAGS.data, FLAGS.out, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
+    codes = commands.encode(FLAGS.encoder, FLAGS.data, FLAGS.out, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
                          labels_file=FLAGS.labels)
     _say(f"codes: {codes}")
   elif command == "search":
     _require("search", "encoder", "codes")
     if not args:
       raise app.UsageError("search needs one or more query images or folders after the flags")
-    tools.search(FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png, geojson=FLAGS.geojson)
+    commands.search(FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png, geojson=FLAGS.geojson)
     if FLAGS.png:
       _say(f"\ngrid: {FLAGS.png}")
     if FLAGS.geojson:
@@ -194,7 +195,7 @@ def _command(command, args):
       from rshash_jax.serving import saved_model  # pylint: disable=g-import-not-at-top
       _say(f"SavedModel: {saved_model.export_saved_model(FLAGS.workdir, FLAGS.out)}")
     else:
-      _say(f"encoder: {tools.export(FLAGS.workdir, FLAGS.out)}")
+      _say(f"encoder: {commands.export(FLAGS.workdir, FLAGS.out)}")
 
 
 def _parse_flags(argv):

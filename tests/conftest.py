@@ -32,11 +32,11 @@ def trained(tmp_path_factory):
   import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(REPO / "configs"))
   import dhcnn as dhcnn_config  # pylint: disable=g-import-not-at-top
-  from rshash_jax import train  # pylint: disable=g-import-not-at-top
+  from rshash_jax.training import train_dhcnn  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("tools")
   c = dhcnn_config.get_config("tiny")
   c.data.generated_per_class = 10
-  res = train.train_and_evaluate(c, str(root / "w"))
+  res = train_dhcnn.train_and_evaluate(c, str(root / "w"))
   data = os.path.dirname(os.path.dirname(res["dataset_description"].split(" in ", 1)[1] + "/x/y"))
   return root, str(root / "w"), data
 

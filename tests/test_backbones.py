@@ -15,8 +15,8 @@ import pytest
 import scipy.io
 
 import fake_torch
-from rshash_jax import backbones
-from rshash_jax.backbones import alexnet, common, conv, efficientnet_lite, squeezenet, torch_pickle, vgg_f
+from rshash_jax.models import backbones
+from rshash_jax.models.backbones import alexnet, common, conv, efficientnet_lite, squeezenet, torch_pickle, vgg_f
 
 
 def _random_like(shapes, seed=0):

@@ -27,7 +27,8 @@ QUERIES = [str(DATA / "queries" / "q0.png"), str(DATA / "queries" / "q1.png")]
 
 def _codes_file_api():
   """load_codes and the query image loader of this code."""
-  from rshash_jax import codes as codes_lib, input_pipeline  # pylint: disable=g-import-not-at-top
+  from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from rshash_jax.retrieval import codes as codes_lib  # pylint: disable=g-import-not-at-top
   return codes_lib.load_codes, input_pipeline.load_image
 
 
@@ -54,8 +55,8 @@ def _observed(tmp_path):
   c = dhcnn_config.get_config("tiny")
   c.data.generated_per_class = 4
   c.train.epochs = 3
-  from rshash_jax import train  # pylint: disable=g-import-not-at-top
-  res = train.train_and_evaluate(c, str(workdir))
+  from rshash_jax.training import train_dhcnn  # pylint: disable=g-import-not-at-top
+  res = train_dhcnn.train_and_evaluate(c, str(workdir))
   out["resumed"] = {"step": res["step"], "map": res["map"], "accuracy": res["accuracy"]}
   return out
 

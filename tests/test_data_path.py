@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from rshash_jax import chunk_store, datasets, input_pipeline
+from rshash_jax.data import chunk_store, datasets, input_pipeline
 
 
 def _store(tmp_path, n=10, chunk=4, key="k1"):

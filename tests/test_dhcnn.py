@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rshash_jax import dhcnn, dhcnn_step, sharding, train_state
+from rshash_jax.models import dhcnn
+from rshash_jax.parallel import sharding
+from rshash_jax.training import dhcnn_step, train_state
 
 import sys, os  # noqa: E401
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))

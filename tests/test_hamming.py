@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rshash_jax import hamming, sharding
+from rshash_jax.parallel import sharding
+from rshash_jax.retrieval import hamming
 
 
 def np_distances(q, db):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rshash_jax import hamming, metrics
+from rshash_jax.retrieval import hamming, metrics
 
 
 def ranked(qc, dbc):

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rshash_jax import backbones, baselines, datasets, input_pipeline, mrhash, multisource, train_mrhash
+from rshash_jax.data import datasets, input_pipeline, multisource
+from rshash_jax.models import backbones, baselines, mrhash
+from rshash_jax.training import train_mrhash
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import mrhash as mrhash_config  # noqa: E402
@@ -182,7 +184,8 @@ def test_resume_equals_uninterrupted_and_its_encoder_reproduces_its_codes(tmp_pa
   """A run stopped inside both stages and resumed gives the uninterrupted run's results;
   `encode` with its saved encoder (backbone -> L2 norm -> / scale -> hash net) gives the
   codes training evaluated: the same mAP on the same split (fine-tuned backbone included)."""
-  from rshash_jax import metrics, tools  # pylint: disable=g-import-not-at-top
+  from rshash_jax import commands  # pylint: disable=g-import-not-at-top
+  from rshash_jax.retrieval import metrics  # pylint: disable=g-import-not-at-top
   c = mrhash_config.get_config(preset)
   c.mrhash.feature_norm = "l2"  # the encoder must redo the normalisation
   full = train_mrhash.train_and_evaluate(c, str(tmp_path / "full"))
@@ -195,7 +198,7 @@ def test_resume_equals_uninterrupted_and_its_encoder_reproduces_its_codes(tmp_pa
     assert res[key] == full[key], key
   assert res["mode"] == c.train.mode
   data = res["dataset_description"].split(" in ", 1)[1].split(",")[0]
-  out = np.load(tools.encode(str(tmp_path / "parts"), data, str(tmp_path / "codes.npz")))
+  out = np.load(commands.encode(str(tmp_path / "parts"), data, str(tmp_path / "codes.npz")))
   tr, te = datasets.split_per_class(out["labels"], c.data.train_ratio, c.data.seed)
   got = metrics.mean_average_precision(out["codes"][te], out["codes"][tr], out["labels"][te], out["labels"][tr])
   assert got == pytest.approx(res["map"], abs=1e-6)
@@ -217,7 +220,7 @@ def test_feature_norm_choices():
     ("mrhash.balance_weight", 1e9, "config.mrhash.balance_weight=1000000000.0 is invalid"),
 ])
 def test_bad_config_values_are_named(field, value, message):
-  from rshash_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from rshash_jax.training import config_checks  # pylint: disable=g-import-not-at-top
   c = mrhash_config.get_config("tiny")
   section, key = field.split(".")
   c[section][key] = value
@@ -244,7 +247,7 @@ def test_partial_finetune_from_cache_equals_without(tmp_path):
   """train.finetune_from=conv2 trains conv2 and the hash network on tiny_cnn: from the
   cached conv1 activations (4 dihedral views, data.augment off: view 0 only) or with conv1
   run in every step, the same codes; conv1 stays as it was."""
-  from rshash_jax import encoder  # pylint: disable=g-import-not-at-top
+  from rshash_jax.retrieval import encoder  # pylint: disable=g-import-not-at-top
   res, params = {}, {}
   for cache in ("yes", "no"):
     c = mrhash_config.get_config("tiny,finetune")

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rshash_jax import datasets, dhcnn, errors, metrics, tools, train
+from rshash_jax import commands, errors
+from rshash_jax.data import datasets
+from rshash_jax.models import dhcnn
+from rshash_jax.retrieval import metrics
+from rshash_jax.training import train_dhcnn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import dhcnn as dhcnn_config  # noqa: E402
@@ -84,19 +88,19 @@ def test_dhcnn_trains_on_a_label_file_and_search_uses_shared_labels(archive, tmp
   # quantisation term pins u to the hash layer's bias and every code is the same (mAP =
   # chance, 0.60 here, while the classifier still learns). beta = 1 lets the codes follow.
   c.dhcnn.beta = 1.0
-  res = train.train_and_evaluate(c, str(tmp_path / "w"))
+  res = train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   assert res["relevance"] == "shares at least one label" and "accuracy" not in res
   assert len(res["f1_per_label"]) == 4 and 0.0 <= res["f1_macro"] <= 1.0
   saved = json.load(open(tmp_path / "w" / "results.json"))
   assert saved["f1_macro"] == res["f1_macro"] and saved["relevance"] == res["relevance"]
   # Well above chance: a random ranking scores mAP ~0.57 here, all-negative F1 0.
   assert res["f1_micro"] > 0.8 and res["map"] > 0.75, (res["f1_micro"], res["map"])
-  codes = tools.encode(str(tmp_path / "w"), str(archive), str(tmp_path / "c.npz"),
+  codes = commands.encode(str(tmp_path / "w"), str(archive), str(tmp_path / "c.npz"),
                        labels_file=str(archive / "labels.csv"))
   z = np.load(codes)
   assert z["labels"].shape == (72, 4)
   query = str(archive / "tiles" / "t005.png")
-  out = tools.search(str(tmp_path / "w"), codes, [query], k=6)[0]
+  out = commands.search(str(tmp_path / "w"), codes, [query], k=6)[0]
   q_labels = set(datasets.label_file(str(archive / "labels.csv"), str(archive)).labels[5].nonzero()[0])
   names = sorted(LABELS)
   for h in out["results"]:

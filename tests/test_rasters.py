@@ -14,7 +14,9 @@ rasterio = pytest.importorskip("rasterio")
 from rasterio.transform import from_origin  # noqa: E402
 from rasterio.warp import transform as warp_transform  # noqa: E402
 
-from rshash_jax import datasets, errors, input_pipeline, rasters, tools, train  # noqa: E402
+from rshash_jax import commands, errors  # noqa: E402
+from rshash_jax.data import datasets, input_pipeline, rasters  # noqa: E402
+from rshash_jax.training import train_dhcnn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import dhcnn as dhcnn_config  # noqa: E402
@@ -125,21 +127,21 @@ def test_sentinel2_archive_end_to_end(s2_archive, tmp_path, monkeypatch):
   c = dhcnn_config.get_config("tiny")
   c.data.source = f"folder:{s2_archive}"
   c.data.bands, c.data.scale = "B4,B3,B2", "stretch"
-  res = train.train_and_evaluate(c, str(tmp_path / "w"))
+  res = train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   assert res["map"] > 0
   meta = json.load(open(tmp_path / "w" / "encoder" / "encoder.json"))
   assert meta["raster"]["bands"] == ["B4", "B3", "B2"] and len(meta["raster"]["low"]) == 3
   opened = []
   open_raster = rasters.open_raster
   monkeypatch.setattr(rasters, "open_raster", lambda p: opened.append(p) or open_raster(p))
-  codes = tools.encode(str(tmp_path / "w"), str(s2_archive), str(tmp_path / "codes.npz"))
+  codes = commands.encode(str(tmp_path / "w"), str(s2_archive), str(tmp_path / "codes.npz"))
   monkeypatch.undo()
   assert len(opened) == 2 * 24 and len(set(opened)) == 24
   z = np.load(codes)
   for j, p in enumerate(z["paths"]):
     np.testing.assert_allclose((z["lon"][j], z["lat"][j]), rasters.center_lonlat(str(p)), atol=1e-12)
   query = str(s2_archive / "class1" / "tile0.tif")
-  out = tools.search(str(tmp_path / "w"), codes, [query], k=5, geojson=str(tmp_path / "hits.geojson"))
+  out = commands.search(str(tmp_path / "w"), codes, [query], k=5, geojson=str(tmp_path / "hits.geojson"))
   fc = json.load(open(tmp_path / "hits.geojson"))
   assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 6
   q, hits = fc["features"][0], fc["features"][1:]
@@ -152,7 +154,7 @@ def test_sentinel2_archive_end_to_end(s2_archive, tmp_path, monkeypatch):
   other.mkdir(parents=True)
   write_tile(str(other / "x.tif"), s2_tile(np.random.default_rng(4), 0)[:4], descriptions=["B2", "B3", "B8", "B11"])
   with pytest.raises(errors.InvalidInput, match=r"x.tif: data.bands asks for band 'B4'"):
-    tools.encode(str(tmp_path / "w"), str(tmp_path / "other"), str(tmp_path / "other.npz"))
+    commands.encode(str(tmp_path / "w"), str(tmp_path / "other"), str(tmp_path / "other.npz"))
   assert not (tmp_path / "other.npz").exists()
 
 
@@ -162,7 +164,7 @@ def test_multispectral_tfds_source_through_the_same_switches(tmp_path):
   refused without data.scale, then streamed through data.bands / data.scale, the stretch
   fitted on training examples."""
   tfds = pytest.importorskip("tensorflow_datasets")
-  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   class TinyMultispectral(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
@@ -237,23 +239,23 @@ def test_all_bands_end_to_end_and_saved_model_rasters_signature(s2_archive, tmp_
   of another band count are refused by name."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import rshash_jax  # pylint: disable=g-import-not-at-top
-  from rshash_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from rshash_jax.serving import saved_model  # pylint: disable=g-import-not-at-top
   c = dhcnn_config.get_config("tiny")
   c.data.source = f"folder:{s2_archive}"
   c.data.bands, c.data.scale = "all:B4,B3,B2", "stretch"
   workdir = str(tmp_path / "w")
-  res = train.train_and_evaluate(c, workdir)
+  res = train_dhcnn.train_and_evaluate(c, workdir)
   assert res["map"] > 0
   enc = rshash_jax.load_encoder(workdir)
   assert enc.channels == 13 and enc.raster.all_bands and enc.raster.numbers == (4, 3, 2, 1, 5, 6, 7, 8, 9, 10, 11,
                                                                                  12, 13)
   assert len(enc.raster.low) == 13
   assert enc.variables["params"]["backbone"]["conv1"]["kernel"].shape[2] == 13
-  codes = tools.encode(workdir, str(s2_archive), str(tmp_path / "codes.npz"))
+  codes = commands.encode(workdir, str(s2_archive), str(tmp_path / "codes.npz"))
   z = np.load(codes)
   query = str(s2_archive / "class2" / "tile3.tif")
-  hits = tools.search(workdir, codes, [query], k=3)[0]["results"]
+  hits = commands.search(workdir, codes, [query], k=3)[0]["results"]
   assert len(hits) == 3 and hits[0]["distance"] == 0  # the query is in the archive (ties: any order)
   # The SavedModel, read by TensorFlow alone (no JAX) in a fresh interpreter.
   out = str(tmp_path / "sm")
@@ -295,12 +297,12 @@ np.savez(sys.argv[4], rasters=r["codes"].numpy(), pixels=p["codes"].numpy())
   other.mkdir(parents=True)
   write_tile(str(other / "x12.tif"), s2_tile(np.random.default_rng(6), 0)[:12])
   with pytest.raises(errors.InvalidInput, match=r"x12.tif: has 12 band\(s\); data.bands=all here takes 13"):
-    tools.encode(workdir, str(tmp_path / "other"), str(tmp_path / "other.npz"))
+    commands.encode(workdir, str(tmp_path / "other"), str(tmp_path / "other.npz"))
   from PIL import Image  # pylint: disable=g-import-not-at-top
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(other / "pic.png")
   (other / "x12.tif").unlink()
   with pytest.raises(errors.InvalidInput, match=r"pic.png: not a GeoTIFF/TIFF raster; data.bands=all takes rasters"):
-    tools.encode(workdir, str(tmp_path / "other"), str(tmp_path / "other.npz"))
+    commands.encode(workdir, str(tmp_path / "other"), str(tmp_path / "other.npz"))
   with pytest.raises(errors.InvalidInput, match=r"up.png: not a GeoTIFF/TIFF raster; data.bands=all here takes "
                                                 r"rasters of 13 bands"):
     input_pipeline.decode_bytes((other / "pic.png").read_bytes(), "up.png", enc.raster)
@@ -312,7 +314,8 @@ def test_mrhash_sources_read_their_own_bands(s2_archive, tmp_path):
   each view differ, the exported encoder keeps the image view's reading."""
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
   import mrhash as mrhash_config  # pylint: disable=g-import-not-at-top
-  from rshash_jax import multisource, train_mrhash  # pylint: disable=g-import-not-at-top
+  from rshash_jax.data import multisource  # pylint: disable=g-import-not-at-top
+  from rshash_jax.training import train_mrhash  # pylint: disable=g-import-not-at-top
   c = mrhash_config.get_config("tiny")
   c.data.source = f"folder:{s2_archive}"
   c.data.bands, c.data.scale = "B4,B3,B2", "stretch"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import rshash_jax
-from rshash_jax import input_pipeline, tools
+from rshash_jax import commands
+from rshash_jax.data import input_pipeline
 from rshash_jax.serving import saved_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +72,7 @@ def service(trained, tmp_path_factory):
   """(engine, app, data): the service over the tiny model's codes of its own archive."""
   from rshash_jax.serving import service as service_lib  # pylint: disable=g-import-not-at-top
   root, workdir, data = trained
-  codes = tools.encode(workdir, data, str(tmp_path_factory.mktemp("serve") / "codes.npz"))
+  codes = commands.encode(workdir, data, str(tmp_path_factory.mktemp("serve") / "codes.npz"))
   engine = service_lib.SearchEngine(workdir, codes, max_batch=8)
   yield engine, service_lib.create_app(engine, max_upload_bytes=200_000), data
   engine.close()

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 import rshash_jax
-from rshash_jax import chunk_store, codes as codes_lib, tools, train
+from rshash_jax import commands
+from rshash_jax.data import chunk_store
+from rshash_jax.retrieval import codes as codes_lib
+from rshash_jax.training import train_dhcnn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import dhcnn as dhcnn_config  # noqa: E402
@@ -20,9 +23,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_export_and_load_encoder_on_1_and_8_devices(trained):
   root, workdir, data = trained
   out = str(root / "exported")
-  tools.export(workdir, out)
+  commands.export(workdir, out)
   with pytest.raises(FileExistsError, match="exported"):
-    tools.export(workdir, out)
+    commands.export(workdir, out)
   imgs = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
   one = rshash_jax.load_encoder(out, devices=jax.local_devices()[:1]).encode(imgs)
   eight = rshash_jax.load_encoder(out, devices=jax.local_devices()[:8]).encode(imgs)
@@ -35,9 +38,9 @@ def test_export_and_load_encoder_on_1_and_8_devices(trained):
 
 def test_encode_resumes_and_search_finds_own_class(trained, capsys, monkeypatch):
   root, workdir, data = trained
-  fresh = tools.encode(workdir, data, str(root / "fresh.npz"), chunk=25)
+  fresh = commands.encode(workdir, data, str(root / "fresh.npz"), chunk=25)
   with pytest.raises(FileExistsError, match="fresh.npz"):
-    tools.encode(workdir, data, str(root / "fresh.npz"))
+    commands.encode(workdir, data, str(root / "fresh.npz"))
   # Interrupt a run after its first chunk, then rerun: it continues at the missing chunks.
   out = str(root / "resumed.npz")
   real_write = chunk_store.ChunkStore.write_chunk
@@ -50,42 +53,42 @@ def test_encode_resumes_and_search_finds_own_class(trained, capsys, monkeypatch)
     written.append(c)
   monkeypatch.setattr(chunk_store.ChunkStore, "write_chunk", write_then_die)
   with pytest.raises(KeyboardInterrupt):
-    tools.encode(workdir, data, out, chunk=25)
+    commands.encode(workdir, data, out, chunk=25)
   monkeypatch.setattr(chunk_store.ChunkStore, "write_chunk", real_write)
   assert not os.path.exists(out)
   assert sorted(os.listdir(out + ".parts/chunks")) == ["key.json", "part_000000.npz"]
   with pytest.raises(ValueError, match="partial build of other data"):  # another chunking: refused
-    tools.encode(workdir, data, out, chunk=10)
-  tools.encode(workdir, data, out, chunk=25)
+    commands.encode(workdir, data, out, chunk=10)
+  commands.encode(workdir, data, out, chunk=25)
   np.testing.assert_array_equal(np.load(out)["codes"], np.load(fresh)["codes"])
   assert not os.path.exists(out + ".parts")
 
   query = sorted(os.path.join(data, "class03", f) for f in os.listdir(os.path.join(data, "class03")))[0]
-  res = tools.search(workdir, fresh, [query], k=5, png=str(root / "grid.png"))
+  res = commands.search(workdir, fresh, [query], k=5, png=str(root / "grid.png"))
   assert res[0]["results"][0]["distance"] == 0
   assert all(h["relevant"] for h in res[0]["results"])  # the tiny model separates the classes
   assert res[0]["predicted"] == "class03"
   assert os.path.getsize(root / "grid.png") > 1000
   assert "relevant" in capsys.readouterr().out
   with pytest.raises(FileExistsError, match="grid.png"):
-    tools.search(workdir, fresh, [query], png=str(root / "grid.png"))
+    commands.search(workdir, fresh, [query], png=str(root / "grid.png"))
 
 
 def test_search_rejects_foreign_codes_and_bad_queries(trained, tmp_path):
   root, workdir, data = trained
-  codes = tools.encode(workdir, data, str(tmp_path / "c.npz"))
+  codes = commands.encode(workdir, data, str(tmp_path / "c.npz"))
   z = dict(np.load(codes))
   z["identity"] = np.asarray("0123456789abcdef")
   np.savez(tmp_path / "foreign.npz", **z)
   query = os.path.join(data, "class00", sorted(os.listdir(os.path.join(data, "class00")))[0])
   with pytest.raises(ValueError, match="re-encode the database"):
-    tools.search(workdir, str(tmp_path / "foreign.npz"), [query])
+    commands.search(workdir, str(tmp_path / "foreign.npz"), [query])
   bad = tmp_path / "bad.png"
   bad.write_bytes(b"not a png")
   with pytest.raises(ValueError, match="bad.png"):
-    tools.search(workdir, codes, [str(bad)])
+    commands.search(workdir, codes, [str(bad)])
   with pytest.raises(FileNotFoundError, match="missing.tif"):
-    tools.search(workdir, codes, [str(tmp_path / "missing.tif")])
+    commands.search(workdir, codes, [str(tmp_path / "missing.tif")])
 
 
 def test_cli_help_lists_commands():
@@ -130,7 +133,7 @@ def test_cli_input_errors_are_one_line_and_exit_2(trained, tmp_path):
   }
   bug = ("import sys; from rshash_jax import main, tools\n"
          "def broken(*a, **k): raise KeyError('a bug')\n"
-         "tools.export = broken; sys.argv = ['rshash', 'export', '--workdir=w', '--out=o']; main.run()")
+         "commands.export = broken; sys.argv = ['rshash', 'export', '--workdir=w', '--out=o']; main.run()")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   env.pop("RSHASH_TRACEBACK", None)
   procs = {name: subprocess.Popen([sys.executable, "-m", "rshash_jax.main", *argv], cwd=REPO, env=env,
@@ -158,8 +161,8 @@ def test_finetune_starts_from_a_frozen_runs_head(trained, tmp_path):
   c.train.epochs = 1
   c.train.lr_start = c.train.lr_end = 1e-6  # (almost) no change: the head's quality carries over
   c.train.init_head_from = workdir
-  res = train.train_and_evaluate(c, str(tmp_path / "ft"))
+  res = train_dhcnn.train_and_evaluate(c, str(tmp_path / "ft"))
   assert res["accuracy"] > 0.9
   c.model.bits = 32
   with pytest.raises(ValueError, match="does not fit this model"):
-    train.train_and_evaluate(c, str(tmp_path / "ft32"))
+    train_dhcnn.train_and_evaluate(c, str(tmp_path / "ft32"))

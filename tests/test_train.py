@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rshash_jax import datasets, input_pipeline, train
+from rshash_jax.data import datasets, input_pipeline
+from rshash_jax.training import train_dhcnn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import dhcnn as dhcnn_config  # noqa: E402
@@ -64,14 +65,14 @@ def test_cli_rejects_bad_config_value(tmp_path):
 @pytest.mark.parametrize("mode", ["finetune", "frozen"])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, mode):
   c = _tiny(tmp_path, f"mode={mode}", train__checkpoint_every_steps=4)
-  full = train.train_and_evaluate(c, str(tmp_path / "full"))
+  full = train_dhcnn.train_and_evaluate(c, str(tmp_path / "full"))
   c_int = _tiny(tmp_path, f"mode={mode}", train__checkpoint_every_steps=4, train__max_steps_per_run=7)
-  part = train.train_and_evaluate(c_int, str(tmp_path / "resumed"))
+  part = train_dhcnn.train_and_evaluate(c_int, str(tmp_path / "resumed"))
   assert part == {}  # stopped early, checkpointed
   assert not (tmp_path / "resumed" / "results.json").exists()
   c_int.unlock()
   c_int.train.max_steps_per_run = 0
-  resumed = train.train_and_evaluate(c_int, str(tmp_path / "resumed"))
+  resumed = train_dhcnn.train_and_evaluate(c_int, str(tmp_path / "resumed"))
   assert resumed["step"] == full["step"] == 4 * (48 // 8)
   for key in ("map", "accuracy", "map_at", "precision_at", "pr_curve"):
     assert resumed[key] == full[key], key
@@ -79,26 +80,26 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, mode):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   c = _tiny(tmp_path, train__checkpoint_every_steps=4, train__max_steps_per_run=4)
-  train.train_and_evaluate(c, str(tmp_path / "w"))
+  train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   c = _tiny(tmp_path, train__checkpoint_every_steps=4, train__lr_start=1e30, train__lr_end=1e30)
   with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+.*last good checkpoint \(step 4\)"):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+    train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   assert max(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()) == 4
 
 
 def test_checkpoint_of_another_config_is_rejected(tmp_path):
   c = _tiny(tmp_path, train__max_steps_per_run=2, train__checkpoint_every_steps=2)
-  train.train_and_evaluate(c, str(tmp_path / "w"))
+  train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   c = _tiny(tmp_path, "bits=32", train__max_steps_per_run=2)
   with pytest.raises(ValueError, match="do not match this config: model.bits: 16 in the checkpointed run, 32 now"):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+    train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   # Another global batch would silently continue on another data order: refused, named.
   c = _tiny(tmp_path, train__max_steps_per_run=2, train__batch_size=16)
   with pytest.raises(ValueError, match="train.batch_size: 8 in the checkpointed run, 16 now"):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+    train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   # What may change between runs of one training (learning rate, epochs) is accepted.
   c = _tiny(tmp_path, train__max_steps_per_run=2, train__lr_start=1e-3, train__epochs=5)
-  assert train.train_and_evaluate(c, str(tmp_path / "w")) == {}
+  assert train_dhcnn.train_and_evaluate(c, str(tmp_path / "w")) == {}
   # Without run.json (removed, or an older layout) the state's shapes refuse it, before
   # orbax starts reading: a refusal leaves no un-awaited restore behind (pyproject turns
   # an unraisable exception into a failure, conftest an asyncio error log).
@@ -106,13 +107,13 @@ def test_checkpoint_of_another_config_is_rejected(tmp_path):
   c = _tiny(tmp_path, "bits=32", train__max_steps_per_run=2)
   with pytest.raises(ValueError, match=r"cannot restore checkpoint 4 .*: params/head/classifier/kernel: "
                      r"float32\[16, 6\] in the checkpoint, float32\[32, 6\] now"):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+    train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
 
 
 def test_missing_dataset_and_corrupt_image_are_named(tmp_path):
   c = _tiny(tmp_path, data__source=f"folder:{tmp_path / 'nowhere'}")
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+    train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   root = tmp_path / "folder"
   for cls in ("a", "b"):
     (root / cls).mkdir(parents=True)
@@ -121,7 +122,7 @@ def test_missing_dataset_and_corrupt_image_are_named(tmp_path):
   (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
   c = _tiny(tmp_path, data__source=f"folder:{root}")
   with pytest.raises(ValueError, match="broken.jpg"):
-    train.train_and_evaluate(c, str(tmp_path / "w2"))
+    train_dhcnn.train_and_evaluate(c, str(tmp_path / "w2"))
 
 
 def test_class_folder_ids_and_split_are_stable(tmp_path):
@@ -169,8 +170,9 @@ def test_partial_finetune_with_cached_activations_equals_without(tmp_path):
   """train.finetune_from=conv2 (tiny_cnn): conv1 frozen (the saved encoder keeps it as it
   was), conv2 trained with the head; running conv1 once into the activation cache or in
   every step trains the same model. (EfficientNet-Lite's split: test_backbones.)"""
-  from rshash_jax import backbones, encoder  # pylint: disable=g-import-not-at-top
-  runs = {cache: train.train_and_evaluate(_tiny(tmp_path, "mode=finetune", train__finetune_from="conv2",
+  from rshash_jax.models import backbones  # pylint: disable=g-import-not-at-top
+  from rshash_jax.retrieval import encoder  # pylint: disable=g-import-not-at-top
+  runs = {cache: train_dhcnn.train_and_evaluate(_tiny(tmp_path, "mode=finetune", train__finetune_from="conv2",
                                                 train__finetune_cache=cache), str(tmp_path / cache))
           for cache in ("yes", "no")}
   assert runs["yes"]["activation_cache"] and not runs["no"]["activation_cache"]
@@ -190,7 +192,8 @@ def test_partial_finetune_with_cached_activations_equals_without(tmp_path):
 def test_cached_views_are_the_dihedral_views_of_each_image(tmp_path):
   """train.cached_views=3 with data.augment: the store holds the frozen layers' output for the
   first 3 dihedral views (as is, left-right flip, up-down flip) of every image."""
-  from rshash_jax import backbones, features  # pylint: disable=g-import-not-at-top
+  from rshash_jax.data import features  # pylint: disable=g-import-not-at-top
+  from rshash_jax.models import backbones  # pylint: disable=g-import-not-at-top
   c = _tiny(tmp_path)
   table = datasets.from_config(c.data, str(tmp_path))
   bb = backbones.create("efficientnet_lite0", pretrained=False, image_size=32, seed=0)
@@ -220,6 +223,7 @@ def test_cached_views_are_the_dihedral_views_of_each_image(tmp_path):
     (dict(dhcnn__center_weight=-1.0), "dhcnn.center_weight=-1.0"),
 ])
 def test_partial_finetune_and_center_settings_are_checked(tmp_path, overrides, message):
-  from rshash_jax import config_checks, errors  # pylint: disable=g-import-not-at-top
+  from rshash_jax import errors  # pylint: disable=g-import-not-at-top
+  from rshash_jax.training import config_checks  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.InvalidInput, match=message.replace(".", r"\.").replace("(", r"\(")):
     config_checks.check_dhcnn(_tiny(tmp_path, **overrides))

@@ -36,7 +36,10 @@ the export in a numbered version folder) or load it anywhere TensorFlow runs:
 import json
 import os
 
-from rshash_jax import distributed, encoder as encoder_lib, errors, hamming, input_pipeline
+from rshash_jax import errors
+from rshash_jax.data import input_pipeline
+from rshash_jax.parallel import distributed
+from rshash_jax.retrieval import encoder as encoder_lib, hamming
 
 
 def _jax_function(enc: encoder_lib.Encoder):

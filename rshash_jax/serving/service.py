@@ -44,7 +44,9 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from rshash_jax import codes as codes_lib, encoder as encoder_lib, errors, hamming, input_pipeline
+from rshash_jax import errors
+from rshash_jax.data import input_pipeline
+from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _log = logging.getLogger("rshash_jax.serving")

@@ -19,7 +19,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from rshash_jax import encoder as encoder_lib, errors
+from rshash_jax import errors
+from rshash_jax.retrieval import encoder as encoder_lib
 
 FORMAT = "rshash_jax.codes/1"
 

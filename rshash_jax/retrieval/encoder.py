@@ -23,7 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rshash_jax import backbones, dhcnn, distributed, errors, hamming, mrhash, rasters, sharding
+from rshash_jax import errors
+from rshash_jax.data import rasters
+from rshash_jax.models import backbones, dhcnn, mrhash
+from rshash_jax.parallel import distributed, sharding
+from rshash_jax.retrieval import hamming
 
 FORMAT = "rshash_jax.encoder/1"
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from rshash_jax.backbones import common, torch_pickle
+from rshash_jax.models.backbones import common, torch_pickle
 
 # (repeats, kernel, stride, expand_ratio, in, out) of EfficientNet-B0 / Lite0.
 _STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),

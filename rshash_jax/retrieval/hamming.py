@@ -39,7 +39,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rshash_jax import distributed, errors, sharding
+from rshash_jax import errors
+from rshash_jax.parallel import distributed, sharding
 
 WORD_BITS = 32
 

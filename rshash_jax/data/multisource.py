@@ -24,7 +24,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from rshash_jax import backbones, datasets, errors, features, rasters
+from rshash_jax import errors
+from rshash_jax.data import datasets, features, rasters
+from rshash_jax.models import backbones
 
 
 @dataclasses.dataclass

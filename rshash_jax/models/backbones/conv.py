@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rshash_jax.backbones import common
+from rshash_jax.models.backbones import common
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _STACK_BELOW_CHANNELS = 32  # fewer input channels: one product over all taps' patches

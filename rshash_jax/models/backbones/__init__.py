@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rshash_jax import errors
-from rshash_jax.backbones import alexnet, common, efficientnet_lite, squeezenet, vgg_f
-from rshash_jax.backbones.common import Preprocessing
+from rshash_jax.models.backbones import alexnet, common, efficientnet_lite, squeezenet, vgg_f
+from rshash_jax.models.backbones.common import Preprocessing
 
 NAMES = ("vgg_f", "alexnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
          "squeezenet", "tiny_cnn")

@@ -6,7 +6,9 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from rshash_jax import distributed, errors, sharding, train_state
+from rshash_jax import errors
+from rshash_jax.parallel import distributed, sharding
+from rshash_jax.training import train_state
 
 
 def _check_and_write(pending, step, writer, mngr, loss_key, prefix):

@@ -26,9 +26,12 @@ from absl import logging
 from clu import metric_writers
 from scipy.cluster import vq
 
-from rshash_jax import (backbones, baselines, config_checks, datasets, distributed, encoder, errors, evaluation,
-                        features, hamming, input_pipeline, loop, metrics, mrhash, multisource, sharding,
-                        train_state)
+from rshash_jax import errors
+from rshash_jax.data import datasets, features, input_pipeline, multisource
+from rshash_jax.models import backbones, baselines, mrhash
+from rshash_jax.parallel import distributed, sharding
+from rshash_jax.retrieval import encoder, hamming, metrics
+from rshash_jax.training import config_checks, evaluation, loop, train_state
 
 
 def load_data(config, workdir: str):

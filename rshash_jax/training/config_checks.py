@@ -1,6 +1,9 @@
 """Config validation before any long work: every error names the field and the value."""
 
-from rshash_jax import backbones, dhcnn, errors, features, mrhash, multisource, rasters, train_state
+from rshash_jax import errors
+from rshash_jax.data import features, multisource, rasters
+from rshash_jax.models import backbones, dhcnn, mrhash
+from rshash_jax.training import train_state
 
 MODES = ("frozen", "finetune")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -30,8 +30,12 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from rshash_jax import (backbones, config_checks, datasets, dhcnn, dhcnn_step, distributed, encoder, errors,
-                        evaluation, features, input_pipeline, loop, sharding, train_state)
+from rshash_jax import errors
+from rshash_jax.data import datasets, features, input_pipeline
+from rshash_jax.models import backbones, dhcnn
+from rshash_jax.parallel import distributed, sharding
+from rshash_jax.retrieval import encoder
+from rshash_jax.training import config_checks, dhcnn_step, evaluation, loop, train_state
 
 
 @dataclasses.dataclass

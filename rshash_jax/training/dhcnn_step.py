@@ -8,7 +8,8 @@ have no TensorFlow, and a user with a loader of their own can drive it directly.
 import jax
 import jax.numpy as jnp
 
-from rshash_jax import dhcnn, sharding
+from rshash_jax.models import dhcnn
+from rshash_jax.parallel import sharding
 
 
 def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preprocess=None):

@@ -38,7 +38,9 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from rshash_jax import config_defaults, errors, hamming, sharding
+from rshash_jax import config_defaults, errors
+from rshash_jax.parallel import sharding
+from rshash_jax.retrieval import hamming
 
 NORMALIZATIONS = ("retrieved", "min", "all")
 NO_RELEVANT = ("zero", "skip")

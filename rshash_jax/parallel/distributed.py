@@ -31,7 +31,8 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from rshash_jax import errors, sharding
+from rshash_jax import errors
+from rshash_jax.parallel import sharding
 
 _barrier_count = 0
 

@@ -21,7 +21,9 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from rshash_jax import distributed, errors, rasters
+from rshash_jax import errors
+from rshash_jax.data import rasters
+from rshash_jax.parallel import distributed
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Where `auto` looks for UC Merced, relative to the working directory and to this package.
@@ -44,7 +46,7 @@ class ImageTable:
   # >1: a coarse-resolution view, as a sensor with `degrade` times larger ground sampling
   # distance sees the scene (area-averaged down by this factor, bicubic back up).
   degrade: int = 1
-  # How GeoTIFF/TIFF files become 8-bit images (data.bands, data.scale; rshash_jax/rasters.py).
+  # How GeoTIFF/TIFF files become 8-bit images (data.bands, data.scale; rshash_jax/data/rasters.py).
   raster: rasters.RasterSpec = dataclasses.field(default_factory=rasters.RasterSpec)
 
   @property

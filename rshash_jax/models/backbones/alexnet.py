@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from rshash_jax.backbones import common, torch_pickle
+from rshash_jax.models.backbones import common, torch_pickle
 
 FEATURE_DIM = 4096
 # flax name -> torchvision name

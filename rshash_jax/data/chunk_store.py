@@ -8,7 +8,7 @@ process concatenates them, one chunk at a time, into DIR/<field>.npy and writes
 DIR/store.json last: a store with store.json is complete, and `open` maps its fields
 read-only, so no process ever holds the whole archive in memory.
 
-Used for backbone feature caches (rshash_jax/features.py) and codes files (`encode`).
+Used for backbone feature caches (rshash_jax/data/features.py) and codes files (`encode`).
 """
 
 import json
@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from rshash_jax import distributed, errors
+from rshash_jax import errors
+from rshash_jax.parallel import distributed
 
 META = "store.json"
 FORMAT = "rshash_jax.chunk_store/1"

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rshash_jax import errors
-from rshash_jax.backbones import common, conv
+from rshash_jax.models.backbones import common, conv
 
 FEATURE_DIM = 4096
 _CONVS = (("conv1", 11, 4, 0, 64), ("conv2", 5, 1, 2, 256), ("conv3", 3, 1, 1, 256),

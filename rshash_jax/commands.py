@@ -17,8 +17,10 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from rshash_jax import (chunk_store, codes as codes_lib, datasets, distributed, encoder as encoder_lib, errors, hamming, input_pipeline,
-                        rasters)
+from rshash_jax import errors
+from rshash_jax.data import chunk_store, datasets, input_pipeline, rasters
+from rshash_jax.parallel import distributed
+from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming
 
 def image_table(data: str, degrade: int = 1, check_images: bool = True,
                 raster: Optional[rasters.RasterSpec] = None, labels_file: Optional[str] = None) -> datasets.ImageTable:

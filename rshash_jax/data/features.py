@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rshash_jax import backbones, chunk_store, datasets, distributed, input_pipeline, sharding
+from rshash_jax.data import chunk_store, datasets, input_pipeline
+from rshash_jax.models import backbones
+from rshash_jax.parallel import distributed, sharding
 
 
 def make_encoder(bb: backbones.Backbone, mesh, output: str = "features"):

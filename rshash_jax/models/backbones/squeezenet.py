@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rshash_jax import errors, safe_pickle
-from rshash_jax.backbones import common
+from rshash_jax.models.backbones import common
 
 FEATURE_DIM = 512
 _FIRES = {2: (16, 64), 3: (16, 64), 4: (32, 128), 5: (32, 128),

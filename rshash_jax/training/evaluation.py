@@ -7,7 +7,9 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 from absl import logging
 
-from rshash_jax import config_defaults, distributed, hamming, metrics
+from rshash_jax import config_defaults
+from rshash_jax.parallel import distributed
+from rshash_jax.retrieval import hamming, metrics
 
 
 def evaluate_codes(db_codes: np.ndarray, q_codes: np.ndarray, db_labels: np.ndarray,

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from rshash_jax import chunk_store, datasets, errors, rasters
+from rshash_jax import errors
+from rshash_jax.data import chunk_store, datasets, rasters
 
 
 def _options(threads: int) -> tf.data.Options:
@@ -210,7 +211,7 @@ def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Option
 
     def prep(ex):
       img = ex[table.image_key]
-      if not spec.is_default:  # data.bands / data.scale (rshash_jax/rasters.py)
+      if not spec.is_default:  # data.bands / data.scale (rshash_jax/data/rasters.py)
         img = tf.numpy_function(lambda a: rasters.to_uint8(rasters.select_array_bands(a, spec, name), spec, name),
                                 [img], tf.uint8, stateful=False)
         img.set_shape([None, None, channels(spec)])

@@ -15,7 +15,8 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from rshash_jax import distributed, errors
+from rshash_jax import errors
+from rshash_jax.parallel import distributed
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("log_epoch", "constant", "cosine", "step")
