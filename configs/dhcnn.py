@@ -66,7 +66,7 @@ alternatives (re-tune the learning rate with them).
 
 import ml_collections
 
-from rshash_jax import config_defaults, errors
+from rshash_jax import config_defaults
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -95,64 +95,70 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.map_ks = (5, 10, 20, 50, 100)
   c.eval.ks = config_defaults.DHCNN_KS
 
-  for item in filter(None, (a.strip() for a in arg.split(","))):
-    _apply(c, item)
+  config_defaults.apply_presets(c, arg, PRESETS, KEYED)
   return c
 
 
-def _apply(c, item: str):
-  if "=" in item:
-    key, value = item.split("=", 1)
-    if key == "bits":
-      c.model.bits = int(value)
-    elif key == "backbone":
-      c.model.backbone = value
-    elif key == "mode":
-      c.train.mode = value
-    else:
-      raise errors.InvalidInput(f"unknown preset item {item!r}; use bits=, backbone=, mode= or a named preset")
-  elif item == "local":
-    c.data.source = "auto"
-    _apply(c, "adam")
-  elif item == "adam":
-    c.train.optimizer = "adam"
-    c.train.lr_start = 1e-3
-    c.train.lr_end = 1e-6
-    c.dhcnn.theta_scale = 0.5
-  elif item == "tiny":
-    c.data.source = "generated"
-    c.data.generated_size = 32
-    c.model.backbone = "tiny_cnn"
-    c.model.pretrained = False
-    c.model.bits = 16
-    c.train.epochs = 30
-    c.train.batch_size = 8
-    c.train.optimizer = "adam"
-    c.train.lr_start = 1e-2
-    c.train.lr_end = 1e-3
-    c.train.log_every_steps = 5
-    c.train.checkpoint_every_steps = 10
-    c.features.batch_size = 16
-    c.eval.batch_size = 16
-    c.eval.map_ks = (5, 10)
-    c.eval.ks = (1, 5, 10, 20)
-  elif item == "paper":
-    c.model.backbone = "vgg_f"
-    c.train.mode = "finetune"
-    c.data.resize_size = 256
-  elif item == "finetune":
-    c.train.mode = "finetune"
-  elif item == "best":
-    for part in ("local", "centers", "partial"):
-      _apply(c, part)
-  elif item == "centers":
-    c.dhcnn.center_weight = 1.0
-  elif item == "partial":
-    c.train.mode = "finetune"
-    c.train.finetune_from = "blocks_15"
-    c.data.augment = True
-    c.train.cached_views = 4
-    c.train.backbone_lr_mult = 0.1
-  else:
-    raise errors.InvalidInput(f"unknown preset {item!r}; choose from local, adam, tiny, paper, finetune, centers, "
-                              "partial, best, bits=, backbone=, mode=")
+def _adam(c):
+  c.train.optimizer = "adam"
+  c.train.lr_start = 1e-3
+  c.train.lr_end = 1e-6
+  c.dhcnn.theta_scale = 0.5
+
+
+def _local(c):
+  c.data.source = "auto"
+  _adam(c)
+
+
+def _tiny(c):
+  c.data.source = "generated"
+  c.data.generated_size = 32
+  c.model.backbone = "tiny_cnn"
+  c.model.pretrained = False
+  c.model.bits = 16
+  c.train.epochs = 30
+  c.train.batch_size = 8
+  c.train.optimizer = "adam"
+  c.train.lr_start = 1e-2
+  c.train.lr_end = 1e-3
+  c.train.log_every_steps = 5
+  c.train.checkpoint_every_steps = 10
+  c.features.batch_size = 16
+  c.eval.batch_size = 16
+  c.eval.map_ks = (5, 10)
+  c.eval.ks = (1, 5, 10, 20)
+
+
+def _paper(c):
+  c.model.backbone = "vgg_f"
+  c.train.mode = "finetune"
+  c.data.resize_size = 256
+
+
+def _finetune(c):
+  c.train.mode = "finetune"
+
+
+def _centers(c):
+  c.dhcnn.center_weight = 1.0
+
+
+def _partial(c):
+  c.train.mode = "finetune"
+  c.train.finetune_from = "blocks_15"
+  c.data.augment = True
+  c.train.cached_views = 4
+  c.train.backbone_lr_mult = 0.1
+
+
+def _best(c):
+  for preset in (_local, _centers, _partial):
+    preset(c)
+
+
+PRESETS = {"local": _local, "adam": _adam, "tiny": _tiny, "paper": _paper, "finetune": _finetune,
+           "centers": _centers, "partial": _partial, "best": _best}
+KEYED = {"bits": lambda c, v: setattr(c.model, "bits", int(v)),
+         "backbone": lambda c, v: setattr(c.model, "backbone", v),
+         "mode": lambda c, v: setattr(c.train, "mode", v)}

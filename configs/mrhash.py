@@ -108,7 +108,7 @@ mAP; `python benchmarks/mrhash_ucmerced.py --objective=pair3`, and `--objective=
 
 import ml_collections
 
-from rshash_jax import config_defaults, errors
+from rshash_jax import config_defaults
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -163,42 +163,56 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.map_ks = (100,)
   c.eval.ks = config_defaults.DHCNN_KS
 
-  for item in filter(None, (a.strip() for a in arg.split(","))):
-    if item.startswith("bits="):
-      c.model.bits = int(item[5:])
-    elif item == "local":
-      c.data.source = "auto"
-    elif item == "best":
-      c.mrhash.pair_weight = 3.0  # chosen on validation (docstring, benchmarks/mrhash_ucmerced.py)
-    elif item == "unisource":
-      c.mrhash.sources = (c.mrhash.image_view, c.mrhash.image_view)
-    elif item in ("lsh", "itq"):
-      c.mrhash.baseline = item
-    elif item == "finetune":
-      c.train.mode = "finetune"
-      c.data.augment = True
-    elif item == "tiny":
-      c.data.source = "generated"
-      c.data.generated_size = 32
-      c.data.generated_per_class = 10
-      c.model.backbone = "tiny_cnn"
-      c.model.pretrained = False
-      c.model.bits = 16
-      c.model.head_hidden = 32
-      c.mrhash.image_view = "coarse2"
-      c.mrhash.sources = ("coarse2", "full")
-      c.mrhash.num_clusters = 4
-      c.mrhash.kmeans_n_init = 2
-      c.mrhash.ae_epochs = 4
-      c.mrhash.ae_batch_size = 16
-      c.train.epochs = 3
-      c.train.batch_size = 8
-      c.train.log_every_steps = 5
-      c.train.checkpoint_every_steps = 5
-      c.eval.map_at_r = 10
-      c.eval.map_ks = (10,)
-      c.eval.ks = (1, 5, 10)
-    else:
-      raise errors.InvalidInput(f"unknown preset {item!r}; choose from local, tiny, best, unisource, lsh, itq, "
-                                "finetune, bits=N")
+  config_defaults.apply_presets(c, arg, PRESETS, KEYED)
   return c
+
+
+def _local(c):
+  c.data.source = "auto"
+
+
+def _best(c):
+  c.mrhash.pair_weight = 3.0  # chosen on validation (docstring, benchmarks/mrhash_ucmerced.py)
+
+
+def _unisource(c):
+  c.mrhash.sources = (c.mrhash.image_view, c.mrhash.image_view)
+
+
+def _baseline(name):
+  def apply(c):
+    c.mrhash.baseline = name
+  return apply
+
+
+def _finetune(c):
+  c.train.mode = "finetune"
+  c.data.augment = True
+
+
+def _tiny(c):
+  c.data.source = "generated"
+  c.data.generated_size = 32
+  c.data.generated_per_class = 10
+  c.model.backbone = "tiny_cnn"
+  c.model.pretrained = False
+  c.model.bits = 16
+  c.model.head_hidden = 32
+  c.mrhash.image_view = "coarse2"
+  c.mrhash.sources = ("coarse2", "full")
+  c.mrhash.num_clusters = 4
+  c.mrhash.kmeans_n_init = 2
+  c.mrhash.ae_epochs = 4
+  c.mrhash.ae_batch_size = 16
+  c.train.epochs = 3
+  c.train.batch_size = 8
+  c.train.log_every_steps = 5
+  c.train.checkpoint_every_steps = 5
+  c.eval.map_at_r = 10
+  c.eval.map_ks = (10,)
+  c.eval.ks = (1, 5, 10)
+
+
+PRESETS = {"local": _local, "tiny": _tiny, "best": _best, "unisource": _unisource, "lsh": _baseline("lsh"),
+           "itq": _baseline("itq"), "finetune": _finetune}
+KEYED = {"bits": lambda c, v: setattr(c.model, "bits", int(v))}

@@ -1,4 +1,4 @@
-"""User tools behind `python -m rshash_jax.main`: encode, search, export.
+"""The commands behind `python -m rshash_jax.main`: encode, search, export.
 
 encode  an image folder (class folders or any tree) or a TFDS split -> a codes file (.npz:
         packed codes, ids, paths, labels, class names, the encoder's identity). Streams in
@@ -20,7 +20,7 @@ import numpy as np
 from rshash_jax import errors
 from rshash_jax.data import chunk_store, datasets, input_pipeline, rasters
 from rshash_jax.parallel import distributed
-from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming
+from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming, hits as hits_lib
 
 def image_table(data: str, degrade: int = 1, check_images: bool = True,
                 raster: Optional[rasters.RasterSpec] = None, labels_file: Optional[str] = None) -> datasets.ImageTable:
@@ -133,89 +133,40 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
   paths = _query_paths(queries)
   degrade = enc.meta.get("degrade", 1)
   imgs = np.stack([input_pipeline.load_image(p, enc.image_size, degrade=degrade, raster=enc.raster) for p in paths])
-  lon = db["lon"] if "lon" in db else np.full(len(db["codes"]), np.nan)
-  lat = db["lat"] if "lat" in db else np.full(len(db["codes"]), np.nan)
-  has_coords = bool(np.isfinite(lon).any())
+  archive = hits_lib.Archive(db)
   res = enc.encode(imgs)
-  k = min(k, len(db["codes"]))
+  k = min(k, len(archive))
   dist, idx = hamming.hamming_topk(res["codes"], db["codes"], k)
-  class_names = [str(c) for c in db["class_names"]]
   # Every process ranks (the database is sharded over all of them); the primary prints.
   say = print if distributed.is_primary() else (lambda *a, **k: None)
   out = []
-  db_labels = np.asarray(db["labels"])
-  row_of = {str(x): i for i, x in enumerate(db["paths"])}
+  row_of = {p: i for i, p in enumerate(archive.paths)}
+  coords = archive.has_coordinates
   for qi, p in enumerate(paths):
-    # The query's label(s): its row of the codes file if it is there, else its class folder.
-    row = row_of.get(os.path.abspath(p), row_of.get(p))
-    if row is not None:
-      q_lab = db_labels[row]
-    else:
-      q_class = os.path.basename(os.path.dirname(p))
-      q_lab = np.int64(class_names.index(q_class) if q_class in class_names and db_labels.ndim == 1 else -1)
-    pred = None
-    if "predicted" in res and enc.class_names:
-      pred = (";".join(n for n, z in zip(enc.class_names, res["logits"][qi]) if z > 0) or "-"
-              if enc.meta.get("multilabel") else enc.class_names[res["predicted"][qi]])
+    q_lab = archive.query_labels(p, row_of.get(os.path.abspath(p), row_of.get(p)))
+    pred = hits_lib.predicted(enc.class_names, bool(enc.meta.get("multilabel")), res, qi)
     q_lonlat = rasters.center_lonlat(p) if rasters.is_raster(p) else (float("nan"), float("nan"))
     where = f"  at lon {q_lonlat[0]:.6f}, lat {q_lonlat[1]:.6f}" if np.isfinite(q_lonlat).all() else ""
     say(f"\nquery {p}" + (f"  predicted: {pred}" if pred else "") + where)
-    say(f"  {'rank':>4} {'dist':>4}  {'label':<20} " + (f"{'lon':>11} {'lat':>10}  " if has_coords else "") + "path")
-    hits = []
-    for r in range(k):
-      j = int(idx[qi, r])
-      name, relevant = _label_and_relevance(db_labels[j], q_lab, class_names)
-      mark = "" if relevant is None else ("  relevant" if relevant else "  not relevant")
-      coords = ""
-      if has_coords:
-        coords = f"{lon[j]:>11.6f} {lat[j]:>10.6f}  " if np.isfinite(lon[j]) else f"{'-':>11} {'-':>10}  "
-      say(f"  {r + 1:>4} {int(dist[qi, r]):>4}  {name:<20} {coords}{db['paths'][j]}{mark}")
-      hits.append(dict(rank=r + 1, distance=int(dist[qi, r]), path=str(db["paths"][j]), label=name,
-                       relevant=relevant,
-                       lon=float(lon[j]) if np.isfinite(lon[j]) else None,
-                       lat=float(lat[j]) if np.isfinite(lat[j]) else None))
+    say(f"  {'rank':>4} {'dist':>4}  {'label':<20} " + (f"{'lon':>11} {'lat':>10}  " if coords else "") + "path")
+    hits = archive.hits(dist[qi], idx[qi], q_lab)
+    for h in hits:
+      mark = "" if h["relevant"] is None else ("  relevant" if h["relevant"] else "  not relevant")
+      where = ""
+      if coords:
+        where = f"{h['lon']:>11.6f} {h['lat']:>10.6f}  " if h["lon"] is not None else f"{'-':>11} {'-':>10}  "
+      say(f"  {h['rank']:>4} {h['distance']:>4}  {h['label'] or '-':<20} {where}{h['path']}{mark}")
     out.append(dict(query=p, predicted=pred, results=hits,
                     lon=q_lonlat[0] if np.isfinite(q_lonlat[0]) else None,
                     lat=q_lonlat[1] if np.isfinite(q_lonlat[1]) else None))
-  if has_coords is False and geojson:
+  if not archive.has_coordinates and geojson:
     say(f"\nnote: {codes_path} has no coordinates (no georeferenced GeoTIFFs): the GeoJSON's hits have "
         "null geometry")
   if png:
     distributed.write_once(png, lambda tmp: grid(out, tmp, enc.image_size, enc.raster), name="search grid")
   if geojson:
-    distributed.write_once(geojson, lambda tmp: write_geojson(out, tmp), name="search GeoJSON")
+    distributed.write_once(geojson, lambda tmp: hits_lib.write_geojson(out, tmp), name="search GeoJSON")
   return out
-
-
-def write_geojson(results: List[Dict], path: str):
-  """The queries and their hits as one GeoJSON FeatureCollection (WGS84 points; a feature
-  without coordinates has geometry null: nothing is invented)."""
-  import json  # pylint: disable=g-import-not-at-top
-
-  def feature(lon, lat, props):
-    geom = {"type": "Point", "coordinates": [lon, lat]} if lon is not None and lat is not None else None
-    return {"type": "Feature", "geometry": geom, "properties": props}
-  feats = []
-  for qi, r in enumerate(results):
-    feats.append(feature(r["lon"], r["lat"], {"role": "query", "query": qi, "path": r["query"],
-                                               "predicted": r["predicted"]}))
-    for h in r["results"]:
-      feats.append(feature(h["lon"], h["lat"], {"role": "hit", "query": qi, "rank": h["rank"],
-                                                 "distance": h["distance"], "path": h["path"], "label": h["label"],
-                                                 "relevant": h["relevant"]}))
-  with open(path, "w") as f:
-    json.dump({"type": "FeatureCollection", "features": feats}, f, indent=1)
-
-
-def _label_and_relevance(lab: np.ndarray, q_lab: np.ndarray, class_names: List[str]):
-  """A hit's label text and whether it is relevant to the query (None: unknown): the same
-  class for class ids, at least one shared label for multi-hot rows."""
-  if np.ndim(lab) == 1:  # multi-hot
-    name = ";".join(n for n, v in zip(class_names, lab) if v) or "-"
-    return name, (None if np.ndim(q_lab) != 1 else bool(np.any((lab > 0) & (q_lab > 0))))
-  lab = int(lab)
-  name = class_names[lab] if 0 <= lab < len(class_names) else "?"
-  return name, (None if np.ndim(q_lab) != 0 or int(q_lab) < 0 or lab < 0 else lab == int(q_lab))
 
 
 def grid(results: List[Dict], png: str, size: int, raster: Optional[rasters.RasterSpec] = None):
@@ -234,7 +185,7 @@ def grid(results: List[Dict], png: str, size: int, raster: Optional[rasters.Rast
       path = h["path"]
       if os.path.isfile(path):
         ax.imshow(input_pipeline.load_image(path, min(size, 128), raster=raster)[..., :3])
-      ax.set_title(f"d={h['distance']} {h['label']}", fontsize=6)
+      ax.set_title(f"d={h['distance']} {h['label'] or '-'}", fontsize=6)
       if h["relevant"] is not None:
         ax.axis("on")
         ax.set_xticks([])

@@ -1,6 +1,11 @@
 """Config blocks shared by every method's config file (configs/*.py)."""
 
+import os
+from typing import Callable, Dict
+
 import ml_collections
+
+from rshash_jax import errors
 
 # Cut-offs of the precision/recall-at-k curves of the DHCNN paper (1, 11, 21, 31, 50, 100, ..., 1000).
 DHCNN_KS = (1, 11, 21, 31) + tuple(range(50, 1001, 50))
@@ -75,3 +80,23 @@ def features() -> ml_collections.ConfigDict:
   f.cache_dir = ""              # frozen backbones: "" = WORKDIR/cache
   f.batch_size = 32
   return f
+
+
+def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where features, activations and TFDS image stores are cached: features.cache_dir, else WORKDIR/cache."""
+  return config.features.cache_dir or os.path.join(workdir, "cache")
+
+
+def apply_presets(c: ml_collections.ConfigDict, arg: str, named: Dict[str, Callable[[ml_collections.ConfigDict], None]],
+                  keyed: Dict[str, Callable[[ml_collections.ConfigDict, str], None]]):
+  """Applies `file.py:ARGS` presets in order: comma-separated names (`named`) and key=value
+  items (`keyed`); anything else is refused with the choices."""
+  for item in filter(None, (a.strip() for a in arg.split(","))):
+    key, eq, value = item.partition("=")
+    if eq and key in keyed:
+      keyed[key](c, value)
+    elif not eq and item in named:
+      named[item](c)
+    else:
+      choices = ", ".join(list(named) + [f"{k}=" for k in keyed])
+      raise errors.InvalidInput(f"unknown preset {item!r}; choose from {choices}")

@@ -41,4 +41,4 @@ class Diverged(UserError, FloatingPointError):
   """Training produced a non-finite loss (a setting, not a bug: lower the learning rate)."""
 
 
-EXIT_CODE = 2
+EXIT_CODE = 2  # the exit status of an error in the input (bugs exit 1)

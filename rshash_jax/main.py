@@ -146,7 +146,7 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     expected = is_input_error(e)
     if multi:
-      distributed.fail_fast(e, code=2 if expected else 1, brief=expected and not _show_traceback())
+      distributed.fail_fast(e, code=errors.EXIT_CODE if expected else 1, brief=expected and not _show_traceback())
     if not expected:
       raise
     _exit_with(e, _show_traceback())
@@ -158,7 +158,7 @@ def _exit_with(e: BaseException, show_traceback: bool):
     import traceback  # pylint: disable=g-import-not-at-top
     traceback.print_exception(e, file=sys.stderr)
   print(error_line(e), file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(errors.EXIT_CODE)
 
 
 def _command(command, args):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rshash_jax.models import dhcnn
+from rshash_jax.models import dhcnn, signs
 from rshash_jax.parallel import sharding
 from rshash_jax.training import dhcnn_step, train_state
 
@@ -135,7 +135,7 @@ def test_masked_rows_do_not_count():
 
 
 def test_codes_never_zero():
-  np.testing.assert_array_equal(np.asarray(dhcnn.codes_from(jnp.asarray([-1.0, 0.0, 2.0, -0.0]))), [-1, 1, 1, 1])
+  np.testing.assert_array_equal(np.asarray(signs.signs(jnp.asarray([-1.0, 0.0, 2.0, -0.0]))), [-1, 1, 1, 1])
 
 
 def test_log_epoch_schedule():

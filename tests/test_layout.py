@@ -1,11 +1,12 @@
 """The package's layering: imports point one way, no cycles, no in-package import hidden in a function.
 
-  main, rshash_jax/__init__                      (5)
-  serving/, training/, commands                  (4)
-  retrieval/                                     (3)
-  data/                                          (2)
-  models/, parallel/                             (1)
-  errors, config_defaults, safe_pickle           (0)
+  main, rshash_jax/__init__                      (6)
+  serving/, training/, commands                  (5)
+  retrieval/                                     (4)
+  data/                                          (3)
+  models/, parallel/                             (2)
+  config_defaults, safe_pickle                   (1)
+  errors                                         (0)
 
 A module imports modules of a lower layer, or of its own folder. Only main.py and the
 package's __init__ import lazily (to keep `--help` and `import rshash_jax` light).
@@ -15,8 +16,8 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "rshash_jax"
-LAYERS = {"errors": 0, "config_defaults": 0, "safe_pickle": 0, "models": 1, "parallel": 1, "data": 2,
-          "retrieval": 3, "training": 4, "serving": 4, "commands": 4, "main": 5, "__init__": 5}
+LAYERS = {"errors": 0, "config_defaults": 1, "safe_pickle": 1, "models": 2, "parallel": 2, "data": 3,
+          "retrieval": 4, "training": 5, "serving": 5, "commands": 5, "main": 6, "__init__": 6}
 LAZY_OK = {"rshash_jax.main", "rshash_jax"}
 
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from rshash_jax import commands, errors
-from rshash_jax.data import datasets
+from rshash_jax.data import datasets, input_pipeline
 from rshash_jax.models import dhcnn
-from rshash_jax.retrieval import metrics
+from rshash_jax.retrieval import hits, metrics
 from rshash_jax.training import train_dhcnn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -107,3 +107,30 @@ def test_dhcnn_trains_on_a_label_file_and_search_uses_shared_labels(archive, tmp
     hit_labels = {names.index(n) for n in h["label"].split(";")}
     assert h["relevant"] == bool(hit_labels & q_labels)
   assert out["results"][0]["distance"] == 0  # the query itself is in the archive
+  # The service shows the same query the same way: one hit formatter, one multi-label rule
+  # (every label whose logit is > 0), the query's labels marking the hits relevant.
+  from rshash_jax.serving import service  # pylint: disable=g-import-not-at-top
+  engine = service.SearchEngine(str(tmp_path / "w"), codes, max_batch=1)
+  try:
+    served = engine.search_pixels(input_pipeline.decode_file(query).numpy(), 6, engine.archive.labels[5])
+  finally:
+    engine.close()
+  assert served["predicted"] == out["predicted"]
+  assert [{k: h[k] for k in ("id", "path", "label", "distance", "relevant")} for h in served["hits"]] == \
+      [{k: h[k] for k in ("id", "path", "label", "distance", "relevant")} for h in out["results"]]
+  pred = out["predicted"]
+  assert pred == "-" or set(pred.split(";")) <= set(LABELS)
+
+
+def test_one_prediction_rule_for_single_and_multi_label_encoders():
+  names = ["a", "b", "c"]
+  res = {"predicted": np.array([2, 0]), "logits": np.array([[0.5, -1.0, 2.0], [-0.1, -0.2, -0.3]])}
+  assert hits.predicted(names, True, res, 0) == "a;c"  # every label with logit > 0
+  assert hits.predicted(names, True, res, 1) == "-"
+  assert hits.predicted(names, False, res, 0) == "c"  # the argmax class
+  assert hits.predicted([], False, res, 0) is None and hits.predicted(names, False, {}, 0) is None
+  archive = hits.Archive({"paths": np.array(["x/a/1.png", "x/b/2.png"]), "labels": np.array([[1, 0, 1], [0, 1, 0]]),
+                          "class_names": np.array(names)})
+  assert archive.label(0) == "a;c" and archive.relevant(0, np.array([0, 0, 1])) is True
+  assert archive.relevant(1, np.array([1, 0, 1])) is False and archive.relevant(1, np.int64(-1)) is None
+  assert archive.entry(1) == {"id": 1, "path": "x/b/2.png", "label": "b", "lon": None, "lat": None}

@@ -131,7 +131,7 @@ def test_cli_input_errors_are_one_line_and_exit_2(trained, tmp_path):
       "with --traceback": (["--traceback", "encode", "--encoder=/no/encoder", f"--data={data}", "--out=x.npz"],
                            "not an exported encoder (no encoder.json): /no/encoder"),
   }
-  bug = ("import sys; from rshash_jax import main, tools\n"
+  bug = ("import sys; from rshash_jax import commands, main\n"
          "def broken(*a, **k): raise KeyError('a bug')\n"
          "commands.export = broken; sys.argv = ['rshash', 'export', '--workdir=w', '--out=o']; main.run()")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")

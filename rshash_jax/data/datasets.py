@@ -128,7 +128,7 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
 
   check_images opens every file's header up front, so a corrupt or non-image file is
   reported by name before any long work starts. Rasters are left to `with_raster`, which
-  `from_config` and `tools.image_table` run on every table: it checks their headers
+  `from_config` and `commands.image_table` run on every table: it checks their headers
   against data.bands / data.scale and reads their coordinates in the same opening.
   """
   root = os.path.abspath(os.path.expanduser(root))

@@ -152,6 +152,22 @@ def cached_activations(bb: backbones.Backbone, table: datasets.ImageTable, cache
                  name=f"{bb.name} activations at {point} x{views}")
 
 
+def split_point_inputs(config, bb: backbones.Backbone, table: datasets.ImageTable, cache_dir: str,
+                       resize_size: Optional[int] = None):
+  """(activations, [h, w, c]) at train.finetune_from for partial fine-tuning: the cached
+  activations of every image and view (cached_activations) when the cache is used
+  (use_activation_cache), else None and the shape alone; (None, ()) without a split point."""
+  point = config.train.finetune_from
+  if not point:
+    return None, ()
+  if not use_activation_cache(config.train):
+    return None, activation_shape(bb, point)
+  acts = cached_activations(bb, table, cache_dir, point, views=views_to_cache(config),
+                            weights_path=config.model.weights_path or None, batch_size=config.features.batch_size,
+                            resize_size=resize_size, threads=config.data.threads)
+  return acts, acts.shape[2:]
+
+
 def use_activation_cache(tc) -> bool:
   """train.finetune_cache: 'auto' caches the frozen layers' activations on CPU, where they
   are most of a step's cost, and runs them in the step on accelerators."""

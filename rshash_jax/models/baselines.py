@@ -14,10 +14,7 @@ import dataclasses
 import numpy as np
 
 from rshash_jax import errors
-
-
-def _sign(x):
-  return np.where(x >= 0, 1, -1).astype(np.int8)
+from rshash_jax.models import signs
 
 
 @dataclasses.dataclass
@@ -27,7 +24,7 @@ class LinearHash:
   projection: np.ndarray
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
-    return _sign((np.asarray(x, np.float64) - self.mean) @ self.projection)
+    return signs.signs((np.asarray(x, np.float64) - self.mean) @ self.projection)
 
 
 def fit_lsh(train: np.ndarray, bits: int, seed: int = 0) -> LinearHash:
@@ -48,7 +45,7 @@ def fit_itq(train: np.ndarray, bits: int, iterations: int = 50, seed: int = 0) -
   v = xc @ pca
   r, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((bits, bits)))
   for _ in range(iterations):
-    b = np.where(v @ r >= 0, 1.0, -1.0)
+    b = signs.signs(v @ r).astype(np.float64)
     u, _, wt = np.linalg.svd(b.T @ v)
     r = (u @ wt).T
   return LinearHash(mean, pca @ r)

@@ -48,14 +48,10 @@ import numpy as np
 import scipy.linalg
 
 from rshash_jax import errors
+from rshash_jax.models import signs
 
 GRADIENTS = ("official", "autodiff")
 CE_MODES = ("full", "scaled")
-
-
-def codes_from(u):
-  """Binary codes in {-1, +1}: never a zero bit (u >= 0 -> +1)."""
-  return jnp.where(u >= 0, 1.0, -1.0).astype(u.dtype)
 
 
 class HashHead(nn.Module):
@@ -128,7 +124,7 @@ def pairwise_terms(u, bank, s, *, theta_scale: float, gradient: str, mask=None):
   grad_mult = 1.0 if gradient == "official" else theta_scale
   theta = theta_scale * jax.lax.stop_gradient(uu) + grad_mult * (uu - jax.lax.stop_gradient(uu))
   pairwise = jnp.sum(mask * (jax.nn.softplus(theta) - s * theta))
-  quant = jnp.sum(mask * jnp.square(jax.lax.stop_gradient(codes_from(u)) - u))
+  quant = jnp.sum(mask * jnp.square(jax.lax.stop_gradient(signs.signs(u)) - u))
   return pairwise, quant
 
 

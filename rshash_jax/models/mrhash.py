@@ -203,10 +203,6 @@ def stage1_loss(recons, sources):
   return loss, dict(loss=loss)
 
 
-def codes_from(h):
-  return jnp.where(h >= 0, 1.0, -1.0)
-
-
 def batched_apply(fn, x, batch: int = 4096):
   """fn over rows of x in slices (bounded memory for whole-training-set passes)."""
   outs = [fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)]

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from rshash_jax import errors
 from rshash_jax.data import rasters
-from rshash_jax.models import backbones, dhcnn, mrhash
+from rshash_jax.models import backbones, dhcnn, mrhash, signs
 from rshash_jax.parallel import distributed, sharding
 from rshash_jax.retrieval import hamming
 
@@ -163,7 +163,7 @@ class Encoder:
     fn = self._compiled()
     u, logits = fn(self.variables, jax.device_put(images, sharding.sharded_rows(self.mesh)))
     u = np.asarray(u, np.float32)[:n]
-    out = {"u": u, "codes": hamming.pack_codes(np.where(u >= 0, 1, -1))}
+    out = {"u": u, "codes": hamming.pack_codes(signs.signs(np.asarray(u)))}
     if logits is not None:
       out["logits"] = np.asarray(logits, np.float32)[:n]
       out["predicted"] = out["logits"].argmax(axis=1)
@@ -195,15 +195,11 @@ def load_encoder(path: str, devices=None) -> Encoder:
   if meta["method"] == "dhcnn":
     model = dhcnn.DHCNN(backbone=module, bits=meta["bits"], num_classes=len(meta["class_names"]),
                         hidden=meta["hidden"], dtype=jnp.dtype(meta["dtype"]))
-    variables = {"params": {"backbone": bb_vars["params"], "head": tree["head"]}}
-    for k, v in bb_vars.items():
-      if k != "params":
-        variables[k] = {"backbone": v}
+    head = "head"
   else:
     model = _MrHashEncoder(module, meta["bits"], meta["hidden"], meta.get("feature_norm", "none"))
-    variables = {"params": {"backbone": bb_vars["params"], "hashnet": tree["head"]}}
-    for k, v in bb_vars.items():
-      if k != "params":
-        variables[k] = {"backbone": v}
+    head = "hashnet"
+  bb_params, constants = backbones.nest(bb_vars)
+  variables = {"params": {"backbone": bb_params, head: tree["head"]}, **constants}
   mesh = sharding.data_mesh(devices if devices is not None else jax.local_devices())
   return Encoder(meta, model, variables, pre, mesh)

@@ -40,6 +40,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rshash_jax import errors
+from rshash_jax.models import signs
 from rshash_jax.parallel import distributed, sharding
 
 WORD_BITS = 32
@@ -84,7 +85,7 @@ def pack_codes(codes, *, binary: Optional[bool] = None) -> np.ndarray:
         raise errors.InvalidInput("binary=True needs codes in {0, 1}; found other values")
       bits = arr == 1
     else:
-      bits = arr >= 0
+      bits = signs.bits(arr)
   n, k = bits.shape
   packed8 = np.packbits(bits, axis=1, bitorder="little")
   pad = num_words(k) * 4 - packed8.shape[1]
@@ -101,7 +102,7 @@ def pack_signs(x: jax.Array) -> jax.Array:
   """
   k = x.shape[-1]
   w = num_words(k)
-  bits = (x >= 0).astype(jnp.uint32)
+  bits = signs.bits(x).astype(jnp.uint32)
   bits = jnp.pad(bits, [(0, 0)] * (x.ndim - 1) + [(0, w * WORD_BITS - k)])
   bits = bits.reshape(x.shape[:-1] + (w, WORD_BITS))
   shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)

@@ -46,7 +46,7 @@ import numpy as np
 
 from rshash_jax import errors
 from rshash_jax.data import input_pipeline
-from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming
+from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming, hits
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _log = logging.getLogger("rshash_jax.serving")
@@ -65,6 +65,7 @@ class _Query:
   image: np.ndarray  # uint8 [S, S, 3], already resized
   k: int
   done: concurrent.futures.Future
+  labels: Any = None  # the query's labels when it is an archive image
 
 
 class SearchEngine:
@@ -74,15 +75,11 @@ class SearchEngine:
     self.encoder = encoder_lib.load_encoder(encoder_path)
     db = codes_lib.load_codes(codes_path, self.encoder)
     self.codes_path = codes_path
-    self.paths = [str(p) for p in db["paths"]]
-    self.labels = np.asarray(db["labels"])
-    self.class_names = [str(c) for c in db["class_names"]]
-    coords = [db[k] for k in ("lon", "lat") if k in db]
-    self.lonlat = np.stack(coords, axis=1).astype(np.float64) if len(coords) == 2 else None
-    self.num_codes = len(self.paths)
+    self.archive = hits.Archive(db)
+    self.num_codes = len(self.archive)
     if self.num_codes == 0:
       raise errors.InvalidInput(f"{codes_path}: the codes file is empty")
-    self._by_path = {p: i for i, p in enumerate(self.paths)}
+    self._by_path = {p: i for i, p in enumerate(self.archive.paths)}
     self.index = hamming.HammingIndex(db["codes"], mesh=self.encoder.mesh)
     self.max_batch = max_batch
     self._queue: "queue.Queue[Optional[_Query]]" = queue.Queue()
@@ -96,17 +93,6 @@ class SearchEngine:
       b *= 2
 
   # -- queries ------------------------------------------------------------------------
-  def entry(self, i: int) -> Dict[str, Any]:
-    if self.labels.ndim == 2:  # multi-label codes: every label of the image
-      label = [n for n, v in zip(self.class_names, self.labels[i]) if v]
-    else:
-      lab = int(self.labels[i])
-      label = self.class_names[lab] if 0 <= lab < len(self.class_names) else None
-    out = {"id": i, "path": self.paths[i], "label": label}
-    if self.lonlat is not None and np.isfinite(self.lonlat[i]).all():
-      out["lon"], out["lat"] = float(self.lonlat[i, 0]), float(self.lonlat[i, 1])
-    return out
-
   def archive_id(self, *, path: Optional[str] = None, id_: Any = None) -> int:
     if id_ is not None:
       if isinstance(id_, bool) or not isinstance(id_, int) or not 0 <= id_ < self.num_codes:
@@ -118,16 +104,17 @@ class SearchEngine:
     return i
 
   def read_archive_image(self, i: int) -> np.ndarray:
-    path = self.paths[i]
+    path = self.archive.paths[i]
     if not os.path.isfile(path):
       raise HTTPError(404, f"archive image {i} is not a readable file here: {path}")
     return input_pipeline.decode_file(path, self.encoder.raster).numpy()
 
-  def search_pixels(self, image: np.ndarray, k: int) -> Dict[str, Any]:
-    """uint8 [H, W, 3] -> {"hits": [...], "predicted": class or None}; blocks until done."""
+  def search_pixels(self, image: np.ndarray, k: int, query_labels=None) -> Dict[str, Any]:
+    """uint8 [H, W, 3] -> {"hits": [...], "predicted": label(s) or None} (retrieval.hits);
+    blocks until done. query_labels (an archive query's) mark the hits relevant or not."""
     resized = input_pipeline.resize(image, self.encoder.image_size, None,
                                     int(self.encoder.meta.get("degrade", 1))).numpy()
-    q = _Query(resized, k, concurrent.futures.Future())
+    q = _Query(resized, k, concurrent.futures.Future(), query_labels)
     self._queue.put(q)
     return q.done.result()
 
@@ -169,12 +156,10 @@ class SearchEngine:
     k = min(self.num_codes, 1 << (max(q.k for q in batch) - 1).bit_length())
     dist, idx = self.index.search(res["codes"][:n], k)
     out = []
+    multilabel = bool(self.encoder.meta.get("multilabel"))
     for r, q in enumerate(batch):
-      hits = [dict(rank=j + 1, distance=int(dist[r, j]), **self.entry(int(idx[r, j]))) for j in range(q.k)]
-      pred = None
-      if "predicted" in res and self.encoder.class_names:
-        pred = self.encoder.class_names[int(res["predicted"][r])]
-      out.append({"hits": hits, "predicted": pred})
+      out.append({"hits": self.archive.hits(dist[r, :q.k], idx[r, :q.k], q.labels),
+                  "predicted": hits.predicted(self.encoder.class_names, multilabel, res, r)})
     return out
 
 
@@ -252,12 +237,12 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
     return JSONResponse({"method": enc.meta["method"], "backbone": enc.meta["backbone"], "bits": enc.bits,
                          "identity": enc.identity, "image_size": enc.image_size, "classes": enc.class_names,
                          "num_codes": engine.num_codes, "codes_file": os.path.basename(engine.codes_path),
-                         "has_coordinates": engine.lonlat is not None, "max_upload_bytes": max_upload_bytes})
+                         "has_coordinates": engine.archive.has_coordinates, "max_upload_bytes": max_upload_bytes})
 
   async def archive(request):
     offset = int_param(request, "offset", 0, 0, max(engine.num_codes - 1, 0))
     limit = int_param(request, "limit", 24, 1, 200)
-    return JSONResponse({"entries": [engine.entry(i) for i in range(offset, min(offset + limit, engine.num_codes))],
+    return JSONResponse({"entries": [engine.archive.entry(i) for i in range(offset, min(offset + limit, engine.num_codes))],
                          "num_codes": engine.num_codes})
 
   async def search(request):
@@ -275,7 +260,7 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
         image = await run_in_threadpool(input_pipeline.decode_bytes, data, name, engine.encoder.raster)
       except errors.InvalidInput as e:
         raise HTTPError(422 if "band" in str(e) else 415, str(e)) from None
-      query = {"upload": name}
+      query, labels = {"upload": name}, None
     elif ctype.startswith("application/json"):
       try:
         body = json.loads(await request.body())
@@ -288,11 +273,12 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
         image = await run_in_threadpool(engine.read_archive_image, i)
       except errors.InvalidInput as e:
         raise HTTPError(415, str(e)) from None
-      query = engine.entry(i)
+      query = engine.archive.entry(i)
+      labels = engine.archive.labels[i]
     else:
       raise HTTPError(400, "send the query as multipart/form-data (field `image`) or as JSON "
                            '{"path": ...} / {"id": ...}')
-    result = await run_in_threadpool(engine.search_pixels, image, k)
+    result = await run_in_threadpool(engine.search_pixels, image, k, labels)
     return JSONResponse({"query": query, "k": k, **result})
 
   async def image(request):

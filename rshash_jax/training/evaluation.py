@@ -8,6 +8,7 @@ import numpy as np
 from absl import logging
 
 from rshash_jax import config_defaults
+from rshash_jax.models import signs
 from rshash_jax.parallel import distributed
 from rshash_jax.retrieval import hamming, metrics
 
@@ -20,10 +21,10 @@ def evaluate_codes(db_codes: np.ndarray, q_codes: np.ndarray, db_labels: np.ndar
   the same class and `q_predictions` add accuracy; with multi-hot labels [N, C]: relevance
   is sharing a label and `q_logits` add per-label F1 (metrics.multilabel_f1)."""
   bits = db_codes.shape[1]
-  db_p, q_p = hamming.pack_codes(db_codes), hamming.pack_codes(q_codes)
+  db_p, q_p = hamming.pack_codes(signs.signs(db_codes)), hamming.pack_codes(signs.signs(q_codes))
   report = metrics.retrieval_report(q_p, db_p, q_labels, db_labels, map_ks=map_ks, ks=ks, bits=bits)
   report["bits"] = int(bits)
-  report["bit_balance"] = float(np.mean(np.asarray(db_codes) >= 0))
+  report["bit_balance"] = float(np.mean(signs.bits(np.asarray(db_codes))))
   multilabel = np.asarray(q_labels).ndim == 2
   report["relevance"] = "shares at least one label" if multilabel else "same class"
   if multilabel and q_logits is not None:

@@ -1,12 +1,17 @@
-"""The training loop both methods share: steps, NaN guard, logging, checkpoints, preemption."""
+"""The training loop every stage shares: optimizer, checkpoints, resume, steps, NaN guard,
+logging, preemption. `Stage` sets a stage up (DHCNN's one, MrHash's autoencoder and hashing
+stages) and `run` steps it."""
 
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import jax.numpy as jnp
 
 import numpy as np
 from absl import logging
 from clu import periodic_actions
 
 from rshash_jax import errors
+from rshash_jax.data import input_pipeline
 from rshash_jax.parallel import distributed, sharding
 from rshash_jax.training import train_state
 
@@ -66,3 +71,42 @@ def run(step_fn: Callable, state, batches: Iterable[dict], *, mesh, mngr, writer
 def stop_step(start: int, total: int, max_steps_per_run: int) -> int:
   return total if not max_steps_per_run else min(total, start + max_steps_per_run)
 
+
+class Stage:
+  """One trained stage: its optimizer (per `tc`, a config.train block), its checkpoints in
+  WORKDIR/<name> with the run they belong to checked (train_state.check_run: a resumed run
+  must be the same run), the resumed state and the steps this run takes."""
+
+  def __init__(self, config, tc, workdir: str, mesh, *, num_train: int, global_batch: int,
+               name: str = "checkpoints", lr_mults: Optional[Dict[str, float]] = None, **facts):
+    self.tc, self.mesh = tc, mesh
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(num_train, global_batch)
+    self.total = tc.epochs * self.steps_per_epoch
+    self.tx = train_state.make_optimizer(tc, self.steps_per_epoch, lr_mults)
+    self.mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name=name)
+    train_state.check_run(self.mngr, config, **facts, steps_per_epoch=self.steps_per_epoch, num_train=num_train)
+    self.start = self.stop = 0
+
+  @property
+  def fresh(self) -> bool:
+    """No checkpoint yet: the stage starts from its initial state."""
+    return self.mngr.latest_step() is None
+
+  def initial_state(self, params, constants: Optional[Dict[str, Any]] = None,
+                    extra: Optional[Dict[str, Any]] = None) -> train_state.TrainState:
+    """Host state at step 0 (the optimizer initialised on `params`)."""
+    return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                                  constants=constants or {}, extra=extra or {})
+
+  def restore(self, state: train_state.TrainState) -> train_state.TrainState:
+    """`state` replicated over the mesh, then the latest checkpoint restored into it; sets
+    the steps of this run (start -> stop, at most train.max_steps_per_run)."""
+    state = train_state.restore_or_keep(self.mngr, distributed.replicate(state, self.mesh))
+    self.start = int(distributed.to_host(state.step))
+    self.stop = stop_step(self.start, self.total, self.tc.max_steps_per_run)
+    return state
+
+  def run(self, step_fn: Callable, state, batches: Iterable[dict], writer, **kw) -> Tuple[object, bool]:
+    """`run` over this stage's steps (see run for `kw`)."""
+    return run(step_fn, state, batches, mesh=self.mesh, mngr=self.mngr, writer=writer, total=self.total,
+               stop=self.stop, log_every=self.tc.log_every_steps, **kw)

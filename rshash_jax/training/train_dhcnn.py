@@ -21,7 +21,7 @@ Modes (config.train.mode):
 import dataclasses
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +30,12 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from rshash_jax import errors
-from rshash_jax.data import datasets, features, input_pipeline
+from rshash_jax import config_defaults, errors
+from rshash_jax.data import datasets, features
 from rshash_jax.models import backbones, dhcnn
 from rshash_jax.parallel import distributed, sharding
 from rshash_jax.retrieval import encoder
-from rshash_jax.training import config_checks, dhcnn_step, evaluation, loop, train_state
+from rshash_jax.training import config_checks, dhcnn_step, evaluation, inputs as inputs_lib, loop, train_state
 
 
 @dataclasses.dataclass
@@ -47,20 +47,7 @@ class _Setup:
   test_idx: np.ndarray
   bb: backbones.Backbone
   model: dhcnn.DHCNN
-  feats: Any  # [N, D] in frozen mode, else None
-  cache_dir: str  # feature caches, TFDS image stores
-  acts: Any = None  # [N, views, h, w, c] cached activations at train.finetune_from, else None
-  act_shape: Tuple[int, ...] = ()  # [h, w, c] of the activation at train.finetune_from
-
-  @property
-  def point(self) -> str:
-    """The split point of partial fine-tuning ('' otherwise; config_checks: finetune mode only)."""
-    return self.config.train.finetune_from
-
-  @property
-  def cached(self):
-    """Per-example model inputs read from a cache (features or activations), else None."""
-    return self.feats if self.feats is not None else self.acts
+  inputs: inputs_lib.Inputs
 
 
 def _setup(config, workdir: str) -> _Setup:
@@ -77,35 +64,23 @@ def _setup(config, workdir: str) -> _Setup:
                         image_size=mc.image_size or None, dtype=dtype, seed=config.seed,
                         channels=table.raster.channels)
   feats = None
-  cache = config.features.cache_dir or os.path.join(workdir, "cache")
+  cache = config_defaults.cache_dir(config, workdir)
   if config.train.mode == "frozen":
     feats = features.cached_features(bb, table, cache, weights_path=mc.weights_path or None,
                                      batch_size=config.features.batch_size,
                                      resize_size=config.data.resize_size or None, threads=config.data.threads)
-  acts, act_shape = None, ()
-  point = config.train.finetune_from  # config_checks: finetune mode only
-  if point and features.use_activation_cache(config.train):
-    acts = features.cached_activations(bb, table, cache, point, views=features.views_to_cache(config),
-                                       weights_path=mc.weights_path or None, batch_size=config.features.batch_size,
-                                       resize_size=config.data.resize_size or None, threads=config.data.threads)
-    act_shape = acts.shape[2:]
-  elif point:
-    act_shape = features.activation_shape(bb, point)
+  inputs = inputs_lib.Inputs.from_config(config, bb, table, cache, features_=feats,
+                                         resize_size=config.data.resize_size or None)
   model = dhcnn.DHCNN(backbone=None if feats is not None else bb.module, bits=mc.bits,
                       num_classes=table.num_classes, hidden=mc.head_hidden, dropout=mc.dropout, dtype=dtype,
-                      backbone_start=point)
-  return _Setup(config, mesh, table, train_idx, test_idx, bb, model, feats, cache, acts, act_shape)
+                      backbone_start=inputs.point)
+  return _Setup(config, mesh, table, train_idx, test_idx, bb, model, inputs)
 
 
-def _init_state(s: _Setup, tx) -> train_state.TrainState:
+def _init_state(s: _Setup, stage: loop.Stage) -> train_state.TrainState:
   """Head initialised N(0, 0.01^2); backbone variables from the (pretrained) backbone."""
   config = s.config
-  if s.feats is not None:
-    dummy = jnp.zeros((1, s.feats.shape[1]), jnp.float32)
-  elif s.point:
-    dummy = jnp.zeros((1, *s.act_shape), jnp.float32)
-  else:
-    dummy = jnp.zeros((1, s.bb.image_size, s.bb.image_size, s.bb.preprocessing.channels), jnp.float32)
+  dummy = s.inputs.dummy()
   head = jax.jit(lambda k: s.model.init(k, dummy)["params"]["head"])(jax.random.key(config.seed))
   if config.train.init_head_from:
     # Linear probe, then fine-tune: start from the head of a finished (e.g. frozen) run.
@@ -118,84 +93,31 @@ def _init_state(s: _Setup, tx) -> train_state.TrainState:
     head = jax.device_get(enc.variables["params"]["head"])
   params = {"head": head}
   constants = {}
-  if s.feats is None:
-    part = backbones.trained_part(s.bb, s.point, s.act_shape)
-    params["backbone"] = part["params"]
-    constants = {k: {"backbone": v} for k, v in part.items() if k != "params"}
-  n_train = len(s.train_idx)
-  extra = {"bank": jnp.zeros((n_train, config.model.bits), jnp.float32)}
-  return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                constants=constants, extra=extra)
+  if s.inputs.trains_backbone:
+    params["backbone"], constants = s.inputs.trained_backbone()
+  return stage.initial_state(params, constants, {"bank": jnp.zeros((len(s.train_idx), config.model.bits), jnp.float32)})
 
 
-def _batches(s: _Setup, global_batch: int, start: int, total: int):
-  """Per-process training batches {'x', 'label', 'row'} from step `start`."""
-  config = s.config
+def _batches(s: _Setup, global_batch: int, start: int, stop: int):
+  """Per-process training batches {'x', 'label', 'row'} of steps start -> stop ('row': the
+  example's row of the memory bank)."""
   row_of = np.full(len(s.table), -1, np.int64)
   row_of[s.train_idx] = np.arange(len(s.train_idx))
-  if s.feats is not None:
-    for row, _ in input_pipeline.global_steps(s.train_idx, global_batch, config.data.seed, start, total):
-      mine = input_pipeline.process_rows(row)
-      yield {"x": s.feats[mine], "label": s.table.labels[mine], "row": row_of[mine]}
-    return
-  if s.acts is not None:
-    for row, step in input_pipeline.global_steps(s.train_idx, global_batch, config.data.seed, start, total):
-      mine = input_pipeline.process_rows(row)
-      x = features.read_views(s.acts, row, step, config.data.seed)
-      yield {"x": x, "label": s.table.labels[mine], "row": row_of[mine]}
-    return
-  source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None,
-                                      cache_dir=s.cache_dir)
-  for b in input_pipeline.train_batches(source, s.train_idx, global_batch=global_batch, seed=config.data.seed,
-                                        start_step=start, num_steps=total, augment=config.data.augment,
-                                        threads=config.data.threads):
-    yield {"x": b["image"], "label": b["label"], "row": row_of[b["id"]]}
-
-
-def _preprocess(s: _Setup):
-  """uint8 images -> the model's input in finetune mode: the backbone's preprocessing, and
-  with finetune_from (no cache) the frozen layers below it. None for cached inputs."""
-  if s.cached is not None:
-    return None
-  return features.frozen_input(s.bb, s.point)
+  for x, ids in s.inputs.train_batches(s.train_idx, global_batch, s.config.data.seed, start, stop):
+    yield {"x": x, "label": s.table.labels[ids], "row": row_of[ids]}
 
 
 def encode(s: _Setup, params, constants, indices: np.ndarray):
   """(u [n, K], logits [n, C]) of the examples `indices`, every one encoded once."""
   mesh, config = s.mesh, s.config
   rep = sharding.replicated(mesh)
-  prep = _preprocess(s)
+  prep = s.inputs.preprocess()
   apply = jax.jit(lambda v, x: s.model.apply(v, x if prep is None else prep(x)),
                   in_shardings=(rep, sharding.sharded_rows(mesh)))
-  variables = {"params": params, **constants}
   n_dev = mesh.devices.size
   gb = -(-config.eval.batch_size // n_dev) * n_dev
-  u_out = np.zeros((len(indices), config.model.bits), np.float32)
-  l_out = np.zeros((len(indices), s.table.num_classes), np.float32)
-  pos = {int(i): j for j, i in enumerate(indices)}
-  if s.cached is not None:
-    padded = -(-len(indices) // gb) * gb
-    idx = np.concatenate([indices, np.full(padded - len(indices), indices[0])])
-    for start in range(0, padded, gb):
-      mine = input_pipeline.process_rows(idx[start:start + gb])
-      x = s.feats[mine] if s.feats is not None else s.acts[mine, 0]  # view 0: the image as it is
-      u, logits = apply(variables, sharding.to_global(mesh, x))
-      u, logits = sharding.gather_rows(u), sharding.gather_rows(logits)
-      keep = slice(0, max(0, min(gb, len(indices) - start)))
-      u_out[start:start + gb][:keep.stop] = u[keep]
-      l_out[start:start + gb][:keep.stop] = logits[keep]
-    return u_out, l_out
-  source = input_pipeline.ImageSource(s.table, s.bb.image_size, config.data.resize_size or None,
-                                      cache_dir=s.cache_dir)
-  for b in input_pipeline.eval_batches(source, indices, global_batch=gb, threads=config.data.threads):
-    u, logits = apply(variables, sharding.to_global(mesh, b["image"]))
-    u, logits = sharding.gather_rows(u), sharding.gather_rows(logits)
-    ids = sharding.gather_rows(sharding.to_global(mesh, b["id"]))
-    mask = sharding.gather_rows(sharding.to_global(mesh, b["mask"]))
-    for j in np.flatnonzero(mask):
-      u_out[pos[int(ids[j])]] = u[j]
-      l_out[pos[int(ids[j])]] = logits[j]
-  return u_out, l_out
+  u, logits = s.inputs.apply(apply, {"params": params, **constants}, indices, mesh, gb)
+  return u, logits
 
 
 def evaluate(s: _Setup, state, workdir: str, timing: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
@@ -206,14 +128,14 @@ def evaluate(s: _Setup, state, workdir: str, timing: Optional[Dict[str, float]] 
   db_u, _ = encode(s, state.params, state.constants, s.train_idx)
   q_u, q_logits = encode(s, state.params, state.constants, s.test_idx)
   db_labels, q_labels = s.table.labels[s.train_idx], s.table.labels[s.test_idx]
-  report = evaluation.evaluate_codes(np.where(db_u >= 0, 1, -1), np.where(q_u >= 0, 1, -1), db_labels, q_labels,
+  report = evaluation.evaluate_codes(db_u, q_u, db_labels, q_labels,
                                      map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks),
                                      q_predictions=np.argmax(q_logits, axis=1), q_logits=q_logits)
   eval_seconds = time.perf_counter() - t
   results = dict(method="dhcnn", dataset=s.table.name, dataset_description=s.table.description,
                  split="validation" if config.data.validation else "test",
                  backbone=s.bb.name, pretrained=s.bb.pretrained, mode=config.train.mode,
-                 finetune_from=s.point or None, activation_cache=s.acts is not None,
+                 finetune_from=s.inputs.point or None, activation_cache=s.inputs.mode == "activations",
                  num_classes=s.table.num_classes,
                  class_names=s.table.class_names, step=int(distributed.to_host(state.step)),
                  eval_seconds=eval_seconds, timing={**(timing or {}), "eval_seconds": eval_seconds},
@@ -239,28 +161,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                               "each process reads an equal share of every global batch")
   if global_batch % s.mesh.devices.size:
     raise errors.InvalidInput(f"train.batch_size={global_batch} must be a multiple of the {s.mesh.devices.size} devices")
-  spe = input_pipeline.steps_per_epoch(len(s.train_idx), global_batch)
-  total = tc.epochs * spe
-  lr_mults = {"backbone": tc.backbone_lr_mult} if s.feats is None and tc.backbone_lr_mult != 1.0 else None
-  tx = train_state.make_optimizer(tc, spe, lr_mults)
-  mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps)
-  train_state.check_run(mngr, config, steps_per_epoch=spe, num_train=len(s.train_idx))
-  state = distributed.replicate(_init_state(s, tx), s.mesh)
-  state = train_state.restore_or_keep(mngr, state)
+  lr_mults = {"backbone": tc.backbone_lr_mult} if s.inputs.trains_backbone and tc.backbone_lr_mult != 1.0 else None
+  stage = loop.Stage(config, tc, workdir, s.mesh, num_train=len(s.train_idx), global_batch=global_batch,
+                     lr_mults=lr_mults)
+  state = stage.restore(_init_state(s, stage))
   bank_labels = distributed.replicate(s.table.labels[s.train_idx], s.mesh)
-  step_fn = dhcnn_step.make_train_step(s.model, tx, config, bank_labels, s.mesh, preprocess=_preprocess(s))
+  step_fn = dhcnn_step.make_train_step(s.model, stage.tx, config, bank_labels, s.mesh, preprocess=s.inputs.preprocess())
   rng = distributed.replicate(jax.random.key_data(jax.random.key(config.seed)), s.mesh)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  start = int(distributed.to_host(state.step))
-  stop = loop.stop_step(start, total, tc.max_steps_per_run)
+  start, stop, total = stage.start, stage.stop, stage.total
   logging.info("Training %s (%s) %d bits: steps %d -> %d of %d (%d/epoch, global batch %d, %d devices)",
-               s.bb.name, tc.mode, config.model.bits, start, stop, total, spe, global_batch, s.mesh.devices.size)
+               s.bb.name, tc.mode, config.model.bits, start, stop, total, stage.steps_per_epoch, global_batch,
+               s.mesh.devices.size)
   step_with_rng = lambda st, b: step_fn(st, b, rng)
   t_train = time.perf_counter()
-  state, finished = loop.run(step_with_rng, state, _batches(s, global_batch, start, stop), mesh=s.mesh,
-                             mngr=mngr, writer=writer, total=total, stop=stop, log_every=tc.log_every_steps,
-                             loss_key="reported")
+  state, finished = stage.run(step_with_rng, state, _batches(s, global_batch, start, stop), writer,
+                              loss_key="reported")
   if not finished:
     return {}
   # This run's phases (a resumed run counts only its own steps): data + backbone features

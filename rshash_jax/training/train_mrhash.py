@@ -26,12 +26,12 @@ from absl import logging
 from clu import metric_writers
 from scipy.cluster import vq
 
-from rshash_jax import errors
+from rshash_jax import config_defaults, errors
 from rshash_jax.data import datasets, features, input_pipeline, multisource
-from rshash_jax.models import backbones, baselines, mrhash
+from rshash_jax.models import backbones, baselines, mrhash, signs
 from rshash_jax.parallel import distributed, sharding
 from rshash_jax.retrieval import encoder, hamming, metrics
-from rshash_jax.training import config_checks, evaluation, loop, train_state
+from rshash_jax.training import config_checks, evaluation, inputs as inputs_lib, loop
 
 
 def load_data(config, workdir: str):
@@ -40,7 +40,7 @@ def load_data(config, workdir: str):
   mc, dc, hc = config.model, config.data, config.mrhash
   bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
                         image_size=mc.image_size or None, seed=config.seed)
-  cache = config.features.cache_dir or os.path.join(workdir, "cache")
+  cache = config_defaults.cache_dir(config, workdir)
   kw = dict(batch_size=config.features.batch_size, threads=dc.threads, weights_path=mc.weights_path or None)
   if dc.source.startswith("release:"):
     ms = multisource.read_release(dc.source[len("release:"):], list(hc.release_sources),
@@ -106,15 +106,10 @@ def _stage1(config, workdir, mesh, xs, writer):
   ae = mrhash.MultiSourceAE([x.shape[1] for x in xs])
   n = xs[0].shape[0]
   gb = min(hc.ae_batch_size, n - n % mesh.devices.size)
-  spe = input_pipeline.steps_per_epoch(n, gb)
-  total = hc.ae_epochs * spe
-  tx = train_state.make_optimizer(_stage1_config(tc, hc.ae_epochs, gb, hc.ae_lr, 0.5, hc.ae_lr_halve_epochs), spe)
+  stage = loop.Stage(config, _stage1_config(tc, hc.ae_epochs, gb, hc.ae_lr, 0.5, hc.ae_lr_halve_epochs), workdir,
+                     mesh, num_train=n, global_batch=gb, name="checkpoints/stage1", stage=1)
   params = jax.jit(ae.init)(jax.random.key(config.seed), jnp.zeros((1, xs[0].shape[1])))["params"]
-  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                 constants={}, extra={})
-  mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name="checkpoints/stage1")
-  train_state.check_run(mngr, config, stage=1, steps_per_epoch=spe, num_train=n)
-  state = train_state.restore_or_keep(mngr, distributed.replicate(state, mesh))
+  state = stage.restore(stage.initial_state(params))
 
   def loss_of(p, state, batch):
     del state
@@ -122,14 +117,12 @@ def _stage1(config, workdir, mesh, xs, writer):
     _, recons = ae.apply({"params": p}, srcs[0])
     return mrhash.stage1_loss(recons, srcs)
 
-  start = int(distributed.to_host(state.step))
-  stop = loop.stop_step(start, total, tc.max_steps_per_run)
-  logging.info("MrHash stage 1 (autoencoder): steps %d -> %d of %d, batch %d", start, stop, total, gb)
+  logging.info("MrHash stage 1 (autoencoder): steps %d -> %d of %d, batch %d", stage.start, stage.stop,
+               stage.total, gb)
   arrays = {f"x{s}": x for s, x in enumerate(xs)}
-  state, finished = loop.run(_make_step(loss_of, tx, mesh), state,
-                             _feature_batches(arrays, np.arange(n), gb, config.data.seed, start, stop),
-                             mesh=mesh, mngr=mngr, writer=writer, total=total, stop=stop,
-                             log_every=tc.log_every_steps, prefix="stage1")
+  state, finished = stage.run(_make_step(loss_of, stage.tx, mesh), state,
+                              _feature_batches(arrays, np.arange(n), gb, config.data.seed, stage.start, stage.stop),
+                              writer, prefix="stage1")
   return (distributed.to_host(state.params) if finished else None), ae
 
 
@@ -144,27 +137,14 @@ def kmeans(z: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
   return best.astype(np.float32)
 
 
-def _activation_batches(acts, train_idx, arrays, global_batch, seed, start, stop):
-  """Partial fine-tuning from the activation cache: per-process batches {'f': one cached view
-  of each image's activation, 'x<s>': source features, 'row'} of global steps start -> stop."""
-  for rows, step in input_pipeline.global_steps(np.arange(len(train_idx)), global_batch, seed, start, stop):
-    mine = input_pipeline.process_rows(rows)
-    yield {"f": features.read_views(acts, train_idx[rows], step, seed), **{k: v[mine] for k, v in arrays.items()},
-           "row": mine}
-
-
-def _image_batches(config, workdir, bb, view_table, train_idx, arrays, global_batch, start, stop):
-  """Fine-tuning: per-process batches {'f': uint8 images of the hash network's view, 'x<s>':
-  source features, 'row'} of global steps start -> stop (augmented as config.data.augment)."""
-  row_of = np.full(len(view_table), -1, np.int64)
+def _stage2_batches(inputs: inputs_lib.Inputs, train_idx, arrays, global_batch, seed, start, stop):
+  """Per-process batches {'f': the hash network's input, 'x<s>': source features, 'row': the
+  example's row of the training part} of global steps start -> stop."""
+  row_of = np.full(len(inputs.table), -1, np.int64)
   row_of[train_idx] = np.arange(len(train_idx))
-  source = input_pipeline.ImageSource(view_table, bb.image_size,
-                                      cache_dir=config.features.cache_dir or os.path.join(workdir, "cache"))
-  for b in input_pipeline.train_batches(source, train_idx, global_batch=global_batch, seed=config.data.seed,
-                                        start_step=start, num_steps=stop, augment=config.data.augment,
-                                        threads=config.data.threads):
-    rows = row_of[b["id"]]
-    yield {"f": b["image"], **{k: v[rows] for k, v in arrays.items()}, "row": rows}
+  for x, ids in inputs.train_batches(train_idx, global_batch, seed, start, stop):
+    rows = row_of[ids]
+    yield {"f": x, **{k: v[rows] for k, v in arrays.items()}, "row": rows}
 
 
 def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view_table, train_idx, scale):
@@ -174,40 +154,27 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
   hc, tc = config.mrhash, config.train
   image_feats = all_feats[train_idx]
   finetune = tc.mode == "finetune"
-  point = tc.finetune_from  # partial fine-tuning, as DHCNN's (train.py); config_checks: finetune mode only
-  acts, act_shape = None, ()
-  if point and features.use_activation_cache(tc):
-    acts = features.cached_activations(bb, view_table, config.features.cache_dir or os.path.join(workdir, "cache"),
-                                       point, views=features.views_to_cache(config),
-                                       weights_path=config.model.weights_path or None,
-                                       batch_size=config.features.batch_size, threads=config.data.threads)
-    act_shape = acts.shape[2:]
-  elif point:
-    act_shape = features.activation_shape(bb, point)
+  # Frozen: the cached features; fine-tuning: images, or the activation cache at a split point
+  # (partial fine-tuning, as DHCNN's; config_checks: finetune mode only).
+  inputs = inputs_lib.Inputs.from_config(config, bb, view_table, config_defaults.cache_dir(config, workdir),
+                                         features_=None if finetune else all_feats)
+  point = inputs.point
   model = mrhash.MrHash([x.shape[1] for x in xs], bits=config.model.bits, num_clusters=hc.num_clusters,
                         hidden=config.model.head_hidden, backbone=bb.module if finetune else None,
                         feature_norm=hc.feature_norm, feature_scale=scale, backbone_start=point)
   n = image_feats.shape[0]
   gb = min(tc.batch_size, n - n % mesh.devices.size)
-  spe = input_pipeline.steps_per_epoch(n, gb)
-  total = tc.epochs * spe
   # config.train is stage 2's; fine-tuning trains the backbone at backbone_lr_mult x the rate.
-  tx = train_state.make_optimizer(tc, spe, {"backbone": tc.backbone_lr_mult} if finetune else None)
-  mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name="checkpoints/stage2")
-  if point:
-    dummy = jnp.zeros((1, *act_shape))
-  elif finetune:
-    dummy = jnp.zeros((1, bb.image_size, bb.image_size, bb.preprocessing.channels))
-  else:
-    dummy = jnp.zeros((1, image_feats.shape[1]))
-  params = jax.jit(model.init)(jax.random.key(config.seed + 1), dummy, [jnp.zeros((1, x.shape[1])) for x in xs])
+  stage = loop.Stage(config, tc, workdir, mesh, num_train=n, global_batch=gb, name="checkpoints/stage2", stage=2,
+                     lr_mults={"backbone": tc.backbone_lr_mult} if finetune else None)
+  spe = stage.steps_per_epoch
+  params = jax.jit(model.init)(jax.random.key(config.seed + 1), inputs.dummy(),
+                               [jnp.zeros((1, x.shape[1])) for x in xs])
   params = jax.device_get(params["params"])
   params["ae"] = ae_params
   constants = {}
-  if finetune:
-    part = backbones.trained_part(bb, point, act_shape)
-    params["backbone"] = part["params"]
-    constants = {k: {"backbone": v} for k, v in part.items() if k != "params"}
+  if inputs.trains_backbone:
+    params["backbone"], constants = inputs.trained_backbone()
   if hc.hash_init == "itq":  # config_checks: only with a linear hash layer (head_hidden=0)
     # Start the hash layer at ITQ's projection of the same features (scaled so tanh sees
     # unit-variance inputs); the KL loss then moves the codes towards the multisource clusters.
@@ -216,14 +183,11 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
     s = 1.0 / (proj.std(axis=0) + 1e-12)
     params["hashnet"]["hash"]["kernel"] = (itq.projection * s).astype(np.float32)
     params["hashnet"]["hash"]["bias"] = (-(itq.mean @ itq.projection) * s).astype(np.float32)
-  train_state.check_run(mngr, config, stage=2, steps_per_epoch=spe, num_train=n)
-  if mngr.latest_step() is None:  # k-means only for a fresh stage 2
+  if stage.fresh:  # k-means only for a fresh stage 2
     z = np.asarray(mrhash.batched_apply(
         lambda x: model.apply({"params": params}, x, method=lambda m, x: m.ae.encode(x)), jnp.asarray(xs[0])))
     params["centres"] = kmeans(z, hc.num_clusters, hc.kmeans_n_init, config.seed)
-  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                 constants=constants, extra={"p": jnp.zeros((n, hc.num_clusters), jnp.float32)})
-  state = train_state.restore_or_keep(mngr, distributed.replicate(state, mesh))
+  state = stage.restore(stage.initial_state(params, constants, {"p": jnp.zeros((n, hc.num_clusters), jnp.float32)}))
   x1_all = distributed.replicate(xs[0], mesh)
 
   @jax.jit
@@ -237,7 +201,7 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
       state = state.replace(extra={"p": targets(state.params)})
     return state
 
-  prep = features.frozen_input(bb, point) if finetune and acts is None else (lambda x: x)
+  prep = inputs.preprocess() or (lambda x: x)
 
   def loss_of(p, state, batch):
     srcs = [batch[f"x{s}"] for s in range(len(xs))]
@@ -247,37 +211,30 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
                               pair_weight=hc.pair_weight, quant_weight=hc.quant_weight,
                               balance_weight=hc.balance_weight)
 
-  start = int(distributed.to_host(state.step))
-  stop = loop.stop_step(start, total, tc.max_steps_per_run)
+  start, stop = stage.start, stage.stop
   logging.info("MrHash stage 2 (hashing, %s backbone): steps %d -> %d of %d, batch %d, %d bits",
-               tc.mode, start, stop, total, gb, config.model.bits)
+               tc.mode, start, stop, stage.total, gb, config.model.bits)
   arrays = {f"x{s}": x for s, x in enumerate(xs)}
-  if acts is not None:
-    batches = _activation_batches(acts, train_idx, arrays, gb, config.data.seed, start, stop)
-  elif finetune:
-    batches = _image_batches(config, workdir, bb, view_table, train_idx, arrays, gb, start, stop)
-  else:
-    batches = _feature_batches({"f": image_feats, **arrays}, np.arange(n), gb, config.data.seed, start, stop)
-  state, finished = loop.run(_make_step(loss_of, tx, mesh), state, batches, mesh=mesh, mngr=mngr, writer=writer,
-                             total=total, stop=stop, log_every=tc.log_every_steps, prefix="stage2",
-                             before_step=before_step)
+  batches = _stage2_batches(inputs, train_idx, arrays, gb, config.data.seed, start, stop)
+  state, finished = stage.run(_make_step(loss_of, stage.tx, mesh), state, batches, writer, prefix="stage2",
+                              before_step=before_step)
   if not finished:
     return None
   params = distributed.to_host(state.params)
   variables = {"params": params, **constants}
-  if not finetune:
+  if inputs.mode == "features":
     h = mrhash.batched_apply(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)),
                              jnp.asarray(all_feats))
     return np.asarray(h), params
-  if acts is not None:  # view 0 of every example: the image as it is
+  if inputs.mode == "activations":  # view 0 of every example: the image as it is
     codes = jax.jit(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)))
-    return np.asarray(mrhash.batched_apply(codes, acts[:, 0], batch=config.eval.batch_size)), params
+    return np.asarray(mrhash.batched_apply(codes, inputs.activations[:, 0], batch=config.eval.batch_size)), params
   rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
   fn = jax.jit(lambda v, images: model.apply(v, prep(images), method=lambda m, x: m.codes(x)),
                in_shardings=(rep, rows), out_shardings=rows)
   h = features.apply_to_images(fn, variables, view_table, bb.image_size, config.model.bits, mesh,
                                batch_size=config.eval.batch_size, threads=config.data.threads, name="MrHash codes",
-                               cache_dir=config.features.cache_dir or os.path.join(workdir, "cache"))
+                               cache_dir=config_defaults.cache_dir(config, workdir))
   return h, params
 
 
@@ -315,14 +272,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   train_seconds = time.perf_counter() - t0
   t_eval = time.perf_counter()
   db_codes, q_codes = h[train_idx], h[test_idx]
-  report = evaluation.evaluate_codes(np.where(db_codes >= 0, 1, -1), np.where(q_codes >= 0, 1, -1),
+  report = evaluation.evaluate_codes(db_codes, q_codes,
                                      table.labels[train_idx], table.labels[test_idx],
                                      map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks))
   r = min(config.eval.map_at_r, len(train_idx))
   report["map_at_r"] = report["map_at"].get(r) if r in report["map_at"] else None
   if report["map_at_r"] is None:
     report["map_at_r"] = metrics.mean_average_precision(
-        hamming.pack_codes(np.where(q_codes >= 0, 1, -1)), hamming.pack_codes(np.where(db_codes >= 0, 1, -1)),
+        hamming.pack_codes(signs.signs(q_codes)), hamming.pack_codes(signs.signs(db_codes)),
         table.labels[test_idx], table.labels[train_idx], topk=r)
   report["r"] = r
   results = dict(method=method, dataset=table.name, dataset_description=table.description, backbone=bb.name,

@@ -80,6 +80,12 @@ def split_points(name: str) -> Tuple[str, ...]:
   return ("conv2",) if name == "tiny_cnn" else ()
 
 
+def nest(collections: Dict[str, Any], name: str = "backbone") -> Tuple[Any, Dict[str, Any]]:
+  """A backbone's variables {collection: tree} as a model that holds it as submodule `name`
+  sees them: (its params tree, {every other collection: {name: tree}})."""
+  return collections["params"], {k: {name: v} for k, v in collections.items() if k != "params"}
+
+
 def trained_part(bb: Backbone, start: str, activation_shape: Tuple[int, ...]) -> Dict[str, Dict[str, Any]]:
   """bb's variables (per collection) of the layers from split point `start` on (all of
   them for start ''); activation_shape: [h, w, c] of the activation at `start`."""

