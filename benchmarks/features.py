@@ -1,7 +1,8 @@
 """Backbone features of a class-folder dataset, scored by 1-nearest-neighbour accuracy.
 
     python benchmarks/features.py --backbone=efficientnet_lite0 --data=../shared/data/ucmerced
-    python benchmarks/features.py --backbone=efficientnet_lite0 --data=../shared/data/ucmerced --random_init
+    python benchmarks/features.py --backbone=efficientnet_lite0 --data=../shared/data/ucmerced \
+        --random_init
 
 Seeded 80/20 per-class split; each test image takes the label of its nearest training
 image (cosine similarity of the features). Prints images/s of feature extraction
@@ -39,30 +40,47 @@ from rshash_jax.parallel import sharding  # noqa: E402
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--backbone", default="efficientnet_lite0", choices=backbones.NAMES)
   p.add_argument("--data", required=True, help="class-folder dataset root")
-  p.add_argument("--weights_path", default=None, help="local weights file (vgg_f, alexnet need one)")
-  p.add_argument("--random_init", action="store_true", help="random initialisation instead of ImageNet weights")
+  p.add_argument(
+    "--weights_path", default=None, help="local weights file (vgg_f, alexnet need one)"
+  )
+  p.add_argument(
+    "--random_init", action="store_true", help="random initialisation instead of ImageNet weights"
+  )
   p.add_argument("--image_size", type=int, default=None)
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--train_ratio", type=float, default=0.8)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--torch", action="store_true", help="time PyTorch CPU beside us (benchmarks/torch_peer.py)")
+  p.add_argument(
+    "--torch", action="store_true", help="time PyTorch CPU beside us (benchmarks/torch_peer.py)"
+  )
   p.add_argument("--pairs", type=int, default=5, help="with --torch: interleaved pairs")
-  p.add_argument("--peer_images", type=int, default=320, help="with --torch: images per side and pair")
+  p.add_argument(
+    "--peer_images", type=int, default=320, help="with --torch: images per side and pair"
+  )
   args = p.parse_args()
   logging.set_verbosity(logging.INFO)
   input_pipeline.configure_tf()
 
   table = datasets.class_folder(args.data)
-  bb = backbones.create(args.backbone, pretrained=not args.random_init, weights_path=args.weights_path,
-                        image_size=args.image_size, seed=args.seed)
+  bb = backbones.create(
+    args.backbone,
+    pretrained=not args.random_init,
+    weights_path=args.weights_path,
+    image_size=args.image_size,
+    seed=args.seed,
+  )
   mesh = sharding.data_mesh()
   # Warm-up batch so the timing below excludes compilation.
   encoder = features.make_encoder(bb, mesh)
   n = -(-args.batch_size // mesh.devices.size) * mesh.devices.size
-  encoder(bb.variables, np.zeros((n, bb.image_size, bb.image_size, 3), np.uint8)).block_until_ready()
+  encoder(
+    bb.variables, np.zeros((n, bb.image_size, bb.image_size, 3), np.uint8)
+  ).block_until_ready()
   t = time.perf_counter()
   feats = features.extract(bb, table, mesh, batch_size=args.batch_size, encoder=encoder)
   dt = time.perf_counter() - t
@@ -70,8 +88,10 @@ def main():
   f = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
   nearest = np.argmax(f[test] @ f[train].T, axis=1)
   acc = float(np.mean(table.labels[train][nearest] == table.labels[test]))
-  print(f"backbone={bb.name} pretrained={bb.pretrained} images={len(table)} size={bb.image_size} "
-        f"devices={jax.device_count()} extract_s={dt:.1f} images_per_s={len(table) / dt:.1f}")
+  print(
+    f"backbone={bb.name} pretrained={bb.pretrained} images={len(table)} size={bb.image_size} "
+    f"devices={jax.device_count()} extract_s={dt:.1f} images_per_s={len(table) / dt:.1f}"
+  )
   print(f"train={len(train)} test={len(test)} 1-NN cosine")
   if args.torch:
     compare_with_torch(args, bb, table, mesh, encoder, n)
@@ -80,25 +100,48 @@ def main():
 
 def compare_with_torch(args, bb, table, mesh, encoder, n_batch):
   import _peer  # pylint: disable=g-import-not-at-top
+
   peer = _peer.Peer(threads=os.cpu_count())
   peer.load(bb.name, bb.variables)
-  print(f"PyTorch {peer.info['torch']}, {peer.info['threads']} threads; same network: max |features ours - "
-        f"PyTorch| / max |features| = {_peer.check_same_function(peer, bb):.1e}")
+  print(
+    f"PyTorch {peer.info['torch']}, {peer.info['threads']} threads; same network: max |features "
+    f"ours - "
+    f"PyTorch| / max |features| = {_peer.check_same_function(peer, bb):.1e}"
+  )
   batches = max(1, args.peer_images // n_batch)
   images = batches * n_batch
-  layouts = {lay: peer.ask(cmd="forward", batch=n_batch, batches=batches, layout=lay)["seconds"]
-             for lay in ("nchw", "channels_last")}
+  layouts = {
+    lay: peer.ask(cmd="forward", batch=n_batch, batches=batches, layout=lay)["seconds"]
+    for lay in ("nchw", "channels_last")
+  }
   layout = min(layouts, key=layouts.get)
-  print("PyTorch forward layouts, images/s: " + ", ".join(f"{k} {images / v:.1f}" for k, v in layouts.items())
-        + f" -> peer: {layout}")
-  x = np.random.default_rng(0).integers(0, 256, (n_batch, bb.image_size, bb.image_size, 3)).astype(np.uint8)
+  print(
+    "PyTorch forward layouts, images/s: "
+    + ", ".join(f"{k} {images / v:.1f}" for k, v in layouts.items())
+    + f" -> peer: {layout}"
+  )
+  x = (
+    np.random.default_rng(0)
+    .integers(0, 256, (n_batch, bb.image_size, bb.image_size, 3))
+    .astype(np.uint8)
+  )
   indices = np.arange(min(images, len(table)))
-  source = input_pipeline.ImageSource(table, bb.image_size)  # built once, as a run's extraction does
+  source = input_pipeline.ImageSource(
+    table, bb.image_size
+  )  # built once, as a run's extraction does
   ratios, ours, alone, theirs = [], [], [], []
   for i in range(args.pairs):
     t = time.perf_counter()
-    features.extract(bb, table, mesh, batch_size=args.batch_size, encoder=encoder, indices=indices, log_every=0,
-                     source=source)
+    features.extract(
+      bb,
+      table,
+      mesh,
+      batch_size=args.batch_size,
+      encoder=encoder,
+      indices=indices,
+      log_every=0,
+      source=source,
+    )
     a = len(indices) / (time.perf_counter() - t)
     t = time.perf_counter()
     for _ in range(batches):
@@ -109,12 +152,18 @@ def compare_with_torch(args, bb, table, mesh, encoder, n_batch):
     ours.append(a)
     alone.append(c)
     theirs.append(b)
-    print(f"pair {i}: ours {a:.1f} images/s (decode + resize + network; network alone {c:.1f}), "
-          f"PyTorch forward {b:.1f} images/s, ratio {a / b:.2f}")
+    print(
+      f"pair {i}: ours {a:.1f} images/s (decode + resize + network; network alone {c:.1f}), "
+      f"PyTorch forward {b:.1f} images/s, ratio {a / b:.2f}"
+    )
   peer.close()
-  print(f"{bb.name} batch {n_batch}: ours {np.median(ours):.1f} images/s with decoding ({np.median(alone):.1f} "
-        f"network alone), PyTorch {np.median(theirs):.1f} ({layout}); ratio median {np.median(ratios):.2f} "
-        f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs)")
+  print(
+    f"{bb.name} batch {n_batch}: ours {np.median(ours):.1f} images/s with decoding "
+    f"({np.median(alone):.1f} "
+    f"network alone), PyTorch {np.median(theirs):.1f} ({layout}); ratio median "
+    f"{np.median(ratios):.2f} "
+    f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs)"
+  )
 
 
 if __name__ == "__main__":

@@ -106,24 +106,35 @@ import time
 
 
 def parse_args():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--sizes", default="1000000,10000000", help="database sizes N, comma-separated")
   p.add_argument("--bits", default="32,64,128", help="code lengths, comma-separated")
   p.add_argument("--queries", type=int, default=1000)
   p.add_argument("--k", type=int, default=100)
   p.add_argument("--devices", type=int, default=os.cpu_count(), help="JAX CPU devices (cores)")
   p.add_argument("--numpy_queries", type=int, default=20)
-  p.add_argument("--pairs", type=int, default=5, help="interleaved (rshash_jax, FAISS) timing pairs")
-  p.add_argument("--query_batch", type=int, default=256, help="queries per pass over the database (search's)")
-  p.add_argument("--chunk_size", type=int, default=None,
-                 help="HammingIndex's database chunk per device (default: HammingIndex's)")
+  p.add_argument(
+    "--pairs", type=int, default=5, help="interleaved (rshash_jax, FAISS) timing pairs"
+  )
+  p.add_argument(
+    "--query_batch", type=int, default=256, help="queries per pass over the database (search's)"
+  )
+  p.add_argument(
+    "--chunk_size",
+    type=int,
+    default=None,
+    help="HammingIndex's database chunk per device (default: HammingIndex's)",
+  )
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args()
 
 
 ARGS = parse_args()
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count={ARGS.devices}")
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}"
+)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
@@ -174,6 +185,7 @@ def numpy_topk(q, db, k):
 def _sharded(x):
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from rshash_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+
   mesh = sharding.data_mesh()
   return jax.device_put(x, NamedSharding(mesh, P(sharding.DATA_AXIS))), mesh.devices.size
 
@@ -181,6 +193,7 @@ def _sharded(x):
 def read_bandwidth_gbs():
   """A jitted sum over 1 GiB of uint32 sharded over every device: all cores loading."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   x, _ = _sharded(np.ones(1 << 28, np.uint32))
   fn = jax.jit(lambda a: jnp.sum(a, dtype=jnp.uint32))
   fn(x).block_until_ready()
@@ -195,19 +208,33 @@ def popcount_words_per_s():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from rshash_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
-  db, n_dev = _sharded(rng.integers(0, 1 << 32, (65536 * len(jax.devices()),), dtype=np.uint64).astype(np.uint32))
+  db, n_dev = _sharded(
+    rng.integers(0, 1 << 32, (65536 * len(jax.devices()),), dtype=np.uint64).astype(np.uint32)
+  )
   q = jnp.asarray(rng.integers(0, 1 << 32, (256, 1), dtype=np.uint64).astype(np.uint32))
   reps = 16
 
   def body(q, db):
     def one(i, acc):
-      d = hamming._popcount_sum([((q + i.astype(jnp.uint32))[:, :, None], db.reshape(1, -1, 32))],
-                                hamming.use_swar(jax.devices()[0].platform))
+      d = hamming._popcount_sum(
+        [((q + i.astype(jnp.uint32))[:, :, None], db.reshape(1, -1, 32))],
+        hamming.use_swar(jax.devices()[0].platform),
+      )
       return acc + jnp.min(d, axis=-1).sum()
+
     return jax.lax.fori_loop(0, reps, one, jnp.int32(0))[None]
-  fn = jax.jit(jax.shard_map(body, mesh=sharding.data_mesh(), in_specs=(P(), P(sharding.DATA_AXIS)),
-                             out_specs=P(sharding.DATA_AXIS), check_vma=False))
+
+  fn = jax.jit(
+    jax.shard_map(
+      body,
+      mesh=sharding.data_mesh(),
+      in_specs=(P(), P(sharding.DATA_AXIS)),
+      out_specs=P(sharding.DATA_AXIS),
+      check_vma=False,
+    )
+  )
   fn(q, db).block_until_ready()
   t, _ = best_time(lambda: fn(q, db).block_until_ready(), 3)
   return 256 * db.size * reps / t
@@ -217,12 +244,17 @@ def main():
   rng = np.random.default_rng(ARGS.seed)
   bw = read_bandwidth_gbs()
   pc = popcount_words_per_s()
-  print(f"devices={jax.device_count()} ({jax.devices()[0].platform}), cores={os.cpu_count()}, "
-        f"read bandwidth {bw:.1f} GB/s, popcount {pc / 1e9:.2f} G words/s, Q={ARGS.queries}, k={ARGS.k}, "
-        f"faiss={'%s (%d threads)' % (faiss.__version__, faiss.omp_get_max_threads()) if faiss else 'not installed'}")
-  header = (f"{'N':>10} {'bits':>4} | {'rshash q/s':>10} {'faiss q/s':>9} {'numpy q/s':>9} | "
-            f"{'rshash/faiss':>12} {'(min..max)':>11} | {'scan GB/s':>9} {'% bw':>5} {'% popcnt':>8} | "
-            f"{'db GB/s':>7} {'% bw':>5} | same")
+  print(
+    f"devices={jax.device_count()} ({jax.devices()[0].platform}), cores={os.cpu_count()}, "
+    f"read bandwidth {bw:.1f} GB/s, popcount {pc / 1e9:.2f} G words/s, Q={ARGS.queries}, "
+    f"k={ARGS.k}, faiss="
+    + (f"{faiss.__version__} ({faiss.omp_get_max_threads()} threads)" if faiss else "not installed")
+  )
+  header = (
+    f"{'N':>10} {'bits':>4} | {'rshash q/s':>10} {'faiss q/s':>9} {'numpy q/s':>9} | "
+    f"{'rshash/faiss':>12} {'(min..max)':>11} | {'scan GB/s':>9} {'% bw':>5} {'% popcnt':>8} | "
+    f"{'db GB/s':>7} {'% bw':>5} | same"
+  )
   print(header)
   print("-" * len(header))
   for n in (int(s) for s in ARGS.sizes.split(",")):
@@ -230,12 +262,14 @@ def main():
       db = random_packed(rng, n, bits)
       q = random_packed(rng, ARGS.queries, bits)
       index = hamming.HammingIndex(db, chunk_size=ARGS.chunk_size)
-      index.search(q[:ARGS.query_batch], ARGS.k, query_batch=ARGS.query_batch)  # compile the timed shape
+      index.search(
+        q[: ARGS.query_batch], ARGS.k, query_batch=ARGS.query_batch
+      )  # compile the timed shape
       nq = min(ARGS.numpy_queries, ARGS.queries)
       t_np, (d_np, i_np) = timed(lambda: numpy_topk(q[:nq], db, ARGS.k))
       fidx = None
       if faiss is not None and bits % 8 == 0:
-        as_bytes = lambda x: np.ascontiguousarray(x.astype("<u4")).view(np.uint8)[:, :bits // 8]
+        as_bytes = lambda x: np.ascontiguousarray(x.astype("<u4")).view(np.uint8)[:, : bits // 8]
         fidx = faiss.IndexBinaryFlat(bits)
         fidx.add(as_bytes(db))
       ours, theirs, same = [], [], True
@@ -247,16 +281,22 @@ def main():
           t_f, (d_f, _) = timed(lambda: fidx.search(as_bytes(q), ARGS.k))
           theirs.append(t_f)
           same = same and bool((d_f == d_jax).all())
-      ratios = np.asarray(theirs) / np.asarray(ours[:len(theirs)]) if theirs else np.asarray([np.nan])
+      ratios = (
+        np.asarray(theirs) / np.asarray(ours[: len(theirs)]) if theirs else np.asarray([np.nan])
+      )
       t_ours = float(np.median(ours))
       scanned = ARGS.queries * n * db.shape[1]  # words XORed and popcounted
       streamed = -(-ARGS.queries // ARGS.query_batch) * n * db.shape[1] * 4  # database bytes read
       faiss_qps = ARGS.queries / float(np.median(theirs)) if theirs else float("nan")
-      print(f"{n:>10} {bits:>4} | {ARGS.queries / t_ours:>10.0f} {faiss_qps:>9.0f} {nq / t_np:>9.1f} | "
-            f"{np.median(ratios):>12.2f} {f'{ratios.min():.2f}..{ratios.max():.2f}':>11} | "
-            f"{scanned * 4 / t_ours / 1e9:>9.1f} {100 * scanned * 4 / t_ours / 1e9 / bw:>5.0f} "
-            f"{100 * scanned / t_ours / pc:>8.0f} | {streamed / t_ours / 1e9:>7.1f} {100 * streamed / t_ours / 1e9 / bw:>5.0f} "
-            f"| {same}", flush=True)
+      print(
+        f"{n:>10} {bits:>4} | {ARGS.queries / t_ours:>10.0f} {faiss_qps:>9.0f} {nq / t_np:>9.1f} | "
+        f"{np.median(ratios):>12.2f} {f'{ratios.min():.2f}..{ratios.max():.2f}':>11} | "
+        f"{scanned * 4 / t_ours / 1e9:>9.1f} {100 * scanned * 4 / t_ours / 1e9 / bw:>5.0f} "
+        f"{100 * scanned / t_ours / pc:>8.0f} | {streamed / t_ours / 1e9:>7.1f} "
+        f"{100 * streamed / t_ours / 1e9 / bw:>5.0f} "
+        f"| {same}",
+        flush=True,
+      )
       index = fidx = None  # free the database before the next cell
   return 0
 

@@ -36,7 +36,9 @@ ARGS = None
 
 def archive(root: str, n: int, classes: int = 10, size: int = 64) -> str:
   """root/n<N>/<class>/img*.png: the first N images of the generated archive (hard links)."""
-  full = datasets.generate(root, num_classes=classes, per_class=ARGS.max // classes, size=size, seed=0)
+  full = datasets.generate(
+    root, num_classes=classes, per_class=ARGS.max // classes, size=size, seed=0
+  )
   base = os.path.dirname(full.paths[0].rsplit(os.sep, 1)[0])
   if n == ARGS.max:
     return base
@@ -47,7 +49,7 @@ def archive(root: str, n: int, classes: int = 10, size: int = 64) -> str:
       if c.startswith("."):
         continue
       os.makedirs(os.path.join(tmp, c), exist_ok=True)
-      for f in sorted(os.listdir(os.path.join(base, c)))[:n // classes]:
+      for f in sorted(os.listdir(os.path.join(base, c)))[: n // classes]:
         os.link(os.path.join(base, c, f), os.path.join(tmp, c, f))
     os.replace(tmp, sub)
   return sub
@@ -58,7 +60,9 @@ def decode_rate(data: str, threads: int, count: int) -> float:
   source = input_pipeline.ImageSource(table, 224)
   idx = np.random.default_rng(0).permutation(len(table))[:count]
   t0 = time.perf_counter()
-  n = sum(len(b["id"]) for b in input_pipeline.eval_batches(source, idx, global_batch=64, threads=threads))
+  n = sum(
+    len(b["id"]) for b in input_pipeline.eval_batches(source, idx, global_batch=64, threads=threads)
+  )
   return n / (time.perf_counter() - t0)
 
 
@@ -78,7 +82,9 @@ def _status(pid: int):
 def run(cmd, env=None):
   """(wall s, peak RssAnon MiB, peak VmRSS MiB, stdout) of a command, polling /proc."""
   t0 = time.perf_counter()
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   anon = rss = 0.0
   while proc.poll() is None:
     st = _status(proc.pid)
@@ -91,21 +97,37 @@ def run(cmd, env=None):
 
 
 def train_cmd(data, workdir, cache):
-  return [sys.executable, "-m", "rshash_jax.main", "--config=configs/dhcnn.py:tiny", f"--workdir={workdir}",
-          f"--config.data.source=folder:{data}", "--config.model.image_size=64", "--config.train.epochs=1",
-          "--config.train.batch_size=64", "--config.data.train_ratio=0.98", f"--config.features.cache_dir={cache}",
-          "--config.features.batch_size=256", "--config.eval.batch_size=256",
-          "--config.train.checkpoint_every_steps=100000", "--config.train.log_every_steps=100"]
+  return [
+    sys.executable,
+    "-m",
+    "rshash_jax.main",
+    "--config=configs/dhcnn.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.data.source=folder:{data}",
+    "--config.model.image_size=64",
+    "--config.train.epochs=1",
+    "--config.train.batch_size=64",
+    "--config.data.train_ratio=0.98",
+    f"--config.features.cache_dir={cache}",
+    "--config.features.batch_size=256",
+    "--config.eval.batch_size=256",
+    "--config.train.checkpoint_every_steps=100000",
+    "--config.train.log_every_steps=100",
+  ]
 
 
 def main():
   global ARGS
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--archive", default="/tmp/rshash_scale")
   p.add_argument("--max", type=int, default=50000)
   p.add_argument("--sizes", default="10000,50000")
   p.add_argument("--decode_count", type=int, default=4096)
-  p.add_argument("--parts", default="decode,memory", help="decode, memory (also runs the 1 vs 2 processes)")
+  p.add_argument(
+    "--parts", default="decode,memory", help="decode, memory (also runs the 1 vs 2 processes)"
+  )
   ARGS = p.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   t0 = time.perf_counter()
@@ -133,9 +155,15 @@ def main():
     work = os.path.join(ARGS.archive, f"runs_{n}_{os.getpid()}")
     cache = os.path.join(work, "cache")
     wall, anon, rss, _ = run(train_cmd(data, os.path.join(work, "extract"), cache), env)
-    print(f"| {n} | feature extraction + training + eval | {wall:.0f} | {anon:.0f} | {rss:.0f} |", flush=True)
+    print(
+      f"| {n} | feature extraction + training + eval | {wall:.0f} | {anon:.0f} | {rss:.0f} |",
+      flush=True,
+    )
     wall, anon, rss, out = run(train_cmd(data, os.path.join(work, "train"), cache), env)
-    print(f"| {n} | training + eval (cached features) | {wall:.0f} | {anon:.0f} | {rss:.0f} |", flush=True)
+    print(
+      f"| {n} | training + eval (cached features) | {wall:.0f} | {anon:.0f} | {rss:.0f} |",
+      flush=True,
+    )
 
   n = sizes[0]
   data = archive(ARGS.archive, n)
@@ -144,8 +172,11 @@ def main():
   wall, _, _, _ = run(train_cmd(data, os.path.join(ARGS.archive, f"p1_{os.getpid()}"), cache), env)
   print(f"| 1 x 2 | {wall:.1f} |", flush=True)
   env2 = dict(os.environ, RSHASH_LOCAL_DEVICES="1", PYTHON=sys.executable)
-  wall, _, _, _ = run(["bash", "launch/local.sh", "2"] + train_cmd(data, os.path.join(ARGS.archive, f"p2_{os.getpid()}"),
-                                                                   cache)[3:], env2)
+  wall, _, _, _ = run(
+    ["bash", "launch/local.sh", "2"]
+    + train_cmd(data, os.path.join(ARGS.archive, f"p2_{os.getpid()}"), cache)[3:],
+    env2,
+  )
   print(f"| 2 x 1 | {wall:.1f} |", flush=True)
 
 

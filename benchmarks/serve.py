@@ -1,7 +1,8 @@
 """The search service under load: requests/s and p50/p99 latency of single-image queries.
 
     python benchmarks/serve.py --encoder=/tmp/ucm64 --images=../shared/data/ucmerced
-    python benchmarks/serve.py --encoder=/tmp/ucm64 --images=../shared/data/ucmerced --clients=1,8 --requests=400
+    python benchmarks/serve.py --encoder=/tmp/ucm64 --images=../shared/data/ucmerced \
+        --clients=1,8 --requests=400
 
 Starts the real `python -m rshash_jax.main serve` on 127.0.0.1 (a free port) over a codes
 file of --num_codes rows (default 100,000): the encoder's codes of the first 256 images of
@@ -39,22 +40,39 @@ def _free_port() -> int:
 def _codes_file(encoder_path: str, image_paths, num_codes: int, out: str):
   from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming  # pylint: disable=g-import-not-at-top
+
   enc = encoder_lib.load_encoder(encoder_path)
   real = image_paths[:256]
-  imgs = np.stack([input_pipeline.load_image(p, enc.image_size, degrade=enc.meta.get("degrade", 1)) for p in real])
-  codes = np.concatenate([enc.encode(imgs[i:i + 64])["codes"] for i in range(0, len(imgs), 64)])
+  imgs = np.stack(
+    [input_pipeline.load_image(p, enc.image_size, degrade=enc.meta.get("degrade", 1)) for p in real]
+  )
+  codes = np.concatenate([enc.encode(imgs[i : i + 64])["codes"] for i in range(0, len(imgs), 64)])
   rng = np.random.default_rng(0)
-  extra = rng.integers(0, 2**32, (num_codes - len(codes), hamming.num_words(enc.bits)), dtype=np.uint64)
+  extra = rng.integers(
+    0, 2**32, (num_codes - len(codes), hamming.num_words(enc.bits)), dtype=np.uint64
+  )
   all_codes = np.concatenate([codes, extra.astype(np.uint32)])
   paths = np.asarray([real[i % len(real)] for i in range(num_codes)])
-  np.savez(out, format=codes_lib.FORMAT, codes=all_codes, ids=np.arange(num_codes), labels=np.full(num_codes, -1),
-           predicted=np.full(num_codes, -1), paths=paths, class_names=np.asarray([], dtype=str), bits=enc.bits,
-           identity=enc.identity, method=enc.meta["method"], backbone=enc.meta["backbone"])
+  np.savez(
+    out,
+    format=codes_lib.FORMAT,
+    codes=all_codes,
+    ids=np.arange(num_codes),
+    labels=np.full(num_codes, -1),
+    predicted=np.full(num_codes, -1),
+    paths=paths,
+    class_names=np.asarray([], dtype=str),
+    bits=enc.bits,
+    identity=enc.identity,
+    method=enc.meta["method"],
+    backbone=enc.meta["backbone"],
+  )
   return enc
 
 
 def _load(url: str, files, clients: int, requests: int, k: int):
   import httpx2  # pylint: disable=g-import-not-at-top  (the dev extra's HTTP client)
+
   per_client = [requests // clients + (i < requests % clients) for i in range(clients)]
 
   def client(c):
@@ -70,6 +88,7 @@ def _load(url: str, files, clients: int, requests: int, k: int):
         if r.status_code != 200 or len(r.json()["hits"]) != k:
           raise RuntimeError(f"bad answer {r.status_code}: {r.text[:300]}")
     return lat
+
   t0 = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
     lat = [x for part in pool.map(client, range(clients)) for x in part]
@@ -78,10 +97,17 @@ def _load(url: str, files, clients: int, requests: int, k: int):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--encoder", default=None, help="exported encoder or training workdir (default: train tiny)")
-  p.add_argument("--images", default=os.path.join(REPO, "..", "shared", "data", "ucmerced"),
-                 help="image folder whose files are the queries (default: ../shared/data/ucmerced)")
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--encoder", default=None, help="exported encoder or training workdir (default: train tiny)"
+  )
+  p.add_argument(
+    "--images",
+    default=os.path.join(REPO, "..", "shared", "data", "ucmerced"),
+    help="image folder whose files are the queries (default: ../shared/data/ucmerced)",
+  )
   p.add_argument("--num_codes", type=int, default=100_000)
   p.add_argument("--clients", default="1,8")
   p.add_argument("--requests", type=int, default=200, help="requests per client count")
@@ -92,24 +118,51 @@ def main():
   encoder = args.encoder
   if encoder is None:
     encoder = os.path.join(tmp, "tiny")
-    subprocess.run([sys.executable, "-m", "rshash_jax.main", "--config=configs/dhcnn.py:tiny", f"--workdir={encoder}"],
-                   cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "rshash_jax.main",
+        "--config=configs/dhcnn.py:tiny",
+        f"--workdir={encoder}",
+      ],
+      cwd=REPO,
+      env=env,
+      check=True,
+      capture_output=True,
+    )
     if not os.path.isdir(args.images):
       args.images = os.path.join(encoder, "generated_data")
   exts = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
-  files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.images) for f in fs if f.lower().endswith(exts))
+  files = sorted(
+    os.path.join(d, f) for d, _, fs in os.walk(args.images) for f in fs if f.lower().endswith(exts)
+  )
   if not files:
     sys.exit(f"no images under {args.images}")
   files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
   codes = os.path.join(tmp, "codes.npz")
   enc = _codes_file(encoder, files, args.num_codes, codes)
   port = _free_port()
-  server = subprocess.Popen([sys.executable, "-m", "rshash_jax.main", "serve", f"--encoder={encoder}",
-                             f"--codes={codes}", f"--port={port}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  server = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "rshash_jax.main",
+      "serve",
+      f"--encoder={encoder}",
+      f"--codes={codes}",
+      f"--port={port}",
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   url = f"http://127.0.0.1:{port}"
   try:
     import httpx2  # pylint: disable=g-import-not-at-top
+
     deadline = time.monotonic() + 300
     while True:
       if server.poll() is not None or time.monotonic() > deadline:
@@ -119,8 +172,12 @@ def main():
         break
       except httpx2.HTTPError:
         time.sleep(0.5)
-    print(f"serve: {info['num_codes']} codes, {enc.meta['method']} {enc.meta['backbone']} {enc.bits} bits, "
-          f"{enc.image_size}px queries from {args.images} ({len(files)} files); {os.cpu_count()} CPU cores")
+    print(
+      f"serve: {info['num_codes']} codes, {enc.meta['method']} {enc.meta['backbone']} {enc.bits} "
+      f"bits, "
+      f"{enc.image_size}px queries from {args.images} ({len(files)} files); {os.cpu_count()} CPU "
+      f"cores"
+    )
     _load(url, files, 1, 8, args.k)  # warm-up: compiles the batch sizes a first burst meets
     _load(url, files, 8, 16, args.k)
     print(f"{'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
@@ -129,8 +186,16 @@ def main():
       rps, p50, p99 = _load(url, files, c, args.requests, args.k)
       rows.append(dict(clients=c, requests=args.requests, rps=rps, p50_ms=p50, p99_ms=p99))
       print(f"{c:>7} {args.requests:>8} {rps:>8.1f} {p50:>8.1f} {p99:>8.1f}", flush=True)
-    print(json.dumps({"num_codes": info["num_codes"], "backbone": enc.meta["backbone"], "bits": enc.bits,
-                      "rows": rows}))
+    print(
+      json.dumps(
+        {
+          "num_codes": info["num_codes"],
+          "backbone": enc.meta["backbone"],
+          "bits": enc.bits,
+          "rows": rows,
+        }
+      )
+    )
   finally:
     server.terminate()
     server.wait(timeout=30)

@@ -10,8 +10,8 @@ images/s alone and 10-11 interleaved with PyTorch in the same process). Here the
 and this worker take turns, one command at a time, the idle side blocked on a pipe.
 
 Protocol: one JSON command per line on stdin, one JSON answer per line on stdout.
-  {"cmd": "load", "model": "efficientnet_lite0" | "vgg_f", "weights": "state.npz", "classes": C, "bits": K,
-   "device": "cpu" | "cuda", "dtype": "float32" | "bfloat16"}
+  {"cmd": "load", "model": "efficientnet_lite0" | "vgg_f", "weights": "state.npz", "classes": C,
+   "bits": K, "device": "cpu" | "cuda", "dtype": "float32" | "bfloat16"}
   {"cmd": "features", "input": "x.npy", "output": "y.npy", "layout": "nchw" | "channels_last"}
   {"cmd": "forward", "batch": B, "batches": N, "layout": ...}        -> {"seconds": s}
   {"cmd": "train", "batch": B, "steps": N, "layout": ..., "bank": N_train} -> {"seconds": [s, ...]}
@@ -34,11 +34,26 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# EfficientNet-Lite0 blocks (kernel, stride, expand, in, out), as rshash_jax's block_config(1.0, 1.0).
-_LITE0 = [(3, 1, 1, 32, 16), (3, 2, 6, 16, 24), (3, 1, 6, 24, 24), (5, 2, 6, 24, 40), (5, 1, 6, 40, 40),
-          (3, 2, 6, 40, 80), (3, 1, 6, 80, 80), (3, 1, 6, 80, 80), (5, 1, 6, 80, 112), (5, 1, 6, 112, 112),
-          (5, 1, 6, 112, 112), (5, 2, 6, 112, 192), (5, 1, 6, 192, 192), (5, 1, 6, 192, 192),
-          (5, 1, 6, 192, 192), (3, 1, 6, 192, 320)]
+# EfficientNet-Lite0 blocks (kernel, stride, expand, in, out), as rshash_jax's block_config(1.0,
+# 1.0).
+_LITE0 = [
+  (3, 1, 1, 32, 16),
+  (3, 2, 6, 16, 24),
+  (3, 1, 6, 24, 24),
+  (5, 2, 6, 24, 40),
+  (5, 1, 6, 40, 40),
+  (3, 2, 6, 40, 80),
+  (3, 1, 6, 80, 80),
+  (3, 1, 6, 80, 80),
+  (5, 1, 6, 80, 112),
+  (5, 1, 6, 112, 112),
+  (5, 1, 6, 112, 112),
+  (5, 2, 6, 112, 192),
+  (5, 1, 6, 192, 192),
+  (5, 1, 6, 192, 192),
+  (5, 1, 6, 192, 192),
+  (3, 1, 6, 192, 320),
+]
 
 
 class SameConv(nn.Conv2d):
@@ -76,6 +91,7 @@ class MBConv(nn.Module):
 
 class EfficientNetLite0(nn.Module):
   """lukemelas parameter names (those of efficientnet-lite0-57934424.pth)."""
+
   feature_dim = 1280
 
   def __init__(self, classes=1000):
@@ -96,6 +112,7 @@ class EfficientNetLite0(nn.Module):
 
 class VGGF(nn.Module):
   """VGG-F as rshash_jax.models.backbones.vgg_f (MatConvNet's LRN: alpha not divided by depth)."""
+
   feature_dim = 4096
 
   def __init__(self, classes=1000, lrn=(5.0, 2.0, 1e-4, 0.75)):
@@ -157,7 +174,9 @@ def _autocast():
 
 def _layout(model, x, layout):
   if layout == "channels_last":
-    return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last), x.contiguous(
+      memory_format=torch.channels_last
+    )
   return model.to(memory_format=torch.contiguous_format), x.contiguous()
 
 
@@ -218,7 +237,10 @@ def main():
       if cmd["cmd"] == "load":
         _RUN.update(device=cmd.get("device", "cpu"), dtype=cmd.get("dtype", "float32"))
         model = _build(cmd).to(_RUN["device"])
-        out = {"ok": True, "device": torch.cuda.get_device_name() if _RUN["device"] == "cuda" else "cpu"}
+        out = {
+          "ok": True,
+          "device": torch.cuda.get_device_name() if _RUN["device"] == "cuda" else "cpu",
+        }
       elif cmd["cmd"] == "features":  # float32 always: this is the same-function check
         x = torch.from_numpy(np.load(cmd["input"])).to(_RUN["device"])
         model.eval()
@@ -227,7 +249,9 @@ def main():
           np.save(cmd["output"], m.backbone.features(x).float().cpu().numpy())
         out = {"ok": True}
       elif cmd["cmd"] == "forward":
-        x = torch.randn(cmd["batch"], 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(_RUN["device"])
+        x = torch.randn(cmd["batch"], 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(
+          _RUN["device"]
+        )
         model.eval()
         with torch.no_grad(), _autocast():
           m, x = _layout(model, x, cmd["layout"])

@@ -100,7 +100,7 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
       lhs = eqn.invars[0].aval
       total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs.shape[d] for d in lc])
     for v in eqn.params.values():
-      for j in (v if isinstance(v, (tuple, list)) else (v,)):
+      for j in v if isinstance(v, (tuple, list)) else (v,):
         if isinstance(j, jax.extend.core.ClosedJaxpr):
           total += _jaxpr_matmul_flops(j.jaxpr)
         elif isinstance(j, jax.extend.core.Jaxpr):
@@ -128,7 +128,7 @@ def matmul_flops_per_s(n: int = 8192, reps: int = 10) -> float:
     t = time.perf_counter()
     fn(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 * reps / best
+  return 2 * n**3 * reps / best
 
 
 def our_step(bb, batch: int, bits: int, classes: int, bank: int):
@@ -138,24 +138,41 @@ def our_step(bb, batch: int, bits: int, classes: int, bank: int):
   model = dhcnn.DHCNN(backbone=bb.module, bits=bits, num_classes=classes)
   tx = train_state.make_optimizer(config.train, max(1, bank // batch))
   size = bb.image_size
-  head = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3)))["params"]["head"])(jax.random.key(0))
+  head = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3)))["params"]["head"])(
+    jax.random.key(0)
+  )
   own = jax.tree.map(jnp.array, bb.variables)  # copies: the step donates the state's buffers
   params = {"head": head, "backbone": own["params"]}
   constants = {k: {"backbone": v} for k, v in own.items() if k != "params"}
-  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                 constants=constants, extra={"bank": jnp.zeros((bank, bits), jnp.float32)})
+  state = train_state.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    constants=constants,
+    extra={"bank": jnp.zeros((bank, bits), jnp.float32)},
+  )
   rng = np.random.default_rng(0)
   labels = rng.integers(0, classes, bank)
   mesh = sharding.data_mesh()
-  step = dhcnn_step.make_train_step(model, tx, config, jnp.asarray(labels), mesh,
-                                    preprocess=lambda x: bb.preprocessing(x, bb.module.dtype))
+  step = dhcnn_step.make_train_step(
+    model,
+    tx,
+    config,
+    jnp.asarray(labels),
+    mesh,
+    preprocess=lambda x: bb.preprocessing(x, bb.module.dtype),
+  )
   key = jax.random.key_data(jax.random.key(0))
   box = {"state": state}
   # A few batches placed on the devices before the clock starts (as the peer's are).
   pool = []
   for _ in range(4):
     rows = rng.choice(bank, batch, replace=False)
-    b = {"x": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "label": labels[rows], "row": rows}
+    b = {
+      "x": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+      "label": labels[rows],
+      "row": rows,
+    }
     pool.append(jax.device_put(b, sharding.sharded_rows(mesh)))
 
   def run(steps: int):
@@ -166,7 +183,10 @@ def our_step(bb, batch: int, bits: int, classes: int, bank: int):
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t)
     return times
-  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": params, **constants})
+
+  shapes = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": params, **constants}
+  )
   return run, model, shapes  # shapes only: the step donates the state's buffers
 
 
@@ -183,24 +203,41 @@ def our_forward(bb, batch: int):
       out = fn(bb.variables, x)
     out.block_until_ready()
     return time.perf_counter() - t
+
   return run
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--backbone", default="efficientnet_lite0", choices=("efficientnet_lite0", "vgg_f"))
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--backbone", default="efficientnet_lite0", choices=("efficientnet_lite0", "vgg_f")
+  )
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=3, help="steps per side and pair (median taken)")
   p.add_argument("--pairs", type=int, default=5)
   p.add_argument("--bits", type=int, default=64)
   p.add_argument("--classes", type=int, default=21)
   p.add_argument("--bank", type=int, default=1680, help="training-set size (memory bank rows)")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype of both sides (parameters and optimiser stay float32)")
-  p.add_argument("--depthwise", default="auto", choices=("auto", "taps", "conv"),
-                 help="EfficientNet-Lite's depthwise implementation (efficientnet_lite.depthwise_impl)")
-  p.add_argument("--forward_batches", type=int, default=0,
-                 help="> 0: also time this many forward batches (features, the network alone) per side")
+  p.add_argument(
+    "--dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="compute dtype of both sides (parameters and optimiser stay float32)",
+  )
+  p.add_argument(
+    "--depthwise",
+    default="auto",
+    choices=("auto", "taps", "conv"),
+    help="EfficientNet-Lite's depthwise implementation (efficientnet_lite.depthwise_impl)",
+  )
+  p.add_argument(
+    "--forward_batches",
+    type=int,
+    default=0,
+    help="> 0: also time this many forward batches (features, the network alone) per side",
+  )
   p.add_argument("--peer", default="torch", choices=("torch", "none"))
   args = p.parse_args()
 
@@ -212,19 +249,35 @@ def main():
   peer = None
   if args.peer == "torch":
     peer = _peer.Peer(threads=os.cpu_count())
-    loaded = peer.load(args.backbone, bb.variables, bits=args.bits, classes=args.classes,
-                       device="cuda" if platform == "gpu" else "cpu", dtype=args.dtype)
+    loaded = peer.load(
+      args.backbone,
+      bb.variables,
+      bits=args.bits,
+      classes=args.classes,
+      device="cuda" if platform == "gpu" else "cpu",
+      dtype=args.dtype,
+    )
   kind = jax.devices()[0].device_kind
-  print(f"backbone={args.backbone} pretrained={pretrained} batch={args.batch} dtype={args.dtype} "
-        f"jax={jax.__version__} devices={jax.device_count()} ({platform}: {kind}) "
-        + (f"torch={peer.info['torch']} on {loaded['device']} torch_threads={peer.info['threads']}" if peer else
-           "no peer"))
+  print(
+    f"backbone={args.backbone} pretrained={pretrained} batch={args.batch} dtype={args.dtype} "
+    f"jax={jax.__version__} devices={jax.device_count()} ({platform}: {kind}) "
+    + (
+      f"torch={peer.info['torch']} on {loaded['device']} torch_threads={peer.info['threads']}"
+      if peer
+      else "no peer"
+    )
+  )
   if peer:
-    print(f"same network: max |features ours - PyTorch| / max |features| = {_peer.check_same_function(peer, bb):.1e}"
-          " (ours in the run's dtype, PyTorch float32)")
+    print(
+      f"same network: max |features ours - PyTorch| / max |features| = "
+      f"{_peer.check_same_function(peer, bb):.1e}"
+      " (ours in the run's dtype, PyTorch float32)"
+    )
 
   ours, model, variables = our_step(bb, args.batch, args.bits, args.classes, args.bank)
-  counted = model  # depthwise layers counted as the grouped convolutions they are, whatever runs them
+  counted = (
+    model  # depthwise layers counted as the grouped convolutions they are, whatever runs them
+  )
   if args.backbone.startswith("efficientnet"):
     counted = model.clone(backbone=bb.module.clone(depthwise="conv"))
   flops_step = 3 * args.batch * model_flops_per_image(counted, variables, bb.image_size)
@@ -237,46 +290,78 @@ def main():
   if peer:
     layouts = {}
     for layout in ("nchw", "channels_last"):
-      s = peer.ask(cmd="train", batch=args.batch, steps=args.steps + 1, layout=layout, bank=args.bank)["seconds"]
+      s = peer.ask(
+        cmd="train", batch=args.batch, steps=args.steps + 1, layout=layout, bank=args.bank
+      )["seconds"]
       layouts[layout] = float(np.median(s[1:]))
     layout = min(layouts, key=layouts.get)
-    print("PyTorch layouts, images/s: " + ", ".join(f"{k} {args.batch / v:.2f}" for k, v in layouts.items())
-          + f" -> peer: {layout}")
+    print(
+      "PyTorch layouts, images/s: "
+      + ", ".join(f"{k} {args.batch / v:.2f}" for k, v in layouts.items())
+      + f" -> peer: {layout}"
+    )
   ratios, ours_rate, theirs_rate = [], [], []
   for i in range(args.pairs):
     a = float(np.median(ours(args.steps)))
     ours_rate.append(args.batch / a)
     line = f"pair {i}: ours {args.batch / a:.2f} images/s"
     if peer:
-      b = float(np.median(peer.ask(cmd="train", batch=args.batch, steps=args.steps, layout=layout,
-                                   bank=args.bank)["seconds"]))
+      b = float(
+        np.median(
+          peer.ask(cmd="train", batch=args.batch, steps=args.steps, layout=layout, bank=args.bank)[
+            "seconds"
+          ]
+        )
+      )
       ratios.append(b / a)
       theirs_rate.append(args.batch / b)
       line += f", PyTorch {args.batch / b:.2f} images/s, ratio {b / a:.2f}"
     print(line)
   step_s = args.batch / float(np.median(ours_rate))
-  print(f"model FLOPs per step {flops_step / 1e9:.1f} G (3 x forward x batch): {flops_step / step_s / 1e12:.2f} "
-        "TFLOP/s" + (f", MFU {100 * flops_step / step_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 peak"
-                     if peak else "")
-        + (f", {100 * flops_step / step_s / ceiling:.1f}% of a measured bf16 matmul ({ceiling / 1e12:.0f} TFLOP/s)"
-           if ceiling else ""))
+  print(
+    f"model FLOPs per step {flops_step / 1e9:.1f} G (3 x forward x batch): "
+    f"{flops_step / step_s / 1e12:.2f} "
+    "TFLOP/s"
+    + (
+      f", MFU {100 * flops_step / step_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 peak"
+      if peak
+      else ""
+    )
+    + (
+      f", {100 * flops_step / step_s / ceiling:.1f}% of a measured bf16 matmul "
+      f"({ceiling / 1e12:.0f} TFLOP/s)"
+      if ceiling
+      else ""
+    )
+  )
   if args.forward_batches:
     fwd = our_forward(bb, args.batch)
     f_ours, f_theirs = [], []
     for _ in range(args.pairs):
       f_ours.append(args.batch * args.forward_batches / fwd(args.forward_batches))
       if peer:
-        sec = peer.ask(cmd="forward", batch=args.batch, batches=args.forward_batches, layout=layout)["seconds"]
+        sec = peer.ask(
+          cmd="forward", batch=args.batch, batches=args.forward_batches, layout=layout
+        )["seconds"]
         f_theirs.append(args.batch * args.forward_batches / sec)
     fr = np.asarray(f_ours) / np.asarray(f_theirs) if peer else None
-    print(f"forward (features, network alone): ours {np.median(f_ours):.1f} images/s"
-          + (f", PyTorch {np.median(f_theirs):.1f} images/s, ratio median {np.median(fr):.2f} "
-             f"(min {fr.min():.2f}, max {fr.max():.2f})" if peer else ""))
+    print(
+      f"forward (features, network alone): ours {np.median(f_ours):.1f} images/s"
+      + (
+        f", PyTorch {np.median(f_theirs):.1f} images/s, ratio median {np.median(fr):.2f} "
+        f"(min {fr.min():.2f}, max {fr.max():.2f})"
+        if peer
+        else ""
+      )
+    )
   if peer:
     peer.close()
-    print(f"{args.backbone} batch {args.batch} {args.dtype}: ours {np.median(ours_rate):.2f} images/s, PyTorch "
-          f"{np.median(theirs_rate):.2f} images/s ({layout}); ratio median {np.median(ratios):.2f} "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs)")
+    print(
+      f"{args.backbone} batch {args.batch} {args.dtype}: ours {np.median(ours_rate):.2f} "
+      f"images/s, PyTorch "
+      f"{np.median(theirs_rate):.2f} images/s ({layout}); ratio median {np.median(ratios):.2f} "
+      f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs)"
+    )
 
 
 if __name__ == "__main__":

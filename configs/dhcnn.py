@@ -18,7 +18,8 @@ Presets (`configs/dhcnn.py:ARGS`, comma-separated; `key=value` items set fields 
   paper       the paper's setup: vgg_f (needs imagenet-vgg-f.mat: model.weights_path),
               finetune, 100 epochs, batch 10, SGD 1e-2 -> 1e-5 log-spaced, beta 25, eta 0.2.
   finetune    end-to-end training of the chosen backbone.
-  centers     class-wise hash targets, dhcnn.center_weight = 1 (an extension; rshash_jax/models/dhcnn.py).
+  centers     class-wise hash targets, dhcnn.center_weight = 1 (an extension;
+              rshash_jax/models/dhcnn.py).
   partial     partial fine-tuning: train.finetune_from = blocks_15 (EfficientNet-Lite0's last
               block, its head convolution and the hash head train; the layers below run once
               per image and view into an activation cache on CPU), 4 cached dihedral views,
@@ -80,13 +81,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.dhcnn = ml_collections.ConfigDict()
   c.dhcnn.eta = 0.2
-  c.dhcnn.beta = 25.0                # UCMD, AID; 10 for WHU-RS19
-  c.dhcnn.theta_scale = 1.0 / 32     # the code's DHNNL2=32; the paper's formula: 1/2
-  c.dhcnn.gradient = "official"      # official | autodiff
+  c.dhcnn.beta = 25.0  # UCMD, AID; 10 for WHU-RS19
+  c.dhcnn.theta_scale = 1.0 / 32  # the code's DHNNL2=32; the paper's formula: 1/2
+  c.dhcnn.gradient = "official"  # official | autodiff
   c.dhcnn.ce_to_classifier = "full"  # full | scaled
-  c.dhcnn.center_weight = 0.0        # >0: class-wise hash targets (an extension; dhcnn.py)
+  c.dhcnn.center_weight = 0.0  # >0: class-wise hash targets (an extension; dhcnn.py)
 
-  c.train = config_defaults.train()   # the official MatConvNet settings
+  c.train = config_defaults.train()  # the official MatConvNet settings
 
   c.features = config_defaults.features()
 
@@ -157,8 +158,18 @@ def _best(c):
     preset(c)
 
 
-PRESETS = {"local": _local, "adam": _adam, "tiny": _tiny, "paper": _paper, "finetune": _finetune,
-           "centers": _centers, "partial": _partial, "best": _best}
-KEYED = {"bits": lambda c, v: setattr(c.model, "bits", int(v)),
-         "backbone": lambda c, v: setattr(c.model, "backbone", v),
-         "mode": lambda c, v: setattr(c.train, "mode", v)}
+PRESETS = {
+  "local": _local,
+  "adam": _adam,
+  "tiny": _tiny,
+  "paper": _paper,
+  "finetune": _finetune,
+  "centers": _centers,
+  "partial": _partial,
+  "best": _best,
+}
+KEYED = {
+  "bits": lambda c, v: setattr(c.model, "bits", int(v)),
+  "backbone": lambda c, v: setattr(c.model, "backbone", v),
+  "mode": lambda c, v: setattr(c.train, "mode", v),
+}

@@ -8,14 +8,16 @@ Commands:
   python -m rshash_jax.main --config=configs/mrhash.py:local --workdir=/tmp/mrhash
   # The MrHash release format (train.txt/test.txt + {split}_{source}.npy per source), with
   # the paper's 16 clusters for EuroSAT:
-  python -m rshash_jax.main --config=configs/mrhash.py --config.data.source=release:/data/mrhash_eurosat \
+  python -m rshash_jax.main --config=configs/mrhash.py \
+      --config.data.source=release:/data/mrhash_eurosat \
       --config.mrhash.release_sources=msi,vhr --config.eval.map_at_r=1900 \
       --config.mrhash.num_clusters=16 --workdir=/tmp/mrhash_eurosat
   # Baselines on the same features: presets lsh, itq; ablation: unisource.
   python -m rshash_jax.main --config=configs/mrhash.py:local,itq --workdir=/tmp/itq
   # The paper's end-to-end training (backbone at 0.01 x the learning rate; an accelerator job):
   python -m rshash_jax.main --config=configs/mrhash.py:local,finetune --workdir=/tmp/mrhash_ft
-  # Partial fine-tuning, as DHCNN's (rshash_jax/training/train_dhcnn.py): the layers below blocks_15 run
+  # Partial fine-tuning, as DHCNN's (rshash_jax/training/train_dhcnn.py): the layers below
+  # blocks_15 run
   # once per image and view into an activation cache on CPU; blocks_15, the head and the
   # hash network train:
   python -m rshash_jax.main --config=configs/mrhash.py:local,finetune --workdir=/tmp/mrhash_pft \
@@ -87,7 +89,8 @@ quant + balance (0.6798); it is the `best` preset. It leads ITQ on validation by
 0.055, more than its seed std at both lengths. pair_weight 3 is the grid's largest: larger
 weights were not declared and are not tried. With the current code (images resized by
 TensorFlow) the paper's objective is below ITQ at 32 bits on validation.
-    python benchmarks/mrhash_ucmerced.py --validation=0.25 --objective=NAME --methods=MrHash-multisource
+    python benchmarks/mrhash_ucmerced.py --validation=0.25 --objective=NAME \
+        --methods=MrHash-multisource
 
 Measured here (2-core CPU, ../shared/data/ucmerced 80/20, coarse4 view + full image,
 test split read once after the selection above, mean +- std over seeds 0, 1, 2; mAP@100 /
@@ -119,39 +122,42 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data = config_defaults.data()
 
   c.model = config_defaults.model()
-  c.model.head_hidden = 1024                 # frozen backbone: one trainable layer stands in for fc6/fc7
+  c.model.head_hidden = 1024  # frozen backbone: one trainable layer stands in for fc6/fc7
 
   c.mrhash = ml_collections.ConfigDict()
-  c.mrhash.image_view = "coarse4"            # what the hash network sees (train and test)
-  c.mrhash.sources = ("coarse4", "full")     # source 1 (AE input) first; views: full, coarseN, folder:DIR,
-                                             # each optionally ;bands=...;scale=... (multisource.py)
+  c.mrhash.image_view = "coarse4"  # what the hash network sees (train and test)
+  c.mrhash.sources = (
+    "coarse4",
+    "full",
+  )  # source 1 (AE input) first; views: full, coarseN, folder:DIR,
+  # each optionally ;bands=...;scale=... (multisource.py)
   c.mrhash.release_sources = ("msi", "vhr")  # release format: feature-file source names
-  c.mrhash.num_clusters = 64                 # paper: 16 (EuroSAT, 10 classes); see the docstring
+  c.mrhash.num_clusters = 64  # paper: 16 (EuroSAT, 10 classes); see the docstring
   c.mrhash.kmeans_n_init = 20
   c.mrhash.ae_epochs = 200
   c.mrhash.ae_batch_size = 512
   c.mrhash.ae_lr = 1e-3
   c.mrhash.ae_lr_halve_epochs = 40
   c.mrhash.recon_weight = 5.0
-  c.mrhash.kl_reduction = "batchmean"        # batchmean (sound) | mean (official)
-  c.mrhash.pair_weight = 0.0                 # options of ours, 0 = the paper's objective (mrhash.stage2_loss):
-  c.mrhash.quant_weight = 0.0                #   pairwise pseudo-label similarity, quantisation,
-  c.mrhash.balance_weight = 0.0              #   bit balance of the codes h
-  c.mrhash.baseline = ""                     # "" (MrHash) | lsh | itq
-  c.mrhash.hash_init = "random"              # random (paper) | itq: hash layer starts at ITQ
-  c.mrhash.feature_norm = "none"             # none (paper: raw features) | l2 (rows to unit norm)
+  c.mrhash.kl_reduction = "batchmean"  # batchmean (sound) | mean (official)
+  c.mrhash.pair_weight = 0.0  # options of ours, 0 = the paper's objective (mrhash.stage2_loss):
+  c.mrhash.quant_weight = 0.0  #   pairwise pseudo-label similarity, quantisation,
+  c.mrhash.balance_weight = 0.0  #   bit balance of the codes h
+  c.mrhash.baseline = ""  # "" (MrHash) | lsh | itq
+  c.mrhash.hash_init = "random"  # random (paper) | itq: hash layer starts at ITQ
+  c.mrhash.feature_norm = "none"  # none (paper: raw features) | l2 (rows to unit norm)
 
-  c.train = config_defaults.train()    # stage 2
+  c.train = config_defaults.train()  # stage 2
   c.train.epochs = 51
   c.train.batch_size = 128
   c.train.optimizer = "adam"
-  c.train.schedule = "step"             # lr x 0.7 every 10 epochs
+  c.train.schedule = "step"  # lr x 0.7 every 10 epochs
   c.train.lr_start = 1e-3
   c.train.lr_decay = 0.7
   c.train.lr_decay_epochs = 10
   c.train.weight_decay = 0.0
-  c.train.mode = "frozen"               # frozen (cached features) | finetune (the paper)
-  c.train.backbone_lr_mult = 0.01       # finetune: backbone at 1e-5 = 0.01 x 1e-3, as the paper
+  c.train.mode = "frozen"  # frozen (cached features) | finetune (the paper)
+  c.train.backbone_lr_mult = 0.01  # finetune: backbone at 1e-5 = 0.01 x 1e-3, as the paper
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 500
 
@@ -159,7 +165,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
-  c.eval.map_at_r = 100                      # 1900 for EuroSAT (paper), 9375 for DSRSID
+  c.eval.map_at_r = 100  # 1900 for EuroSAT (paper), 9375 for DSRSID
   c.eval.map_ks = (100,)
   c.eval.ks = config_defaults.DHCNN_KS
 
@@ -182,6 +188,7 @@ def _unisource(c):
 def _baseline(name):
   def apply(c):
     c.mrhash.baseline = name
+
   return apply
 
 
@@ -213,6 +220,13 @@ def _tiny(c):
   c.eval.ks = (1, 5, 10)
 
 
-PRESETS = {"local": _local, "tiny": _tiny, "best": _best, "unisource": _unisource, "lsh": _baseline("lsh"),
-           "itq": _baseline("itq"), "finetune": _finetune}
+PRESETS = {
+  "local": _local,
+  "tiny": _tiny,
+  "best": _best,
+  "unisource": _unisource,
+  "lsh": _baseline("lsh"),
+  "itq": _baseline("itq"),
+  "finetune": _finetune,
+}
 KEYED = {"bits": lambda c, v: setattr(c.model, "bits", int(v))}

@@ -4,4 +4,5 @@
 def load_encoder(path, devices=None):
   """Restores an exported (or a training workdir's) encoder; see rshash_jax.encoder."""
   from rshash_jax.retrieval import encoder  # pylint: disable=g-import-not-at-top  (keeps `import rshash_jax` light)
+
   return encoder.load_encoder(path, devices)

@@ -20,45 +20,80 @@ import numpy as np
 from rshash_jax import errors
 from rshash_jax.data import chunk_store, datasets, input_pipeline, rasters
 from rshash_jax.parallel import distributed
-from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming, hits as hits_lib
+from rshash_jax.retrieval import (
+  codes as codes_lib,
+  encoder as encoder_lib,
+  hamming,
+  hits as hits_lib,
+)
 
-def image_table(data: str, degrade: int = 1, check_images: bool = True,
-                raster: Optional[rasters.RasterSpec] = None, labels_file: Optional[str] = None) -> datasets.ImageTable:
+
+def image_table(
+  data: str,
+  degrade: int = 1,
+  check_images: bool = True,
+  raster: Optional[rasters.RasterSpec] = None,
+  labels_file: Optional[str] = None,
+) -> datasets.ImageTable:
   """folder:DIR, DIR (class folders, or any tree of images: labels -1) or tfds:NAME[:split];
   with `labels_file` (a multi-label CSV), the images it lists under DIR with their labels."""
   if labels_file:
     if data.startswith("tfds:"):
       raise errors.InvalidInput(f"--labels applies to an image folder, not {data}")
-    table = datasets.label_file(labels_file, data[len("folder:"):] if data.startswith("folder:") else data,
-                                check_images=check_images)
+    table = datasets.label_file(
+      labels_file,
+      data[len("folder:") :] if data.startswith("folder:") else data,
+      check_images=check_images,
+    )
   elif data.startswith("tfds:"):
-    name, _, split = data[len("tfds:"):].partition(":")
+    name, _, split = data[len("tfds:") :].partition(":")
     table = datasets.tfds_table(name, split=split or "train", download=False)
   else:
-    root = os.path.abspath(data[len("folder:"):] if data.startswith("folder:") else data)
+    root = os.path.abspath(data[len("folder:") :] if data.startswith("folder:") else data)
     try:
       table = datasets.class_folder(root, check_images=check_images)
     except ValueError as e:
       if "class-folder tree" not in str(e):
         raise
-      paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-                     if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
+      paths = sorted(
+        os.path.join(d, f)
+        for d, _, fs in os.walk(root)
+        for f in fs
+        if f.lower().endswith(datasets.IMAGE_EXTENSIONS)
+      )
       if not paths:
-        raise errors.InvalidInput(f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) under {root}") from e
+        raise errors.InvalidInput(
+          f"no images ({'/'.join(datasets.IMAGE_EXTENSIONS)}) under {root}"
+        ) from e
       if check_images:
         for p in paths:
           datasets.check_image(p)
-      table = datasets.ImageTable(name=os.path.basename(root), labels=np.full(len(paths), -1, np.int32),
-                                  class_names=[], paths=paths, description=f"images under {root}")
+      table = datasets.ImageTable(
+        name=os.path.basename(root),
+        labels=np.full(len(paths), -1, np.int32),
+        class_names=[],
+        paths=paths,
+        description=f"images under {root}",
+      )
   table.degrade = degrade
   spec = raster or rasters.RasterSpec()
-  if table.paths is not None or not spec.is_default:  # rasters' headers checked before any long work
+  if (
+    table.paths is not None or not spec.is_default
+  ):  # rasters' headers checked before any long work
     table = table.with_raster(spec)
   return table
 
 
-def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chunk: int = 4096,
-           threads: int = 0, labels_file: Optional[str] = None) -> str:
+def encode(
+  encoder_path: str,
+  data: str,
+  out: str,
+  *,
+  batch_size: int = 64,
+  chunk: int = 4096,
+  threads: int = 0,
+  labels_file: Optional[str] = None,
+) -> str:
   """Encodes `data` with the encoder at `encoder_path` into the codes file `out` (.npz).
 
   Chunks of `chunk` images are shared out over the processes (each encodes its chunks on
@@ -71,20 +106,29 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
     raise errors.AlreadyExists(f"codes file exists, nothing overwritten: {out}")
   table = image_table(data, enc.meta.get("degrade", 1), raster=enc.raster, labels_file=labels_file)
   n = len(table)
-  store = chunk_store.ChunkStore(out + ".parts", n, {"codes": ((hamming.num_words(enc.bits),), "uint32"),
-                                                      "predicted": ((), "int32")},
-                                 chunk=chunk, key=f"{enc.identity} {table.fingerprint()}")
+  store = chunk_store.ChunkStore(
+    out + ".parts",
+    n,
+    {"codes": ((hamming.num_words(enc.bits),), "uint32"), "predicted": ((), "int32")},
+    chunk=chunk,
+    key=f"{enc.identity} {table.fingerprint()}",
+  )
   source = input_pipeline.ImageSource(table, enc.image_size, cache_dir=out + ".images")
   n_dev = enc.mesh.devices.size
   gb = -(-batch_size // n_dev) * n_dev
-  print(f"encoding {n} images of {table.description} with encoder {enc.identity} ({enc.meta['method']}, "
-        f"{enc.bits} bits) on {jax.process_count()} process(es)", file=sys.stderr)
+  print(
+    f"encoding {n} images of {table.description} with encoder {enc.identity} "
+    f"({enc.meta['method']}, "
+    f"{enc.bits} bits) on {jax.process_count()} process(es)",
+    file=sys.stderr,
+  )
 
   def compute(start, stop):
     codes = np.zeros((stop - start, hamming.num_words(enc.bits)), np.uint32)
     pred = np.full(stop - start, -1, np.int32)
-    for b in input_pipeline.eval_batches(source, np.arange(start, stop), global_batch=gb, threads=threads,
-                                         local=True):
+    for b in input_pipeline.eval_batches(
+      source, np.arange(start, stop), global_batch=gb, threads=threads, local=True
+    ):
       res = enc.encode(b["image"])
       rows = b["pos"][b["mask"]]
       codes[rows] = res["codes"][b["mask"]]
@@ -96,10 +140,21 @@ def encode(encoder_path: str, data: str, out: str, *, batch_size: int = 64, chun
 
   lonlat = table.lonlat()
   paths = table.paths or [f"{table.tfds_name}:{table.tfds_split}[{i}]" for i in table.ids]
-  distributed.write_once(out, lambda tmp: codes_lib.write_codes(
-      tmp, codes=arrays["codes"], ids=table.ids, labels=table.labels, lonlat=lonlat,
-      predicted=arrays["predicted"], paths=paths, class_names=table.class_names, encoder=enc),
-      name="codes file")
+  distributed.write_once(
+    out,
+    lambda tmp: codes_lib.write_codes(
+      tmp,
+      codes=arrays["codes"],
+      ids=table.ids,
+      labels=table.labels,
+      lonlat=lonlat,
+      predicted=arrays["predicted"],
+      paths=paths,
+      class_names=table.class_names,
+      encoder=enc,
+    ),
+    name="codes file",
+  )
   if distributed.is_primary():
     shutil.rmtree(store.directory)
     shutil.rmtree(out + ".images", ignore_errors=True)  # a TFDS source's decoded images
@@ -110,8 +165,12 @@ def _query_paths(queries: Sequence[str]) -> List[str]:
   paths = []
   for q in queries:
     if os.path.isdir(q):
-      paths += sorted(os.path.join(d, f) for d, _, fs in os.walk(q) for f in fs
-                      if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
+      paths += sorted(
+        os.path.join(d, f)
+        for d, _, fs in os.walk(q)
+        for f in fs
+        if f.lower().endswith(datasets.IMAGE_EXTENSIONS)
+      )
     elif os.path.isfile(q):
       paths.append(q)
     else:
@@ -121,8 +180,15 @@ def _query_paths(queries: Sequence[str]) -> List[str]:
   return paths
 
 
-def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int = 10,
-           png: Optional[str] = None, geojson: Optional[str] = None) -> List[Dict]:
+def search(
+  encoder_path: str,
+  codes_path: str,
+  queries: Sequence[str],
+  *,
+  k: int = 10,
+  png: Optional[str] = None,
+  geojson: Optional[str] = None,
+) -> List[Dict]:
   """Top-k of each query image in a codes file; prints a table (with each hit's WGS84
   coordinates where the codes file has them), optionally a PNG grid and a GeoJSON file."""
   enc = encoder_lib.load_encoder(encoder_path)
@@ -132,7 +198,12 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
       raise errors.AlreadyExists(f"output exists, nothing overwritten: {out_path}")
   paths = _query_paths(queries)
   degrade = enc.meta.get("degrade", 1)
-  imgs = np.stack([input_pipeline.load_image(p, enc.image_size, degrade=degrade, raster=enc.raster) for p in paths])
+  imgs = np.stack(
+    [
+      input_pipeline.load_image(p, enc.image_size, degrade=degrade, raster=enc.raster)
+      for p in paths
+    ]
+  )
   archive = hits_lib.Archive(db)
   res = enc.encode(imgs)
   k = min(k, len(archive))
@@ -146,40 +217,69 @@ def search(encoder_path: str, codes_path: str, queries: Sequence[str], *, k: int
     q_lab = archive.query_labels(p, row_of.get(os.path.abspath(p), row_of.get(p)))
     pred = hits_lib.predicted(enc.class_names, bool(enc.meta.get("multilabel")), res, qi)
     q_lonlat = rasters.center_lonlat(p) if rasters.is_raster(p) else (float("nan"), float("nan"))
-    where = f"  at lon {q_lonlat[0]:.6f}, lat {q_lonlat[1]:.6f}" if np.isfinite(q_lonlat).all() else ""
+    where = (
+      f"  at lon {q_lonlat[0]:.6f}, lat {q_lonlat[1]:.6f}" if np.isfinite(q_lonlat).all() else ""
+    )
     say(f"\nquery {p}" + (f"  predicted: {pred}" if pred else "") + where)
-    say(f"  {'rank':>4} {'dist':>4}  {'label':<20} " + (f"{'lon':>11} {'lat':>10}  " if coords else "") + "path")
+    say(
+      f"  {'rank':>4} {'dist':>4}  {'label':<20} "
+      + (f"{'lon':>11} {'lat':>10}  " if coords else "")
+      + "path"
+    )
     hits = archive.hits(dist[qi], idx[qi], q_lab)
     for h in hits:
       mark = "" if h["relevant"] is None else ("  relevant" if h["relevant"] else "  not relevant")
       where = ""
       if coords:
-        where = f"{h['lon']:>11.6f} {h['lat']:>10.6f}  " if h["lon"] is not None else f"{'-':>11} {'-':>10}  "
+        where = (
+          f"{h['lon']:>11.6f} {h['lat']:>10.6f}  "
+          if h["lon"] is not None
+          else f"{'-':>11} {'-':>10}  "
+        )
       say(f"  {h['rank']:>4} {h['distance']:>4}  {h['label'] or '-':<20} {where}{h['path']}{mark}")
-    out.append(dict(query=p, predicted=pred, results=hits,
-                    lon=q_lonlat[0] if np.isfinite(q_lonlat[0]) else None,
-                    lat=q_lonlat[1] if np.isfinite(q_lonlat[1]) else None))
+    out.append(
+      dict(
+        query=p,
+        predicted=pred,
+        results=hits,
+        lon=q_lonlat[0] if np.isfinite(q_lonlat[0]) else None,
+        lat=q_lonlat[1] if np.isfinite(q_lonlat[1]) else None,
+      )
+    )
   if not archive.has_coordinates and geojson:
-    say(f"\nnote: {codes_path} has no coordinates (no georeferenced GeoTIFFs): the GeoJSON's hits have "
-        "null geometry")
+    say(
+      f"\nnote: {codes_path} has no coordinates (no georeferenced GeoTIFFs): the GeoJSON's hits "
+      f"have "
+      "null geometry"
+    )
   if png:
-    distributed.write_once(png, lambda tmp: grid(out, tmp, enc.image_size, enc.raster), name="search grid")
+    distributed.write_once(
+      png, lambda tmp: grid(out, tmp, enc.image_size, enc.raster), name="search grid"
+    )
   if geojson:
-    distributed.write_once(geojson, lambda tmp: hits_lib.write_geojson(out, tmp), name="search GeoJSON")
+    distributed.write_once(
+      geojson, lambda tmp: hits_lib.write_geojson(out, tmp), name="search GeoJSON"
+    )
   return out
 
 
 def grid(results: List[Dict], png: str, size: int, raster: Optional[rasters.RasterSpec] = None):
   """Query | top-k thumbnails; green / red frames mark relevant / not relevant."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   k = max(len(r["results"]) for r in results)
-  fig, axes = plt.subplots(len(results), k + 1, figsize=(1.6 * (k + 1), 1.8 * len(results)), squeeze=False)
+  fig, axes = plt.subplots(
+    len(results), k + 1, figsize=(1.6 * (k + 1), 1.8 * len(results)), squeeze=False
+  )
   for row, r in zip(axes, results):
     for ax in row:
       ax.axis("off")
-    row[0].imshow(input_pipeline.load_image(r["query"], min(size, 128), raster=raster)[..., :3])  # R, G, B come first
+    row[0].imshow(
+      input_pipeline.load_image(r["query"], min(size, 128), raster=raster)[..., :3]
+    )  # R, G, B come first
     row[0].set_title("query" + (f"\n{r['predicted']}" if r["predicted"] else ""), fontsize=7)
     for ax, h in zip(row[1:], r["results"]):
       path = h["path"]
@@ -202,7 +302,9 @@ def export(workdir: str, out: str) -> str:
   """Copies WORKDIR/encoder (written at the end of training) to `out`; never overwrites."""
   src = os.path.join(workdir, "encoder")
   if not os.path.isfile(os.path.join(src, "encoder.json")):
-    raise errors.NotFound(f"no trained encoder in {workdir} (expected {src}/encoder.json): train to the end first")
+    raise errors.NotFound(
+      f"no trained encoder in {workdir} (expected {src}/encoder.json): train to the end first"
+    )
   if distributed.agree(f"export {out} exists", os.path.exists(out)):
     raise errors.AlreadyExists(f"export path exists, nothing written: {out}")
   encoder_lib.load_encoder(src)  # fails loudly on a damaged encoder before copying

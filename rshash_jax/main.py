@@ -5,7 +5,8 @@ r"""rshash_jax command line: train, encode, search, export.
   python -m rshash_jax.main --config=configs/dhcnn.py --config.model.bits=32 --workdir=DIR
   python -m rshash_jax.main --config=configs/mrhash.py:local --workdir=/tmp/mrhash
   # encode an image folder (or tfds:NAME[:split]) with a trained model into a codes file
-  python -m rshash_jax.main encode --encoder=/tmp/dhcnn --data=../shared/data/ucmerced --out=/tmp/ucm_codes.npz
+  python -m rshash_jax.main encode --encoder=/tmp/dhcnn --data=../shared/data/ucmerced \
+      --out=/tmp/ucm_codes.npz
   # search: query images (files or folders) against a codes file; table + PNG grid
   python -m rshash_jax.main search --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz --k=8 \
       --png=/tmp/hits.png [--geojson=/tmp/hits.geojson] QUERY.tif [MORE ...]
@@ -38,28 +39,50 @@ from ml_collections import config_flags  # noqa: E402
 from rshash_jax import errors  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "train: config file (file.py or file.py:presets).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "train/export: directory of checkpoints, logs, results, encoder.")
-flags.DEFINE_string("encoder", None, "encode/search/serve: an exported encoder or a training workdir.")
-flags.DEFINE_string("data", None, "encode: class-folder root, any image folder, or tfds:NAME[:split].")
-flags.DEFINE_string("labels", None, "encode: a multi-label CSV (path,label1;label2) for the images under --data.")
-flags.DEFINE_string("out", None, "encode: codes file (.npz) to write; export: encoder directory to create.")
+config_flags.DEFINE_config_file(
+  "config", None, "train: config file (file.py or file.py:presets).", lock_config=True
+)
+flags.DEFINE_string(
+  "workdir", None, "train/export: directory of checkpoints, logs, results, encoder."
+)
+flags.DEFINE_string(
+  "encoder", None, "encode/search/serve: an exported encoder or a training workdir."
+)
+flags.DEFINE_string(
+  "data", None, "encode: class-folder root, any image folder, or tfds:NAME[:split]."
+)
+flags.DEFINE_string(
+  "labels", None, "encode: a multi-label CSV (path,label1;label2) for the images under --data."
+)
+flags.DEFINE_string(
+  "out", None, "encode: codes file (.npz) to write; export: encoder directory to create."
+)
 flags.DEFINE_string("codes", None, "search/serve: codes file written by encode.")
 flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8080, "serve: TCP port.")
 flags.DEFINE_float("max_upload_mb", 16, "serve: largest accepted request body (MiB).")
 flags.DEFINE_integer("k", 10, "search: results per query.")
 flags.DEFINE_string("png", None, "search: write a retrieval grid PNG here.")
-flags.DEFINE_string("geojson", None, "search: write the queries and hits (WGS84 points, distances) as a GeoJSON "
-                    "FeatureCollection here.")
+flags.DEFINE_string(
+  "geojson",
+  None,
+  "search: write the queries and hits (WGS84 points, distances) as a GeoJSON "
+  "FeatureCollection here.",
+)
 flags.DEFINE_integer("batch_size", 64, "encode: images per batch (over all devices).")
 flags.DEFINE_integer("chunk", 4096, "encode: images per resumable chunk.")
-flags.DEFINE_enum("format", "encoder", ["encoder", "saved_model"],
-                  "export: `encoder` (orbax, for rshash_jax.load_encoder) or `saved_model` (TensorFlow "
-                  "SavedModel with preprocessing; see rshash_jax/serving/saved_model.py).")
-flags.DEFINE_bool("traceback", False, "show the full traceback of errors in the input too "
-                  "(default from RSHASH_TRACEBACK=1).")
+flags.DEFINE_enum(
+  "format",
+  "encoder",
+  ["encoder", "saved_model"],
+  "export: `encoder` (orbax, for rshash_jax.load_encoder) or `saved_model` (TensorFlow "
+  "SavedModel with preprocessing; see rshash_jax/serving/saved_model.py).",
+)
+flags.DEFINE_bool(
+  "traceback",
+  False,
+  "show the full traceback of errors in the input too (default from RSHASH_TRACEBACK=1).",
+)
 
 COMMANDS = ("train", "encode", "search", "export", "serve")
 
@@ -74,6 +97,7 @@ class _QuietOrbax:
 def _say(text: str):
   """Prints on the primary process only (every process runs the same command)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_index() == 0:
     print(text)
 
@@ -88,17 +112,26 @@ def _train():
   _require("train", "config", "workdir")
   import jax  # pylint: disable=g-import-not-at-top
   from rshash_jax.training import evaluation  # pylint: disable=g-import-not-at-top
-  logging.info("JAX devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform,
-               jax.process_count())
+
+  logging.info(
+    "JAX devices: %d (%s), processes: %d",
+    jax.device_count(),
+    jax.devices()[0].platform,
+    jax.process_count(),
+  )
   config = FLAGS.config
   if config.method == "dhcnn":
     from rshash_jax.training import train_dhcnn  # pylint: disable=g-import-not-at-top
+
     results = train_dhcnn.train_and_evaluate(config, FLAGS.workdir)
   elif config.method == "mrhash":
     from rshash_jax.training import train_mrhash  # pylint: disable=g-import-not-at-top
+
     results = train_mrhash.train_and_evaluate(config, FLAGS.workdir)
   else:
-    raise errors.InvalidInput(f"config.method={config.method!r} is not a known method (dhcnn, mrhash)")
+    raise errors.InvalidInput(
+      f"config.method={config.method!r} is not a known method (dhcnn, mrhash)"
+    )
   if results:
     _say(evaluation.summary_line(results))
     _say(f"results: {os.path.join(FLAGS.workdir, 'results.json')}")
@@ -116,7 +149,8 @@ def is_input_error(e: BaseException) -> bool:
   """Errors in what the user gave (one line, exit 2) as opposed to bugs (traceback, exit 1):
   rshash_jax's own input checks, usage errors, and OS errors on a named path."""
   return isinstance(e, (errors.UserError, app.UsageError, flags.Error)) or (
-      isinstance(e, OSError) and getattr(e, "filename", None) is not None)
+    isinstance(e, OSError) and getattr(e, "filename", None) is not None
+  )
 
 
 def error_line(e: BaseException) -> str:
@@ -125,7 +159,11 @@ def error_line(e: BaseException) -> str:
   if "Traceback (most recent call last):" in msg:  # a config file's own error, inside absl's
     head = msg.split("Traceback (most recent call last):")[0]
     last = msg.strip().splitlines()[-1]
-    msg = head + last.split(": ", 1)[-1] if last.split(":")[0].endswith(("Error", "InvalidInput")) else head + last
+    msg = (
+      head + last.split(": ", 1)[-1]
+      if last.split(":")[0].endswith(("Error", "InvalidInput"))
+      else head + last
+    )
   msg = " ".join(msg.split()) or type(e).__name__
   return f"rshash: error: {msg}"
 
@@ -139,6 +177,7 @@ def main(argv):
     if command != "search" and args:
       raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
     from rshash_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+
     # Before anything touches a JAX backend: join the other processes, if any (see
     # rshash_jax/parallel/distributed.py for the environment variables).
     multi = distributed.initialize_from_env()
@@ -146,7 +185,9 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     expected = is_input_error(e)
     if multi:
-      distributed.fail_fast(e, code=errors.EXIT_CODE if expected else 1, brief=expected and not _show_traceback())
+      distributed.fail_fast(
+        e, code=errors.EXIT_CODE if expected else 1, brief=expected and not _show_traceback()
+      )
     if not expected:
       raise
     _exit_with(e, _show_traceback())
@@ -156,6 +197,7 @@ def _exit_with(e: BaseException, show_traceback: bool):
   """An error in the input: its one line (after its traceback if asked for), exit 2."""
   if show_traceback:
     import traceback  # pylint: disable=g-import-not-at-top
+
     traceback.print_exception(e, file=sys.stderr)
   print(error_line(e), file=sys.stderr, flush=True)
   sys.exit(errors.EXIT_CODE)
@@ -164,19 +206,28 @@ def _exit_with(e: BaseException, show_traceback: bool):
 def _command(command, args):
   from rshash_jax import commands  # pylint: disable=g-import-not-at-top
   from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
   input_pipeline.configure_tf()
   if command == "train":
     _train()
   elif command == "encode":
     _require("encode", "encoder", "data", "out")
-    codes = commands.encode(FLAGS.encoder, FLAGS.data, FLAGS.out, batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
-                         labels_file=FLAGS.labels)
+    codes = commands.encode(
+      FLAGS.encoder,
+      FLAGS.data,
+      FLAGS.out,
+      batch_size=FLAGS.batch_size,
+      chunk=FLAGS.chunk,
+      labels_file=FLAGS.labels,
+    )
     _say(f"codes: {codes}")
   elif command == "search":
     _require("search", "encoder", "codes")
     if not args:
       raise app.UsageError("search needs one or more query images or folders after the flags")
-    commands.search(FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png, geojson=FLAGS.geojson)
+    commands.search(
+      FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png, geojson=FLAGS.geojson
+    )
     if FLAGS.png:
       _say(f"\ngrid: {FLAGS.png}")
     if FLAGS.geojson:
@@ -184,15 +235,26 @@ def _command(command, args):
   elif command == "serve":
     _require("serve", "encoder", "codes")
     import jax  # pylint: disable=g-import-not-at-top
+
     if jax.process_count() > 1:
-      raise app.UsageError("serve runs in one process (it holds the whole index); start it without "
-                           "JAX_COORDINATOR_ADDRESS / RSHASH_DISTRIBUTED")
+      raise app.UsageError(
+        "serve runs in one process (it holds the whole index); start it without "
+        "JAX_COORDINATOR_ADDRESS / RSHASH_DISTRIBUTED"
+      )
     from rshash_jax.serving import service  # pylint: disable=g-import-not-at-top
-    service.serve(FLAGS.encoder, FLAGS.codes, host=FLAGS.host, port=FLAGS.port, max_upload_mb=FLAGS.max_upload_mb)
+
+    service.serve(
+      FLAGS.encoder,
+      FLAGS.codes,
+      host=FLAGS.host,
+      port=FLAGS.port,
+      max_upload_mb=FLAGS.max_upload_mb,
+    )
   else:
     _require("export", "workdir", "out")
     if FLAGS.format == "saved_model":
       from rshash_jax.serving import saved_model  # pylint: disable=g-import-not-at-top
+
       _say(f"SavedModel: {saved_model.export_saved_model(FLAGS.workdir, FLAGS.out)}")
     else:
       _say(f"encoder: {commands.export(FLAGS.workdir, FLAGS.out)}")

@@ -27,33 +27,42 @@ class RestrictedUnpickler(pickle.Unpickler):
     try:
       return self._allowed[(module, name)]
     except KeyError:
-      raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: {self._what} may only "
-                                   f"contain {self.describe()}") from None
+      raise pickle.UnpicklingError(
+        f"refusing to load global {module}.{name}: {self._what} may only contain {self.describe()}"
+      ) from None
 
   def describe(self) -> str:
-    return "plain values" if not self._allowed else ", ".join(sorted(f"{m}.{n}" for m, n in self._allowed))
+    return (
+      "plain values"
+      if not self._allowed
+      else ", ".join(sorted(f"{m}.{n}" for m, n in self._allowed))
+    )
 
 
 def _plain_dtype(*args, **kwargs) -> np.dtype:
   d = np.dtype(*args, **kwargs)
   if d.hasobject:
-    raise pickle.UnpicklingError(f"refusing an object array (dtype {d}): only numeric arrays are allowed")
+    raise pickle.UnpicklingError(
+      f"refusing an object array (dtype {d}): only numeric arrays are allowed"
+    )
   return d
 
 
 def _reconstruct(subtype, shape, dtype):
   if subtype is not np.ndarray:
-    raise pickle.UnpicklingError(f"refusing array subtype {subtype!r}: only numpy.ndarray is allowed")
+    raise pickle.UnpicklingError(
+      f"refusing array subtype {subtype!r}: only numpy.ndarray is allowed"
+    )
   return np.ndarray.__new__(np.ndarray, shape, _plain_dtype(dtype))
 
 
 # What numpy (1.x and 2.x module names) writes for an ndarray: _reconstruct(ndarray, shape,
 # dtype) then ndarray.__setstate__ (BUILD), which copies the raw bytes.
 NUMPY_ARRAYS: Allowed = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): _plain_dtype,
+  ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+  ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+  ("numpy", "ndarray"): np.ndarray,
+  ("numpy", "dtype"): _plain_dtype,
 }
 
 
@@ -78,4 +87,3 @@ def _check_no_objects(obj, depth: int = 0):
   elif depth < 16 and isinstance(obj, (list, tuple)):
     for v in obj:
       _check_no_objects(v, depth + 1)
-

@@ -30,9 +30,11 @@ def trained(tmp_path_factory):
   """(root, workdir, data): a tiny DHCNN trained on generated class folders, with its
   encoder in workdir/encoder (shared by the tools and serving tests)."""
   import sys  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, str(REPO / "configs"))
   import dhcnn as dhcnn_config  # pylint: disable=g-import-not-at-top
   from rshash_jax.training import train_dhcnn  # pylint: disable=g-import-not-at-top
+
   root = tmp_path_factory.mktemp("tools")
   c = dhcnn_config.get_config("tiny")
   c.data.generated_per_class = 10

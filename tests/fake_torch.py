@@ -15,8 +15,11 @@ import zipfile
 
 import numpy as np
 
-_DTYPE_STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage",
-                  np.dtype(np.float16): "HalfStorage"}
+_DTYPE_STORAGE = {
+  np.dtype(np.float32): "FloatStorage",
+  np.dtype(np.int64): "LongStorage",
+  np.dtype(np.float16): "HalfStorage",
+}
 
 
 @contextlib.contextmanager
@@ -93,7 +96,9 @@ def write_zip(path, state, transpose_2d=False):
   with zipfile.ZipFile(path, "w") as zf:
     zf.writestr("archive/data.pkl", data)
     for st in storages:
-      zf.writestr(f"archive/data/{st.key}", st.flat.astype(st.flat.dtype.newbyteorder("<")).tobytes())
+      zf.writestr(
+        f"archive/data/{st.key}", st.flat.astype(st.flat.dtype.newbyteorder("<")).tobytes()
+      )
 
 
 def write_legacy(path, state, transpose_2d=False):
@@ -103,8 +108,15 @@ def write_legacy(path, state, transpose_2d=False):
   with open(path, "wb") as f:
     pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)
     pickle.dump(1001, f, protocol=2)
-    pickle.dump({"protocol_version": 1001, "little_endian": True,
-                 "type_sizes": {"short": 2, "int": 4, "long": 4}}, f, protocol=2)
+    pickle.dump(
+      {
+        "protocol_version": 1001,
+        "little_endian": True,
+        "type_sizes": {"short": 2, "int": 4, "long": 4},
+      },
+      f,
+      protocol=2,
+    )
     f.write(data)
     pickle.dump([st.key for st in storages], f, protocol=2)
     for st in storages:

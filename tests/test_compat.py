@@ -29,33 +29,44 @@ def _codes_file_api():
   """load_codes and the query image loader of this code."""
   from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from rshash_jax.retrieval import codes as codes_lib  # pylint: disable=g-import-not-at-top
+
   return codes_lib.load_codes, input_pipeline.load_image
 
 
 def _observed(tmp_path):
   import rshash_jax  # pylint: disable=g-import-not-at-top
   from rshash_jax import main as _  # noqa: F401  pylint: disable=g-import-not-at-top
+
   load_codes, load_image = _codes_file_api()
   out = {}
   for name in ("dhcnn_encoder", "mrhash_encoder"):
     enc = rshash_jax.load_encoder(str(DATA / name))
     images = np.stack([load_image(q, enc.image_size) for q in QUERIES])
     res = enc.encode(images)
-    out[name] = {"identity": enc.identity, "bits": enc.bits, "codes": np.asarray(res["codes"]).tolist(),
-                 "predicted": np.asarray(res["predicted"]).tolist() if "predicted" in res else None}
+    out[name] = {
+      "identity": enc.identity,
+      "bits": enc.bits,
+      "codes": np.asarray(res["codes"]).tolist(),
+      "predicted": np.asarray(res["predicted"]).tolist() if "predicted" in res else None,
+    }
   enc = rshash_jax.load_encoder(str(DATA / "dhcnn_encoder"))
   db = load_codes(str(DATA / "codes.npz"), enc)
-  out["codes_file"] = {"n": int(len(db["codes"])), "labels": np.asarray(db["labels"]).tolist(),
-                       "codes": np.asarray(db["codes"]).tolist()}
+  out["codes_file"] = {
+    "n": int(len(db["codes"])),
+    "labels": np.asarray(db["labels"]).tolist(),
+    "codes": np.asarray(db["codes"]).tolist(),
+  }
   # The stopped run resumes from its step-3 checkpoint to the end (step 6).
   workdir = tmp_path / "dhcnn_stopped"
   shutil.copytree(DATA / "dhcnn_stopped", workdir)
   sys.path.insert(0, str(REPO / "configs"))
   import dhcnn as dhcnn_config  # pylint: disable=g-import-not-at-top
+
   c = dhcnn_config.get_config("tiny")
   c.data.generated_per_class = 4
   c.train.epochs = 3
   from rshash_jax.training import train_dhcnn  # pylint: disable=g-import-not-at-top
+
   res = train_dhcnn.train_and_evaluate(c, str(workdir))
   out["resumed"] = {"step": res["step"], "map": res["map"], "accuracy": res["accuracy"]}
   return out

@@ -12,8 +12,9 @@ from rshash_jax.data import chunk_store, datasets, input_pipeline
 
 
 def _store(tmp_path, n=10, chunk=4, key="k1"):
-  return chunk_store.ChunkStore(str(tmp_path / "s"), n, {"x": ((3,), "float32"), "y": ((), "int32")},
-                                chunk=chunk, key=key)
+  return chunk_store.ChunkStore(
+    str(tmp_path / "s"), n, {"x": ((3,), "float32"), "y": ((), "int32")}, chunk=chunk, key=key
+  )
 
 
 def _rows(start, stop):
@@ -29,6 +30,7 @@ def test_chunk_store_builds_resumes_and_maps_read_only(tmp_path):
       raise KeyboardInterrupt("killed")
     calls.append((start, stop))
     return _rows(start, stop)
+
   with pytest.raises(KeyboardInterrupt):
     _store(tmp_path).build(interrupted)
   assert not _store(tmp_path).complete()
@@ -63,11 +65,17 @@ def test_tf_and_pil_decoders_feed_the_same_pixels(tmp_path):
     _write(str(tmp_path / f"a.{ext}"), pixels)
   ref = input_pipeline.load_image(str(tmp_path / "a.png"), 32)
   for ext in ("bmp", "webp", "tif"):
-    np.testing.assert_array_equal(input_pipeline.load_image(str(tmp_path / f"a.{ext}"), 32), ref, err_msg=ext)
-  np.testing.assert_array_equal(input_pipeline.decode_file(str(tmp_path / "a.webp")).numpy(), pixels)
+    np.testing.assert_array_equal(
+      input_pipeline.load_image(str(tmp_path / f"a.{ext}"), 32), ref, err_msg=ext
+    )
+  np.testing.assert_array_equal(
+    input_pipeline.decode_file(str(tmp_path / "a.webp")).numpy(), pixels
+  )
   square = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
   _write(str(tmp_path / "sq.png"), square)
-  np.testing.assert_array_equal(input_pipeline.load_image(str(tmp_path / "sq.png"), 32), square)  # no-op resize
+  np.testing.assert_array_equal(
+    input_pipeline.load_image(str(tmp_path / "sq.png"), 32), square
+  )  # no-op resize
   # The pipeline gives exactly load_image's pixels (what `search` encodes for a query).
   for c in ("c0", "c1"):
     (tmp_path / "tree" / c).mkdir(parents=True)
@@ -100,12 +108,19 @@ def test_a_truncated_png_is_named_by_the_pipeline(tmp_path):
 
 class TinyScenes(tfds.core.GeneratorBasedBuilder):
   """A TFDS image-classification builder written by the test (no download)."""
+
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
@@ -121,7 +136,9 @@ def test_tfds_split_is_streamed_into_an_image_store(tmp_path):
   TinyScenes(data_dir=data_dir).download_and_prepare()
   table = datasets.tfds_table("tiny_scenes", data_dir=data_dir, download=False)
   ds = tfds.load("tiny_scenes", split="train", data_dir=data_dir, shuffle_files=False)
-  assert len(table) == 23 and table.labels.tolist() == [int(ex["label"]) for ex in ds]  # the stored order
+  assert len(table) == 23 and table.labels.tolist() == [
+    int(ex["label"]) for ex in ds
+  ]  # the stored order
   source = input_pipeline.ImageSource(table, 16, cache_dir=str(tmp_path / "cache"))
   stores = os.listdir(tmp_path / "cache")
   assert len(stores) == 1 and stores[0].startswith("images_tiny_scenes_")

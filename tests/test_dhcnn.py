@@ -10,6 +10,7 @@ from rshash_jax.parallel import sharding
 from rshash_jax.training import dhcnn_step, train_state
 
 import sys, os  # noqa: E401
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import dhcnn as dhcnn_config  # noqa: E402  (configs/dhcnn.py)
 
@@ -49,9 +50,20 @@ def _problem(seed=0, b=5, n=12, k=8, c=3):
 @pytest.mark.parametrize("scale", [1 / 32, 0.5])
 def test_loss_value_matches_numpy(scale):
   u, logits, labels, rows, bank, bank_labels = _problem()
-  out = dhcnn.loss_fn(jnp.asarray(u), jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(rows),
-                      jnp.asarray(bank), jnp.asarray(bank_labels), eta=0.2, beta=25.0, theta_scale=scale,
-                      gradient="autodiff", ce_to_classifier="scaled", num_classes=3)
+  out = dhcnn.loss_fn(
+    jnp.asarray(u),
+    jnp.asarray(logits),
+    jnp.asarray(labels),
+    jnp.asarray(rows),
+    jnp.asarray(bank),
+    jnp.asarray(bank_labels),
+    eta=0.2,
+    beta=25.0,
+    theta_scale=scale,
+    gradient="autodiff",
+    ce_to_classifier="scaled",
+    num_classes=3,
+  )
   want, want_bank = numpy_loss(u, logits, labels, rows, bank, bank_labels, 0.2, 25.0, scale, 3)
   np.testing.assert_allclose(float(out["loss"]), want, rtol=1e-5)
   np.testing.assert_allclose(float(out["reported"]), want, rtol=1e-5)
@@ -73,12 +85,25 @@ def test_autodiff_gradient_matches_finite_differences():
     q = np.sum((sgn - uu) ** 2)
     lp = ll - ll.max(1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
-    return eta * (pw + beta * q) / (len(uu) * len(b2)) + (1 - eta) * -np.mean(lp[np.arange(len(labels)), labels])
+    return eta * (pw + beta * q) / (len(uu) * len(b2)) + (1 - eta) * -np.mean(
+      lp[np.arange(len(labels)), labels]
+    )
 
   def f_jax(uu, ll):
-    return dhcnn.loss_fn(uu, ll, jnp.asarray(labels), jnp.asarray(rows), jnp.asarray(bank), jnp.asarray(bank_labels),
-                         eta=eta, beta=beta, theta_scale=scale, gradient="autodiff", ce_to_classifier="scaled",
-                         num_classes=3)["loss"]
+    return dhcnn.loss_fn(
+      uu,
+      ll,
+      jnp.asarray(labels),
+      jnp.asarray(rows),
+      jnp.asarray(bank),
+      jnp.asarray(bank_labels),
+      eta=eta,
+      beta=beta,
+      theta_scale=scale,
+      gradient="autodiff",
+      ce_to_classifier="scaled",
+      num_classes=3,
+    )["loss"]
 
   gu, gl = jax.grad(f_jax, argnums=(0, 1))(jnp.asarray(u), jnp.asarray(logits))
   eps = 1e-4
@@ -100,8 +125,17 @@ def test_official_gradient_omits_theta_scale():
   args = (jnp.asarray(labels), jnp.asarray(rows), jnp.asarray(bank), jnp.asarray(bank_labels))
 
   def pairwise_grad(gradient):
-    f = lambda uu: dhcnn.loss_fn(uu, jnp.asarray(logits), *args, eta=1.0, beta=0.0, theta_scale=1 / 32,
-                                 gradient=gradient, ce_to_classifier="scaled", num_classes=3)["loss"]
+    f = lambda uu: dhcnn.loss_fn(
+      uu,
+      jnp.asarray(logits),
+      *args,
+      eta=1.0,
+      beta=0.0,
+      theta_scale=1 / 32,
+      gradient=gradient,
+      ce_to_classifier="scaled",
+      num_classes=3,
+    )["loss"]
     return np.asarray(jax.grad(f)(jnp.asarray(u)))
 
   np.testing.assert_allclose(pairwise_grad("official"), 32 * pairwise_grad("autodiff"), rtol=1e-5)
@@ -120,22 +154,40 @@ def test_full_ce_reaches_classifier_unscaled_and_hash_layer_scaled():
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
   g_full, g_plain = jax.grad(ce)(params, 1 - eta), jax.grad(ce)(params, 1.0)
-  np.testing.assert_allclose(g_full["classifier"]["kernel"], g_plain["classifier"]["kernel"], rtol=1e-6)
-  np.testing.assert_allclose(g_full["hash"]["kernel"], (1 - eta) * g_plain["hash"]["kernel"], rtol=1e-5)
+  np.testing.assert_allclose(
+    g_full["classifier"]["kernel"], g_plain["classifier"]["kernel"], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    g_full["hash"]["kernel"], (1 - eta) * g_plain["hash"]["kernel"], rtol=1e-5
+  )
 
 
 def test_masked_rows_do_not_count():
   u, logits, labels, rows, bank, bank_labels = _problem(4, b=6)
-  kw = dict(eta=0.2, beta=25.0, theta_scale=1 / 32, gradient="autodiff", ce_to_classifier="scaled", num_classes=3)
-  full = dhcnn.loss_fn(*(jnp.asarray(a) for a in (u[:4], logits[:4], labels[:4], rows[:4], bank, bank_labels)), **kw)
-  masked = dhcnn.loss_fn(*(jnp.asarray(a) for a in (u, logits, labels, rows, bank, bank_labels)),
-                         mask=jnp.asarray([1, 1, 1, 1, 0, 0]), **kw)
+  kw = dict(
+    eta=0.2,
+    beta=25.0,
+    theta_scale=1 / 32,
+    gradient="autodiff",
+    ce_to_classifier="scaled",
+    num_classes=3,
+  )
+  full = dhcnn.loss_fn(
+    *(jnp.asarray(a) for a in (u[:4], logits[:4], labels[:4], rows[:4], bank, bank_labels)), **kw
+  )
+  masked = dhcnn.loss_fn(
+    *(jnp.asarray(a) for a in (u, logits, labels, rows, bank, bank_labels)),
+    mask=jnp.asarray([1, 1, 1, 1, 0, 0]),
+    **kw,
+  )
   np.testing.assert_allclose(float(masked["loss"]), float(full["loss"]), rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(masked["bank"]), np.asarray(full["bank"]))
 
 
 def test_codes_never_zero():
-  np.testing.assert_array_equal(np.asarray(signs.signs(jnp.asarray([-1.0, 0.0, 2.0, -0.0]))), [-1, 1, 1, 1])
+  np.testing.assert_array_equal(
+    np.asarray(signs.signs(jnp.asarray([-1.0, 0.0, 2.0, -0.0]))), [-1, 1, 1, 1]
+  )
 
 
 def test_log_epoch_schedule():
@@ -156,10 +208,11 @@ def test_grad_clip_applies_with_and_without_lr_multipliers(lr_mults):
   updates, _ = tx.update(grads, tx.init(params), params)
   lr = float(train_state.learning_rate_schedule(c, 5)(0))
   # One global norm over both modules, clipped to 1, then each module's rate.
-  scale = 1.0 / float(jnp.sqrt(7 * 100.0 ** 2))
+  scale = 1.0 / float(jnp.sqrt(7 * 100.0**2))
   np.testing.assert_allclose(updates["head"], -lr * scale * 100.0, rtol=1e-5)
-  np.testing.assert_allclose(updates["backbone"], -lr * (lr_mults or {}).get("backbone", 1.0) * scale * 100.0,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    updates["backbone"], -lr * (lr_mults or {}).get("backbone", 1.0) * scale * 100.0, rtol=1e-5
+  )
 
 
 def test_train_step_same_on_1_and_8_devices():
@@ -169,22 +222,37 @@ def test_train_step_same_on_1_and_8_devices():
   rng = np.random.default_rng(5)
   n_train, d, b = 40, 12, 8
   model = dhcnn.DHCNN(backbone=None, bits=c.model.bits, num_classes=3)
-  params = jax.device_get({"head": model.init(jax.random.key(0), jnp.zeros((1, d)))["params"]["head"]})
+  params = jax.device_get(
+    {"head": model.init(jax.random.key(0), jnp.zeros((1, d)))["params"]["head"]}
+  )
   tx = train_state.make_optimizer(c.train, steps_per_epoch=5)
   bank = rng.standard_normal((n_train, c.model.bits)).astype(np.float32)
   bank_labels = rng.integers(0, 3, n_train)
-  batch = {"x": rng.standard_normal((b, d)).astype(np.float32), "label": bank_labels[:b], "row": np.arange(b)}
+  batch = {
+    "x": rng.standard_normal((b, d)).astype(np.float32),
+    "label": bank_labels[:b],
+    "row": np.arange(b),
+  }
   outs = []
   for n_dev in (1, 8):
     mesh = sharding.data_mesh(jax.devices()[:n_dev])
-    state = train_state.TrainState(step=np.zeros((), np.int32), params=params, opt_state=jax.device_get(tx.init(params)),
-                                   constants={}, extra={"bank": bank})
+    state = train_state.TrainState(
+      step=np.zeros((), np.int32),
+      params=params,
+      opt_state=jax.device_get(tx.init(params)),
+      constants={},
+      extra={"bank": bank},
+    )
     state = jax.device_put(state, sharding.replicated(mesh))
-    step = dhcnn_step.make_train_step(model, tx, c, jax.device_put(bank_labels, sharding.replicated(mesh)), mesh)
+    step = dhcnn_step.make_train_step(
+      model, tx, c, jax.device_put(bank_labels, sharding.replicated(mesh)), mesh
+    )
     gbatch = {k: jax.device_put(v, sharding.sharded_rows(mesh)) for k, v in batch.items()}
     for _ in range(3):
       state, metrics = step(state, gbatch, jax.random.key(0))
-    outs.append((jax.device_get(state.params), jax.device_get(state.extra["bank"]), jax.device_get(metrics)))
+    outs.append(
+      (jax.device_get(state.params), jax.device_get(state.extra["bank"]), jax.device_get(metrics))
+    )
   (p1, b1, m1), (p8, b8, m8) = outs
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p1, p8)
   np.testing.assert_allclose(b1, b8, rtol=1e-5, atol=1e-7)
@@ -211,7 +279,14 @@ def test_center_term_value_gradient_and_multilabel():
   multi-hot row takes sign(sum of its labels' targets), tied bits not counted; 0 adds nothing."""
   u, logits, labels, rows, bank, bank_labels = _problem(2, c=3)
   centers = dhcnn.hash_centers(3, 8)
-  kw = dict(eta=0.2, beta=25.0, theta_scale=0.5, gradient="autodiff", ce_to_classifier="scaled", num_classes=3)
+  kw = dict(
+    eta=0.2,
+    beta=25.0,
+    theta_scale=0.5,
+    gradient="autodiff",
+    ce_to_classifier="scaled",
+    num_classes=3,
+  )
   args = [jnp.asarray(a) for a in (u, logits, labels, rows, bank, bank_labels)]
   base = dhcnn.loss_fn(*args, **kw)
   out = dhcnn.loss_fn(*args, **kw, centers=jnp.asarray(centers), center_weight=2.0)
@@ -219,11 +294,14 @@ def test_center_term_value_gradient_and_multilabel():
   np.testing.assert_allclose(float(out["center"]), want, rtol=1e-5)
   np.testing.assert_allclose(float(out["loss"]), float(base["loss"]) + 2.0 * want, rtol=1e-5)
   assert float(base["center"]) == 0.0
-  g = jax.grad(lambda uu: dhcnn.center_term(uu, jnp.asarray(labels), jnp.asarray(centers), jnp.ones(len(u))))(
-      jnp.asarray(u))
+  g = jax.grad(
+    lambda uu: dhcnn.center_term(uu, jnp.asarray(labels), jnp.asarray(centers), jnp.ones(len(u)))
+  )(jnp.asarray(u))
   np.testing.assert_allclose(g, 2 * (u - centers[labels]) / (8 * len(u)), rtol=1e-5, atol=1e-7)
   multi = np.array([[1, 1, 0], [0, 0, 1]])  # rows 0 and 1 of Hadamard(8) tie on half the bits
   t = np.sign(multi @ centers)
   got = dhcnn.center_term(jnp.asarray(u[:2]), jnp.asarray(multi), jnp.asarray(centers), jnp.ones(2))
   assert (t[0] == 0).sum() == 4
-  np.testing.assert_allclose(float(got), np.mean(np.sum(np.abs(t) * (t - u[:2]) ** 2, axis=1) / 8), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(got), np.mean(np.sum(np.abs(t) * (t - u[:2]) ** 2, axis=1) / 8), rtol=1e-5
+  )

@@ -55,12 +55,15 @@ def test_pack_zero_is_positive_and_format_flags():
     hamming.pack_codes(np.array([[-1, 1]]), binary=True)
 
 
-@pytest.mark.parametrize("bad, err, msg", [
+@pytest.mark.parametrize(
+  "bad, err, msg",
+  [
     (np.zeros(5), ValueError, "2-D"),
     (np.zeros((3, 0)), ValueError, "K >= 1"),
     (np.array([[np.nan, 1.0]]), ValueError, "NaN"),
     (np.array([["a", "b"]]), TypeError, "numeric"),
-])
+  ],
+)
 def test_pack_rejects_bad_input(bad, err, msg):
   with pytest.raises(err, match=msg):
     hamming.pack_codes(bad)
@@ -99,17 +102,30 @@ def test_popcount_forms_agree(words):
   assert not jax.config.jax_enable_x64
 
 
-@pytest.mark.parametrize("n, bits, k", [
-    (6221, 32, 5), (6221, 64, 40), (6221, 96, 5), (6221, 128, 5), (6221, 160, 6221),
-    (1500, 128, 1500), (700, 32, 3)])
+@pytest.mark.parametrize(
+  "n, bits, k",
+  [
+    (6221, 32, 5),
+    (6221, 64, 40),
+    (6221, 96, 5),
+    (6221, 128, 5),
+    (6221, 160, 6221),
+    (1500, 128, 1500),
+    (700, 32, 3),
+  ],
+)
 def test_topk_never_returns_padding(n, bits, k):
   """Shards end in zero-word padding (here a whole device's shard, and groups that the
   database end cuts), and the padding is nearer to these queries than any code: it is
   masked per group plus the one cut group, and none of it may rank or displace a code."""
   rng = np.random.default_rng(n + bits)
   db = hamming.pack_codes(random_codes(rng, n, bits, p=0.7))
-  q = np.concatenate([np.zeros((1, hamming.num_words(bits)), np.uint32),  # padding at distance 0
-                      hamming.pack_codes(random_codes(rng, 6, bits, p=0.3))])
+  q = np.concatenate(
+    [
+      np.zeros((1, hamming.num_words(bits)), np.uint32),  # padding at distance 0
+      hamming.pack_codes(random_codes(rng, 6, bits, p=0.3)),
+    ]
+  )
   index = hamming.HammingIndex(db, chunk_size=1 << 10)
   assert index.n_local * index.n_devices > n  # padded
   d, i = index.search(q, k)
@@ -126,8 +142,9 @@ def test_topk_group_cut_by_database_end_is_masked(bits):
   the nearest, the k best codes lie in k different groups, and the cut group's codes are
   the farthest: an unmasked cut group would take one of the k groups' places."""
   n, k = 1000, 5
-  index_for = lambda db: hamming.HammingIndex(db, mesh=sharding.data_mesh(jax.devices()[:1]),
-                                              chunk_size=1 << 10)
+  index_for = lambda db: hamming.HammingIndex(
+    db, mesh=sharding.data_mesh(jax.devices()[:1]), chunk_size=1 << 10
+  )
   codes = np.ones((n, bits))
   probe = index_for(hamming.pack_codes(codes))
   group = hamming._group_size(k, probe._chunk)
@@ -178,16 +195,19 @@ def test_topk_under_global_x64_matches():
     np.testing.assert_array_equal(i, ri)
 
 
-@pytest.mark.parametrize("n, bits, k, chunk", [
+@pytest.mark.parametrize(
+  "n, bits, k, chunk",
+  [
     (400, 16, 10, 1 << 16),
     (5000, 64, 100, 1 << 16),
-    (20000, 12, 100, 4096),    # 12 bits: huge ties, many chunks and groups
+    (20000, 12, 100, 4096),  # 12 bits: huge ties, many chunks and groups
     (3000, 40, 3000, 1 << 16),  # k = N: full ranking
     (9000, 128, 700, 1 << 11),  # k larger than the group count
     (20000, 300, 10, 1 << 14),  # distances past 255: the group minima stay int32
     (37, 7, 37, 8),
     (1, 3, 1, 8),
-])
+  ],
+)
 def test_topk_exact_with_ties(n, bits, k, chunk):
   rng = np.random.default_rng(n + bits)
   db = hamming.pack_codes(random_codes(rng, n, bits, p=0.8))
@@ -211,9 +231,18 @@ def test_two_level_group_selection_is_exact(n_groups, kg, top):
   np.testing.assert_array_equal(got, flat)
 
 
-@pytest.mark.parametrize("n, k, top, dtype", [
-    (3200, 100, 129, np.int32), (512, 100, 40, np.uint8), (200, 100, 3, np.int32),
-    (37, 37, 5, np.int32), (33, 1, 2, np.uint8), (1, 1, 0, np.int32), (700, 650, 300, np.int32)])
+@pytest.mark.parametrize(
+  "n, k, top, dtype",
+  [
+    (3200, 100, 129, np.int32),
+    (512, 100, 40, np.uint8),
+    (200, 100, 3, np.int32),
+    (37, 37, 5, np.int32),
+    (33, 1, 2, np.uint8),
+    (1, 1, 0, np.int32),
+    (700, 650, 300, np.int32),
+  ],
+)
 def test_counting_selection_equals_a_stable_sort(n, k, top, dtype):
   """_select_first (threshold by bisection on counts, then bit masks) returns the first k
   positions of a stable sort by value, in position order, with ties across words and
@@ -223,11 +252,15 @@ def test_counting_selection_equals_a_stable_sort(n, k, top, dtype):
   d[0] = top  # one value everywhere
   want = np.sort(np.argsort(d, axis=1, kind="stable")[:, :k], axis=1)
   for lo, hi in ((np.zeros(6), np.full(6, top)), (d.min(1), d.max(1))):
-    got = np.asarray(jax.jit(hamming._select_first, static_argnums=1)(
-        jnp.asarray(d), k, jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)))
+    got = np.asarray(
+      jax.jit(hamming._select_first, static_argnums=1)(
+        jnp.asarray(d), k, jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+      )
+    )
     np.testing.assert_array_equal(got, want)
   kth = jax.jit(hamming._kth_smallest, static_argnums=1)(
-      jnp.asarray(d), k, jnp.asarray(d.min(1), jnp.int32), jnp.asarray(d.max(1), jnp.int32))
+    jnp.asarray(d), k, jnp.asarray(d.min(1), jnp.int32), jnp.asarray(d.max(1), jnp.int32)
+  )
   np.testing.assert_array_equal(kth, np.sort(d, axis=1)[:, k - 1])
 
 

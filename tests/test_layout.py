@@ -1,4 +1,4 @@
-"""The package's layering: imports point one way, no cycles, no in-package import hidden in a function.
+"""The package's layering: imports point one way, no cycles, no hidden in-package import.
 
   main, rshash_jax/__init__                      (6)
   serving/, training/, commands                  (5)
@@ -16,8 +16,20 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "rshash_jax"
-LAYERS = {"errors": 0, "config_defaults": 1, "safe_pickle": 1, "models": 2, "parallel": 2, "data": 3,
-          "retrieval": 4, "training": 5, "serving": 5, "commands": 5, "main": 6, "__init__": 6}
+LAYERS = {
+  "errors": 0,
+  "config_defaults": 1,
+  "safe_pickle": 1,
+  "models": 2,
+  "parallel": 2,
+  "data": 3,
+  "retrieval": 4,
+  "training": 5,
+  "serving": 5,
+  "commands": 5,
+  "main": 6,
+  "__init__": 6,
+}
 LAZY_OK = {"rshash_jax.main", "rshash_jax"}
 
 
@@ -46,7 +58,9 @@ def _imports(path: pathlib.Path, modules):
   top = {id(n) for n in tree.body}
   for node in ast.walk(tree):
     targets = []
-    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "rshash_jax":
+    if (
+      isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "rshash_jax"
+    ):
       for a in node.names:
         full = f"{node.module}.{a.name}"
         targets.append(full if full in modules else node.module)
@@ -79,14 +93,17 @@ def test_imports_point_down_or_within_a_folder():
 
 def test_no_import_cycles():
   modules = _modules()
-  graph = {n: sorted({t for t, _, _ in _imports(p, modules) if t in modules and t != n}) for n, p in modules.items()}
+  graph = {
+    n: sorted({t for t, _, _ in _imports(p, modules) if t in modules and t != n})
+    for n, p in modules.items()
+  }
   state = {}
 
   def visit(n, stack):
     state[n] = "open"
     for m in graph[n]:
       if state.get(m) == "open":
-        raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m) :] + [m]))
       if m not in state:
         visit(m, stack + [m])
     state[n] = "done"

@@ -49,8 +49,12 @@ HQL, HDL = np.array([0]), np.array([0, 0, 1, 0])
 def test_hand_worked_map_and_variants():
   assert metrics.mean_average_precision(HQ, HDB, HQL, HDL) == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
   assert metrics.mean_average_precision(HQ, HDB, HQL, HDL, topk=2) == pytest.approx(1.0)
-  assert metrics.mean_average_precision(HQ, HDB, HQL, HDL, topk=2, normalization="min") == pytest.approx(0.5)
-  assert metrics.mean_average_precision(HQ, HDB, HQL, HDL, topk=2, normalization="all") == pytest.approx(1 / 3)
+  assert metrics.mean_average_precision(
+    HQ, HDB, HQL, HDL, topk=2, normalization="min"
+  ) == pytest.approx(0.5)
+  assert metrics.mean_average_precision(
+    HQ, HDB, HQL, HDL, topk=2, normalization="all"
+  ) == pytest.approx(1 / 3)
 
 
 def test_hand_worked_tie_goes_to_lower_index():
@@ -74,7 +78,9 @@ def test_no_relevant_item_zero_or_skip():
   ql = np.array([0, 5])  # class 5 has no database item
   q = np.vstack([HQ, HQ])
   assert metrics.mean_average_precision(q, HDB, ql, HDL) == pytest.approx(29 / 36 / 2)
-  assert metrics.mean_average_precision(q, HDB, ql, HDL, no_relevant="skip") == pytest.approx(29 / 36)
+  assert metrics.mean_average_precision(q, HDB, ql, HDL, no_relevant="skip") == pytest.approx(
+    29 / 36
+  )
 
 
 def _random_problem(seed, nq, ndb, bits, classes, multi):
@@ -95,8 +101,9 @@ def _random_problem(seed, nq, ndb, bits, classes, multi):
 @pytest.mark.parametrize("no_relevant", metrics.NO_RELEVANT)
 def test_map_matches_reference_with_many_ties(multi, topk, normalization, no_relevant):
   qc, dbc, ql, dl = _random_problem(3, 20, 120, 6, 7, multi)  # 6 bits: heavy ties
-  got = metrics.mean_average_precision(qc, dbc, ql, dl, topk, normalization=normalization,
-                                       no_relevant=no_relevant)
+  got = metrics.mean_average_precision(
+    qc, dbc, ql, dl, topk, normalization=normalization, no_relevant=no_relevant
+  )
   want = ref_map(qc, dbc, ql, dl, topk, normalization, no_relevant)
   assert got == pytest.approx(want, abs=1e-12)
 
@@ -115,7 +122,9 @@ def test_pr_curve_matches_reference():
   curve = metrics.pr_curve_by_radius(qc, dbc, ql, dl)
   for r in range(11):
     within = d <= r
-    p = [(rel[i] & within[i]).sum() / within[i].sum() if within[i].any() else 0.0 for i in range(11)]
+    p = [
+      (rel[i] & within[i]).sum() / within[i].sum() if within[i].any() else 0.0 for i in range(11)
+    ]
     rc = [(rel[i] & within[i]).sum() / rel[i].sum() for i in range(11) if rel[i].any()]
     assert curve["precision"][r] == pytest.approx(np.mean(p))
     assert curve["recall"][r] == pytest.approx(np.mean(rc))

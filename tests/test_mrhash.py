@@ -33,16 +33,22 @@ def test_soft_assignment_target_and_kl_match_numpy():
   q = np.asarray(mrhash.soft_assign(jnp.asarray(z, jnp.float32), jnp.asarray(mu, jnp.float32)))
   np.testing.assert_allclose(q, q_np, rtol=1e-5)
   f = q_np.sum(0)
-  p_np = q_np ** 2 / f
+  p_np = q_np**2 / f
   p_np /= p_np.sum(1, keepdims=True)
   p = np.asarray(mrhash.target_distribution(jnp.asarray(q_np, jnp.float32)))
   np.testing.assert_allclose(p, p_np, rtol=1e-5)
   q2 = rng.dirichlet(np.ones(3), 7)
   kl_rows = np.sum(p_np * np.log(p_np / q2), axis=1)
-  np.testing.assert_allclose(float(mrhash.kl_divergence(jnp.asarray(p_np), jnp.asarray(q2), "batchmean")),
-                             kl_rows.mean(), rtol=1e-5)
-  np.testing.assert_allclose(float(mrhash.kl_divergence(jnp.asarray(p_np), jnp.asarray(q2), "mean")),
-                             kl_rows.mean() / 3, rtol=1e-5)
+  np.testing.assert_allclose(
+    float(mrhash.kl_divergence(jnp.asarray(p_np), jnp.asarray(q2), "batchmean")),
+    kl_rows.mean(),
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    float(mrhash.kl_divergence(jnp.asarray(p_np), jnp.asarray(q2), "mean")),
+    kl_rows.mean() / 3,
+    rtol=1e-5,
+  )
   with pytest.raises(ValueError, match="kl_reduction"):
     mrhash.kl_divergence(jnp.asarray(p_np), jnp.asarray(q2), "sum")
 
@@ -66,9 +72,15 @@ def test_optional_code_terms_match_numpy():
   p = rng.dirichlet(np.ones(4) * 0.3, 6)
   cos = (p @ p.T) / np.outer(np.linalg.norm(p, axis=1), np.linalg.norm(p, axis=1))
   want_pair = np.mean((h @ h.T / 8 - (2 * cos - 1)) ** 2)
-  np.testing.assert_allclose(float(mrhash.pair_term(jnp.asarray(h), jnp.asarray(p))), want_pair, rtol=1e-5)
-  np.testing.assert_allclose(float(mrhash.quant_term(jnp.asarray(h))), np.mean((np.abs(h) - 1) ** 2), rtol=1e-5)
-  np.testing.assert_allclose(float(mrhash.balance_term(jnp.asarray(h))), np.mean(h.mean(0) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(mrhash.pair_term(jnp.asarray(h), jnp.asarray(p))), want_pair, rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    float(mrhash.quant_term(jnp.asarray(h))), np.mean((np.abs(h) - 1) ** 2), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    float(mrhash.balance_term(jnp.asarray(h))), np.mean(h.mean(0) ** 2), rtol=1e-5
+  )
   # identical pseudo-label rows and identical codes of +-1 cost nothing
   ones = jnp.ones((3, 4))
   assert float(mrhash.pair_term(jnp.sign(ones), jnp.asarray([[1.0, 0.0]] * 3))) == 0.0
@@ -76,12 +88,17 @@ def test_optional_code_terms_match_numpy():
   out = {"h": jnp.asarray(h, jnp.float32), "q_img": q, "q_feat": q, "recons": [jnp.zeros((6, 3))]}
   srcs = [jnp.ones((6, 3))]
   base, parts = mrhash.stage2_loss(out, jnp.asarray(p, jnp.float32), srcs)
-  np.testing.assert_allclose(float(base), float(parts["kl_img"] + parts["kl_feat"] + 5.0 * parts["recon"]),
-                             rtol=1e-6)
-  full, parts = mrhash.stage2_loss(out, jnp.asarray(p, jnp.float32), srcs, pair_weight=2.0, quant_weight=0.5,
-                                   balance_weight=3.0)
-  np.testing.assert_allclose(float(full - base), 2.0 * want_pair + 0.5 * np.mean((np.abs(h) - 1) ** 2)
-                             + 3.0 * np.mean(h.mean(0) ** 2), rtol=1e-4)
+  np.testing.assert_allclose(
+    float(base), float(parts["kl_img"] + parts["kl_feat"] + 5.0 * parts["recon"]), rtol=1e-6
+  )
+  full, parts = mrhash.stage2_loss(
+    out, jnp.asarray(p, jnp.float32), srcs, pair_weight=2.0, quant_weight=0.5, balance_weight=3.0
+  )
+  np.testing.assert_allclose(
+    float(full - base),
+    2.0 * want_pair + 0.5 * np.mean((np.abs(h) - 1) ** 2) + 3.0 * np.mean(h.mean(0) ** 2),
+    rtol=1e-4,
+  )
 
 
 def test_itq_and_lsh():
@@ -169,7 +186,13 @@ def test_coarse_view_is_coarser(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny,best", "tiny,itq"])
 def test_cli_tiny(tmp_path, preset):
-  cmd = [sys.executable, "-m", "rshash_jax.main", f"--config=configs/mrhash.py:{preset}", f"--workdir={tmp_path}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "rshash_jax.main",
+    f"--config=configs/mrhash.py:{preset}",
+    f"--workdir={tmp_path}",
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "results.json").read_text())
@@ -186,6 +209,7 @@ def test_resume_equals_uninterrupted_and_its_encoder_reproduces_its_codes(tmp_pa
   codes training evaluated: the same mAP on the same split (fine-tuned backbone included)."""
   from rshash_jax import commands  # pylint: disable=g-import-not-at-top
   from rshash_jax.retrieval import metrics  # pylint: disable=g-import-not-at-top
+
   c = mrhash_config.get_config(preset)
   c.mrhash.feature_norm = "l2"  # the encoder must redo the normalisation
   full = train_mrhash.train_and_evaluate(c, str(tmp_path / "full"))
@@ -200,27 +224,35 @@ def test_resume_equals_uninterrupted_and_its_encoder_reproduces_its_codes(tmp_pa
   data = res["dataset_description"].split(" in ", 1)[1].split(",")[0]
   out = np.load(commands.encode(str(tmp_path / "parts"), data, str(tmp_path / "codes.npz")))
   tr, te = datasets.split_per_class(out["labels"], c.data.train_ratio, c.data.seed)
-  got = metrics.mean_average_precision(out["codes"][te], out["codes"][tr], out["labels"][te], out["labels"][tr])
+  got = metrics.mean_average_precision(
+    out["codes"][te], out["codes"][tr], out["labels"][te], out["labels"][tr]
+  )
   assert got == pytest.approx(res["map"], abs=1e-6)
 
 
 def test_feature_norm_choices():
   x = np.array([[3.0, 4.0], [0.0, 2.0]], np.float32)
-  np.testing.assert_allclose(np.asarray(mrhash.normalize_features(x, "l2")), [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(mrhash.normalize_features(x, "l2")), [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6
+  )
   np.testing.assert_array_equal(np.asarray(mrhash.normalize_features(x, "none")), x)
   with pytest.raises(ValueError, match="mrhash.feature_norm"):
     mrhash.normalize_features(x, "l1")
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("mrhash.feature_norm", "l1", "config.mrhash.feature_norm='l1' is invalid"),
     ("train.mode", "sideways", "config.train.mode='sideways' is invalid"),
     ("mrhash.hash_init", "itq", "set model.head_hidden=0"),
     ("mrhash.pair_weight", -1.0, "config.mrhash.pair_weight=-1.0 is invalid"),
     ("mrhash.balance_weight", 1e9, "config.mrhash.balance_weight=1000000000.0 is invalid"),
-])
+  ],
+)
 def test_bad_config_values_are_named(field, value, message):
   from rshash_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+
   c = mrhash_config.get_config("tiny")
   section, key = field.split(".")
   c[section][key] = value
@@ -248,19 +280,32 @@ def test_partial_finetune_from_cache_equals_without(tmp_path):
   cached conv1 activations (4 dihedral views, data.augment off: view 0 only) or with conv1
   run in every step, the same codes; conv1 stays as it was."""
   from rshash_jax.retrieval import encoder  # pylint: disable=g-import-not-at-top
+
   res, params = {}, {}
   for cache in ("yes", "no"):
     c = mrhash_config.get_config("tiny,finetune")
     c.train.finetune_from, c.train.finetune_cache, c.data.augment = "conv2", cache, False
     c.mrhash.ae_epochs, c.train.epochs = 2, 2
     res[cache] = train_mrhash.train_and_evaluate(c, str(tmp_path / cache))
-    params[cache] = encoder.load_encoder(str(tmp_path / cache / "encoder")).variables["params"]["backbone"]
-  assert os.listdir(tmp_path / "yes" / "cache") != os.listdir(tmp_path / "no" / "cache")  # the activation store
+    params[cache] = encoder.load_encoder(str(tmp_path / cache / "encoder")).variables["params"][
+      "backbone"
+    ]
+  assert os.listdir(tmp_path / "yes" / "cache") != os.listdir(
+    tmp_path / "no" / "cache"
+  )  # the activation store
   assert res["yes"]["map"] == pytest.approx(res["no"]["map"], abs=1e-6)
-  init = backbones.create("tiny_cnn", pretrained=False, image_size=c.model.image_size or None,
-                          seed=c.seed).variables["params"]
+  init = backbones.create(
+    "tiny_cnn", pretrained=False, image_size=c.model.image_size or None, seed=c.seed
+  ).variables["params"]
   for name in ("conv1", "conv2"):
     for cache in params:
-      same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init[name]), jax.tree.leaves(params[cache][name])))
+      same = all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(init[name]), jax.tree.leaves(params[cache][name]))
+      )
       assert same == (name == "conv1"), (cache, name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params["yes"][name], params["no"][name])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+      params["yes"][name],
+      params["no"][name],
+    )

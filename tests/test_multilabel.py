@@ -74,9 +74,18 @@ def test_multilabel_f1_and_sigmoid_loss():
   assert f1["macro"] == pytest.approx(2 / 3) and f1["micro"] == pytest.approx(8 / 10)
   # The classification term for multi-hot labels is the mean sigmoid cross entropy.
   u = jnp.zeros((3, 4), jnp.float32)
-  out = dhcnn.loss_fn(u, jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.arange(3), jnp.zeros((3, 4)),
-                      jnp.asarray(labels),
-                      eta=0.0, beta=0.0, theta_scale=1.0, num_classes=3)
+  out = dhcnn.loss_fn(
+    u,
+    jnp.asarray(logits, jnp.float32),
+    jnp.asarray(labels),
+    jnp.arange(3),
+    jnp.zeros((3, 4)),
+    jnp.asarray(labels),
+    eta=0.0,
+    beta=0.0,
+    theta_scale=1.0,
+    num_classes=3,
+  )
   want = np.mean(np.log1p(np.exp(logits)) - labels * logits, axis=1).mean()
   assert float(out["ce"]) == pytest.approx(want, rel=1e-5)
 
@@ -95,13 +104,19 @@ def test_dhcnn_trains_on_a_label_file_and_search_uses_shared_labels(archive, tmp
   assert saved["f1_macro"] == res["f1_macro"] and saved["relevance"] == res["relevance"]
   # Well above chance: a random ranking scores mAP ~0.57 here, all-negative F1 0.
   assert res["f1_micro"] > 0.8 and res["map"] > 0.75, (res["f1_micro"], res["map"])
-  codes = commands.encode(str(tmp_path / "w"), str(archive), str(tmp_path / "c.npz"),
-                       labels_file=str(archive / "labels.csv"))
+  codes = commands.encode(
+    str(tmp_path / "w"),
+    str(archive),
+    str(tmp_path / "c.npz"),
+    labels_file=str(archive / "labels.csv"),
+  )
   z = np.load(codes)
   assert z["labels"].shape == (72, 4)
   query = str(archive / "tiles" / "t005.png")
   out = commands.search(str(tmp_path / "w"), codes, [query], k=6)[0]
-  q_labels = set(datasets.label_file(str(archive / "labels.csv"), str(archive)).labels[5].nonzero()[0])
+  q_labels = set(
+    datasets.label_file(str(archive / "labels.csv"), str(archive)).labels[5].nonzero()[0]
+  )
   names = sorted(LABELS)
   for h in out["results"]:
     hit_labels = {names.index(n) for n in h["label"].split(";")}
@@ -110,14 +125,18 @@ def test_dhcnn_trains_on_a_label_file_and_search_uses_shared_labels(archive, tmp
   # The service shows the same query the same way: one hit formatter, one multi-label rule
   # (every label whose logit is > 0), the query's labels marking the hits relevant.
   from rshash_jax.serving import service  # pylint: disable=g-import-not-at-top
+
   engine = service.SearchEngine(str(tmp_path / "w"), codes, max_batch=1)
   try:
-    served = engine.search_pixels(input_pipeline.decode_file(query).numpy(), 6, engine.archive.labels[5])
+    served = engine.search_pixels(
+      input_pipeline.decode_file(query).numpy(), 6, engine.archive.labels[5]
+    )
   finally:
     engine.close()
   assert served["predicted"] == out["predicted"]
-  assert [{k: h[k] for k in ("id", "path", "label", "distance", "relevant")} for h in served["hits"]] == \
-      [{k: h[k] for k in ("id", "path", "label", "distance", "relevant")} for h in out["results"]]
+  assert [
+    {k: h[k] for k in ("id", "path", "label", "distance", "relevant")} for h in served["hits"]
+  ] == [{k: h[k] for k in ("id", "path", "label", "distance", "relevant")} for h in out["results"]]
   pred = out["predicted"]
   assert pred == "-" or set(pred.split(";")) <= set(LABELS)
 
@@ -129,8 +148,15 @@ def test_one_prediction_rule_for_single_and_multi_label_encoders():
   assert hits.predicted(names, True, res, 1) == "-"
   assert hits.predicted(names, False, res, 0) == "c"  # the argmax class
   assert hits.predicted([], False, res, 0) is None and hits.predicted(names, False, {}, 0) is None
-  archive = hits.Archive({"paths": np.array(["x/a/1.png", "x/b/2.png"]), "labels": np.array([[1, 0, 1], [0, 1, 0]]),
-                          "class_names": np.array(names)})
+  archive = hits.Archive(
+    {
+      "paths": np.array(["x/a/1.png", "x/b/2.png"]),
+      "labels": np.array([[1, 0, 1], [0, 1, 0]]),
+      "class_names": np.array(names),
+    }
+  )
   assert archive.label(0) == "a;c" and archive.relevant(0, np.array([0, 0, 1])) is True
-  assert archive.relevant(1, np.array([1, 0, 1])) is False and archive.relevant(1, np.int64(-1)) is None
+  assert (
+    archive.relevant(1, np.array([1, 0, 1])) is False and archive.relevant(1, np.int64(-1)) is None
+  )
   assert archive.entry(1) == {"id": 1, "path": "x/b/2.png", "label": "b", "lon": None, "lat": None}

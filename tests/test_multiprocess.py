@@ -20,30 +20,58 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config=configs/dhcnn.py:tiny", "--config.data.generated_per_class=10",
-        "--config.train.checkpoint_every_steps=4"]
-METRICS = ("map", "map_at", "precision_at", "recall_at", "pr_curve", "accuracy", "step", "bit_balance")
+TINY = [
+  "--config=configs/dhcnn.py:tiny",
+  "--config.data.generated_per_class=10",
+  "--config.train.checkpoint_every_steps=4",
+]
+METRICS = (
+  "map",
+  "map_at",
+  "precision_at",
+  "recall_at",
+  "pr_curve",
+  "accuracy",
+  "step",
+  "bit_balance",
+)
 
 
 def _env(devices_per_process: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-             RSHASH_HEARTBEAT_TIMEOUT="10", RSHASH_INIT_TIMEOUT="60", RSHASH_BARRIER_TIMEOUT="300",
-             PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+    RSHASH_HEARTBEAT_TIMEOUT="10",
+    RSHASH_INIT_TIMEOUT="60",
+    RSHASH_BARRIER_TIMEOUT="300",
+    PYTHON=sys.executable,
+    TF_CPP_MIN_LOG_LEVEL="2",
+  )
   env.update(extra)
   return env
 
 
 def _local(n: int, devices: int, *args, timeout: int = 300, **env) -> subprocess.CompletedProcess:
   """launch/local.sh n ARGS with `devices` CPU devices per process."""
-  return subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), str(n), *args], cwd=REPO,
-                        env=_env(devices, RSHASH_LOCAL_DEVICES=str(devices), **env), capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    ["bash", os.path.join(REPO, "launch", "local.sh"), str(n), *args],
+    cwd=REPO,
+    env=_env(devices, RSHASH_LOCAL_DEVICES=str(devices), **env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _single(devices: int, *args, timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "rshash_jax.main", *args], cwd=REPO, env=_env(devices),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "rshash_jax.main", *args],
+    cwd=REPO,
+    env=_env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _ok(proc):
@@ -88,23 +116,45 @@ def test_a_run_across_one_four_and_two_processes_equals_one_process(reference, t
   _same_metrics(two, ref)
   assert (two["processes"], two["devices"], ref["processes"]) == (2, 4, 1)
   # results.json, plots, encoder: written once, no temporary left behind.
-  leftovers = [os.path.join(d, f) for d, dirs, files in os.walk(work) for f in files + dirs if ".tmp" in f]
+  leftovers = [
+    os.path.join(d, f) for d, dirs, files in os.walk(work) for f in files + dirs if ".tmp" in f
+  ]
   assert not leftovers, leftovers
 
 
 def test_encode_on_two_processes_writes_the_codes_of_one(reference, tmp_path):
   data = _results(reference)["dataset_description"].split(" in ", 1)[1]
-  _ok(_single(1, "encode", f"--encoder={reference}", f"--data={data}", f"--out={tmp_path / 'one.npz'}",
-              "--chunk=16"))
-  _ok(_local(2, 2, "encode", f"--encoder={reference}", f"--data={data}", f"--out={tmp_path / 'two.npz'}",
-             "--chunk=16"))
+  _ok(
+    _single(
+      1,
+      "encode",
+      f"--encoder={reference}",
+      f"--data={data}",
+      f"--out={tmp_path / 'one.npz'}",
+      "--chunk=16",
+    )
+  )
+  _ok(
+    _local(
+      2,
+      2,
+      "encode",
+      f"--encoder={reference}",
+      f"--data={data}",
+      f"--out={tmp_path / 'two.npz'}",
+      "--chunk=16",
+    )
+  )
   one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
   for key in one.files:
     np.testing.assert_array_equal(one[key], two[key], err_msg=key)
   assert not (tmp_path / "two.npz.parts").exists()
   query = os.path.join(data, "class02", "img0003.png")
-  proc = _ok(_local(2, 2, "search", f"--encoder={reference}", f"--codes={tmp_path / 'two.npz'}", "--k=3",
-                    query))
+  proc = _ok(
+    _local(
+      2, 2, "search", f"--encoder={reference}", f"--codes={tmp_path / 'two.npz'}", "--k=3", query
+    )
+  )
   hits = [line for line in proc.stdout.splitlines() if "class02" in line and "relevant" in line]
   assert len(hits) == 3 and all(line.startswith("[process 0]") for line in hits)  # printed once
 
@@ -113,26 +163,50 @@ def test_bad_process_setups_fail_with_a_clear_error(tmp_path):
   # A global batch the process count does not divide (2 processes, batch 9).
   proc = _local(2, 1, *TINY, f"--workdir={tmp_path / 'w'}", "--config.train.batch_size=9")
   assert proc.returncode == 2, proc.stdout[-3000:]
-  assert re.search(r"rshash: error: process [01] of 2: train.batch_size=9 is not divisible by the 2 processes",
-                   proc.stdout)
+  assert re.search(
+    r"rshash: error: process [01] of 2: train.batch_size=9 is not divisible by the 2 processes",
+    proc.stdout,
+  )
   assert "Traceback" not in proc.stdout
   assert "launch/local.sh: process" in proc.stderr
   # No coordinator: process 1 alone gives up after RSHASH_INIT_TIMEOUT with a message.
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = _env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1",
-             RSHASH_INIT_TIMEOUT="3")
+  env = _env(
+    1,
+    JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+    JAX_NUM_PROCESSES="2",
+    JAX_PROCESS_ID="1",
+    RSHASH_INIT_TIMEOUT="3",
+  )
   t0 = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", "rshash_jax.main", *TINY, f"--workdir={tmp_path / 'x'}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "rshash_jax.main", *TINY, f"--workdir={tmp_path / 'x'}"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2 and time.monotonic() - t0 < 60
-  assert f"rshash: error: cannot reach the coordinator at localhost:{port} within 3 s" in proc.stderr
+  assert (
+    f"rshash: error: cannot reach the coordinator at localhost:{port} within 3 s" in proc.stderr
+  )
   assert "Traceback" not in proc.stderr
   env.update(JAX_PROCESS_ID="2")
-  proc = subprocess.run([sys.executable, "-m", "rshash_jax.main", *TINY, f"--workdir={tmp_path / 'x'}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 2 and "rshash: error: JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)" in proc.stderr
+  proc = subprocess.run(
+    [sys.executable, "-m", "rshash_jax.main", *TINY, f"--workdir={tmp_path / 'x'}"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert (
+    proc.returncode == 2
+    and "rshash: error: JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)" in proc.stderr
+  )
 
 
 def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path, reference):
@@ -144,13 +218,25 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path, referenc
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  args = [sys.executable, "-m", "rshash_jax.main", *TINY, f"--workdir={work}", "--config.train.epochs=400",
-          "--config.train.checkpoint_every_steps=40"]
+  args = [
+    sys.executable,
+    "-m",
+    "rshash_jax.main",
+    *TINY,
+    f"--workdir={work}",
+    "--config.train.epochs=400",
+    "--config.train.checkpoint_every_steps=40",
+  ]
   procs = []
   for i in range(2):
-    env = _env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True))
+    env = _env(
+      2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
+    )
+    procs.append(
+      subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+    )
   try:
     deadline = time.monotonic() + 240
     ckpt = work / "checkpoints"
@@ -171,13 +257,24 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path, referenc
   assert stopped_after < 60, stopped_after  # heartbeat timeout 10 s, plus detection
   # Process 0 fails in a collective (gloo: connection reset) and names the lost process, or
   # the coordination service aborts it first, listing the unhealthy task.
-  assert ("rshash: process 1 is gone" in err0 or
-          "tasks are unhealthy (stopped sending heartbeats):\n1\n" in err0), err0[-3000:]
+  assert (
+    "rshash: process 1 is gone" in err0
+    or "tasks are unhealthy (stopped sending heartbeats):\n1\n" in err0
+  ), err0[-3000:]
   steps = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
-  assert steps and steps[-1] >= 40 and all(s == 1 or s % 40 == 0 for s in steps)  # orbax also keeps step 1
+  assert (
+    steps and steps[-1] >= 40 and all(s == 1 or s % 40 == 0 for s in steps)
+  )  # orbax also keeps step 1
   # Resume on one process with 4 devices.
-  proc = _ok(_single(4, *TINY, f"--workdir={work}", "--config.train.epochs=400",
-                     "--config.train.checkpoint_every_steps=40"))
+  proc = _ok(
+    _single(
+      4,
+      *TINY,
+      f"--workdir={work}",
+      "--config.train.epochs=400",
+      "--config.train.checkpoint_every_steps=40",
+    )
+  )
   assert f"Resumed from checkpoint at step {steps[-1]}" in proc.stderr
   res = _results(work)
   assert res["step"] == 400 * 6 and 0.5 < res["map"] <= 1.0

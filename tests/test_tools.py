@@ -51,6 +51,7 @@ def test_encode_resumes_and_search_finds_own_class(trained, capsys, monkeypatch)
       raise KeyboardInterrupt("simulated kill")
     real_write(self, c, arrays)
     written.append(c)
+
   monkeypatch.setattr(chunk_store.ChunkStore, "write_chunk", write_then_die)
   with pytest.raises(KeyboardInterrupt):
     commands.encode(workdir, data, out, chunk=25)
@@ -63,7 +64,9 @@ def test_encode_resumes_and_search_finds_own_class(trained, capsys, monkeypatch)
   np.testing.assert_array_equal(np.load(out)["codes"], np.load(fresh)["codes"])
   assert not os.path.exists(out + ".parts")
 
-  query = sorted(os.path.join(data, "class03", f) for f in os.listdir(os.path.join(data, "class03")))[0]
+  query = sorted(
+    os.path.join(data, "class03", f) for f in os.listdir(os.path.join(data, "class03"))
+  )[0]
   res = commands.search(workdir, fresh, [query], k=5, png=str(root / "grid.png"))
   assert res[0]["results"][0]["distance"] == 0
   assert all(h["relevant"] for h in res[0]["results"])  # the tiny model separates the classes
@@ -92,8 +95,13 @@ def test_search_rejects_foreign_codes_and_bad_queries(trained, tmp_path):
 
 
 def test_cli_help_lists_commands():
-  proc = subprocess.run([sys.executable, "-m", "rshash_jax.main", "--help"], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "rshash_jax.main", "--help"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   for word in ("encode", "search", "export", "--encoder", "--codes"):
     assert word in proc.stdout
 
@@ -107,40 +115,76 @@ def test_cli_input_errors_are_one_line_and_exit_2(trained, tmp_path):
   for c in ("a", "b"):
     (corrupt / c).mkdir(parents=True)
     for i in range(2):
-      (corrupt / c / f"{i}.png").write_bytes(open(os.path.join(data, "class00", sorted(
-          os.listdir(os.path.join(data, "class00")))[i]), "rb").read())
+      (corrupt / c / f"{i}.png").write_bytes(
+        open(
+          os.path.join(data, "class00", sorted(os.listdir(os.path.join(data, "class00")))[i]), "rb"
+        ).read()
+      )
   (corrupt / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-  np.savez(tmp_path / "foreign.npz", format=codes_lib.FORMAT, identity="0123456789abcdef", bits=8,
-           codes=np.zeros((1, 1), np.uint32))
+  np.savez(
+    tmp_path / "foreign.npz",
+    format=codes_lib.FORMAT,
+    identity="0123456789abcdef",
+    bits=8,
+    codes=np.zeros((1, 1), np.uint32),
+  )
   (tmp_path / "exists.npz").write_bytes(b"")
   query = os.path.join(data, "class00", sorted(os.listdir(os.path.join(data, "class00")))[0])
   tiny = ["--config=configs/dhcnn.py:tiny", f"--workdir={tmp_path / 'w'}"]
   cases = {  # argv -> what the one line must say
-      "bad value": (tiny + ["--config.model.bits=-3"], "config.model.bits=-3 is invalid"),
-      "bad type": (tiny + ["--config.train.epochs=abc"], "flag --config.train.epochs=abc: "),
-      "bad preset": (["--config=configs/dhcnn.py:bogus"], "unknown preset 'bogus'"),
-      "unknown flag": (["--nosuch=1"], "Unknown command line flag 'nosuch'"),
-      "missing dataset": (tiny + ["--config.data.source=folder:/no/such/dir"], "not found: /no/such/dir"),
-      "corrupt image": (["encode", f"--encoder={workdir}", f"--data={corrupt}", f"--out={tmp_path / 'o.npz'}"],
-                        "broken.png"),
-      "foreign codes": (["search", f"--encoder={workdir}", f"--codes={tmp_path / 'foreign.npz'}", query],
-                        "re-encode the database"),
-      "existing output": (["encode", f"--encoder={workdir}", f"--data={data}", f"--out={tmp_path / 'exists.npz'}"],
-                          "exists, nothing overwritten"),
-      "usage": (["search", f"--encoder={workdir}"], "search needs --codes"),
-      "with --traceback": (["--traceback", "encode", "--encoder=/no/encoder", f"--data={data}", "--out=x.npz"],
-                           "not an exported encoder (no encoder.json): /no/encoder"),
+    "bad value": (tiny + ["--config.model.bits=-3"], "config.model.bits=-3 is invalid"),
+    "bad type": (tiny + ["--config.train.epochs=abc"], "flag --config.train.epochs=abc: "),
+    "bad preset": (["--config=configs/dhcnn.py:bogus"], "unknown preset 'bogus'"),
+    "unknown flag": (["--nosuch=1"], "Unknown command line flag 'nosuch'"),
+    "missing dataset": (
+      tiny + ["--config.data.source=folder:/no/such/dir"],
+      "not found: /no/such/dir",
+    ),
+    "corrupt image": (
+      ["encode", f"--encoder={workdir}", f"--data={corrupt}", f"--out={tmp_path / 'o.npz'}"],
+      "broken.png",
+    ),
+    "foreign codes": (
+      ["search", f"--encoder={workdir}", f"--codes={tmp_path / 'foreign.npz'}", query],
+      "re-encode the database",
+    ),
+    "existing output": (
+      ["encode", f"--encoder={workdir}", f"--data={data}", f"--out={tmp_path / 'exists.npz'}"],
+      "exists, nothing overwritten",
+    ),
+    "usage": (["search", f"--encoder={workdir}"], "search needs --codes"),
+    "with --traceback": (
+      ["--traceback", "encode", "--encoder=/no/encoder", f"--data={data}", "--out=x.npz"],
+      "not an exported encoder (no encoder.json): /no/encoder",
+    ),
   }
-  bug = ("import sys; from rshash_jax import commands, main\n"
-         "def broken(*a, **k): raise KeyError('a bug')\n"
-         "commands.export = broken; sys.argv = ['rshash', 'export', '--workdir=w', '--out=o']; main.run()")
+  bug = (
+    "import sys; from rshash_jax import commands, main\n"
+    "def broken(*a, **k): raise KeyError('a bug')\n"
+    "commands.export = broken; sys.argv = ['rshash', 'export', '--workdir=w', '--out=o']; "
+    "main.run()"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   env.pop("RSHASH_TRACEBACK", None)
-  procs = {name: subprocess.Popen([sys.executable, "-m", "rshash_jax.main", *argv], cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for name, (argv, _) in cases.items()}
-  procs["bug"] = subprocess.Popen([sys.executable, "-c", bug], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+  procs = {
+    name: subprocess.Popen(
+      [sys.executable, "-m", "rshash_jax.main", *argv],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for name, (argv, _) in cases.items()
+  }
+  procs["bug"] = subprocess.Popen(
+    [sys.executable, "-c", bug],
+    cwd=tmp_path,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   for name, proc in procs.items():
     _, err = proc.communicate(timeout=300)
     if name == "bug":

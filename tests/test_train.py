@@ -17,8 +17,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import dhcnn as dhcnn_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ("method", "dataset", "backbone", "bits", "num_database", "num_query", "map", "map_at",
-            "precision_at", "pr_curve", "accuracy")
+REQUIRED = (
+  "method",
+  "dataset",
+  "backbone",
+  "bits",
+  "num_database",
+  "num_query",
+  "map",
+  "map_at",
+  "precision_at",
+  "pr_curve",
+  "accuracy",
+)
 
 
 def _tiny(tmp_path, *items, **overrides):
@@ -36,8 +47,14 @@ def _tiny(tmp_path, *items, **overrides):
 
 def test_cli_tiny_run_writes_results(tmp_path):
   workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "rshash_jax.main", "--config=configs/dhcnn.py:tiny", f"--workdir={workdir}",
-         "--config.data.generated_per_class=10"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "rshash_jax.main",
+    "--config=configs/dhcnn.py:tiny",
+    f"--workdir={workdir}",
+    "--config.data.generated_per_class=10",
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "mAP=" in proc.stdout
@@ -46,17 +63,31 @@ def test_cli_tiny_run_writes_results(tmp_path):
     assert key in res, key
   assert res["num_database"] + res["num_query"] == 60 and res["num_query"] == 12
   assert 0.5 < res["map"] <= 1.0 and res["bits"] == 16  # chance is ~0.2 on 6 classes
-  assert set(res["pr_curve"]) >= {"radius", "precision", "recall"} and len(res["pr_curve"]["radius"]) == 17
+  assert (
+    set(res["pr_curve"]) >= {"radius", "precision", "recall"}
+    and len(res["pr_curve"]["radius"]) == 17
+  )
   assert (workdir / "pr_curve.png").stat().st_size > 1000
   assert "generated" in res["dataset_description"]
   timing = res["timing"]  # this run's phases, comparable across settings
-  assert set(timing) == {"data_and_features_seconds", "train_seconds", "train_steps", "eval_seconds"}
+  assert set(timing) == {
+    "data_and_features_seconds",
+    "train_seconds",
+    "train_steps",
+    "eval_seconds",
+  }
   assert timing["train_steps"] == 30 * 6 and all(v > 0 for v in timing.values())
 
 
 def test_cli_rejects_bad_config_value(tmp_path):
-  cmd = [sys.executable, "-m", "rshash_jax.main", "--config=configs/dhcnn.py:tiny", f"--workdir={tmp_path}",
-         "--config.train.mode=sideways"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "rshash_jax.main",
+    "--config=configs/dhcnn.py:tiny",
+    f"--workdir={tmp_path}",
+    "--config.train.mode=sideways",
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "config.train.mode='sideways' is invalid" in proc.stderr
@@ -66,7 +97,9 @@ def test_cli_rejects_bad_config_value(tmp_path):
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, mode):
   c = _tiny(tmp_path, f"mode={mode}", train__checkpoint_every_steps=4)
   full = train_dhcnn.train_and_evaluate(c, str(tmp_path / "full"))
-  c_int = _tiny(tmp_path, f"mode={mode}", train__checkpoint_every_steps=4, train__max_steps_per_run=7)
+  c_int = _tiny(
+    tmp_path, f"mode={mode}", train__checkpoint_every_steps=4, train__max_steps_per_run=7
+  )
   part = train_dhcnn.train_and_evaluate(c_int, str(tmp_path / "resumed"))
   assert part == {}  # stopped early, checkpointed
   assert not (tmp_path / "resumed" / "results.json").exists()
@@ -82,7 +115,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   c = _tiny(tmp_path, train__checkpoint_every_steps=4, train__max_steps_per_run=4)
   train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   c = _tiny(tmp_path, train__checkpoint_every_steps=4, train__lr_start=1e30, train__lr_end=1e30)
-  with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+.*last good checkpoint \(step 4\)"):
+  with pytest.raises(
+    FloatingPointError, match=r"non-finite loss at step \d+.*last good checkpoint \(step 4\)"
+  ):
     train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   assert max(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()) == 4
 
@@ -91,7 +126,9 @@ def test_checkpoint_of_another_config_is_rejected(tmp_path):
   c = _tiny(tmp_path, train__max_steps_per_run=2, train__checkpoint_every_steps=2)
   train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   c = _tiny(tmp_path, "bits=32", train__max_steps_per_run=2)
-  with pytest.raises(ValueError, match="do not match this config: model.bits: 16 in the checkpointed run, 32 now"):
+  with pytest.raises(
+    ValueError, match="do not match this config: model.bits: 16 in the checkpointed run, 32 now"
+  ):
     train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
   # Another global batch would silently continue on another data order: refused, named.
   c = _tiny(tmp_path, train__max_steps_per_run=2, train__batch_size=16)
@@ -105,8 +142,11 @@ def test_checkpoint_of_another_config_is_rejected(tmp_path):
   # an unraisable exception into a failure, conftest an asyncio error log).
   os.remove(tmp_path / "w" / "checkpoints" / "run.json")
   c = _tiny(tmp_path, "bits=32", train__max_steps_per_run=2)
-  with pytest.raises(ValueError, match=r"cannot restore checkpoint 4 .*: params/head/classifier/kernel: "
-                     r"float32\[16, 6\] in the checkpoint, float32\[32, 6\] now"):
+  with pytest.raises(
+    ValueError,
+    match=r"cannot restore checkpoint 4 .*: params/head/classifier/kernel: "
+    r"float32\[16, 6\] in the checkpoint, float32\[32, 6\] now",
+  ):
     train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
 
 
@@ -157,9 +197,15 @@ def test_train_batches_resume_mid_epoch(tmp_path):
   table = datasets.generate(str(tmp_path), num_classes=3, per_class=7, size=16)
   source = input_pipeline.ImageSource(table, 16)
   idx = np.arange(21)
-  full = [b["id"] for b in input_pipeline.train_batches(source, idx, global_batch=4, seed=1, num_steps=12)]
-  tail = [b["id"] for b in input_pipeline.train_batches(source, idx, global_batch=4, seed=1, start_step=7,
-                                                       num_steps=12)]
+  full = [
+    b["id"] for b in input_pipeline.train_batches(source, idx, global_batch=4, seed=1, num_steps=12)
+  ]
+  tail = [
+    b["id"]
+    for b in input_pipeline.train_batches(
+      source, idx, global_batch=4, seed=1, start_step=7, num_steps=12
+    )
+  ]
   assert len(full) == 12 and all(len(set(b)) == 4 for b in full)
   for a, b in zip(full[7:], tail):
     np.testing.assert_array_equal(a, b)
@@ -172,21 +218,34 @@ def test_partial_finetune_with_cached_activations_equals_without(tmp_path):
   every step trains the same model. (EfficientNet-Lite's split: test_backbones.)"""
   from rshash_jax.models import backbones  # pylint: disable=g-import-not-at-top
   from rshash_jax.retrieval import encoder  # pylint: disable=g-import-not-at-top
-  runs = {cache: train_dhcnn.train_and_evaluate(_tiny(tmp_path, "mode=finetune", train__finetune_from="conv2",
-                                                train__finetune_cache=cache), str(tmp_path / cache))
-          for cache in ("yes", "no")}
+
+  runs = {
+    cache: train_dhcnn.train_and_evaluate(
+      _tiny(tmp_path, "mode=finetune", train__finetune_from="conv2", train__finetune_cache=cache),
+      str(tmp_path / cache),
+    )
+    for cache in ("yes", "no")
+  }
   assert runs["yes"]["activation_cache"] and not runs["no"]["activation_cache"]
   assert runs["yes"]["finetune_from"] == "conv2"
   np.testing.assert_allclose(runs["yes"]["map"], runs["no"]["map"], atol=1e-6)
   store = [d for d in os.listdir(tmp_path / "yes" / "cache") if d.startswith("activations_")]
   assert len(store) == 1  # one chunk store of the frozen layers' output
   init = backbones.create("tiny_cnn", pretrained=False, seed=0).variables["params"]
-  got = {c: encoder.load_encoder(str(tmp_path / c / "encoder")).variables["params"]["backbone"] for c in runs}
+  got = {
+    c: encoder.load_encoder(str(tmp_path / c / "encoder")).variables["params"]["backbone"]
+    for c in runs
+  }
   for name in ("conv1", "conv2"):
     for c in got:
-      same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init[name]), jax.tree.leaves(got[c][name])))
+      same = all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(init[name]), jax.tree.leaves(got[c][name]))
+      )
       assert same == (name == "conv1"), (c, name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), got["yes"][name], got["no"][name])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), got["yes"][name], got["no"][name]
+    )
 
 
 def test_cached_views_are_the_dihedral_views_of_each_image(tmp_path):
@@ -194,36 +253,73 @@ def test_cached_views_are_the_dihedral_views_of_each_image(tmp_path):
   first 3 dihedral views (as is, left-right flip, up-down flip) of every image."""
   from rshash_jax.data import features  # pylint: disable=g-import-not-at-top
   from rshash_jax.models import backbones  # pylint: disable=g-import-not-at-top
+
   c = _tiny(tmp_path)
   table = datasets.from_config(c.data, str(tmp_path))
   bb = backbones.create("efficientnet_lite0", pretrained=False, image_size=32, seed=0)
-  acts = features.cached_activations(bb, table, str(tmp_path / "cache"), "blocks_3", views=3, batch_size=16)
+  acts = features.cached_activations(
+    bb, table, str(tmp_path / "cache"), "blocks_3", views=3, batch_size=16
+  )
   assert acts.shape == (len(table), 3, *features.activation_shape(bb, "blocks_3"))
-  images = next(input_pipeline.eval_batches(input_pipeline.ImageSource(table, 32), np.arange(4), global_batch=4))
+  images = next(
+    input_pipeline.eval_batches(input_pipeline.ImageSource(table, 32), np.arange(4), global_batch=4)
+  )
   x = bb.preprocessing(images["image"])
   for v, flip in enumerate((lambda a: a, lambda a: a[:, :, ::-1], lambda a: a[:, ::-1])):
     want = bb.module.apply(bb.variables, flip(x), stop="blocks_3")["activation"]
     np.testing.assert_allclose(acts[images["pos"], v], want, rtol=1e-4, atol=1e-5)
   img = np.arange(12.0).reshape(1, 3, 4, 1)
-  seen = {features.dihedral(img, v).tobytes() + bytes(features.dihedral(img, v).shape[1:3]) for v in range(8)}
+  seen = {
+    features.dihedral(img, v).tobytes() + bytes(features.dihedral(img, v).shape[1:3])
+    for v in range(8)
+  }
   assert len(seen) == 8  # eight different views: the whole dihedral group
 
 
-@pytest.mark.parametrize("overrides,message", [
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
     (dict(train__finetune_from="blocks_3"), "needs train.mode=finetune"),
-    (dict(train__mode="finetune", train__finetune_from="blocks_3", model__backbone="squeezenet"),
-     "needs a backbone with split points"),
-    (dict(train__mode="finetune", train__finetune_from="blocks_3"), "split point of tiny_cnn: conv2"),
-    (dict(train__mode="finetune", train__finetune_from="blocks_16", model__backbone="efficientnet_lite0"),
-     "blocks_0 .. blocks_15, head"),
-    (dict(train__mode="finetune", train__finetune_from="head", model__backbone="efficientnet_lite0",
-          train__cached_views=9), "train.cached_views=9"),
-    (dict(train__mode="finetune", train__finetune_from="head", model__backbone="efficientnet_lite0",
-          train__finetune_cache="maybe"), "train.finetune_cache='maybe'"),
+    (
+      dict(train__mode="finetune", train__finetune_from="blocks_3", model__backbone="squeezenet"),
+      "needs a backbone with split points",
+    ),
+    (
+      dict(train__mode="finetune", train__finetune_from="blocks_3"),
+      "split point of tiny_cnn: conv2",
+    ),
+    (
+      dict(
+        train__mode="finetune",
+        train__finetune_from="blocks_16",
+        model__backbone="efficientnet_lite0",
+      ),
+      "blocks_0 .. blocks_15, head",
+    ),
+    (
+      dict(
+        train__mode="finetune",
+        train__finetune_from="head",
+        model__backbone="efficientnet_lite0",
+        train__cached_views=9,
+      ),
+      "train.cached_views=9",
+    ),
+    (
+      dict(
+        train__mode="finetune",
+        train__finetune_from="head",
+        model__backbone="efficientnet_lite0",
+        train__finetune_cache="maybe",
+      ),
+      "train.finetune_cache='maybe'",
+    ),
     (dict(dhcnn__center_weight=-1.0), "dhcnn.center_weight=-1.0"),
-])
+  ],
+)
 def test_partial_finetune_and_center_settings_are_checked(tmp_path, overrides, message):
   from rshash_jax import errors  # pylint: disable=g-import-not-at-top
   from rshash_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(errors.InvalidInput, match=message.replace(".", r"\.").replace("(", r"\(")):
     config_checks.check_dhcnn(_tiny(tmp_path, **overrides))

@@ -1,1 +1,2 @@
-"""Image tables, decoding, the tf.data pipelines, rasters, multisource views, backbone features and the chunk store."""
+"""Image tables, decoding, the tf.data pipelines, rasters, multisource views, backbone
+features and the chunk store."""

@@ -42,12 +42,19 @@ class ChunkStore:
       raise errors.InvalidInput(f"chunk must be a positive number of rows, got {chunk}")
     self.directory = os.path.abspath(directory)
     self.num_rows, self.chunk, self.key = int(num_rows), int(chunk), str(key)
-    self.fields = {k: (tuple(int(d) for d in shape), np.dtype(dt).str) for k, (shape, dt) in fields.items()}
+    self.fields = {
+      k: (tuple(int(d) for d in shape), np.dtype(dt).str) for k, (shape, dt) in fields.items()
+    }
     self.num_chunks = -(-self.num_rows // self.chunk)
 
   def _meta(self) -> dict:
-    return dict(format=FORMAT, key=self.key, num_rows=self.num_rows, chunk=self.chunk,
-                fields={k: [list(s), d] for k, (s, d) in self.fields.items()})
+    return dict(
+      format=FORMAT,
+      key=self.key,
+      num_rows=self.num_rows,
+      chunk=self.chunk,
+      fields={k: [list(s), d] for k, (s, d) in self.fields.items()},
+    )
 
   @property
   def _chunk_dir(self) -> str:
@@ -63,8 +70,10 @@ class ChunkStore:
     with open(path) as f:
       meta = json.load(f)
     if meta.get("key") != self.key or meta.get("num_rows") != self.num_rows:
-      raise errors.InvalidInput(f"{self.directory} holds a store of other data (key {meta.get('key')}, "
-                                f"{meta.get('num_rows')} rows; expected {self.key}, {self.num_rows}): remove it")
+      raise errors.InvalidInput(
+        f"{self.directory} holds a store of other data (key {meta.get('key')}, "
+        f"{meta.get('num_rows')} rows; expected {self.key}, {self.num_rows}): remove it"
+      )
     return True
 
   def open(self) -> Dict[str, np.ndarray]:
@@ -73,8 +82,10 @@ class ChunkStore:
     for name, (shape, dtype) in self.fields.items():
       a = np.load(os.path.join(self.directory, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
       if a.shape != (self.num_rows,) + shape or a.dtype != np.dtype(dtype):
-        raise errors.InvalidInput(f"{self.directory}/{name}.npy has shape {a.shape} {a.dtype}, expected "
-                                  f"{(self.num_rows,) + shape} {np.dtype(dtype)}: remove the store to rebuild it")
+        raise errors.InvalidInput(
+          f"{self.directory}/{name}.npy has shape {a.shape} {a.dtype}, expected "
+          f"{(self.num_rows,) + shape} {np.dtype(dtype)}: remove the store to rebuild it"
+        )
       out[name] = a
     return out
 
@@ -91,14 +102,17 @@ class ChunkStore:
     for name, (shape, dtype) in self.fields.items():
       a = np.asarray(arrays[name])
       if a.shape != (stop - start,) + shape:
-        raise errors.InvalidInput(f"internal: chunk {c} field {name} has shape {a.shape}, expected "
-                                  f"{(stop - start,) + shape}")
+        raise errors.InvalidInput(
+          f"internal: chunk {c} field {name} has shape {a.shape}, expected "
+          f"{(stop - start,) + shape}"
+        )
     tmp = self._part(c) + f".tmp{os.getpid()}.npz"
     np.savez(tmp, **{k: np.asarray(arrays[k], self.fields[k][1]) for k in self.fields})
     os.replace(tmp, self._part(c))
 
   def _prepare(self):
     """Creates the chunk directory (primary), refusing chunks written for another key."""
+
     def check_or_stamp():
       os.makedirs(self._chunk_dir, exist_ok=True)
       stamp = os.path.join(self._chunk_dir, "key.json")
@@ -106,26 +120,35 @@ class ChunkStore:
         with open(stamp) as f:
           old = json.load(f)
         if old != self._meta():
-          raise errors.InvalidInput(f"{self._chunk_dir} holds a partial build of other data or layout ({old.get('key')}, "
-                                    f"chunk {old.get('chunk')}; expected {self.key}, chunk {self.chunk}): remove it")
+          raise errors.InvalidInput(
+            f"{self._chunk_dir} holds a partial build of other data or layout ({old.get('key')}, "
+            f"chunk {old.get('chunk')}; expected {self.key}, chunk {self.chunk}): remove it"
+          )
       else:
         with open(stamp + ".tmp", "w") as f:
           json.dump(self._meta(), f)
         os.replace(stamp + ".tmp", stamp)
+
     distributed.on_primary(check_or_stamp, f"store {os.path.basename(self.directory)} ready")
     if not os.path.isdir(self._chunk_dir):
-      raise errors.NotFound(f"{self._chunk_dir} is not visible from process {jax.process_index()}: "
-                            "WORKDIR (and features.cache_dir) must be a filesystem every process sees")
+      raise errors.NotFound(
+        f"{self._chunk_dir} is not visible from process {jax.process_index()}: "
+        "WORKDIR (and features.cache_dir) must be a filesystem every process sees"
+      )
 
   def _consolidate(self):
     """Primary only: chunks -> one .npy per field (memory of one chunk), then store.json."""
     missing = [c for c in range(self.num_chunks) if not os.path.exists(self._part(c))]
     if missing:
-      raise errors.NotFound(f"{self._chunk_dir}: chunks {missing[:5]} missing after every process finished; "
-                            "WORKDIR must be a filesystem every process sees")
+      raise errors.NotFound(
+        f"{self._chunk_dir}: chunks {missing[:5]} missing after every process finished; "
+        "WORKDIR must be a filesystem every process sees"
+      )
     for name, (shape, dtype) in self.fields.items():
       tmp = os.path.join(self.directory, f"{name}.npy.tmp")
-      out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(self.num_rows,) + shape)
+      out = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.dtype(dtype), shape=(self.num_rows,) + shape
+      )
       for c in range(self.num_chunks):
         start, stop = self.rows(c)
         with np.load(self._part(c), allow_pickle=False) as z:
@@ -138,8 +161,13 @@ class ChunkStore:
     os.replace(os.path.join(self.directory, META + ".tmp"), os.path.join(self.directory, META))
     shutil.rmtree(self._chunk_dir)
 
-  def build(self, compute: Callable[[int, int], Mapping[str, np.ndarray]], *, name: str = "rows",
-            log: Optional[Callable[[str], None]] = None) -> Dict[str, np.ndarray]:
+  def build(
+    self,
+    compute: Callable[[int, int], Mapping[str, np.ndarray]],
+    *,
+    name: str = "rows",
+    log: Optional[Callable[[str], None]] = None,
+  ) -> Dict[str, np.ndarray]:
     """Computes the missing chunks this process owns with compute(start, stop) -> arrays,
     consolidates, and returns the memory-mapped fields. Every process must call it."""
     log = log or (lambda msg: logging.info("%s", msg))
@@ -158,10 +186,15 @@ class ChunkStore:
       self.write_chunk(c, compute(start, stop))
       done += stop - start
       rate = done / max(time.perf_counter() - t0, 1e-9)
-      log(f"{name}: chunk {c + 1}/{self.num_chunks} written ({done}/{total_rows} rows of process "
-          f"{jax.process_index()}, {rate:.1f} rows/s, ETA {(total_rows - done) / max(rate, 1e-9):.0f}s)")
+      log(
+        f"{name}: chunk {c + 1}/{self.num_chunks} written ({done}/{total_rows} rows of process "
+        f"{jax.process_index()}, {rate:.1f} rows/s, ETA "
+        f"{(total_rows - done) / max(rate, 1e-9):.0f}s)"
+      )
     distributed.barrier(f"store {os.path.basename(self.directory)} chunks")
-    distributed.on_primary(self._consolidate, f"store {os.path.basename(self.directory)} consolidated")
+    distributed.on_primary(
+      self._consolidate, f"store {os.path.basename(self.directory)} consolidated"
+    )
     if not self.complete():
       raise RuntimeError(f"{self.directory}: process 0 did not complete the store (see its log)")
     return self.open()

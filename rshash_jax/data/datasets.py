@@ -27,15 +27,18 @@ from rshash_jax.parallel import distributed
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Where `auto` looks for UC Merced, relative to the working directory and to this package.
-LOCAL_UCMERCED = ("../shared/data/ucmerced",
-                  os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ucmerced"))
+LOCAL_UCMERCED = (
+  "../shared/data/ucmerced",
+  os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ucmerced"),
+)
 
 
 @dataclasses.dataclass
 class ImageTable:
   """All examples of a dataset. Exactly one of `paths` / `tfds_name` describes the source."""
+
   name: str
-  labels: np.ndarray            # int32 [N] class ids, or multi-hot int32 [N, C] (a label file)
+  labels: np.ndarray  # int32 [N] class ids, or multi-hot int32 [N, C] (a label file)
   class_names: List[str]
   paths: Optional[List[str]] = None
   tfds_name: Optional[str] = None
@@ -80,8 +83,10 @@ class ImageTable:
     if spec.all_bands and self.paths is not None:
       pictures = [p for p in self.paths if not rasters.is_raster(p)]
       if pictures:
-        raise errors.InvalidInput(f"{pictures[0]}: not a GeoTIFF/TIFF raster; data.bands=all takes rasters only "
-                                  f"({len(pictures)} of the {len(self.paths)} images are not)")
+        raise errors.InvalidInput(
+          f"{pictures[0]}: not a GeoTIFF/TIFF raster; data.bands=all takes rasters only "
+          f"({len(pictures)} of the {len(self.paths)} images are not)"
+        )
     lonlat = None if self.paths is None else np.full((len(self.paths), 2), np.nan)
     for i, p in enumerate(self.paths or []):
       if rasters.is_raster(p):
@@ -104,10 +109,15 @@ class ImageTable:
   def tfds_arrays(self, indices):
     """The raw images [H, W, C] of a TFDS table at sorted `indices` (one pass over the split)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     wanted = set(int(i) for i in indices)
     last = max(wanted)
-    ds = tfds.load(self.tfds_name, split=f"{self.tfds_split}[:{last + 1}]", data_dir=self.tfds_data_dir,
-                   shuffle_files=False)
+    ds = tfds.load(
+      self.tfds_name,
+      split=f"{self.tfds_split}[:{last + 1}]",
+      data_dir=self.tfds_data_dir,
+      shuffle_files=False,
+    )
     for i, ex in enumerate(ds.as_numpy_iterator()):
       if i in wanted:
         yield np.asarray(ex[self.image_key])
@@ -134,24 +144,35 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
     raise errors.NotFound(f"dataset directory not found: {root}")
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+  classes = sorted(
+    d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+  )
   paths, labels, names = [], [], []
   for c in classes:
-    files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = sorted(
+      f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not files:
       continue
     names.append(c)
     paths += [os.path.join(root, c, f) for f in files]
     labels += [len(names) - 1] * len(files)
   if len(names) < 2:
-    raise errors.InvalidInput(f"{root}: expected a class-folder tree (root/<class>/<image>) with at least two "
-                              f"classes of {'/'.join(IMAGE_EXTENSIONS)} images, found {len(names)}")
+    raise errors.InvalidInput(
+      f"{root}: expected a class-folder tree (root/<class>/<image>) with at least two "
+      f"classes of {'/'.join(IMAGE_EXTENSIONS)} images, found {len(names)}"
+    )
   if check_images:
     for p in paths:
       if not rasters.is_raster(p):  # rasters: ImageTable.with_raster
         check_image(p)
-  return ImageTable(name=name or os.path.basename(root), labels=np.asarray(labels, np.int32),
-                    class_names=names, paths=paths, description=f"class folders under {root}")
+  return ImageTable(
+    name=name or os.path.basename(root),
+    labels=np.asarray(labels, np.int32),
+    class_names=names,
+    paths=paths,
+    description=f"class folders under {root}",
+  )
 
 
 def check_image(path: str):
@@ -174,7 +195,6 @@ def decode_pil(path: str) -> np.ndarray:
       return np.asarray(im.convert("RGB"), np.uint8)
   except Exception as e:
     raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e})") from e
-
 
 
 def decode_other(path: str, raster: Optional[rasters.RasterSpec] = None) -> np.ndarray:
@@ -229,8 +249,9 @@ def _draw_scene(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
   return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def generate(directory: str, num_classes: int = 6, per_class: int = 20, size: int = 64,
-             seed: int = 0) -> ImageTable:
+def generate(
+  directory: str, num_classes: int = 6, per_class: int = 20, size: int = 64, seed: int = 0
+) -> ImageTable:
   """Writes (once, by the primary process, atomically) a class-folder tree of synthetic PNG
   scenes and returns its table."""
   root = os.path.join(directory, f"generated_c{num_classes}_n{per_class}_s{size}_seed{seed}")
@@ -243,25 +264,35 @@ def generate(directory: str, num_classes: int = 6, per_class: int = 20, size: in
     for c in range(num_classes):
       os.makedirs(os.path.join(tmp, f"class{c:02d}"), exist_ok=True)
       for i in range(per_class):
-        Image.fromarray(_draw_scene(rng, c, size)).save(os.path.join(tmp, f"class{c:02d}", f"img{i:04d}.png"))
+        Image.fromarray(_draw_scene(rng, c, size)).save(
+          os.path.join(tmp, f"class{c:02d}", f"img{i:04d}.png")
+        )
     open(os.path.join(tmp, ".complete"), "w").close()
 
   if not distributed.agree(f"generated {root}", os.path.exists(done)):
     os.makedirs(directory, exist_ok=True)
     distributed.write_once(root, write, name="generated data")
   table = class_folder(root, name="generated")
-  table.description = f"{num_classes} classes x {per_class} generated {size}x{size} scenes in {root}"
+  table.description = (
+    f"{num_classes} classes x {per_class} generated {size}x{size} scenes in {root}"
+  )
   return table
 
 
-def tfds_table(name: str, split: str = "train", data_dir: Optional[str] = None,
-               manual_dir: Optional[str] = None, download: bool = True) -> ImageTable:
+def tfds_table(
+  name: str,
+  split: str = "train",
+  data_dir: Optional[str] = None,
+  manual_dir: Optional[str] = None,
+  download: bool = True,
+) -> ImageTable:
   """Any TFDS image-classification builder; ids follow the unshuffled split order.
 
   Prepares the dataset if needed: from `manual_dir` (e.g. UCMerced_LandUse.zip for
   uc_merced, resisc45's rar contents) or by download when `download` is true.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:
@@ -269,36 +300,72 @@ def tfds_table(name: str, split: str = "train", data_dir: Optional[str] = None,
   if not builder.is_prepared():
     if not download and not manual_dir:
       raise errors.NotFound(
-          f"TFDS dataset {name} is not prepared in {builder.data_dir} and downloads are off; "
-          "set data.manual_dir to the directory holding its archive, or data.download=True")
+        f"TFDS dataset {name} is not prepared in {builder.data_dir} and downloads are off; "
+        "set data.manual_dir to the directory holding its archive, or data.download=True"
+      )
     try:
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+      )
     except Exception as e:
       raise errors.NotFound(
-          f"could not prepare TFDS dataset {name} (manual_dir={manual_dir}): {e}. For uc_merced put "
-          "UCMerced_LandUse.zip in data.manual_dir, or use data.source=folder:/path/to/UCMerced_LandUse/Images") from e
+        f"could not prepare TFDS dataset {name} (manual_dir={manual_dir}): {e}. For uc_merced put "
+        "UCMerced_LandUse.zip in data.manual_dir, or use "
+        "data.source=folder:/path/to/UCMerced_LandUse/Images"
+      ) from e
   info = builder.info
   # One ClassLabel (single-label), or a Sequence of ClassLabel (multi-label: bigearthnet).
-  label_key = "label" if "label" in info.features else next(
-      (k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+  label_key = (
+    "label"
+    if "label" in info.features
+    else next(
+      (k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel)), None
+    )
+  )
   multi = None
   if label_key is None:
-    multi = next((k for k, f in info.features.items() if isinstance(f, tfds.features.Sequence)
-                  and isinstance(f.feature, tfds.features.ClassLabel)), None)
+    multi = next(
+      (
+        k
+        for k, f in info.features.items()
+        if isinstance(f, tfds.features.Sequence) and isinstance(f.feature, tfds.features.ClassLabel)
+      ),
+      None,
+    )
     if multi is None:
-      raise errors.InvalidInput(f"TFDS dataset {name}: no ClassLabel or Sequence(ClassLabel) feature among "
-                                f"{list(info.features)}")
+      raise errors.InvalidInput(
+        f"TFDS dataset {name}: no ClassLabel or Sequence(ClassLabel) feature among "
+        f"{list(info.features)}"
+      )
     label_key = multi
   # An Image feature, or a multispectral Tensor [H, W, C] (eurosat/all's `sentinel2`).
-  image_key = "image" if "image" in info.features else next(
-      (k for k, f in info.features.items() if isinstance(f, tfds.features.Image)), None) or next(
-      (k for k, f in info.features.items() if isinstance(f, tfds.features.Tensor) and len(f.shape) == 3), None)
+  image_key = (
+    "image"
+    if "image" in info.features
+    else next((k for k, f in info.features.items() if isinstance(f, tfds.features.Image)), None)
+    or next(
+      (
+        k
+        for k, f in info.features.items()
+        if isinstance(f, tfds.features.Tensor) and len(f.shape) == 3
+      ),
+      None,
+    )
+  )
   if image_key is None:
-    raise errors.InvalidInput(f"TFDS dataset {name}: no image feature (an Image, or a Tensor [H, W, C]) among "
-                              f"{list(info.features)}")
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={k: tfds.decode.SkipDecoding() for k, f in info.features.items()
-                                    if k != label_key and isinstance(f, tfds.features.Image)})
+    raise errors.InvalidInput(
+      f"TFDS dataset {name}: no image feature (an Image, or a Tensor [H, W, C]) among "
+      f"{list(info.features)}"
+    )
+  ds = builder.as_dataset(
+    split=split,
+    shuffle_files=False,
+    decoders={
+      k: tfds.decode.SkipDecoding()
+      for k, f in info.features.items()
+      if k != label_key and isinstance(f, tfds.features.Image)
+    },
+  )
   if multi:
     names = info.features[label_key].feature.names
     rows = [np.asarray(ex[label_key], np.int64) for ex in ds.as_numpy_iterator()]
@@ -308,16 +375,26 @@ def tfds_table(name: str, split: str = "train", data_dir: Optional[str] = None,
   else:
     names = info.features[label_key].names
     labels = np.fromiter((int(ex[label_key]) for ex in ds.as_numpy_iterator()), np.int32)
-  return ImageTable(name=name.replace("/", "_"), labels=labels, class_names=names,
-                    tfds_name=name, tfds_split=split, tfds_data_dir=data_dir, image_key=image_key,
-                    description=f"TFDS {name} split {split} in {builder.data_dir}")
+  return ImageTable(
+    name=name.replace("/", "_"),
+    labels=labels,
+    class_names=names,
+    tfds_name=name,
+    tfds_split=split,
+    tfds_data_dir=data_dir,
+    image_key=image_key,
+    description=f"TFDS {name} split {split} in {builder.data_dir}",
+  )
 
 
-def label_file(csv_path: str, image_root: Optional[str] = None, check_images: bool = True) -> ImageTable:
+def label_file(
+  csv_path: str, image_root: Optional[str] = None, check_images: bool = True
+) -> ImageTable:
   """A multi-label table from a CSV of `path,label1;label2;...` lines (an optional header
   `path,labels`; paths relative to `image_root`, default the CSV's directory). Labels are
   the sorted union of the names; the rows keep the file's order."""
   import csv  # pylint: disable=g-import-not-at-top
+
   if not os.path.isfile(csv_path):
     raise errors.NotFound(f"label file not found: {csv_path}")
   root = image_root or os.path.dirname(os.path.abspath(csv_path))
@@ -327,7 +404,9 @@ def label_file(csv_path: str, image_root: Optional[str] = None, check_images: bo
       if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["path", "labels"]):
         continue
       if len(row) != 2:
-        raise errors.InvalidInput(f"{csv_path}:{n}: expected 'path,label1;label2', got {','.join(row)!r}")
+        raise errors.InvalidInput(
+          f"{csv_path}:{n}: expected 'path,label1;label2', got {','.join(row)!r}"
+        )
       path, labels = row[0].strip(), [x.strip() for x in row[1].split(";") if x.strip()]
       full = path if os.path.isabs(path) else os.path.join(root, path)
       if not os.path.isfile(full):
@@ -347,8 +426,13 @@ def label_file(csv_path: str, image_root: Optional[str] = None, check_images: bo
     for p in paths:
       if not rasters.is_raster(p):  # rasters: ImageTable.with_raster (see class_folder)
         check_image(p)
-  return ImageTable(name=os.path.splitext(os.path.basename(csv_path))[0], labels=labels, class_names=names,
-                    paths=paths, description=f"{len(paths)} images with {len(names)} labels from {csv_path}")
+  return ImageTable(
+    name=os.path.splitext(os.path.basename(csv_path))[0],
+    labels=labels,
+    class_names=names,
+    paths=paths,
+    description=f"{len(paths)} images with {len(names)} labels from {csv_path}",
+  )
 
 
 def from_config(data_cfg, workdir: str) -> ImageTable:
@@ -363,25 +447,45 @@ def from_config(data_cfg, workdir: str) -> ImageTable:
       source = "generated"
   if data_cfg.get("labels_file"):
     if not source.startswith("folder:"):
-      raise errors.InvalidInput(f"config.data.labels_file needs data.source=folder:DIR (the image tree its paths "
-                                f"are relative to), got {source!r}")
-    table = label_file(data_cfg.labels_file, source[len("folder:"):])
+      raise errors.InvalidInput(
+        f"config.data.labels_file needs data.source=folder:DIR (the image tree its paths "
+        f"are relative to), got {source!r}"
+      )
+    table = label_file(data_cfg.labels_file, source[len("folder:") :])
   elif source.startswith("folder:"):
-    table = class_folder(source[len("folder:"):], name=data_cfg.get("name") or None)
+    table = class_folder(source[len("folder:") :], name=data_cfg.get("name") or None)
   elif source.startswith("tfds:"):
-    table = tfds_table(source[len("tfds:"):], split=data_cfg.get("tfds_split", "train"),
-                       data_dir=data_cfg.get("tfds_data_dir") or None,
-                       manual_dir=data_cfg.get("manual_dir") or None, download=data_cfg.get("download", True))
+    table = tfds_table(
+      source[len("tfds:") :],
+      split=data_cfg.get("tfds_split", "train"),
+      data_dir=data_cfg.get("tfds_data_dir") or None,
+      manual_dir=data_cfg.get("manual_dir") or None,
+      download=data_cfg.get("download", True),
+    )
   elif source == "generated":
-    table = generate(os.path.join(workdir, "generated_data"), num_classes=data_cfg.get("generated_classes", 6),
-                     per_class=data_cfg.get("generated_per_class", 20), size=data_cfg.get("generated_size", 64),
-                     seed=data_cfg.get("seed", 0))
+    table = generate(
+      os.path.join(workdir, "generated_data"),
+      num_classes=data_cfg.get("generated_classes", 6),
+      per_class=data_cfg.get("generated_per_class", 20),
+      size=data_cfg.get("generated_size", 64),
+      seed=data_cfg.get("seed", 0),
+    )
   else:
-    raise errors.InvalidInput(f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}")
+    raise errors.InvalidInput(
+      f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}"
+    )
   spec = rasters.RasterSpec.parse(data_cfg.get("bands", ""), data_cfg.get("scale", ""))
-  if table.paths is not None or not spec.is_default:  # rasters' headers checked before any long work
+  if (
+    table.paths is not None or not spec.is_default
+  ):  # rasters' headers checked before any long work
     table = table.with_raster(spec)
-  logging.info("Dataset %s: %d images, %d classes (%s)", table.name, len(table), table.num_classes, table.description)
+  logging.info(
+    "Dataset %s: %d images, %d classes (%s)",
+    table.name,
+    len(table),
+    table.num_classes,
+    table.description,
+  )
   return table
 
 
@@ -390,9 +494,13 @@ def fit_raster(table: ImageTable, train_idx: np.ndarray, seed: int = 0) -> Image
   if not table.raster.needs_fit:
     return table
   if table.paths is None:  # TFDS: a seeded sample of up to 256 training examples
-    sample = np.sort(np.random.default_rng(seed).choice(train_idx, min(256, len(train_idx)), replace=False))
-    arrays = ((f"TFDS {table.tfds_name}[{i}]", rasters.select_array_bands(a, table.raster, table.tfds_name))
-              for i, a in zip(sample, table.tfds_arrays(sample)))
+    sample = np.sort(
+      np.random.default_rng(seed).choice(train_idx, min(256, len(train_idx)), replace=False)
+    )
+    arrays = (
+      (f"TFDS {table.tfds_name}[{i}]", rasters.select_array_bands(a, table.raster, table.tfds_name))
+      for i, a in zip(sample, table.tfds_arrays(sample))
+    )
     spec = rasters.fit_stretch_arrays(arrays, table.raster, seed=seed)
   else:
     spec = rasters.fit_stretch([table.paths[i] for i in train_idx], table.raster, seed=seed)

@@ -73,7 +73,9 @@ def resize(img, size: int, resize_size: Optional[int] = None, degrade: int = 1):
 
 
 def _decode_tf(path):
-  img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8)
+  img = tf.io.decode_image(
+    tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8
+  )
   img.set_shape([None, None, 3])
   return img
 
@@ -85,15 +87,19 @@ def channels(raster) -> int:
 
 
 def _decode_other(path, raster):
-  img = tf.numpy_function(lambda p: datasets.decode_other(p.decode(), raster), [path], tf.uint8, stateful=False)
+  img = tf.numpy_function(
+    lambda p: datasets.decode_other(p.decode(), raster), [path], tf.uint8, stateful=False
+  )
   img.set_shape([None, None, channels(raster)])
   return img
 
 
 def _refuse_picture(name: str, raster):
   if channels(raster) != 3:
-    raise errors.InvalidInput(f"{name}: not a GeoTIFF/TIFF raster; data.bands=all here takes rasters of "
-                              f"{raster.count} bands")
+    raise errors.InvalidInput(
+      f"{name}: not a GeoTIFF/TIFF raster; data.bands=all here takes rasters of "
+      f"{raster.count} bands"
+    )
 
 
 def decode_file(path: str, raster=None):
@@ -105,7 +111,9 @@ def decode_file(path: str, raster=None):
     try:
       return _decode_tf(tf.constant(path))
     except tf.errors.OpError as e:
-      raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e.message.splitlines()[0]})") from None
+      raise errors.InvalidInput(
+        f"corrupt or unreadable image: {path} ({e.message.splitlines()[0]})"
+      ) from None
   return tf.constant(datasets.decode_other(path, raster))
 
 
@@ -121,30 +129,42 @@ def decode_bytes(data: bytes, name: str = "upload", raster=None) -> np.ndarray:
   `decode_file` would use for that format, so a file searched by upload or by path gives
   the same pixels. Errors name `name` and say what is wrong."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF / BigTIFF: as files are read
+
+  if data[:4] in (
+    b"II*\x00",
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+  ):  # TIFF / BigTIFF: as files are read
     return rasters.read_bytes(data, raster or rasters.RasterSpec(), name)
   _refuse_picture(name, raster)
   try:
     with Image.open(io.BytesIO(data)) as im:
       fmt, mode, bands = im.format, im.mode, len(im.getbands())
       if mode not in PICTURE_MODES:
-        raise errors.InvalidInput(f"{name}: a {fmt} image of mode {mode} ({bands} band(s)) is not an 8-bit "
-                                  "RGB or grey picture; this encoder takes 3-band (RGB) images")
+        raise errors.InvalidInput(
+          f"{name}: a {fmt} image of mode {mode} ({bands} band(s)) is not an 8-bit "
+          "RGB or grey picture; this encoder takes 3-band (RGB) images"
+        )
       if fmt not in _TF_PIL_FORMATS:
         return np.asarray(im.convert("RGB"), np.uint8)
   except errors.UserError:
     raise
   except Exception:  # PIL cannot even read the header: not an image
-    raise errors.InvalidInput(f"{name}: not an image (not PNG, JPEG, BMP, GIF, WebP, TIFF or another "
-                              "format PIL reads)") from None
+    raise errors.InvalidInput(
+      f"{name}: not an image (not PNG, JPEG, BMP, GIF, WebP, TIFF or another format PIL reads)"
+    ) from None
   try:
     return tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8).numpy()
   except tf.errors.OpError as e:
-    raise errors.InvalidInput(f"{name}: corrupt {fmt} image ({e.message.splitlines()[0]})") from None
+    raise errors.InvalidInput(
+      f"{name}: corrupt {fmt} image ({e.message.splitlines()[0]})"
+    ) from None
 
 
-def load_image(path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1,
-               raster=None) -> np.ndarray:
+def load_image(
+  path: str, size: int, resize_size: Optional[int] = None, degrade: int = 1, raster=None
+) -> np.ndarray:
   """Eager `decode_file` + `resize`: exactly what the pipelines feed a model for this file."""
   return resize(decode_file(path, raster), size, resize_size, degrade).numpy()
 
@@ -158,8 +178,14 @@ class ImageSource:
   images under `cache_dir` (disk, memory-mapped: no process holds the split in memory),
   and read from it by index."""
 
-  def __init__(self, table: datasets.ImageTable, size: int, resize_size: Optional[int] = None, *,
-               cache_dir: Optional[str] = None):
+  def __init__(
+    self,
+    table: datasets.ImageTable,
+    size: int,
+    resize_size: Optional[int] = None,
+    *,
+    cache_dir: Optional[str] = None,
+  ):
     self.table, self.size, self.resize_size = table, size, resize_size
     if table.paths is not None:
       self._paths = tf.constant(np.asarray(table.paths))
@@ -167,7 +193,9 @@ class ImageSource:
       self._images = None
     else:
       if not cache_dir:
-        raise errors.InvalidInput(f"TFDS source {table.tfds_name}: needs a cache directory for its image store")
+        raise errors.InvalidInput(
+          f"TFDS source {table.tfds_name}: needs a cache directory for its image store"
+        )
       self._images = _tfds_image_store(table, size, resize_size, cache_dir)
 
   def __call__(self, i):
@@ -178,7 +206,9 @@ class ImageSource:
       return img
     path = tf.gather(self._paths, i)
     raster = self.table.raster
-    img = tf.cond(tf.gather(self._use_tf, i), lambda: _decode_tf(path), lambda: _decode_other(path, raster))
+    img = tf.cond(
+      tf.gather(self._use_tf, i), lambda: _decode_tf(path), lambda: _decode_other(path, raster)
+    )
     return resize(img, self.size, self.resize_size, self.table.degrade)
 
   def find_bad(self, indices: np.ndarray, error: Exception):
@@ -191,52 +221,87 @@ class ImageSource:
     raise error
 
 
-def _tfds_image_store(table: datasets.ImageTable, size: int, resize_size: Optional[int], cache_dir: str):
+def _tfds_image_store(
+  table: datasets.ImageTable, size: int, resize_size: Optional[int], cache_dir: str
+):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  key = hashlib.sha1(f"{table.tfds_name}|{table.tfds_split}|{len(table)}|{size}|{resize_size}|{table.degrade}"
-                     f"|{table.raster.describe()}".encode()).hexdigest()[:16]
-  feature = tfds.builder(table.tfds_name, data_dir=table.tfds_data_dir).info.features[table.image_key]
+
+  key = hashlib.sha1(
+    f"{table.tfds_name}|{table.tfds_split}|{len(table)}|{size}|{resize_size}|{table.degrade}"
+    f"|{table.raster.describe()}".encode()
+  ).hexdigest()[:16]
+  feature = tfds.builder(table.tfds_name, data_dir=table.tfds_data_dir).info.features[
+    table.image_key
+  ]
   if table.raster.is_default and np.dtype(feature.np_dtype).kind == "f":
-    raise errors.InvalidInput(f"TFDS {table.tfds_name}: its {table.image_key} images are {np.dtype(feature.np_dtype)} "
-                              "(reflectance?): set data.scale (a divisor such as 10000, or stretch) and data.bands "
-                              "(e.g. 4,3,2)")
-  store = chunk_store.ChunkStore(os.path.join(cache_dir, f"images_{table.name}_{key}"), len(table),
-                                 {"image": ((size, size, channels(table.raster)), "uint8")}, chunk=1024, key=key)
+    raise errors.InvalidInput(
+      f"TFDS {table.tfds_name}: its {table.image_key} images are {np.dtype(feature.np_dtype)} "
+      "(reflectance?): set data.scale (a divisor such as 10000, or stretch) and data.bands "
+      "(e.g. 4,3,2)"
+    )
+  store = chunk_store.ChunkStore(
+    os.path.join(cache_dir, f"images_{table.name}_{key}"),
+    len(table),
+    {"image": ((size, size, channels(table.raster)), "uint8")},
+    chunk=1024,
+    key=key,
+  )
 
   def compute(start, stop):
-    ds = tfds.load(table.tfds_name, split=f"{table.tfds_split}[{start}:{stop}]", data_dir=table.tfds_data_dir,
-                   shuffle_files=False)
+    ds = tfds.load(
+      table.tfds_name,
+      split=f"{table.tfds_split}[{start}:{stop}]",
+      data_dir=table.tfds_data_dir,
+      shuffle_files=False,
+    )
 
     spec, name = table.raster, f"TFDS {table.tfds_name}"
 
     def prep(ex):
       img = ex[table.image_key]
       if not spec.is_default:  # data.bands / data.scale (rshash_jax/data/rasters.py)
-        img = tf.numpy_function(lambda a: rasters.to_uint8(rasters.select_array_bands(a, spec, name), spec, name),
-                                [img], tf.uint8, stateful=False)
+        img = tf.numpy_function(
+          lambda a: rasters.to_uint8(rasters.select_array_bands(a, spec, name), spec, name),
+          [img],
+          tf.uint8,
+          stateful=False,
+        )
         img.set_shape([None, None, channels(spec)])
       elif img.dtype != tf.uint8:  # e.g. 16-bit: scaled to 0..255 as convert_image_dtype does
         img = tf.image.convert_image_dtype(tf.image.convert_image_dtype(img, tf.float32), tf.uint8)
       return resize(img if spec.all_bands else img[..., :3], size, resize_size, table.degrade)
+
     images = np.stack(list(ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator()))
     if len(images) != stop - start:
-      raise errors.InvalidInput(f"TFDS {table.tfds_name}[{start}:{stop}] gave {len(images)} examples, expected "
-                                f"{stop - start}")
+      raise errors.InvalidInput(
+        f"TFDS {table.tfds_name}[{start}:{stop}] gave {len(images)} examples, expected "
+        f"{stop - start}"
+      )
     return {"image": images}
+
   return store.build(compute, name=f"images {table.name}")["image"]
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
   """Full global batches per epoch (the remainder of an epoch is dropped)."""
   if global_batch % jax.process_count():
-    raise errors.InvalidInput(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
+    raise errors.InvalidInput(
+      f"global batch {global_batch} is not divisible by {jax.process_count()} processes"
+    )
   if num_examples < global_batch:
-    raise errors.InvalidInput(f"global batch {global_batch} exceeds the {num_examples} training examples")
+    raise errors.InvalidInput(
+      f"global batch {global_batch} exceeds the {num_examples} training examples"
+    )
   return num_examples // global_batch
 
 
-def global_steps(indices: np.ndarray, global_batch: int, seed: int, start_step: int = 0,
-                 num_steps: Optional[int] = None) -> Iterator:
+def global_steps(
+  indices: np.ndarray,
+  global_batch: int,
+  seed: int,
+  start_step: int = 0,
+  num_steps: Optional[int] = None,
+) -> Iterator:
   """Yields (global batch of example indices, step) from start_step to num_steps.
 
   Epoch e's order is permutation(seed, e): any step can be regenerated, so a resumed run
@@ -246,7 +311,7 @@ def global_steps(indices: np.ndarray, global_batch: int, seed: int, start_step: 
   while num_steps is None or s < num_steps:
     epoch, r = divmod(s, spe)
     order = indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
-    rows = order[:spe * global_batch].reshape(spe, global_batch)
+    rows = order[: spe * global_batch].reshape(spe, global_batch)
     for row in rows[r:]:
       if num_steps is not None and s >= num_steps:
         return
@@ -257,12 +322,20 @@ def global_steps(indices: np.ndarray, global_batch: int, seed: int, start_step: 
 def process_rows(global_row: np.ndarray) -> np.ndarray:
   """This process's contiguous share of a global batch."""
   per = len(global_row) // jax.process_count()
-  return global_row[jax.process_index() * per:(jax.process_index() + 1) * per]
+  return global_row[jax.process_index() * per : (jax.process_index() + 1) * per]
 
 
-def train_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int, seed: int,
-                  start_step: int = 0, num_steps: Optional[int] = None, augment: bool = False,
-                  threads: int = 0) -> Iterator[dict]:
+def train_batches(
+  source: ImageSource,
+  indices: np.ndarray,
+  *,
+  global_batch: int,
+  seed: int,
+  start_step: int = 0,
+  num_steps: Optional[int] = None,
+  augment: bool = False,
+  threads: int = 0,
+) -> Iterator[dict]:
   """Per-process batches {'image', 'label', 'id'} of global training steps from start_step.
 
   Step s belongs to epoch s // steps_per_epoch, whose order is permutation(seed, epoch); a
@@ -277,7 +350,8 @@ def train_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int
         yield i, s
 
   ds = tf.data.Dataset.from_generator(
-      examples, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)))
+    examples, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64))
+  )
 
   def load(i, step):
     img = source(i)
@@ -291,6 +365,7 @@ def train_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int
   def rows_of(b):
     row, _ = next(global_steps(indices, global_batch, seed, start_step + b, start_step + b + 1))
     return process_rows(row)
+
   yield from _named_errors(ds.with_options(_options(threads)), source, rows_of)
 
 
@@ -310,8 +385,14 @@ def _named_errors(ds, source: ImageSource, rows_of) -> Iterator[dict]:
     b += 1
 
 
-def eval_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int,
-                 threads: int = 0, local: bool = False) -> Iterator[dict]:
+def eval_batches(
+  source: ImageSource,
+  indices: np.ndarray,
+  *,
+  global_batch: int,
+  threads: int = 0,
+  local: bool = False,
+) -> Iterator[dict]:
   """Per-process batches {'image', 'label', 'id', 'pos', 'mask'} covering `indices` exactly
   once (pos: the example's position in `indices`; mask False on padding). local=True: this
   process takes every row (for a mesh of its own devices)."""
@@ -321,7 +402,7 @@ def eval_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int,
   padded = -(-n // global_batch) * global_batch
   idx = np.concatenate([indices, np.full(padded - n, indices[0] if n else 0, indices.dtype)])
   pos = np.arange(padded, dtype=np.int64)
-  mine = lambda a: a.reshape(-1, global_batch)[:, pi * per_proc:(pi + 1) * per_proc].reshape(-1)
+  mine = lambda a: a.reshape(-1, global_batch)[:, pi * per_proc : (pi + 1) * per_proc].reshape(-1)
   labels, ids = source.table.labels, source.table.ids
   ds = tf.data.Dataset.from_tensor_slices((mine(idx).astype(np.int64), mine(pos), mine(pos < n)))
 
@@ -329,7 +410,13 @@ def eval_batches(source: ImageSource, indices: np.ndarray, *, global_batch: int,
 
   def load(i, p, m):  # padding rows are blank, not decoded again
     image = tf.cond(m, lambda: source(i), lambda: blank)
-    return {"image": image, "label": tf.gather(labels, i), "id": tf.gather(ids, i), "pos": p, "mask": m}
+    return {
+      "image": image,
+      "label": tf.gather(labels, i),
+      "id": tf.gather(ids, i),
+      "pos": p,
+      "mask": m,
+    }
 
   threads = threads or default_threads()
   ds = ds.map(load, num_parallel_calls=threads).batch(per_proc).prefetch(2)

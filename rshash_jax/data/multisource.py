@@ -32,10 +32,11 @@ from rshash_jax.models import backbones
 @dataclasses.dataclass
 class MultiSource:
   """`table` holds the single-source images; sources[s] is [N, D_s] in table id order."""
+
   table: datasets.ImageTable
   sources: List[np.ndarray]
   source_names: List[str]
-  train_idx: Optional[np.ndarray] = None   # given splits (release format)
+  train_idx: Optional[np.ndarray] = None  # given splits (release format)
   test_idx: Optional[np.ndarray] = None
 
 
@@ -48,9 +49,12 @@ def _load_matrix(path: str) -> np.ndarray:
         raise errors.InvalidInput(f"{path}: expected one array, found {z.files}")
       return z[z.files[0]]
   import scipy.io  # pylint: disable=g-import-not-at-top
+
   mat = scipy.io.loadmat(path)
   if "features" not in mat:
-    raise errors.InvalidInput(f"{path}: no variable 'features' (found {[k for k in mat if not k.startswith('__')]})")
+    raise errors.InvalidInput(
+      f"{path}: no variable 'features' (found {[k for k in mat if not k.startswith('__')]})"
+    )
   return mat["features"]
 
 
@@ -73,7 +77,9 @@ def read_list(path: str, image_root: str):
       if not parts:
         continue
       if len(parts) < 3:
-        raise errors.InvalidInput(f"{path}:{n}: expected 'image_path label_0 label_1 ...', got {line.strip()!r}")
+        raise errors.InvalidInput(
+          f"{path}:{n}: expected 'image_path label_0 label_1 ...', got {line.strip()!r}"
+        )
       try:
         onehot = np.asarray([int(float(v)) for v in parts[1:]])
       except ValueError as e:
@@ -87,8 +93,13 @@ def read_list(path: str, image_root: str):
   return paths, np.asarray(labels, np.int32)
 
 
-def read_release(directory: str, source_names: Sequence[str], splits=("train", "test"),
-                 image_root: Optional[str] = None, check_images: bool = True) -> MultiSource:
+def read_release(
+  directory: str,
+  source_names: Sequence[str],
+  splits=("train", "test"),
+  image_root: Optional[str] = None,
+  check_images: bool = True,
+) -> MultiSource:
   """Reads the release format (see module docstring); ids run over train then test."""
   directory = os.path.abspath(directory)
   image_root = image_root or directory
@@ -99,8 +110,10 @@ def read_release(directory: str, source_names: Sequence[str], splits=("train", "
     for s in source_names:
       m = np.asarray(_load_matrix(_find(directory, f"{split}_{s}")), np.float32)
       if m.ndim != 2 or m.shape[0] != len(paths):
-        raise errors.InvalidInput(f"{_find(directory, f'{split}_{s}')}: expected [{len(paths)}, D] features for the "
-                                  f"{len(paths)} lines of {split}.txt, got shape {m.shape}")
+        raise errors.InvalidInput(
+          f"{_find(directory, f'{split}_{s}')}: expected [{len(paths)}, D] features for the "
+          f"{len(paths)} lines of {split}.txt, got shape {m.shape}"
+        )
       src[s].append(m)
     parts.append(np.arange(len(paths)) + len(all_paths))
     all_paths += paths
@@ -110,27 +123,35 @@ def read_release(directory: str, source_names: Sequence[str], splits=("train", "
   if check_images:
     for p in all_paths:
       datasets.check_image(p)
-  table = datasets.ImageTable(name=os.path.basename(directory), labels=labels,
-                              class_names=[f"class{c}" for c in range(num_classes)], paths=all_paths,
-                              description=f"MrHash release format in {directory}")
+  table = datasets.ImageTable(
+    name=os.path.basename(directory),
+    labels=labels,
+    class_names=[f"class{c}" for c in range(num_classes)],
+    paths=all_paths,
+    description=f"MrHash release format in {directory}",
+  )
   if len(source_names) < 1:
     raise errors.InvalidInput("read_release needs at least one source name")
   sources = [np.concatenate(src[s]) for s in source_names]
-  return MultiSource(table, sources, list(source_names), parts[0], parts[1] if len(parts) > 1 else None)
+  return MultiSource(
+    table, sources, list(source_names), parts[0], parts[1] if len(parts) > 1 else None
+  )
 
 
 VIEW_OPTIONS = ("bands", "scale")
 
 
 def split_view(spec: str):
-  """'folder:DIR;bands=4,3,2;scale=10000' -> ('folder:DIR', {'bands': '4,3,2', 'scale': '10000'})."""
+  """'folder:DIR;bands=4,3,2;scale=10000' -> ('folder:DIR', {'bands': '4,3,2', 'scale': ...})."""
   base, *opts = spec.split(";")
   options = {}
   for o in opts:
     key, eq, value = o.partition("=")
     if not eq or key.strip() not in VIEW_OPTIONS or key.strip() in options:
-      raise errors.InvalidInput(f"source view {spec!r}: {o!r} is not an option; expected ;bands=... and/or "
-                                ";scale=..., each once")
+      raise errors.InvalidInput(
+        f"source view {spec!r}: {o!r} is not an option; expected ;bands=... and/or "
+        ";scale=..., each once"
+      )
     options[key.strip()] = value.strip()
   return base, options
 
@@ -141,11 +162,14 @@ def view_raster(spec: rasters.RasterSpec, options) -> rasters.RasterSpec:
   own = rasters.RasterSpec.parse(options.get("bands", ""), options.get("scale", ""))
   bands = own if "bands" in options else spec
   scale = own if "scale" in options else spec
-  return rasters.RasterSpec(bands=bands.bands, all_bands=bands.all_bands, divisor=scale.divisor,
-                            stretch=scale.stretch)
+  return rasters.RasterSpec(
+    bands=bands.bands, all_bands=bands.all_bands, divisor=scale.divisor, stretch=scale.stretch
+  )
 
 
-def view(table: datasets.ImageTable, spec: str, train_idx=None, seed: int = 0) -> datasets.ImageTable:
+def view(
+  table: datasets.ImageTable, spec: str, train_idx=None, seed: int = 0
+) -> datasets.ImageTable:
   """The table seen through source `spec`: full | coarseN | folder:DIR (same relative
   paths), each optionally with ;bands= / ;scale= (that view's own reading of its rasters;
   a stretch fitted on the rows `train_idx`)."""
@@ -157,7 +181,9 @@ def view(table: datasets.ImageTable, spec: str, train_idx=None, seed: int = 0) -
     out = out.with_raster(out.raster)
   if out.raster.needs_fit:
     if train_idx is None:
-      raise errors.InvalidInput(f"source view {spec!r}: scale=stretch needs the training split to fit on")
+      raise errors.InvalidInput(
+        f"source view {spec!r}: scale=stretch needs the training split to fit on"
+      )
     out = datasets.fit_raster(out, train_idx, seed)
   return out
 
@@ -167,12 +193,16 @@ def _view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
     return table
   if spec.startswith("coarse"):
     try:
-      factor = int(spec[len("coarse"):])
+      factor = int(spec[len("coarse") :])
     except ValueError as e:
-      raise errors.InvalidInput(f"source view {spec!r}: expected coarseN with an integer N, e.g. coarse4") from e
-    return dataclasses.replace(table, degrade=factor, description=f"{table.description}, {factor}x coarser view")
+      raise errors.InvalidInput(
+        f"source view {spec!r}: expected coarseN with an integer N, e.g. coarse4"
+      ) from e
+    return dataclasses.replace(
+      table, degrade=factor, description=f"{table.description}, {factor}x coarser view"
+    )
   if spec.startswith("folder:"):
-    root = spec[len("folder:"):]
+    root = spec[len("folder:") :]
     if table.paths is None:
       raise errors.InvalidInput(f"source view {spec!r} needs a class-folder table")
     base = os.path.commonpath(table.paths)
@@ -181,18 +211,37 @@ def _view(table: datasets.ImageTable, spec: str) -> datasets.ImageTable:
     if missing:
       raise errors.NotFound(f"source {spec}: {len(missing)} images missing, e.g. {missing[0]}")
     # data.bands / data.scale, or this view's own: checked against this sensor's rasters.
-    return dataclasses.replace(table, paths=paths, description=f"images under {root}").with_raster(table.raster)
+    return dataclasses.replace(table, paths=paths, description=f"images under {root}").with_raster(
+      table.raster
+    )
   raise errors.InvalidInput(f"unknown source view {spec!r}: use full, coarseN or folder:DIR")
 
 
-def features_of_views(table: datasets.ImageTable, specs: Sequence[str], bb: backbones.Backbone,
-                      cache_dir: str, *, batch_size: int = 32, threads: int = 0,
-                      weights_path: Optional[str] = None, train_idx=None, seed: int = 0) -> List[np.ndarray]:
+def features_of_views(
+  table: datasets.ImageTable,
+  specs: Sequence[str],
+  bb: backbones.Backbone,
+  cache_dir: str,
+  *,
+  batch_size: int = 32,
+  threads: int = 0,
+  weights_path: Optional[str] = None,
+  train_idx=None,
+  seed: int = 0,
+) -> List[np.ndarray]:
   """Backbone features [N, D] of every source view, cached in cache_dir by table + view; a
   view of C bands (bands=all) is read by `bb` with its stem adapted to C channels."""
   out = []
   for spec in specs:
     v = view(table, spec, train_idx, seed)
-    out.append(features.cached_features(backbones.with_channels(bb, v.raster.channels), v, cache_dir,
-                                        weights_path=weights_path, batch_size=batch_size, threads=threads))
+    out.append(
+      features.cached_features(
+        backbones.with_channels(bb, v.raster.channels),
+        v,
+        cache_dir,
+        weights_path=weights_path,
+        batch_size=batch_size,
+        threads=threads,
+      )
+    )
   return out

@@ -52,14 +52,17 @@ def is_raster(path: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class RasterSpec:
   """How a raster becomes 8-bit RGB: which bands, and how values are scaled."""
-  bands: Tuple = ()                    # () default; ints (1-based) or description strings
-  divisor: float = 0.0                 # >0: value / divisor * 255
-  stretch: Tuple[float, float] = ()    # (lo, hi) percentiles: a per-band stretch
-  low: Tuple[float, ...] = ()          # the stretch's per-band values, once fitted
+
+  bands: Tuple = ()  # () default; ints (1-based) or description strings
+  divisor: float = 0.0  # >0: value / divisor * 255
+  stretch: Tuple[float, float] = ()  # (lo, hi) percentiles: a per-band stretch
+  low: Tuple[float, ...] = ()  # the stretch's per-band values, once fitted
   high: Tuple[float, ...] = ()
-  all_bands: bool = False              # data.bands=all[:R,G,B]: `bands` are the three for R, G, B
-  count: int = 0                       # all_bands: the archive's band count, once resolved
-  numbers: Tuple[int, ...] = ()        # the bands read, as numbers, on the training archive's first raster
+  all_bands: bool = False  # data.bands=all[:R,G,B]: `bands` are the three for R, G, B
+  count: int = 0  # all_bands: the archive's band count, once resolved
+  numbers: Tuple[
+    int, ...
+  ] = ()  # the bands read, as numbers, on the training archive's first raster
 
   @classmethod
   def parse(cls, bands: str = "", scale: str = "") -> "RasterSpec":
@@ -68,9 +71,11 @@ class RasterSpec:
     given = bands.strip()
     all_bands = given == "all" or given.startswith("all:")
     if all_bands:
-      bands = given[len("all:"):]
+      bands = given[len("all:") :]
       if given.startswith("all:") and not bands.strip():
-        raise errors.InvalidInput(f"config.data.bands={given!r} is invalid: expected all or all:R,G,B")
+        raise errors.InvalidInput(
+          f"config.data.bands={given!r} is invalid: expected all or all:R,G,B"
+        )
     if bands.strip():
       items = [b.strip() for b in bands.split(",")]
       if any(not b for b in items):
@@ -78,18 +83,26 @@ class RasterSpec:
       if all(b.isdigit() for b in items):
         spec_bands = tuple(int(b) for b in items)
         if min(spec_bands) < 1:
-          raise errors.InvalidInput(f"config.data.bands={bands!r} is invalid: band numbers count from 1")
+          raise errors.InvalidInput(
+            f"config.data.bands={bands!r} is invalid: band numbers count from 1"
+          )
       elif any(b.isdigit() for b in items):
-        raise errors.InvalidInput(f"config.data.bands={bands!r} is invalid: use band numbers (4,3,2) or band "
-                                  "descriptions (B4,B3,B2), not both")
+        raise errors.InvalidInput(
+          f"config.data.bands={bands!r} is invalid: use band numbers (4,3,2) or band "
+          "descriptions (B4,B3,B2), not both"
+        )
       else:
         spec_bands = tuple(items)
       if all_bands and len(spec_bands) != 3:
-        raise errors.InvalidInput(f"config.data.bands='all:{bands}' is invalid: all:R,G,B names the 3 bands "
-                                  f"that take the pretrained R, G, B filters, got {len(spec_bands)}")
+        raise errors.InvalidInput(
+          f"config.data.bands='all:{bands}' is invalid: all:R,G,B names the 3 bands "
+          f"that take the pretrained R, G, B filters, got {len(spec_bands)}"
+        )
       if len(spec_bands) not in (1, 3):
-        raise errors.InvalidInput(f"config.data.bands={bands!r} selects {len(spec_bands)} bands: an RGB "
-                                  "backbone takes 3 (or 1, repeated as grey); data.bands=all feeds every band")
+        raise errors.InvalidInput(
+          f"config.data.bands={bands!r} selects {len(spec_bands)} bands: an RGB "
+          "backbone takes 3 (or 1, repeated as grey); data.bands=all feeds every band"
+        )
       if all_bands and len(set(spec_bands)) != len(spec_bands):
         raise errors.InvalidInput(f"config.data.bands='all:{bands}' names a band twice")
     if all_bands:
@@ -103,18 +116,24 @@ class RasterSpec:
         try:
           lo, hi = (float(x) for x in scale.split(":", 1)[1].split(","))
         except ValueError:
-          raise errors.InvalidInput(f"config.data.scale={scale!r} is invalid: expected stretch:LO,HI "
-                                    "(percentiles, e.g. stretch:2,98)") from None
+          raise errors.InvalidInput(
+            f"config.data.scale={scale!r} is invalid: expected stretch:LO,HI "
+            "(percentiles, e.g. stretch:2,98)"
+          ) from None
       if not 0 <= lo < hi <= 100:
-        raise errors.InvalidInput(f"config.data.scale={scale!r} is invalid: need 0 <= LO < HI <= 100")
+        raise errors.InvalidInput(
+          f"config.data.scale={scale!r} is invalid: need 0 <= LO < HI <= 100"
+        )
       return cls(bands=spec_bands, stretch=(lo, hi))
     try:
       divisor = float(scale)
     except ValueError:
       divisor = 0.0
     if not divisor > 0:
-      raise errors.InvalidInput(f"config.data.scale={scale!r} is invalid: expected '' (8-bit as is), a "
-                                "positive divisor such as 10000, or stretch[:LO,HI]")
+      raise errors.InvalidInput(
+        f"config.data.scale={scale!r} is invalid: expected '' (8-bit as is), a "
+        "positive divisor such as 10000, or stretch[:LO,HI]"
+      )
     return cls(bands=spec_bands, divisor=divisor)
 
   @property
@@ -130,27 +149,45 @@ class RasterSpec:
   def channels(self) -> int:
     """Channels of the images this spec gives: 3 (RGB), or every band under data.bands=all."""
     if self.all_bands and not self.count:
-      raise errors.InvalidInput("data.bands=all: the band count has not been read from the rasters yet")
+      raise errors.InvalidInput(
+        "data.bands=all: the band count has not been read from the rasters yet"
+      )
     return self.count if self.all_bands else 3
 
   def with_count(self, count: int, name: str) -> "RasterSpec":
     """data.bands=all: this spec with the archive's band count, read from `name`."""
     if count < 3:
-      raise errors.InvalidInput(f"{name}: data.bands=all needs rasters of 3 or more bands, this one has {count}")
+      raise errors.InvalidInput(
+        f"{name}: data.bands=all needs rasters of 3 or more bands, this one has {count}"
+      )
     return dataclasses.replace(self, count=int(count))
 
   def to_meta(self) -> dict:
-    return {"bands": list(self.bands), "divisor": self.divisor, "stretch": list(self.stretch),
-            "low": list(self.low), "high": list(self.high), "all_bands": self.all_bands, "count": self.count,
-            "numbers": list(self.numbers)}
+    return {
+      "bands": list(self.bands),
+      "divisor": self.divisor,
+      "stretch": list(self.stretch),
+      "low": list(self.low),
+      "high": list(self.high),
+      "all_bands": self.all_bands,
+      "count": self.count,
+      "numbers": list(self.numbers),
+    }
 
   @classmethod
   def from_meta(cls, meta: Optional[dict]) -> "RasterSpec":
     if not meta:
       return cls()
-    return cls(bands=tuple(meta["bands"]), divisor=float(meta["divisor"]), stretch=tuple(meta["stretch"]),
-               low=tuple(meta["low"]), high=tuple(meta["high"]), all_bands=bool(meta.get("all_bands", False)),
-               count=int(meta.get("count", 0)), numbers=tuple(meta.get("numbers", ())))
+    return cls(
+      bands=tuple(meta["bands"]),
+      divisor=float(meta["divisor"]),
+      stretch=tuple(meta["stretch"]),
+      low=tuple(meta["low"]),
+      high=tuple(meta["high"]),
+      all_bands=bool(meta.get("all_bands", False)),
+      count=int(meta.get("count", 0)),
+      numbers=tuple(meta.get("numbers", ())),
+    )
 
   def describe(self) -> str:
     bands = ",".join(map(str, self.bands)) or "default"
@@ -159,7 +196,11 @@ class RasterSpec:
     if self.divisor:
       return f"bands {bands}, value / {self.divisor:g} * 255"
     if self.stretch:
-      fitted = f" = {[round(x, 3) for x in self.low]}..{[round(x, 3) for x in self.high]}" if self.low else ""
+      fitted = (
+        f" = {[round(x, 3) for x in self.low]}..{[round(x, 3) for x in self.high]}"
+        if self.low
+        else ""
+      )
       return f"bands {bands}, percentile stretch {self.stretch[0]:g}..{self.stretch[1]:g}{fitted}"
     return f"bands {bands}, 8-bit as is"
 
@@ -167,28 +208,35 @@ class RasterSpec:
 def _band_indexes(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
   if spec.all_bands:
     if spec.count and src.count != spec.count:
-      raise errors.InvalidInput(f"{path}: has {src.count} band(s); data.bands=all here takes {spec.count} "
-                                "(the band count of the training archive)")
+      raise errors.InvalidInput(
+        f"{path}: has {src.count} band(s); data.bands=all here takes {spec.count} "
+        "(the band count of the training archive)"
+      )
     if src.count < 3:
-      raise errors.InvalidInput(f"{path}: data.bands=all needs rasters of 3 or more bands, this one has "
-                                f"{src.count}")
-    rgb = _band_indexes(src, dataclasses.replace(spec, all_bands=False, bands=spec.bands or (1, 2, 3)), path)
+      raise errors.InvalidInput(
+        f"{path}: data.bands=all needs rasters of 3 or more bands, this one has {src.count}"
+      )
+    rgb = _band_indexes(
+      src, dataclasses.replace(spec, all_bands=False, bands=spec.bands or (1, 2, 3)), path
+    )
     return rgb + tuple(b for b in range(1, src.count + 1) if b not in rgb)
   if not spec.bands:
     return (1, 2, 3) if src.count >= 3 else (1,)
   if isinstance(spec.bands[0], int):
     past = [b for b in spec.bands if b > src.count]
     if past:
-      raise errors.InvalidInput(f"{path}: data.bands asks for band {past[0]} but the raster has {src.count} "
-                                "band(s)")
+      raise errors.InvalidInput(
+        f"{path}: data.bands asks for band {past[0]} but the raster has {src.count} band(s)"
+      )
     return tuple(spec.bands)
   names = [d or "" for d in src.descriptions]
   out = []
   for b in spec.bands:
     if b not in names:
       have = ", ".join(n or "(none)" for n in names)
-      raise errors.InvalidInput(f"{path}: data.bands asks for band {b!r}, not among the raster's band "
-                                f"descriptions: {have}")
+      raise errors.InvalidInput(
+        f"{path}: data.bands asks for band {b!r}, not among the raster's band descriptions: {have}"
+      )
     out.append(names.index(b) + 1)
   return tuple(out)
 
@@ -197,6 +245,7 @@ def open_raster(path: str):
   """rasterio.open, with an unreadable file an InvalidInput naming it."""
   import warnings  # pylint: disable=g-import-not-at-top
   import rasterio  # pylint: disable=g-import-not-at-top
+
   try:
     with warnings.catch_warnings():  # a plain TIFF is fine: it just has no coordinates
       warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -210,8 +259,10 @@ def _checked_bands(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
   exist and that their type can be scaled to 0..255."""
   idx = _band_indexes(src, spec, path)
   if not spec.divisor and not spec.stretch and src.dtypes[idx[0] - 1] != "uint8":
-    raise errors.InvalidInput(f"{path}: a {src.dtypes[idx[0] - 1]} raster needs data.scale (a divisor such as "
-                              "10000 for reflectance, or stretch): its values have no fixed 0..255 range")
+    raise errors.InvalidInput(
+      f"{path}: a {src.dtypes[idx[0] - 1]} raster needs data.scale (a divisor such as "
+      "10000 for reflectance, or stretch): its values have no fixed 0..255 range"
+    )
   return idx
 
 
@@ -258,9 +309,13 @@ def to_uint8(data: np.ma.MaskedArray, spec: RasterSpec, name: str) -> np.ndarray
     x = data.filled(0.0) / spec.divisor * 255.0
   elif spec.stretch:
     if not spec.low:
-      raise errors.InvalidInput(f"{name}: data.scale=stretch has not been fitted on a training split")
+      raise errors.InvalidInput(
+        f"{name}: data.scale=stretch has not been fitted on a training split"
+      )
     if len(spec.low) != data.shape[0]:
-      raise errors.InvalidInput(f"{name}: the stretch has {len(spec.low)} band(s), the image gives {data.shape[0]}")
+      raise errors.InvalidInput(
+        f"{name}: the stretch has {len(spec.low)} band(s), the image gives {data.shape[0]}"
+      )
     lo = np.asarray(spec.low, np.float32)[:, None, None]
     hi = np.asarray(spec.high, np.float32)[:, None, None]
     x = (data.filled(0.0) - lo) / np.maximum(hi - lo, 1e-12) * 255.0
@@ -274,16 +329,22 @@ def to_uint8(data: np.ma.MaskedArray, spec: RasterSpec, name: str) -> np.ndarray
 def array_band_numbers(c: int, spec: RasterSpec, name: str) -> Tuple[int, ...]:
   """The band numbers `spec` reads from an in-memory image of `c` bands (no descriptions)."""
   if spec.bands and not isinstance(spec.bands[0], int):
-    raise errors.InvalidInput(f"{name}: data.bands={','.join(spec.bands)} names band descriptions, which "
-                              "TFDS examples do not have: use band numbers (e.g. 4,3,2)")
+    raise errors.InvalidInput(
+      f"{name}: data.bands={','.join(spec.bands)} names band descriptions, which "
+      "TFDS examples do not have: use band numbers (e.g. 4,3,2)"
+    )
   idx = spec.bands or ((1, 2, 3) if c >= 3 else (1,))
   if spec.all_bands:
     if spec.count and c != spec.count:
-      raise errors.InvalidInput(f"{name}: the images have {c} band(s); data.bands=all here takes {spec.count}")
+      raise errors.InvalidInput(
+        f"{name}: the images have {c} band(s); data.bands=all here takes {spec.count}"
+      )
     idx = tuple(idx) + tuple(b for b in range(1, c + 1) if b not in idx)
   past = [b for b in idx if b > c]
   if past:
-    raise errors.InvalidInput(f"{name}: data.bands asks for band {past[0]} but the images have {c} band(s)")
+    raise errors.InvalidInput(
+      f"{name}: data.bands asks for band {past[0]} but the images have {c} band(s)"
+    )
   return tuple(idx)
 
 
@@ -291,7 +352,9 @@ def select_array_bands(array: np.ndarray, spec: RasterSpec, name: str) -> np.ma.
   """An in-memory image [H, W, C] (a TFDS example) -> its chosen bands [C', H, W] float32.
   Arrays have no band descriptions: bands are numbers here."""
   idx = array_band_numbers(array.shape[-1], spec, name)
-  return np.ma.masked_invalid(np.moveaxis(array[..., [b - 1 for b in idx]].astype(np.float32), -1, 0))
+  return np.ma.masked_invalid(
+    np.moveaxis(array[..., [b - 1 for b in idx]].astype(np.float32), -1, 0)
+  )
 
 
 def read_bytes(data: bytes, spec: RasterSpec, name: str = "upload") -> np.ndarray:
@@ -300,6 +363,7 @@ def read_bytes(data: bytes, spec: RasterSpec, name: str = "upload") -> np.ndarra
   import warnings  # pylint: disable=g-import-not-at-top
   import rasterio  # pylint: disable=g-import-not-at-top
   from rasterio.io import MemoryFile  # pylint: disable=g-import-not-at-top
+
   with MemoryFile(data) as mem:
     try:
       with warnings.catch_warnings():
@@ -311,14 +375,21 @@ def read_bytes(data: bytes, spec: RasterSpec, name: str = "upload") -> np.ndarra
       return to_uint8(_read_open(src, spec, name), spec, name)
 
 
-def fit_stretch(paths: Sequence[str], spec: RasterSpec, max_files: int = 256, seed: int = 0) -> RasterSpec:
+def fit_stretch(
+  paths: Sequence[str], spec: RasterSpec, max_files: int = 256, seed: int = 0
+) -> RasterSpec:
   """The stretch's per-band percentiles over (a seeded sample of) `paths`' valid pixels:
   call it with the training split's paths only."""
   rasters = [p for p in paths if is_raster(p)]
   if not rasters:
-    raise errors.InvalidInput("data.scale=stretch needs GeoTIFF/TIFF images in the training split; it has none")
+    raise errors.InvalidInput(
+      "data.scale=stretch needs GeoTIFF/TIFF images in the training split; it has none"
+    )
   if len(rasters) > max_files:
-    rasters = [rasters[i] for i in sorted(np.random.default_rng(seed).choice(len(rasters), max_files, replace=False))]
+    rasters = [
+      rasters[i]
+      for i in sorted(np.random.default_rng(seed).choice(len(rasters), max_files, replace=False))
+    ]
   return fit_stretch_arrays(((p, read_bands(p, spec)) for p in rasters), spec, seed)
 
 
@@ -348,6 +419,7 @@ def center_lonlat(path: str) -> Tuple[float, float]:
 
 def _lonlat(src) -> Tuple[float, float]:
   from rasterio.transform import Affine  # pylint: disable=g-import-not-at-top
+
   if src.crs is None or src.transform == Affine.identity():
     return float("nan"), float("nan")
   x, y = src.xy(src.height / 2.0, src.width / 2.0, offset="ul")  # the centre point, in the CRS
@@ -359,6 +431,7 @@ def _lonlat(src) -> Tuple[float, float]:
 def _to_wgs84(wkt: str):
   """One pyproj transformer per CRS of an archive (building one costs more than a header)."""
   from pyproj import CRS, Transformer  # pylint: disable=g-import-not-at-top
+
   return Transformer.from_crs(CRS.from_user_input(wkt), CRS.from_epsg(4326), always_xy=True)
 
 

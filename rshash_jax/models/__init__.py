@@ -1,1 +1,2 @@
-"""Networks and objectives: backbones, DHCNN, MrHash, the shallow baselines. Pure Flax/JAX; no I/O but weights."""
+"""Networks and objectives: backbones, DHCNN, MrHash, the shallow baselines, the sign rule.
+Pure Flax/JAX; no I/O but reading weights."""

@@ -20,6 +20,7 @@ from rshash_jax.models import signs
 @dataclasses.dataclass
 class LinearHash:
   """codes = sign((x - mean) @ projection)."""
+
   mean: np.ndarray
   projection: np.ndarray
 

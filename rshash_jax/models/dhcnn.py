@@ -56,6 +56,7 @@ CE_MODES = ("full", "scaled")
 
 class HashHead(nn.Module):
   """f -> (u [B, K], logits [B, C]); weights and biases of both layers ~ N(0, 0.01^2)."""
+
   bits: int
   num_classes: int
   hidden: int = 0
@@ -75,7 +76,8 @@ class HashHead(nn.Module):
     # ce_grad_scale < 1 lets the classifier take the full CE gradient while u receives only
     # that fraction of it (the official code's weighting; see ce_grad_scale()).
     logits = nn.Dense(self.num_classes, kernel_init=init, bias_init=init, name="classifier")(
-        _scale_grad(u, ce_grad_scale))
+      _scale_grad(u, ce_grad_scale)
+    )
     return u, logits
 
 
@@ -83,13 +85,16 @@ class DHCNN(nn.Module):
   """Backbone + HashHead. `backbone` is a module returning {'features', ...}; None takes
   features directly (frozen mode over cached features). With backbone_start (partial
   fine-tuning) only the backbone's layers from that split point on are part of the model."""
+
   backbone: Optional[nn.Module]
   bits: int
   num_classes: int
   hidden: int = 0
   dropout: float = 0.0
   dtype: Any = jnp.float32
-  backbone_start: str = ""  # partial fine-tuning: x is the backbone's activation at this split point
+  backbone_start: str = (
+    ""  # partial fine-tuning: x is the backbone's activation at this split point
+  )
 
   @nn.compact
   def __call__(self, x, train: bool = False, ce_grad_scale: float = 1.0):
@@ -99,8 +104,9 @@ class DHCNN(nn.Module):
       f = self.backbone(x, train=train, start=self.backbone_start)["features"]
     else:
       f = self.backbone(x, train=train)["features"]
-    return HashHead(self.bits, self.num_classes, self.hidden, self.dropout, self.dtype,
-                    name="head")(f, train, ce_grad_scale)
+    return HashHead(
+      self.bits, self.num_classes, self.hidden, self.dropout, self.dtype, name="head"
+    )(f, train, ce_grad_scale)
 
 
 def _scale_grad(x, scale):
@@ -150,9 +156,24 @@ def center_term(u, labels, centers, mask):
   return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta: float,
-            theta_scale: float, gradient: str = "official", ce_to_classifier: str = "full",
-            num_classes: int, mask=None, centers=None, center_weight: float = 0.0) -> Dict[str, Any]:
+def loss_fn(
+  u,
+  logits,
+  labels,
+  bank_rows,
+  bank,
+  bank_labels,
+  *,
+  eta: float,
+  beta: float,
+  theta_scale: float,
+  gradient: str = "official",
+  ce_to_classifier: str = "full",
+  num_classes: int,
+  mask=None,
+  centers=None,
+  center_weight: float = 0.0,
+) -> Dict[str, Any]:
   """DHCNN loss of one batch. Returns dict(loss, pairwise, quant, ce, center, bank) where
   `bank` is the memory bank with this batch's rows written (the caller keeps it).
 
@@ -161,12 +182,16 @@ def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta
   centers [C, K] class targets (hash_centers), used when center_weight > 0.
   """
   if ce_to_classifier not in CE_MODES:
-    raise errors.InvalidInput(f"dhcnn.ce_to_classifier must be one of {CE_MODES}, got {ce_to_classifier!r}")
+    raise errors.InvalidInput(
+      f"dhcnn.ce_to_classifier must be one of {CE_MODES}, got {ce_to_classifier!r}"
+    )
   mask = jnp.ones((u.shape[0],), jnp.float32) if mask is None else mask.astype(jnp.float32)
   rows = jnp.where(mask > 0, bank_rows, bank.shape[0])  # padded rows write out of bounds: dropped
   bank = bank.at[rows].set(jax.lax.stop_gradient(u), mode="drop")
   s = similarity(labels, bank_labels)
-  pairwise, quant = pairwise_terms(u, bank, s, theta_scale=theta_scale, gradient=gradient, mask=mask)
+  pairwise, quant = pairwise_terms(
+    u, bank, s, theta_scale=theta_scale, gradient=gradient, mask=mask
+  )
   n_valid = jnp.maximum(jnp.sum(mask), 1.0)
   norm = n_valid * bank.shape[0]
   if labels.ndim == 1:
@@ -187,8 +212,15 @@ def loss_fn(u, logits, labels, bank_rows, bank, bank_labels, *, eta: float, beta
       raise errors.InvalidInput("dhcnn.center_weight > 0 needs the class targets (hash_centers)")
     center = center_term(u, labels, centers, mask)
     total, reported = total + center_weight * center, reported + center_weight * center
-  return dict(loss=total, reported=reported, pairwise=pairwise / norm,
-              quant=quant / norm, ce=ce, center=center, bank=bank)
+  return dict(
+    loss=total,
+    reported=reported,
+    pairwise=pairwise / norm,
+    quant=quant / norm,
+    ce=ce,
+    center=center,
+    bank=bank,
+  )
 
 
 def ce_grad_scale(eta: float, ce_to_classifier: str) -> float:

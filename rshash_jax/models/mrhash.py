@@ -5,8 +5,8 @@ Stage 1, `MultiSourceAE`: an encoder on source-1 features (D1 -> 512 -> 512 -> 2
 512 -> 512 -> D_s) trained with MSE(dec_2(z), x_2) + 0.1 MSE(dec_1(z), x_1) (more sources:
 every source after the first weighs 1, the first 0.1).
 
-Stage 2: centres mu [C, 64] (the paper: C = 16) from k-means on the AE latents; Student-t soft assignments
-(DEC, alpha = 1) q_ij ~ (1 + ||z_i - mu_j||^2)^-1; the target p_ij ~ q_ij^2 / f_j,
+Stage 2: centres mu [C, 64] (the paper: C = 16) from k-means on the AE latents; Student-t
+soft assignments (DEC, alpha = 1) q_ij ~ (1 + ||z_i - mu_j||^2)^-1; the target p_ij ~ q_ij^2 / f_j,
 f_j = sum_i q_ij, recomputed over the whole training set once per epoch from the feature
 branch without gradient. The hash network (features of the single-source image ->
 K -> tanh = h; z_img = W_l h, no bias; optionally with the backbone in front, fine-tuned)
@@ -45,13 +45,16 @@ class MLP(nn.Module):
 
 class MultiSourceAE(nn.Module):
   """Encoder on source 1, one decoder per source. Returns (z, [reconstruction_s])."""
+
   source_dims: Sequence[int]
   latent: int = LATENT
 
   def setup(self):
     self.encoder = MLP(ENCODER_WIDTHS, self.latent)
-    self.decoders = [MLP(tuple(reversed(ENCODER_WIDTHS)), d, name=f"decoder{s}")
-                     for s, d in enumerate(self.source_dims)]
+    self.decoders = [
+      MLP(tuple(reversed(ENCODER_WIDTHS)), d, name=f"decoder{s}")
+      for s, d in enumerate(self.source_dims)
+    ]
 
   def encode(self, x1):
     return self.encoder(x1)
@@ -71,6 +74,7 @@ def reconstruction_loss(recons, sources, first_weight: float = 0.1):
 
 class HashNet(nn.Module):
   """Single-source image features -> (h = tanh(W f + b) [B, K], z_img = W_l h [B, 64])."""
+
   bits: int
   hidden: int = 0
   latent: int = LATENT
@@ -96,6 +100,7 @@ def image_features(backbone: nn.Module, x, feature_norm: str, scale: float, star
 class MrHash(nn.Module):
   """Everything trained in stage 2: AE, centres, hash network (and, when `backbone` is
   given, the backbone: the hash branch then takes preprocessed images, not features)."""
+
   source_dims: Sequence[int]
   bits: int
   num_clusters: int = 16
@@ -103,7 +108,9 @@ class MrHash(nn.Module):
   backbone: Optional[nn.Module] = None
   feature_norm: str = "none"
   feature_scale: float = 1.0
-  backbone_start: str = ""  # partial fine-tuning: the image input is the activation at this split point
+  backbone_start: str = (
+    ""  # partial fine-tuning: the image input is the activation at this split point
+  )
 
   def setup(self):
     self.ae = MultiSourceAE(self.source_dims)
@@ -112,15 +119,22 @@ class MrHash(nn.Module):
 
   def _hash(self, image_input):
     if self.backbone is not None:
-      image_input = image_features(self.backbone, image_input, self.feature_norm, self.feature_scale,
-                                   self.backbone_start)
+      image_input = image_features(
+        self.backbone, image_input, self.feature_norm, self.feature_scale, self.backbone_start
+      )
     return self.hashnet(image_input)
 
   def __call__(self, image_input, sources: Sequence[Any]):
     z_feat, recons = self.ae(sources[0])
     h, z_img = self._hash(image_input)
-    return dict(h=h, z_img=z_img, z_feat=z_feat, recons=recons,
-                q_img=soft_assign(z_img, self.centres), q_feat=soft_assign(z_feat, self.centres))
+    return dict(
+      h=h,
+      z_img=z_img,
+      z_feat=z_feat,
+      recons=recons,
+      q_img=soft_assign(z_img, self.centres),
+      q_feat=soft_assign(z_feat, self.centres),
+    )
 
   def codes(self, image_input):
     return self._hash(image_input)[0]
@@ -156,7 +170,9 @@ def kl_divergence(p, q, reduction: str = "batchmean", eps: float = 1e-12):
   """KL(P||Q) of rows. 'batchmean': sum over clusters, mean over rows (the definition);
   'mean': mean over all rows*clusters elements (the official code; 1/num_clusters of it)."""
   if reduction not in KL_REDUCTIONS:
-    raise errors.InvalidInput(f"mrhash.kl_reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+    raise errors.InvalidInput(
+      f"mrhash.kl_reduction must be one of {KL_REDUCTIONS}, got {reduction!r}"
+    )
   elem = p * (jnp.log(p + eps) - jnp.log(q + eps))
   return jnp.mean(jnp.sum(elem, axis=1)) if reduction == "batchmean" else jnp.mean(elem)
 
@@ -181,9 +197,18 @@ def balance_term(h):
   return jnp.mean(jnp.square(jnp.mean(h, axis=0)))
 
 
-def stage2_loss(out, p, sources, *, recon_weight: float = 5.0, kl_reduction: str = "batchmean",
-                first_source_weight: float = 1.0, pair_weight: float = 0.0, quant_weight: float = 0.0,
-                balance_weight: float = 0.0) -> Tuple[Any, dict]:
+def stage2_loss(
+  out,
+  p,
+  sources,
+  *,
+  recon_weight: float = 5.0,
+  kl_reduction: str = "batchmean",
+  first_source_weight: float = 1.0,
+  pair_weight: float = 0.0,
+  quant_weight: float = 0.0,
+  balance_weight: float = 0.0,
+) -> Tuple[Any, dict]:
   """KL(P||Q_img) + KL(P||Q_feat) + recon_weight * (MSE recon 1 + MSE recon 2 + ...), the
   paper's objective; options of ours (0 = off, the default): + pair_weight * pair_term
   + quant_weight * quant_term + balance_weight * balance_term of the codes h."""
@@ -194,8 +219,9 @@ def stage2_loss(out, p, sources, *, recon_weight: float = 5.0, kl_reduction: str
   pair, quant, balance = pair_term(h, p), quant_term(h), balance_term(h)
   loss = kl_img + kl_feat + recon_weight * recon
   loss = loss + pair_weight * pair + quant_weight * quant + balance_weight * balance
-  return loss, dict(loss=loss, kl_img=kl_img, kl_feat=kl_feat, recon=recon, pair=pair, quant=quant,
-                    balance=balance)
+  return loss, dict(
+    loss=loss, kl_img=kl_img, kl_feat=kl_feat, recon=recon, pair=pair, quant=quant, balance=balance
+  )
 
 
 def stage1_loss(recons, sources):
@@ -205,5 +231,5 @@ def stage1_loss(recons, sources):
 
 def batched_apply(fn, x, batch: int = 4096):
   """fn over rows of x in slices (bounded memory for whole-training-set passes)."""
-  outs = [fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)]
+  outs = [fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)]
   return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)

@@ -1,1 +1,1 @@
-"""Process start-up and the ('data',) device mesh: every module that knows about processes or devices."""
+"""Process start-up and the ('data',) device mesh: what knows about processes and devices."""

@@ -46,7 +46,9 @@ def _env_int(name: str, default: int) -> int:
   except ValueError:
     out = -1
   if out < 0:
-    raise errors.InvalidInput(f"environment variable {name}={value!r} is invalid: expected a non-negative integer")
+    raise errors.InvalidInput(
+      f"environment variable {name}={value!r} is invalid: expected a non-negative integer"
+    )
   return out
 
 
@@ -63,9 +65,11 @@ def _wait_for_coordinator(address: str, timeout: float):
         return
     except OSError as e:
       if time.monotonic() >= deadline:
-        raise errors.Unreachable(f"cannot reach the coordinator at {address} within {timeout:.0f} s ({e}); "
-                                 "start process 0 there first, or check JAX_COORDINATOR_ADDRESS "
-                                 "(RSHASH_INIT_TIMEOUT sets the wait)") from e
+        raise errors.Unreachable(
+          f"cannot reach the coordinator at {address} within {timeout:.0f} s ({e}); "
+          "start process 0 there first, or check JAX_COORDINATOR_ADDRESS "
+          "(RSHASH_INIT_TIMEOUT sets the wait)"
+        ) from e
       time.sleep(0.5)
 
 
@@ -80,18 +84,31 @@ def initialize_from_env() -> bool:
   if not (auto or address or num or pid):
     return False
   init_timeout = _env_int("RSHASH_INIT_TIMEOUT", 300)
-  kwargs = dict(initialization_timeout=init_timeout,
-                heartbeat_timeout_seconds=_env_int("RSHASH_HEARTBEAT_TIMEOUT", 60))
+  kwargs = dict(
+    initialization_timeout=init_timeout,
+    heartbeat_timeout_seconds=_env_int("RSHASH_HEARTBEAT_TIMEOUT", 60),
+  )
   if num or pid:
-    missing = [n for n, v in (("JAX_COORDINATOR_ADDRESS", address), ("JAX_NUM_PROCESSES", num),
-                              ("JAX_PROCESS_ID", pid)) if not v]
+    missing = [
+      n
+      for n, v in (
+        ("JAX_COORDINATOR_ADDRESS", address),
+        ("JAX_NUM_PROCESSES", num),
+        ("JAX_PROCESS_ID", pid),
+      )
+      if not v
+    ]
     if missing:
-      raise errors.InvalidInput(f"multi-process start by hand needs JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
-                                f"JAX_PROCESS_ID; missing: {', '.join(missing)}")
+      raise errors.InvalidInput(
+        f"multi-process start by hand needs JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+        f"JAX_PROCESS_ID; missing: {', '.join(missing)}"
+      )
     try:
       num_i, pid_i = int(num), int(pid)
     except ValueError:
-      raise errors.InvalidInput(f"JAX_NUM_PROCESSES={num!r} and JAX_PROCESS_ID={pid!r} must be integers") from None
+      raise errors.InvalidInput(
+        f"JAX_NUM_PROCESSES={num!r} and JAX_PROCESS_ID={pid!r} must be integers"
+      ) from None
     if num_i < 1 or not 0 <= pid_i < num_i:
       raise errors.InvalidInput(f"JAX_PROCESS_ID={pid_i} must be in [0, JAX_NUM_PROCESSES={num_i})")
     kwargs.update(coordinator_address=address, num_processes=num_i, process_id=pid_i)
@@ -106,6 +123,7 @@ def initialize_from_env() -> bool:
 
 def _client():
   from jax._src import distributed as jd  # pylint: disable=g-import-not-at-top
+
   return jd.global_state.client
 
 
@@ -123,8 +141,10 @@ def barrier(name: str, timeout: Optional[float] = None):
   try:
     _client().wait_at_barrier(f"rshash/{_barrier_count}/{name}", int(timeout * 1000))
   except Exception as e:  # the coordination service's error names the missing processes
-    raise errors.Timeout(f"process {jax.process_index()}: not all {jax.process_count()} processes reached "
-                         f"barrier {name!r} within {timeout:.0f} s: {e}") from e
+    raise errors.Timeout(
+      f"process {jax.process_index()}: not all {jax.process_count()} processes reached "
+      f"barrier {name!r} within {timeout:.0f} s: {e}"
+    ) from e
 
 
 def agree(name: str, value):
@@ -134,6 +154,7 @@ def agree(name: str, value):
   if jax.process_count() == 1:
     return value
   import json  # pylint: disable=g-import-not-at-top
+
   _barrier_count += 1
   key = f"rshash/agree/{_barrier_count}/{name}"
   if is_primary():
@@ -143,8 +164,10 @@ def agree(name: str, value):
   try:
     return json.loads(_client().blocking_key_value_get(key, int(timeout * 1000)))
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.Timeout(f"process {jax.process_index()}: no word from process 0 on {name!r} within "
-                         f"{timeout:.0f} s: {e}") from e
+    raise errors.Timeout(
+      f"process {jax.process_index()}: no word from process 0 on {name!r} within "
+      f"{timeout:.0f} s: {e}"
+    ) from e
 
 
 def on_primary(fn: Callable[[], None], name: str):
@@ -165,6 +188,7 @@ def on_primary(fn: Callable[[], None], name: str):
 def write_once(path: str, write: Callable[[str], None], name: Optional[str] = None):
   """The primary process calls write(tmp) and renames tmp to `path`; every process returns
   after the file exists. write() gets a temporary path in the same directory."""
+
   def write_and_rename():
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -174,9 +198,11 @@ def write_once(path: str, write: Callable[[str], None], name: Optional[str] = No
       with contextlib.suppress(OSError):
         if os.path.isdir(tmp):
           import shutil  # pylint: disable=g-import-not-at-top
+
           shutil.rmtree(tmp)
         elif os.path.exists(tmp):
           os.remove(tmp)
+
   on_primary(write_and_rename, name or f"write {os.path.basename(path)}")
 
 
@@ -188,10 +214,12 @@ def replicate(tree, mesh):
 
 def to_host(tree):
   """Replicated (possibly multi-process) arrays -> numpy, from this process's own copy."""
+
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(x.addressable_data(0))
     return np.asarray(x) if isinstance(x, jax.Array) else x
+
   return jax.tree.map(one, tree)
 
 
@@ -205,7 +233,9 @@ def _dead_processes() -> str:
     return ""
   if not dead:
     return ""
-  return f"{'processes' if len(dead) > 1 else 'process'} {', '.join(map(str, dead))} {'are' if len(dead) > 1 else 'is'} gone"
+  if len(dead) == 1:
+    return f"process {dead[0]} is gone"
+  return f"processes {', '.join(map(str, dead))} are gone"
 
 
 def fail_fast(exc: BaseException, code: int = 1, brief: bool = False):
@@ -214,14 +244,22 @@ def fail_fast(exc: BaseException, code: int = 1, brief: bool = False):
   by the coordination service instead of hanging for the shutdown timeout. `brief`: an
   error in the input, reported as one line without its traceback."""
   import traceback  # pylint: disable=g-import-not-at-top
+
   if brief:
     msg = " ".join(str(exc).split())
-    print(f"rshash: error: process {jax.process_index()} of {jax.process_count()}: {msg}",
-          file=sys.stderr, flush=True)
+    print(
+      f"rshash: error: process {jax.process_index()} of {jax.process_count()}: {msg}",
+      file=sys.stderr,
+      flush=True,
+    )
   else:
     traceback.print_exception(exc, file=sys.stderr)
-    print(f"rshash: process {jax.process_index()} of {jax.process_count()} failed: "
-          f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    print(
+      f"rshash: process {jax.process_index()} of {jax.process_count()} failed: "
+      f"{type(exc).__name__}: {exc}",
+      file=sys.stderr,
+      flush=True,
+    )
   # The coordination service knows within RSHASH_HEARTBEAT_TIMEOUT whether a peer died (if
   # it aborts this process first, its own message lists the unhealthy tasks).
   dead = _dead_processes()

@@ -1,1 +1,2 @@
-"""Codes and their ranking: the Hamming engine, the metrics, inference encoders and the codes-file format."""
+"""Codes and their ranking: the Hamming engine, metrics, inference encoders, the codes file,
+hits as users see them."""

@@ -25,15 +25,36 @@ from rshash_jax.retrieval import encoder as encoder_lib
 FORMAT = "rshash_jax.codes/1"
 
 
-def write_codes(path: str, *, codes: np.ndarray, ids: np.ndarray, labels: np.ndarray, lonlat: np.ndarray,
-                predicted: np.ndarray, paths: Sequence[str], class_names: Sequence[str],
-                encoder: encoder_lib.Encoder):
-  """Writes a codes file at `path` (a plain write: callers make it atomic, distributed.write_once)."""
+def write_codes(
+  path: str,
+  *,
+  codes: np.ndarray,
+  ids: np.ndarray,
+  labels: np.ndarray,
+  lonlat: np.ndarray,
+  predicted: np.ndarray,
+  paths: Sequence[str],
+  class_names: Sequence[str],
+  encoder: encoder_lib.Encoder,
+):
+  """Writes a codes file at `path` (a plain write: callers make it atomic)."""
   with open(path, "wb") as f:
-    np.savez(f, format=FORMAT, codes=codes, ids=ids, labels=labels, lon=lonlat[:, 0], lat=lonlat[:, 1],
-             predicted=predicted, paths=np.asarray(paths), class_names=np.asarray(class_names, dtype=str),
-             bits=encoder.bits, identity=encoder.identity, method=encoder.meta["method"],
-             backbone=encoder.meta["backbone"])
+    np.savez(
+      f,
+      format=FORMAT,
+      codes=codes,
+      ids=ids,
+      labels=labels,
+      lon=lonlat[:, 0],
+      lat=lonlat[:, 1],
+      predicted=predicted,
+      paths=np.asarray(paths),
+      class_names=np.asarray(class_names, dtype=str),
+      bits=encoder.bits,
+      identity=encoder.identity,
+      method=encoder.meta["method"],
+      backbone=encoder.meta["backbone"],
+    )
 
 
 def load_codes(path: str, enc: Optional[encoder_lib.Encoder] = None) -> Dict[str, np.ndarray]:
@@ -47,6 +68,8 @@ def load_codes(path: str, enc: Optional[encoder_lib.Encoder] = None) -> Dict[str
   if str(z.get("format")) != FORMAT:
     raise errors.InvalidInput(f"{path}: not an rshash_jax codes file (format {z.get('format')!r})")
   if enc is not None and (str(z["identity"]) != enc.identity or int(z["bits"]) != enc.bits):
-    raise errors.InvalidInput(f"{path} was encoded by encoder {z['identity']} ({int(z['bits'])} bits), "
-                              f"not by {enc.identity} ({enc.bits} bits): re-encode the database with this encoder")
+    raise errors.InvalidInput(
+      f"{path} was encoded by encoder {z['identity']} ({int(z['bits'])} bits), "
+      f"not by {enc.identity} ({enc.bits} bits): re-encode the database with this encoder"
+    )
   return z

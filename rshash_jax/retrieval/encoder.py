@@ -34,6 +34,7 @@ FORMAT = "rshash_jax.encoder/1"
 
 class _MrHashEncoder(nn.Module):
   """normalised backbone features / scale -> HashNet (the MrHash hash network at test time)."""
+
   backbone: nn.Module
   bits: int
   hidden: int = 0
@@ -47,7 +48,9 @@ class _MrHashEncoder(nn.Module):
 
 
 def _identity(meta: Dict[str, Any], tree) -> str:
-  h = hashlib.sha1(json.dumps({k: meta[k] for k in sorted(meta) if k != "identity"}, sort_keys=True).encode())
+  h = hashlib.sha1(
+    json.dumps({k: meta[k] for k in sorted(meta) if k != "identity"}, sort_keys=True).encode()
+  )
   for leaf in jax.tree.leaves(tree):
     a = np.asarray(leaf)
     h.update(str(a.shape).encode())
@@ -55,21 +58,51 @@ def _identity(meta: Dict[str, Any], tree) -> str:
   return h.hexdigest()[:16]
 
 
-def save_encoder(path: str, *, method: str, bb: backbones.Backbone, head_params, bits: int,
-                 class_names: Optional[List[str]] = None, hidden: int = 0, feature_scale: float = 1.0,
-                 feature_norm: str = "none", degrade: int = 1, extra_meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> str:
+def save_encoder(
+  path: str,
+  *,
+  method: str,
+  bb: backbones.Backbone,
+  head_params,
+  bits: int,
+  class_names: Optional[List[str]] = None,
+  hidden: int = 0,
+  feature_scale: float = 1.0,
+  feature_norm: str = "none",
+  degrade: int = 1,
+  extra_meta: Optional[Dict[str, Any]] = None,
+  overwrite: bool = False,
+) -> str:
   """Writes an encoder directory at `path` (refuses an existing path unless overwrite)."""
   path = os.path.abspath(path)
   if distributed.agree(f"encoder {path} exists", os.path.exists(path)) and not overwrite:
     raise errors.AlreadyExists(f"export path exists, nothing written: {path}")
   pre = bb.preprocessing
-  tree = {"backbone": distributed.to_host(bb.variables), "head": distributed.to_host(head_params),
-          "preprocess": {"mean": np.asarray(pre.mean, np.float32), "std": np.asarray(pre.std, np.float32)}}
-  meta = dict(format=FORMAT, method=method, backbone=bb.name, image_size=pre.size, scale=pre.scale,
-              bgr=pre.bgr, dtype=str(jnp.dtype(bb.module.dtype)), bits=int(bits),
-              class_names=list(class_names or []), hidden=int(hidden), feature_scale=float(feature_scale),
-              feature_norm=feature_norm, degrade=int(degrade), lrn_params=list(getattr(bb.module, "lrn_params", []) or []),
-              **(extra_meta or {}))
+  tree = {
+    "backbone": distributed.to_host(bb.variables),
+    "head": distributed.to_host(head_params),
+    "preprocess": {
+      "mean": np.asarray(pre.mean, np.float32),
+      "std": np.asarray(pre.std, np.float32),
+    },
+  }
+  meta = dict(
+    format=FORMAT,
+    method=method,
+    backbone=bb.name,
+    image_size=pre.size,
+    scale=pre.scale,
+    bgr=pre.bgr,
+    dtype=str(jnp.dtype(bb.module.dtype)),
+    bits=int(bits),
+    class_names=list(class_names or []),
+    hidden=int(hidden),
+    feature_scale=float(feature_scale),
+    feature_norm=feature_norm,
+    degrade=int(degrade),
+    lrn_params=list(getattr(bb.module, "lrn_params", []) or []),
+    **(extra_meta or {}),
+  )
   meta["identity"] = _identity(meta, tree)
 
   def write(tmp):
@@ -81,6 +114,7 @@ def save_encoder(path: str, *, method: str, bb: backbones.Backbone, head_params,
       json.dump(meta, f, indent=1)
     if os.path.exists(path):  # overwrite: replaced by the complete new one
       shutil.rmtree(path)
+
   distributed.write_once(path, write, name="encoder")
   return path
 
@@ -89,14 +123,18 @@ def _checkpointer() -> ocp.StandardCheckpointer:
   """An orbax checkpointer for this process alone: an encoder is written by the primary
   process and read by every process on its own, with no barrier between processes."""
   me = jax.process_index()
-  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
-      primary_host=me, active_processes={me}))
+  return ocp.StandardCheckpointer(
+    multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}
+    )
+  )
 
 
 @dataclasses.dataclass
 class Encoder:
   """A restored encoder. `encode(images)` -> dict(codes [B, W] uint32 packed, u [B, K],
   and for DHCNN logits [B, C] and predicted [B])."""
+
   meta: Dict[str, Any]
   module: nn.Module
   variables: Dict[str, Any]
@@ -141,6 +179,7 @@ class Encoder:
       if meta["method"] == "dhcnn":
         return module.apply(variables, x)
       return module.apply(variables, x, meta["feature_scale"])
+
     return fn
 
   def _compiled(self):
@@ -154,7 +193,9 @@ class Encoder:
     images = np.asarray(images)
     shape = (self.image_size, self.image_size, self.channels)
     if images.ndim != 4 or images.shape[1:] != shape:
-      raise errors.InvalidInput(f"expected uint8 images [B, {', '.join(map(str, shape))}], got {images.shape}")
+      raise errors.InvalidInput(
+        f"expected uint8 images [B, {', '.join(map(str, shape))}], got {images.shape}"
+      )
     n = images.shape[0]
     n_dev = self.mesh.devices.size
     pad = (-n) % n_dev
@@ -182,19 +223,35 @@ def load_encoder(path: str, devices=None) -> Encoder:
   with open(meta_path) as f:
     meta = json.load(f)
   if meta.get("format") != FORMAT:
-    raise errors.InvalidInput(f"{meta_path}: unknown encoder format {meta.get('format')!r} (expected {FORMAT})")
+    raise errors.InvalidInput(
+      f"{meta_path}: unknown encoder format {meta.get('format')!r} (expected {FORMAT})"
+    )
   with _checkpointer() as ckptr:
     tree = ckptr.restore(os.path.join(path, "params"))
   tree = jax.device_get(tree)
-  module, pre, _ = backbones.build(meta["backbone"], image_size=meta["image_size"], dtype=jnp.dtype(meta["dtype"]),
-                                   lrn_params=tuple(meta["lrn_params"]) or None,
-                                   channels=rasters.RasterSpec.from_meta(meta.get("raster")).channels)
-  pre = dataclasses.replace(pre, mean=np.asarray(tree["preprocess"]["mean"]), std=np.asarray(tree["preprocess"]["std"]),
-                            scale=meta["scale"], bgr=meta["bgr"])
+  module, pre, _ = backbones.build(
+    meta["backbone"],
+    image_size=meta["image_size"],
+    dtype=jnp.dtype(meta["dtype"]),
+    lrn_params=tuple(meta["lrn_params"]) or None,
+    channels=rasters.RasterSpec.from_meta(meta.get("raster")).channels,
+  )
+  pre = dataclasses.replace(
+    pre,
+    mean=np.asarray(tree["preprocess"]["mean"]),
+    std=np.asarray(tree["preprocess"]["std"]),
+    scale=meta["scale"],
+    bgr=meta["bgr"],
+  )
   bb_vars = tree["backbone"]
   if meta["method"] == "dhcnn":
-    model = dhcnn.DHCNN(backbone=module, bits=meta["bits"], num_classes=len(meta["class_names"]),
-                        hidden=meta["hidden"], dtype=jnp.dtype(meta["dtype"]))
+    model = dhcnn.DHCNN(
+      backbone=module,
+      bits=meta["bits"],
+      num_classes=len(meta["class_names"]),
+      hidden=meta["hidden"],
+      dtype=jnp.dtype(meta["dtype"]),
+    )
     head = "head"
   else:
     model = _MrHashEncoder(module, meta["bits"], meta["hidden"], meta.get("feature_norm", "none"))

@@ -116,7 +116,7 @@ def unpack_codes(packed, bits: int) -> np.ndarray:
     raise errors.InvalidInput(f"bits={bits} does not fit {packed.shape[1]} uint32 words")
   as8 = np.ascontiguousarray(packed.astype("<u4")).view(np.uint8)
   b = np.unpackbits(as8, axis=1, bitorder="little")[:, :bits]
-  return (b.astype(np.int8) * 2 - 1)
+  return b.astype(np.int8) * 2 - 1
 
 
 def check_packed(name: str, arr, *, allow_empty: bool = False) -> np.ndarray:
@@ -125,7 +125,9 @@ def check_packed(name: str, arr, *, allow_empty: bool = False) -> np.ndarray:
   if a.ndim != 2:
     raise errors.InvalidInput(f"{name} must be packed codes [N, W], got shape {a.shape}")
   if a.dtype != np.uint32:
-    raise errors.WrongType(f"{name} must be uint32 packed codes (see pack_codes), got dtype {a.dtype}")
+    raise errors.WrongType(
+      f"{name} must be uint32 packed codes (see pack_codes), got dtype {a.dtype}"
+    )
   if a.shape[1] < 1:
     raise errors.InvalidInput(f"{name} has no code words (W = 0)")
   if not allow_empty and a.shape[0] == 0:
@@ -138,8 +140,9 @@ def _check_pair(q, db) -> Tuple[np.ndarray, np.ndarray]:
   db = check_packed("db_packed", db)
   if q.shape[1] != db.shape[1]:
     raise errors.InvalidInput(
-        f"code length mismatch: queries have {q.shape[1]} words "
-        f"({q.shape[1] * 32} bits max), database {db.shape[1]} words")
+      f"code length mismatch: queries have {q.shape[1]} words "
+      f"({q.shape[1] * 32} bits max), database {db.shape[1]} words"
+    )
   return q, db
 
 
@@ -222,7 +225,9 @@ def _kth_smallest(d: jax.Array, k: int, lo: jax.Array, hi: jax.Array) -> jax.Arr
     below = jnp.sum(d < mid[..., None], axis=-1, dtype=jnp.int32) < k
     return jnp.where(below, mid, lo), jnp.where(below, hi, mid - 1)
 
-  return lax.while_loop(lambda c: jnp.any(c[0] < c[1]), body, (lo.astype(jnp.int32), hi.astype(jnp.int32)))[0]
+  return lax.while_loop(
+    lambda c: jnp.any(c[0] < c[1]), body, (lo.astype(jnp.int32), hi.astype(jnp.int32))
+  )[0]
 
 
 def _bitmask(mask: jax.Array) -> jax.Array:
@@ -329,7 +334,9 @@ def _group_size(k: int, chunk: int) -> int:
   82 us/query, L=64 1.6 ms/query).
   """
   group = 1 << max(0, round(math.log2(max(1.0, math.sqrt(chunk / k)))))
-  return min(group, chunk & -chunk, _MAX_GROUP)  # chunk & -chunk: the largest power of two dividing it
+  return min(
+    group, chunk & -chunk, _MAX_GROUP
+  )  # chunk & -chunk: the largest power of two dividing it
 
 
 _CPU_CHUNK_BYTES = 8 << 20  # default cap on a chunk's code words on CPUs (HammingIndex)
@@ -357,7 +364,9 @@ def _select_groups(gkey: jax.Array, kg: int) -> Tuple[jax.Array, jax.Array, jax.
     ssel = _select_first(skey, kg, lo, hi)
     hi = jnp.max(jnp.take_along_axis(skey, ssel, axis=-1), axis=-1).astype(jnp.int32)
     cand = (ssel[..., None] * _SUPER + jnp.arange(_SUPER, dtype=jnp.int32)).reshape(qn, -1)
-    gsel = jnp.take_along_axis(cand, _select_first(jnp.take_along_axis(gkey, cand, axis=-1), kg, lo, hi), axis=-1)
+    gsel = jnp.take_along_axis(
+      cand, _select_first(jnp.take_along_axis(gkey, cand, axis=-1), kg, lo, hi), axis=-1
+    )
   else:
     lo, hi = _bounds(gkey)
     gsel = _select_first(gkey, kg, lo, hi)
@@ -421,7 +430,9 @@ def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices, bits_max, swar)
 
   def merge(c, best):  # earlier chunks hold lower indices
     cd, ci = chunk_topk(c)
-    return merge_lists(jnp.concatenate([best[0], cd], axis=1), jnp.concatenate([best[1], ci], axis=1))
+    return merge_lists(
+      jnp.concatenate([best[0], cd], axis=1), jnp.concatenate([best[1], ci], axis=1)
+    )
 
   # The first chunk's list is the start (no merge with an empty list), padded to k if it
   # is short (the padding's sentinel distance ranks it after every code).
@@ -438,7 +449,7 @@ def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices, bits_max, swar)
   # Lists stay in index order until here; one sort by (distance, list position) gives the
   # ranking. One int32 key where it fits: XLA:CPU sorts a single integer operand with a
   # plain comparison, several operands through a generated comparator (~4x slower here).
-  if (sentinel + 1) * k < 2 ** 31:
+  if (sentinel + 1) * k < 2**31:
     key = jnp.sort(best_d * k + jnp.arange(k, dtype=jnp.int32), axis=1)
     return key // k, jnp.take_along_axis(best_i, key % k, axis=1)
   return lax.sort((best_d, best_i), dimension=1, is_stable=True, num_keys=1)
@@ -449,8 +460,9 @@ class HammingIndex:
 
   The database is padded, transposed to word-major order and placed on the
   devices once (default mesh: every device of every process; each process reads and
-  places only its devices' rows, so `db_packed` may be a memory-mapped array); `search` then streams queries in batches. Memory per search call
-  is O(query_batch * (chunk / L + k * L)) beyond the database itself.
+  places only its devices' rows, so `db_packed` may be a memory-mapped array); `search`
+  then streams queries in batches. Memory per search call is
+  O(query_batch * (chunk / L + k * L)) beyond the database itself.
   """
 
   def __init__(self, db_packed, *, mesh: Optional[Mesh] = None, chunk_size: Optional[int] = None):
@@ -475,7 +487,11 @@ class HammingIndex:
       chunk_size = 1 << 20
       if platform == "cpu":
         chunk_size = min(chunk_size, _CPU_CHUNK_BYTES // (4 * self.num_words))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    if (
+      isinstance(chunk_size, bool)
+      or not isinstance(chunk_size, (int, np.integer))
+      or chunk_size < 1
+    ):
       raise errors.InvalidInput(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     self._swar = use_swar(platform)
     # On CPUs, codes of 4+ words are searched as uint64 words: LLVM's 64-bit lane
@@ -496,11 +512,13 @@ class HammingIndex:
       out = np.zeros((self._store_words, stop - start), self._word_dtype)
       hi = min(stop, self.num_codes)
       if hi > start:
-        out[:, :hi - start] = self._words(db[start:hi]).T
+        out[:, : hi - start] = self._words(db[start:hi]).T
       return out
+
     with self._scope():
-      self._db_t = jax.make_array_from_callback((self._store_words, n_total),
-                                                NamedSharding(self.mesh, P(None, sharding.DATA_AXIS)), shard)
+      self._db_t = jax.make_array_from_callback(
+        (self._store_words, n_total), NamedSharding(self.mesh, P(None, sharding.DATA_AXIS)), shard
+      )
     self._fns = {}
 
   @property
@@ -526,11 +544,22 @@ class HammingIndex:
   def _search_fn(self, k: int):
     if k not in self._fns:
       bits_max = self.num_words * WORD_BITS
-      body = functools.partial(_local_topk, k=k, chunk=self._chunk, group=_group_size(k, self._chunk),
-                               n_devices=self.n_devices, bits_max=bits_max, swar=self._swar)
-      fn = jax.shard_map(body, mesh=self.mesh,
-                         in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
-                         out_specs=(P(), P()), check_vma=False)
+      body = functools.partial(
+        _local_topk,
+        k=k,
+        chunk=self._chunk,
+        group=_group_size(k, self._chunk),
+        n_devices=self.n_devices,
+        bits_max=bits_max,
+        swar=self._swar,
+      )
+      fn = jax.shard_map(
+        body,
+        mesh=self.mesh,
+        in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
+        out_specs=(P(), P()),
+        check_vma=False,
+      )
       self._fns[k] = jax.jit(fn)
     return self._fns[k]
 
@@ -541,10 +570,13 @@ class HammingIndex:
     """
     q = check_packed("q_packed", q_packed)
     if q.shape[1] != self.num_words:
-      raise errors.InvalidInput(f"code length mismatch: queries have {q.shape[1]} words, "
-                                f"the index {self.num_words}")
+      raise errors.InvalidInput(
+        f"code length mismatch: queries have {q.shape[1]} words, the index {self.num_words}"
+      )
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_codes:
-      raise errors.InvalidInput(f"k must be an integer in [1, {self.num_codes}] (database size), got {k!r}")
+      raise errors.InvalidInput(
+        f"k must be an integer in [1, {self.num_codes}] (database size), got {k!r}"
+      )
     k = int(k)
     fn = self._search_fn(k)
     batch = min(query_batch, 1 << math.ceil(math.log2(q.shape[0])))
@@ -553,7 +585,7 @@ class HammingIndex:
     out_d, out_i = [], []
     with self._scope():
       for s in range(0, q.shape[0], batch):
-        qb = q[s:s + batch]
+        qb = q[s : s + batch]
         n = qb.shape[0]
         if n < batch:
           qb = np.concatenate([qb, np.zeros((batch - n, self.num_words), np.uint32)])
@@ -561,12 +593,15 @@ class HammingIndex:
         out_d.append((d, n))
         out_i.append((i, n))
     # Replicated results: each process reads its own copy, after all batches are dispatched.
-    return (np.concatenate([distributed.to_host(d)[:n] for d, n in out_d]),
-            np.concatenate([distributed.to_host(i)[:n] for i, n in out_i]))
+    return (
+      np.concatenate([distributed.to_host(d)[:n] for d, n in out_d]),
+      np.concatenate([distributed.to_host(i)[:n] for i, n in out_i]),
+    )
 
 
-def hamming_topk(q_packed, db_packed, k: int, *, mesh: Optional[Mesh] = None,
-                 query_batch: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+def hamming_topk(
+  q_packed, db_packed, k: int, *, mesh: Optional[Mesh] = None, query_batch: int = 256
+) -> Tuple[np.ndarray, np.ndarray]:
   """Exact Hamming top-k of packed queries [Q, W] in a packed database [N, W].
 
   Returns (distances int32 [Q, k], indices int32 [Q, k]) sorted by distance, ties

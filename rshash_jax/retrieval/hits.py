@@ -78,8 +78,9 @@ class Archive:
     return out
 
 
-def predicted(class_names: Sequence[str], multilabel: bool, result: Dict[str, np.ndarray],
-              row: int) -> Optional[str]:
+def predicted(
+  class_names: Sequence[str], multilabel: bool, result: Dict[str, np.ndarray], row: int
+) -> Optional[str]:
   """Row `row`'s predicted label(s) of an Encoder.encode result; None without a classifier."""
   if "predicted" not in result or not class_names:
     return None
@@ -93,16 +94,35 @@ def write_geojson(results: List[Dict], path: str):
   WGS84 points; a feature without coordinates has geometry null (nothing is invented)."""
 
   def feature(lon, lat, props):
-    geom = {"type": "Point", "coordinates": [lon, lat]} if lon is not None and lat is not None else None
+    geom = (
+      {"type": "Point", "coordinates": [lon, lat]} if lon is not None and lat is not None else None
+    )
     return {"type": "Feature", "geometry": geom, "properties": props}
 
   feats = []
   for qi, r in enumerate(results):
-    feats.append(feature(r["lon"], r["lat"], {"role": "query", "query": qi, "path": r["query"],
-                                               "predicted": r["predicted"]}))
+    feats.append(
+      feature(
+        r["lon"],
+        r["lat"],
+        {"role": "query", "query": qi, "path": r["query"], "predicted": r["predicted"]},
+      )
+    )
     for h in r["results"]:
-      feats.append(feature(h["lon"], h["lat"], {"role": "hit", "query": qi, "rank": h["rank"],
-                                                 "distance": h["distance"], "path": h["path"],
-                                                 "label": h["label"], "relevant": h["relevant"]}))
+      feats.append(
+        feature(
+          h["lon"],
+          h["lat"],
+          {
+            "role": "hit",
+            "query": qi,
+            "rank": h["rank"],
+            "distance": h["distance"],
+            "path": h["path"],
+            "label": h["label"],
+            "relevant": h["relevant"],
+          },
+        )
+      )
   with open(path, "w") as f:
     json.dump({"type": "FeatureCollection", "features": feats}, f, indent=1)

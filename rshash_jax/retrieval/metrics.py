@@ -45,7 +45,9 @@ from rshash_jax.retrieval import hamming
 NORMALIZATIONS = ("retrieved", "min", "all")
 NO_RELEVANT = ("zero", "skip")
 
-_MAX_BLOCK = 1 << 22  # elements of a [queries, database] block held at once (~100 MB of temporaries)
+_MAX_BLOCK = (
+  1 << 22
+)  # elements of a [queries, database] block held at once (~100 MB of temporaries)
 
 
 def _codes(name: str, codes) -> Tuple[np.ndarray, Optional[int]]:
@@ -54,14 +56,18 @@ def _codes(name: str, codes) -> Tuple[np.ndarray, Optional[int]]:
   if arr.dtype == np.uint32:
     return hamming.check_packed(name, arr), None
   if arr.ndim != 2 or arr.shape[0] == 0:
-    raise errors.InvalidInput(f"{name} must be a non-empty 2-D array of codes, got shape {arr.shape}")
+    raise errors.InvalidInput(
+      f"{name} must be a non-empty 2-D array of codes, got shape {arr.shape}"
+    )
   return hamming.pack_codes(arr), arr.shape[1]
 
 
 def _labels(name: str, labels, n: int) -> np.ndarray:
   lab = np.asarray(labels)
   if lab.ndim not in (1, 2):
-    raise errors.InvalidInput(f"{name} must be class ids [N] or multi-hot [N, C], got shape {lab.shape}")
+    raise errors.InvalidInput(
+      f"{name} must be class ids [N] or multi-hot [N, C], got shape {lab.shape}"
+    )
   if lab.shape[0] != n:
     raise errors.InvalidInput(f"{name} has {lab.shape[0]} rows but there are {n} codes")
   if lab.ndim == 1 and not np.issubdtype(lab.dtype, np.integer):
@@ -76,23 +82,29 @@ class _Problem:
     self.q, qbits = _codes("q_codes", q_codes)
     self.db, dbbits = _codes("db_codes", db_codes)
     if self.q.shape[1] != self.db.shape[1] or (qbits and dbbits and qbits != dbbits):
-      raise errors.InvalidInput(f"code length mismatch: queries {qbits or self.q.shape[1] * 32} bits, "
-                                f"database {dbbits or self.db.shape[1] * 32} bits")
+      raise errors.InvalidInput(
+        f"code length mismatch: queries {qbits or self.q.shape[1] * 32} bits, "
+        f"database {dbbits or self.db.shape[1] * 32} bits"
+      )
     self.bits = int(bits or qbits or dbbits or self.q.shape[1] * hamming.WORD_BITS)
     self.q_labels = _labels("q_labels", q_labels, self.q.shape[0])
     self.db_labels = _labels("db_labels", db_labels, self.db.shape[0])
     if self.q_labels.ndim != self.db_labels.ndim or (
-        self.q_labels.ndim == 2 and self.q_labels.shape[1] != self.db_labels.shape[1]):
-      raise errors.InvalidInput(f"q_labels {self.q_labels.shape} and db_labels {self.db_labels.shape} "
-                                "are not the same kind of label")
+      self.q_labels.ndim == 2 and self.q_labels.shape[1] != self.db_labels.shape[1]
+    ):
+      raise errors.InvalidInput(
+        f"q_labels {self.q_labels.shape} and db_labels {self.db_labels.shape} "
+        "are not the same kind of label"
+      )
     self.num_query, self.num_db = self.q.shape[0], self.db.shape[0]
     if self.db_labels.ndim == 1:
       _, inv = np.unique(np.concatenate([self.db_labels, self.q_labels]), return_inverse=True)
-      counts = np.bincount(inv[:self.num_db], minlength=inv.max() + 1)
-      self.num_relevant = counts[inv[self.num_db:]]
+      counts = np.bincount(inv[: self.num_db], minlength=inv.max() + 1)
+      self.num_relevant = counts[inv[self.num_db :]]
     else:
       self.num_relevant = np.concatenate(
-          [self.relevance(s, e).sum(1) for s, e in self.query_blocks()])
+        [self.relevance(s, e).sum(1) for s, e in self.query_blocks()]
+      )
 
   def query_blocks(self) -> Iterator[Tuple[int, int]]:
     step = max(1, _MAX_BLOCK // self.num_db)
@@ -126,7 +138,9 @@ class _Problem:
         yield s, e, np.take_along_axis(self.relevance(s, e), order, axis=1)
     else:
       # This process's devices: metrics run on every process alone, with no collective.
-      _, idx = hamming.hamming_topk(self.q, self.db, n, mesh=sharding.data_mesh(jax.local_devices()))
+      _, idx = hamming.hamming_topk(
+        self.q, self.db, n, mesh=sharding.data_mesh(jax.local_devices())
+      )
       for s, e in self.query_blocks():
         yield s, e, self.relevance(s, e, idx[s:e])
 
@@ -142,9 +156,9 @@ def _average_precision(rel: np.ndarray, num_relevant: np.ndarray, normalization:
   hits = np.cumsum(rel, axis=1, dtype=np.int64)
   prec_sum = (hits / np.arange(1, n + 1) * rel).sum(axis=1)
   retrieved = hits[:, -1]
-  z = {"retrieved": retrieved,
-       "min": np.minimum(n, num_relevant),
-       "all": num_relevant}[normalization]
+  z = {"retrieved": retrieved, "min": np.minimum(n, num_relevant), "all": num_relevant}[
+    normalization
+  ]
   has = retrieved > 0
   ap = np.where(has, prec_sum / np.maximum(z, 1), 0.0)
   return ap, has
@@ -154,8 +168,16 @@ def _mean(values: np.ndarray, counted: np.ndarray) -> float:
   return float(values[counted].mean()) if counted.any() else 0.0
 
 
-def mean_average_precision(q_codes, db_codes, q_labels, db_labels, topk: Optional[int] = None, *,
-                           normalization: str = "retrieved", no_relevant: str = "zero") -> float:
+def mean_average_precision(
+  q_codes,
+  db_codes,
+  q_labels,
+  db_labels,
+  topk: Optional[int] = None,
+  *,
+  normalization: str = "retrieved",
+  no_relevant: str = "zero",
+) -> float:
   """mAP of Hamming ranking (full ranking when topk is None, else mAP@topk).
 
   Codes: packed uint32 (`hamming.pack_codes`) or unpacked [N, K] real / {-1,+1} /
@@ -193,8 +215,9 @@ def _valid_ks(ks: Sequence[int], n: int) -> Tuple[int, ...]:
   return tuple(sorted(set(min(k, n) for k in ks)))
 
 
-def precision_recall_at_k(q_codes, db_codes, q_labels, db_labels,
-                          ks: Sequence[int] = config_defaults.DHCNN_KS) -> Dict[str, Dict[int, float]]:
+def precision_recall_at_k(
+  q_codes, db_codes, q_labels, db_labels, ks: Sequence[int] = config_defaults.DHCNN_KS
+) -> Dict[str, Dict[int, float]]:
   """Mean P@k and R@k for each k (k larger than the database is clipped to it).
 
   Returns {"precision": {k: P@k}, "recall": {k: R@k}}; R@k leaves out queries with
@@ -209,8 +232,10 @@ def precision_recall_at_k(q_codes, db_codes, q_labels, db_labels,
     rs.append(r)
   p, r = np.concatenate(ps), np.concatenate(rs)
   has = prob.num_relevant > 0
-  return {"precision": {k: float(p[:, j].mean()) for j, k in enumerate(ks)},
-          "recall": {k: _mean(r[:, j], has) for j, k in enumerate(ks)}}
+  return {
+    "precision": {k: float(p[:, j].mean()) for j, k in enumerate(ks)},
+    "recall": {k: _mean(r[:, j], has) for j, k in enumerate(ks)},
+  }
 
 
 def _radius_counts(prob: _Problem) -> Tuple[np.ndarray, np.ndarray]:
@@ -236,14 +261,15 @@ def _pr_curve(prob: _Problem, empty: str) -> Dict[str, np.ndarray]:
   has = prob.num_relevant > 0
   recall = within_rel[has] / prob.num_relevant[has][:, None]
   return {
-      "radius": np.arange(prob.bits + 1),
-      "precision": np.array([_mean(prec[:, r], counted[:, r]) for r in range(prob.bits + 1)]),
-      "recall": recall.mean(0) if has.any() else np.zeros(prob.bits + 1),
+    "radius": np.arange(prob.bits + 1),
+    "precision": np.array([_mean(prec[:, r], counted[:, r]) for r in range(prob.bits + 1)]),
+    "recall": recall.mean(0) if has.any() else np.zeros(prob.bits + 1),
   }
 
 
-def pr_curve_by_radius(q_codes, db_codes, q_labels, db_labels, *, bits: Optional[int] = None,
-                       empty: str = "zero") -> Dict[str, np.ndarray]:
+def pr_curve_by_radius(
+  q_codes, db_codes, q_labels, db_labels, *, bits: Optional[int] = None, empty: str = "zero"
+) -> Dict[str, np.ndarray]:
   """Precision and recall within Hamming radius r, for every r in 0..bits.
 
   `bits` defaults to the code length (known from unpacked codes, else 32 * words).
@@ -254,8 +280,9 @@ def pr_curve_by_radius(q_codes, db_codes, q_labels, db_labels, *, bits: Optional
   return _pr_curve(prob, empty)
 
 
-def precision_at_radius(q_codes, db_codes, q_labels, db_labels, radius: int = 2, *,
-                        empty: str = "zero") -> float:
+def precision_at_radius(
+  q_codes, db_codes, q_labels, db_labels, radius: int = 2, *, empty: str = "zero"
+) -> float:
   """Mean precision of the items within Hamming distance <= radius (see pr_curve_by_radius)."""
   curve = pr_curve_by_radius(q_codes, db_codes, q_labels, db_labels, empty=empty)
   if not 0 <= radius < len(curve["precision"]):
@@ -267,7 +294,9 @@ def multilabel_f1(logits, labels) -> Dict[str, Any]:
   """{"per_label": [C] F1, "macro", "micro"} of logits > 0 against multi-hot labels [N, C]."""
   lg, lab = np.asarray(logits), np.asarray(labels)
   if lg.ndim != 2 or lab.shape != lg.shape or lg.size == 0:
-    raise errors.InvalidInput(f"logits {lg.shape} and multi-hot labels {lab.shape} must be [N, C] with N > 0")
+    raise errors.InvalidInput(
+      f"logits {lg.shape} and multi-hot labels {lab.shape} must be [N, C] with N > 0"
+    )
   pred, truth = lg > 0, lab > 0
   tp = (pred & truth).sum(0).astype(np.float64)
   fp = (pred & ~truth).sum(0).astype(np.float64)
@@ -285,15 +314,25 @@ def accuracy(predictions, labels) -> float:
   if pred.ndim == 2:
     pred = pred.argmax(-1)
   if pred.ndim != 1 or lab.ndim != 1 or pred.shape != lab.shape:
-    raise errors.InvalidInput(f"predictions {np.asarray(predictions).shape} and labels {lab.shape} "
-                              "must be [N] (or logits [N, C]) with the same N")
+    raise errors.InvalidInput(
+      f"predictions {np.asarray(predictions).shape} and labels {lab.shape} "
+      "must be [N] (or logits [N, C]) with the same N"
+    )
   if pred.size == 0:
     raise errors.InvalidInput("accuracy of an empty set is undefined")
   return float((pred == lab).mean())
 
 
-def retrieval_report(q_codes, db_codes, q_labels, db_labels, *, map_ks: Sequence[int] = (),
-                     ks: Sequence[int] = config_defaults.DHCNN_KS, bits: Optional[int] = None) -> Dict:
+def retrieval_report(
+  q_codes,
+  db_codes,
+  q_labels,
+  db_labels,
+  *,
+  map_ks: Sequence[int] = (),
+  ks: Sequence[int] = config_defaults.DHCNN_KS,
+  bits: Optional[int] = None,
+) -> Dict:
   """Everything an evaluation writes, from one full ranking (same definitions as above).
 
   Returns map (full ranking), map_at {k: mAP@k}, precision_at / recall_at {k: ...},
@@ -315,11 +354,11 @@ def retrieval_report(q_codes, db_codes, q_labels, db_labels, *, map_ks: Sequence
   has = prob.num_relevant > 0
   pr = _pr_curve(prob, "zero")
   return {
-      "num_query": prob.num_query,
-      "num_database": prob.num_db,
-      "map": float(np.concatenate(full_ap).mean()),
-      "map_at": {k: float(np.concatenate(v).mean()) for k, v in at_ap.items()},
-      "precision_at": {k: float(p[:, j].mean()) for j, k in enumerate(p_ks)},
-      "recall_at": {k: _mean(r[:, j], has) for j, k in enumerate(p_ks)},
-      "pr_curve": {name: values.tolist() for name, values in pr.items()},
+    "num_query": prob.num_query,
+    "num_database": prob.num_db,
+    "map": float(np.concatenate(full_ap).mean()),
+    "map_at": {k: float(np.concatenate(v).mean()) for k, v in at_ap.items()},
+    "precision_at": {k: float(p[:, j].mean()) for j, k in enumerate(p_ks)},
+    "recall_at": {k: _mean(r[:, j], has) for j, k in enumerate(p_ks)},
+    "pr_curve": {name: values.tolist() for name, values in pr.items()},
   }

@@ -45,6 +45,7 @@ from rshash_jax.retrieval import encoder as encoder_lib, hamming
 def _jax_function(enc: encoder_lib.Encoder):
   """(variables, uint8 images [B, S, S, C]) -> dict of outputs, as Encoder.encode computes them."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   apply = enc.apply_fn()
 
   def fn(variables, images):
@@ -55,6 +56,7 @@ def _jax_function(enc: encoder_lib.Encoder):
       out["logits"] = logits.astype(jnp.float32)
       out["predicted"] = jnp.argmax(out["logits"], axis=1).astype(jnp.int32)
     return out
+
   return fn
 
 
@@ -91,6 +93,7 @@ def raster_preprocessor(spec, size: int, degrade: int = 1):
     if len(idx) == 1:
       img = tf.tile(img, [1, 1, 3])
     return input_pipeline.resize(img, size, None, degrade)
+
   return prep
 
 
@@ -101,38 +104,66 @@ def _write(enc: encoder_lib.Encoder, path: str):
 
   size, degrade, c = enc.image_size, int(enc.meta.get("degrade", 1)), enc.channels
   variables = jax.device_get(enc.variables)
-  module = oex.JaxModule(variables, _jax_function(enc), trainable=False,
-                         input_polymorphic_shape="(b, ...)")
+  module = oex.JaxModule(
+    variables, _jax_function(enc), trainable=False, input_polymorphic_shape="(b, ...)"
+  )
 
   def resize_batch(images):
-    return tf.map_fn(lambda im: input_pipeline.resize(im, size, None, degrade), images,
-                     fn_output_signature=tf.TensorSpec([size, size, c], tf.uint8))
+    return tf.map_fn(
+      lambda im: input_pipeline.resize(im, size, None, degrade),
+      images,
+      fn_output_signature=tf.TensorSpec([size, size, c], tf.uint8),
+    )
 
   def decode_batch(image_bytes):
     def one(b):
       img = tf.io.decode_image(b, channels=3, expand_animations=False, dtype=tf.uint8)
       img.set_shape([None, None, 3])
       return input_pipeline.resize(img, size, None, degrade)
+
     return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
 
-  configs = [oex.ServingConfig("serving_default",
-                               input_signature=[tf.TensorSpec([None, None, None, c], tf.uint8, name="images")],
-                               tf_preprocessor=resize_batch)]
+  configs = [
+    oex.ServingConfig(
+      "serving_default",
+      input_signature=[tf.TensorSpec([None, None, None, c], tf.uint8, name="images")],
+      tf_preprocessor=resize_batch,
+    )
+  ]
   if c == 3:
-    configs.append(oex.ServingConfig("encoded", input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
-                                     tf_preprocessor=decode_batch))
+    configs.append(
+      oex.ServingConfig(
+        "encoded",
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+        tf_preprocessor=decode_batch,
+      )
+    )
   spec = enc.raster
   if spec.numbers:
     one_raster = raster_preprocessor(spec, size, degrade)
 
     def raster_batch(bands):
-      return tf.map_fn(one_raster, bands, fn_output_signature=tf.TensorSpec([size, size, c], tf.uint8))
-    configs.append(oex.ServingConfig("rasters", input_signature=[tf.TensorSpec([None, None, None, None], tf.float32,
-                                                                               name="bands")],
-                                     tf_preprocessor=raster_batch))
+      return tf.map_fn(
+        one_raster, bands, fn_output_signature=tf.TensorSpec([size, size, c], tf.uint8)
+      )
+
+    configs.append(
+      oex.ServingConfig(
+        "rasters",
+        input_signature=[tf.TensorSpec([None, None, None, None], tf.float32, name="bands")],
+        tf_preprocessor=raster_batch,
+      )
+    )
   oex.ExportManager(module, configs).save(path)
   os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
   with open(os.path.join(path, "assets.extra", "encoder.json"), "w") as f:
-    json.dump(dict(enc.meta, saved_model_outputs=sorted(["codes", "u"] + (
-        ["logits", "predicted"] if enc.meta["method"] == "dhcnn" else []))), f, indent=1)
-
+    json.dump(
+      dict(
+        enc.meta,
+        saved_model_outputs=sorted(
+          ["codes", "u"] + (["logits", "predicted"] if enc.meta["method"] == "dhcnn" else [])
+        ),
+      ),
+      f,
+      indent=1,
+    )

@@ -86,7 +86,9 @@ class SearchEngine:
     self._worker = threading.Thread(target=self._work, name="rshash-search", daemon=True)
     self._worker.start()
     # Compile every batch size the worker can form now, not on a client's first burst.
-    blank = _Query(np.zeros((self.encoder.image_size,) * 2 + (3,), np.uint8), min(10, self.num_codes), None)
+    blank = _Query(
+      np.zeros((self.encoder.image_size,) * 2 + (3,), np.uint8), min(10, self.num_codes), None
+    )
     b = 1
     while b <= 1 << (self.max_batch - 1).bit_length():
       self._run([blank] * b)
@@ -98,9 +100,13 @@ class SearchEngine:
       if isinstance(id_, bool) or not isinstance(id_, int) or not 0 <= id_ < self.num_codes:
         raise HTTPError(404, f"no archive image with id {id_!r} (ids are 0..{self.num_codes - 1})")
       return id_
-    i = self._by_path.get(path, self._by_path.get(os.path.abspath(path)) if isinstance(path, str) else None)
+    i = self._by_path.get(
+      path, self._by_path.get(os.path.abspath(path)) if isinstance(path, str) else None
+    )
     if i is None:
-      raise HTTPError(404, f"not an image of the archive in {os.path.basename(self.codes_path)}: {path!r}")
+      raise HTTPError(
+        404, f"not an image of the archive in {os.path.basename(self.codes_path)}: {path!r}"
+      )
     return i
 
   def read_archive_image(self, i: int) -> np.ndarray:
@@ -112,8 +118,9 @@ class SearchEngine:
   def search_pixels(self, image: np.ndarray, k: int, query_labels=None) -> Dict[str, Any]:
     """uint8 [H, W, 3] -> {"hits": [...], "predicted": label(s) or None} (retrieval.hits);
     blocks until done. query_labels (an archive query's) mark the hits relevant or not."""
-    resized = input_pipeline.resize(image, self.encoder.image_size, None,
-                                    int(self.encoder.meta.get("degrade", 1))).numpy()
+    resized = input_pipeline.resize(
+      image, self.encoder.image_size, None, int(self.encoder.meta.get("degrade", 1))
+    ).numpy()
     q = _Query(resized, k, concurrent.futures.Future(), query_labels)
     self._queue.put(q)
     return q.done.result()
@@ -158,13 +165,18 @@ class SearchEngine:
     out = []
     multilabel = bool(self.encoder.meta.get("multilabel"))
     for r, q in enumerate(batch):
-      out.append({"hits": self.archive.hits(dist[r, :q.k], idx[r, :q.k], q.labels),
-                  "predicted": hits.predicted(self.encoder.class_names, multilabel, res, r)})
+      out.append(
+        {
+          "hits": self.archive.hits(dist[r, : q.k], idx[r, : q.k], q.labels),
+          "predicted": hits.predicted(self.encoder.class_names, multilabel, res, r),
+        }
+      )
     return out
 
 
 def _png(image: np.ndarray, size: Optional[int]) -> bytes:
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   im = Image.fromarray(image)
   if size:
     im.thumbnail((size, size))
@@ -197,13 +209,22 @@ class _BodyLimit:
       if seen > self.limit:
         raise HTTPError(413, too_large)
       return message
+
     return await self.app(scope, limited_receive, send)
 
 
 async def _send_json(send, status: int, body: Dict[str, Any]):
   data = json.dumps(body).encode()
-  await send({"type": "http.response.start", "status": status,
-              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+  await send(
+    {
+      "type": "http.response.start",
+      "status": status,
+      "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+      ],
+    }
+  )
   await send({"type": "http.response.body", "body": data})
 
 
@@ -234,16 +255,32 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
   async def info(request):
     del request
     enc = engine.encoder
-    return JSONResponse({"method": enc.meta["method"], "backbone": enc.meta["backbone"], "bits": enc.bits,
-                         "identity": enc.identity, "image_size": enc.image_size, "classes": enc.class_names,
-                         "num_codes": engine.num_codes, "codes_file": os.path.basename(engine.codes_path),
-                         "has_coordinates": engine.archive.has_coordinates, "max_upload_bytes": max_upload_bytes})
+    return JSONResponse(
+      {
+        "method": enc.meta["method"],
+        "backbone": enc.meta["backbone"],
+        "bits": enc.bits,
+        "identity": enc.identity,
+        "image_size": enc.image_size,
+        "classes": enc.class_names,
+        "num_codes": engine.num_codes,
+        "codes_file": os.path.basename(engine.codes_path),
+        "has_coordinates": engine.archive.has_coordinates,
+        "max_upload_bytes": max_upload_bytes,
+      }
+    )
 
   async def archive(request):
     offset = int_param(request, "offset", 0, 0, max(engine.num_codes - 1, 0))
     limit = int_param(request, "limit", 24, 1, 200)
-    return JSONResponse({"entries": [engine.archive.entry(i) for i in range(offset, min(offset + limit, engine.num_codes))],
-                         "num_codes": engine.num_codes})
+    return JSONResponse(
+      {
+        "entries": [
+          engine.archive.entry(i) for i in range(offset, min(offset + limit, engine.num_codes))
+        ],
+        "num_codes": engine.num_codes,
+      }
+    )
 
   async def search(request):
     k = int_param(request, "k", 10, 1, min(max_k, engine.num_codes))
@@ -257,7 +294,9 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
       if not data:
         raise HTTPError(400, f"{name}: empty upload")
       try:
-        image = await run_in_threadpool(input_pipeline.decode_bytes, data, name, engine.encoder.raster)
+        image = await run_in_threadpool(
+          input_pipeline.decode_bytes, data, name, engine.encoder.raster
+        )
       except errors.InvalidInput as e:
         raise HTTPError(422 if "band" in str(e) else 415, str(e)) from None
       query, labels = {"upload": name}, None
@@ -276,8 +315,11 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
       query = engine.archive.entry(i)
       labels = engine.archive.labels[i]
     else:
-      raise HTTPError(400, "send the query as multipart/form-data (field `image`) or as JSON "
-                           '{"path": ...} / {"id": ...}')
+      raise HTTPError(
+        400,
+        "send the query as multipart/form-data (field `image`) or as JSON "
+        '{"path": ...} / {"id": ...}',
+      )
     result = await run_in_threadpool(engine.search_pixels, image, k, labels)
     return JSONResponse({"query": query, "k": k, **result})
 
@@ -292,8 +334,11 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
       pixels = await run_in_threadpool(engine.read_archive_image, i)
     except errors.InvalidInput as e:
       raise HTTPError(415, str(e)) from None
-    return Response(await run_in_threadpool(_png, pixels, size or None), media_type="image/png",
-                    headers={"Cache-Control": "max-age=3600"})
+    return Response(
+      await run_in_threadpool(_png, pixels, size or None),
+      media_type="image/png",
+      headers={"Cache-Control": "max-age=3600"},
+    )
 
   async def on_http_error(request, exc):
     del request
@@ -307,24 +352,45 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
     _log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"error": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
 
-  app = Starlette(routes=[Route("/", page), Route("/api/info", info), Route("/api/archive", archive),
-                          Route("/api/search", search, methods=["POST"]),
-                          Route("/api/images/{id}", image)],
-                  exception_handlers={HTTPError: on_http_error, HTTPException: on_starlette_error,
-                                      Exception: on_bug})
+  app = Starlette(
+    routes=[
+      Route("/", page),
+      Route("/api/info", info),
+      Route("/api/archive", archive),
+      Route("/api/search", search, methods=["POST"]),
+      Route("/api/images/{id}", image),
+    ],
+    exception_handlers={
+      HTTPError: on_http_error,
+      HTTPException: on_starlette_error,
+      Exception: on_bug,
+    },
+  )
   return _BodyLimit(app, max_upload_bytes)
 
 
-def serve(encoder_path: str, codes_path: str, *, host: str = "127.0.0.1", port: int = 8080,
-          max_upload_mb: float = 16, max_batch: int = 16):
+def serve(
+  encoder_path: str,
+  codes_path: str,
+  *,
+  host: str = "127.0.0.1",
+  port: int = 8080,
+  max_upload_mb: float = 16,
+  max_batch: int = 16,
+):
   """Loads the index once and serves until interrupted."""
   import uvicorn  # pylint: disable=g-import-not-at-top
+
   engine = SearchEngine(encoder_path, codes_path, max_batch=max_batch)
   app = create_app(engine, max_upload_bytes=int(max_upload_mb * (1 << 20)))
-  print(f"serving {engine.num_codes} codes of {codes_path} with encoder {engine.encoder.identity} on "
-        f"http://{host}:{port}/", flush=True)
+  print(
+    f"serving {engine.num_codes} codes of {codes_path} with encoder {engine.encoder.identity} on "
+    f"http://{host}:{port}/",
+    flush=True,
+  )
   try:
-    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=256,
-                timeout_keep_alive=5)
+    uvicorn.run(
+      app, host=host, port=port, log_level="warning", limit_concurrency=256, timeout_keep_alive=5
+    )
   finally:
     engine.close()

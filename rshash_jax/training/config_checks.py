@@ -27,7 +27,13 @@ def _choice(cfg, field, choices):
 
 def _range(cfg, field, lo, hi, lo_open=False):
   v = _get(cfg, field)
-  if not isinstance(v, (int, float)) or isinstance(v, bool) or v > hi or v < lo or (lo_open and v == lo):
+  if (
+    not isinstance(v, (int, float))
+    or isinstance(v, bool)
+    or v > hi
+    or v < lo
+    or (lo_open and v == lo)
+  ):
     _fail(field, v, f"expected a number in {'(' if lo_open else '['}{lo}, {hi}]")
 
 
@@ -50,7 +56,9 @@ def _get(cfg, field):
 def check_common(config):
   """Fields shared by every method."""
   src = _get(config, "data.source")
-  if not isinstance(src, str) or not (src in ("auto", "generated") or src.startswith(("folder:", "tfds:"))):
+  if not isinstance(src, str) or not (
+    src in ("auto", "generated") or src.startswith(("folder:", "tfds:"))
+  ):
     _fail("data.source", src, "expected 'auto', 'generated', 'folder:DIR' or 'tfds:NAME'")
   _open_fraction(config, "data.train_ratio", "the test split would be empty")
   if _get(config, "data.validation") != 0.0:
@@ -58,8 +66,14 @@ def check_common(config):
   _choice(config, "model.backbone", backbones.NAMES)
   _choice(config, "model.dtype", DTYPES)
   _positive_int(config, "model.bits")
-  for f in ("train.epochs", "train.batch_size", "train.log_every_steps", "train.checkpoint_every_steps",
-            "eval.batch_size", "features.batch_size"):
+  for f in (
+    "train.epochs",
+    "train.batch_size",
+    "train.log_every_steps",
+    "train.checkpoint_every_steps",
+    "eval.batch_size",
+    "features.batch_size",
+  ):
     _positive_int(config, f)
   if "bands" in config.data or "scale" in config.data:
     rasters.RasterSpec.parse(config.data.get("bands", ""), config.data.get("scale", ""))
@@ -72,7 +86,9 @@ def check_common(config):
   _range(config, "train.lr_end", 0.0, float("inf"), lo_open=True)
   _range(config, "train.weight_decay", 0.0, 1.0)
   if config.model.backbone == "tiny_cnn" and config.model.pretrained:
-    _fail("model.pretrained", True, "tiny_cnn has no pretrained weights; set model.pretrained=False")
+    _fail(
+      "model.pretrained", True, "tiny_cnn has no pretrained weights; set model.pretrained=False"
+    )
 
 
 def check_dhcnn(config):
@@ -97,15 +113,27 @@ def check_finetune_from(config):
   if not point:
     return
   if config.train.mode != "finetune":
-    _fail("train.finetune_from", point, f"it needs train.mode=finetune (train.mode is {config.train.mode!r})")
+    _fail(
+      "train.finetune_from",
+      point,
+      f"it needs train.mode=finetune (train.mode is {config.train.mode!r})",
+    )
   name = config.model.backbone
   points = backbones.split_points(name)
   if not points:
-    _fail("train.finetune_from", point, "partial fine-tuning needs a backbone with split points "
-          f"(efficientnet_lite0..4, tiny_cnn), not {name}")
+    _fail(
+      "train.finetune_from",
+      point,
+      "partial fine-tuning needs a backbone with split points "
+      f"(efficientnet_lite0..4, tiny_cnn), not {name}",
+    )
   if point not in points:
-    _fail("train.finetune_from", point, f"expected a split point of {name}: "
-          + (f"{points[0]} .. {points[-2]}, {points[-1]}" if len(points) > 2 else ", ".join(points)))
+    _fail(
+      "train.finetune_from",
+      point,
+      f"expected a split point of {name}: "
+      + (f"{points[0]} .. {points[-2]}, {points[-1]}" if len(points) > 2 else ", ".join(points)),
+    )
   _choice(config, "train.finetune_cache", FINETUNE_CACHE)
   _positive_int(config, "train.cached_views")
   _range(config, "train.cached_views", 1, len(features.DIHEDRAL))
@@ -139,6 +167,9 @@ def check_mrhash(config):
   for spec in list(config.mrhash.sources) + [config.mrhash.image_view]:
     spec, options = multisource.split_view(spec)
     rasters.RasterSpec.parse(options.get("bands", ""), options.get("scale", ""))
-    if not (spec == "full" or spec.startswith("folder:") or
-            (spec.startswith("coarse") and spec[6:].isdigit() and int(spec[6:]) >= 1)):
+    if not (
+      spec == "full"
+      or spec.startswith("folder:")
+      or (spec.startswith("coarse") and spec[6:].isdigit() and int(spec[6:]) >= 1)
+    ):
       _fail("mrhash.sources/image_view", spec, "expected full, coarseN or folder:DIR")

@@ -18,7 +18,11 @@ def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preproces
   preprocess: uint8 images -> backbone input (finetune mode); None for features."""
   dc = config.dhcnn
   ce_scale = dhcnn.ce_grad_scale(dc.eta, dc.ce_to_classifier)
-  centers = jnp.asarray(dhcnn.hash_centers(model.num_classes, model.bits, config.seed)) if dc.center_weight else None
+  centers = (
+    jnp.asarray(dhcnn.hash_centers(model.num_classes, model.bits, config.seed))
+    if dc.center_weight
+    else None
+  )
   rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
 
   def step(state, batch, rng):
@@ -28,17 +32,37 @@ def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preproces
     def loss_of(params):
       variables = {"params": params, **state.constants}
       x = batch["x"] if preprocess is None else preprocess(batch["x"])
-      u, logits = model.apply(variables, x, train=True, ce_grad_scale=ce_scale,
-                              rngs={"dropout": jax.random.fold_in(rng, state.step)})
-      out = dhcnn.loss_fn(u, logits, batch["label"], batch["row"], state.extra["bank"], bank_labels,
-                          eta=dc.eta, beta=dc.beta, theta_scale=dc.theta_scale, gradient=dc.gradient,
-                          ce_to_classifier=dc.ce_to_classifier, num_classes=model.num_classes,
-                          centers=centers, center_weight=dc.center_weight)
+      u, logits = model.apply(
+        variables,
+        x,
+        train=True,
+        ce_grad_scale=ce_scale,
+        rngs={"dropout": jax.random.fold_in(rng, state.step)},
+      )
+      out = dhcnn.loss_fn(
+        u,
+        logits,
+        batch["label"],
+        batch["row"],
+        state.extra["bank"],
+        bank_labels,
+        eta=dc.eta,
+        beta=dc.beta,
+        theta_scale=dc.theta_scale,
+        gradient=dc.gradient,
+        ce_to_classifier=dc.ce_to_classifier,
+        num_classes=model.num_classes,
+        centers=centers,
+        center_weight=dc.center_weight,
+      )
       return out["loss"], out
+
     grads, out = jax.grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra={"bank": out["bank"]})
+    new = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, extra={"bank": out["bank"]}
+    )
     metrics = {k: out[k] for k in ("reported", "pairwise", "quant", "ce", "center")}
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     return new, metrics

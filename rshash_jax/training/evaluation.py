@@ -13,10 +13,17 @@ from rshash_jax.parallel import distributed
 from rshash_jax.retrieval import hamming, metrics
 
 
-def evaluate_codes(db_codes: np.ndarray, q_codes: np.ndarray, db_labels: np.ndarray,
-                   q_labels: np.ndarray, *, map_ks: Sequence[int] = (), ks: Sequence[int] = config_defaults.DHCNN_KS,
-                   q_predictions: Optional[np.ndarray] = None,
-                   q_logits: Optional[np.ndarray] = None) -> Dict[str, Any]:
+def evaluate_codes(
+  db_codes: np.ndarray,
+  q_codes: np.ndarray,
+  db_labels: np.ndarray,
+  q_labels: np.ndarray,
+  *,
+  map_ks: Sequence[int] = (),
+  ks: Sequence[int] = config_defaults.DHCNN_KS,
+  q_predictions: Optional[np.ndarray] = None,
+  q_logits: Optional[np.ndarray] = None,
+) -> Dict[str, Any]:
   """Retrieval report of {-1,+1} (or real-valued) codes. With class ids [N]: relevance is
   the same class and `q_predictions` add accuracy; with multi-hot labels [N, C]: relevance
   is sharing a label and `q_logits` add per-label F1 (metrics.multilabel_f1)."""
@@ -48,6 +55,7 @@ def write_results(workdir: str, results: Dict[str, Any]) -> str:
       logging.warning("could not write plots: %s", e)
     with open(tmp, "w") as f:
       json.dump(_jsonable(results), f, indent=1, sort_keys=True)
+
   distributed.write_once(path, write, name="results.json")
   return path
 
@@ -73,8 +81,10 @@ def _jsonable(x):
 def plot_curves(results: Dict[str, Any], workdir: str):
   """pr_curve.png (precision vs recall over Hamming radii) and precision_at_k.png."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   title = f"{results.get('method', '')} {results.get('dataset', '')} {results.get('bits', '')} bits"
   pr = results["pr_curve"]
   fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -82,8 +92,13 @@ def plot_curves(results: Dict[str, Any], workdir: str):
   for r, x, y in zip(pr["radius"], pr["recall"], pr["precision"]):
     if r in (0, 1, 2, 4, 8):
       ax.annotate(f"r={r}", (x, y), fontsize=7)
-  ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
-         title=f"P-R by Hamming radius\n{title}")
+  ax.set(
+    xlabel="recall",
+    ylabel="precision",
+    xlim=(0, 1.02),
+    ylim=(0, 1.02),
+    title=f"P-R by Hamming radius\n{title}",
+  )
   ax.grid(alpha=0.3)
   fig.tight_layout()
   _savefig(fig, os.path.join(workdir, "pr_curve.png"))
@@ -92,8 +107,12 @@ def plot_curves(results: Dict[str, Any], workdir: str):
   ks = sorted(int(k) for k in pk)
   fig, ax = plt.subplots(figsize=(4.5, 4))
   ax.plot(ks, [pk[k] if k in pk else pk[str(k)] for k in ks], marker="o", ms=3)
-  ax.set(xlabel="number of retrieved images k", ylabel="precision@k", ylim=(0, 1.02),
-         title=f"Precision@k\n{title}")
+  ax.set(
+    xlabel="number of retrieved images k",
+    ylabel="precision@k",
+    ylim=(0, 1.02),
+    title=f"Precision@k\n{title}",
+  )
   ax.grid(alpha=0.3)
   fig.tight_layout()
   _savefig(fig, os.path.join(workdir, "precision_at_k.png"))
@@ -101,8 +120,10 @@ def plot_curves(results: Dict[str, Any], workdir: str):
 
 
 def summary_line(results: Dict[str, Any]) -> str:
-  parts = [f"{results.get('method')} {results.get('dataset')} {results.get('backbone')} "
-           f"{results.get('bits')} bits: mAP={results['map']:.4f}"]
+  parts = [
+    f"{results.get('method')} {results.get('dataset')} {results.get('backbone')} "
+    f"{results.get('bits')} bits: mAP={results['map']:.4f}"
+  ]
   for k, v in sorted((int(k), v) for k, v in results.get("map_at", {}).items()):
     parts.append(f"mAP@{k}={v:.4f}")
   if "accuracy" in results:

@@ -24,15 +24,30 @@ def _check_and_write(pending, step, writer, mngr, loss_key, prefix):
       mngr.wait_until_finished()
       detail = ", ".join(f"{n}={v}" for n, v in m.items())
       raise errors.Diverged(
-          f"non-finite loss at step {step - len(host) + k + 1} ({detail}); lower train.lr_start or check "
-          f"the data. The last good checkpoint (step {mngr.latest_step()}) in {mngr.directory} is kept.")
+        f"non-finite loss at step {step - len(host) + k + 1} ({detail}); lower train.lr_start or "
+        f"check "
+        f"the data. The last good checkpoint (step {mngr.latest_step()}) in {mngr.directory} is "
+        f"kept."
+      )
   mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
   writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in mean.items()})
 
 
-def run(step_fn: Callable, state, batches: Iterable[dict], *, mesh, mngr, writer, total: int,
-        stop: int, log_every: int, loss_key: str = "loss", prefix: str = "train",
-        before_step: Optional[Callable] = None) -> Tuple[object, bool]:
+def run(
+  step_fn: Callable,
+  state,
+  batches: Iterable[dict],
+  *,
+  mesh,
+  mngr,
+  writer,
+  total: int,
+  stop: int,
+  log_every: int,
+  loss_key: str = "loss",
+  prefix: str = "train",
+  before_step: Optional[Callable] = None,
+) -> Tuple[object, bool]:
   """Runs steps state.step -> stop (of `total`) over per-process `batches`.
 
   Returns (state, finished): finished is False when stopped early (max steps per run or a
@@ -40,7 +55,9 @@ def run(step_fn: Callable, state, batches: Iterable[dict], *, mesh, mngr, writer
   state) -> state runs on the host before each step (e.g. per-epoch targets).
   """
   step = int(distributed.to_host(state.step))
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_steps=log_every)
+  report = periodic_actions.ReportProgress(
+    num_train_steps=total, writer=writer, every_steps=log_every
+  )
   pending = []
   for batch in batches:
     if before_step is not None:
@@ -51,19 +68,27 @@ def run(step_fn: Callable, state, batches: Iterable[dict], *, mesh, mngr, writer
     preempted = mngr.reached_preemption(step)
     saving = mngr.should_save(step) or preempted or step == stop
     if saving or step % log_every == 0:
-      _check_and_write(pending, step, writer, mngr, loss_key, prefix)  # never checkpoint unchecked steps
+      _check_and_write(
+        pending, step, writer, mngr, loss_key, prefix
+      )  # never checkpoint unchecked steps
       pending = []
     report(step)
     if saving:
       train_state.save(mngr, state, force=True)
     if preempted:
       mngr.wait_until_finished()
-      logging.warning("Preemption signal at step %d: checkpoint saved in %s, exiting.", step, mngr.directory)
+      logging.warning(
+        "Preemption signal at step %d: checkpoint saved in %s, exiting.", step, mngr.directory
+      )
       return state, False
   mngr.wait_until_finished()
   writer.flush()
   if step < total:
-    logging.info("Stopped at step %d of %d (train.max_steps_per_run); rerun the command to continue.", step, total)
+    logging.info(
+      "Stopped at step %d of %d (train.max_steps_per_run); rerun the command to continue.",
+      step,
+      total,
+    )
     return state, False
   return state, True
 
@@ -77,14 +102,27 @@ class Stage:
   WORKDIR/<name> with the run they belong to checked (train_state.check_run: a resumed run
   must be the same run), the resumed state and the steps this run takes."""
 
-  def __init__(self, config, tc, workdir: str, mesh, *, num_train: int, global_batch: int,
-               name: str = "checkpoints", lr_mults: Optional[Dict[str, float]] = None, **facts):
+  def __init__(
+    self,
+    config,
+    tc,
+    workdir: str,
+    mesh,
+    *,
+    num_train: int,
+    global_batch: int,
+    name: str = "checkpoints",
+    lr_mults: Optional[Dict[str, float]] = None,
+    **facts,
+  ):
     self.tc, self.mesh = tc, mesh
     self.steps_per_epoch = input_pipeline.steps_per_epoch(num_train, global_batch)
     self.total = tc.epochs * self.steps_per_epoch
     self.tx = train_state.make_optimizer(tc, self.steps_per_epoch, lr_mults)
     self.mngr = train_state.checkpoint_manager(workdir, tc.checkpoint_every_steps, name=name)
-    train_state.check_run(self.mngr, config, **facts, steps_per_epoch=self.steps_per_epoch, num_train=num_train)
+    train_state.check_run(
+      self.mngr, config, **facts, steps_per_epoch=self.steps_per_epoch, num_train=num_train
+    )
     self.start = self.stop = 0
 
   @property
@@ -92,11 +130,17 @@ class Stage:
     """No checkpoint yet: the stage starts from its initial state."""
     return self.mngr.latest_step() is None
 
-  def initial_state(self, params, constants: Optional[Dict[str, Any]] = None,
-                    extra: Optional[Dict[str, Any]] = None) -> train_state.TrainState:
+  def initial_state(
+    self, params, constants: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None
+  ) -> train_state.TrainState:
     """Host state at step 0 (the optimizer initialised on `params`)."""
-    return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                                  constants=constants or {}, extra=extra or {})
+    return train_state.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.tx.init(params),
+      constants=constants or {},
+      extra=extra or {},
+    )
 
   def restore(self, state: train_state.TrainState) -> train_state.TrainState:
     """`state` replicated over the mesh, then the latest checkpoint restored into it; sets
@@ -106,7 +150,19 @@ class Stage:
     self.stop = stop_step(self.start, self.total, self.tc.max_steps_per_run)
     return state
 
-  def run(self, step_fn: Callable, state, batches: Iterable[dict], writer, **kw) -> Tuple[object, bool]:
+  def run(
+    self, step_fn: Callable, state, batches: Iterable[dict], writer, **kw
+  ) -> Tuple[object, bool]:
     """`run` over this stage's steps (see run for `kw`)."""
-    return run(step_fn, state, batches, mesh=self.mesh, mngr=self.mngr, writer=writer, total=self.total,
-               stop=self.stop, log_every=self.tc.log_every_steps, **kw)
+    return run(
+      step_fn,
+      state,
+      batches,
+      mesh=self.mesh,
+      mngr=self.mngr,
+      writer=writer,
+      total=self.total,
+      stop=self.stop,
+      log_every=self.tc.log_every_steps,
+      **kw,
+    )

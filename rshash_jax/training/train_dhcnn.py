@@ -35,7 +35,14 @@ from rshash_jax.data import datasets, features
 from rshash_jax.models import backbones, dhcnn
 from rshash_jax.parallel import distributed, sharding
 from rshash_jax.retrieval import encoder
-from rshash_jax.training import config_checks, dhcnn_step, evaluation, inputs as inputs_lib, loop, train_state
+from rshash_jax.training import (
+  config_checks,
+  dhcnn_step,
+  evaluation,
+  inputs as inputs_lib,
+  loop,
+  train_state,
+)
 
 
 @dataclasses.dataclass
@@ -53,27 +60,49 @@ class _Setup:
 def _setup(config, workdir: str) -> _Setup:
   mesh = sharding.data_mesh()
   table = datasets.from_config(config.data, workdir)
-  train_idx, test_idx = datasets.split_per_class(table.labels, config.data.train_ratio, config.data.seed)
+  train_idx, test_idx = datasets.split_per_class(
+    table.labels, config.data.train_ratio, config.data.seed
+  )
   if config.data.validation:
-    train_idx, test_idx = datasets.validation_split(table.labels, train_idx, config.data.validation,
-                                                    config.data.seed)
+    train_idx, test_idx = datasets.validation_split(
+      table.labels, train_idx, config.data.validation, config.data.seed
+    )
   table = datasets.fit_raster(table, train_idx, config.data.seed)
   mc = config.model
   dtype = jnp.dtype(mc.dtype)
-  bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
-                        image_size=mc.image_size or None, dtype=dtype, seed=config.seed,
-                        channels=table.raster.channels)
+  bb = backbones.create(
+    mc.backbone,
+    pretrained=mc.pretrained,
+    weights_path=mc.weights_path or None,
+    image_size=mc.image_size or None,
+    dtype=dtype,
+    seed=config.seed,
+    channels=table.raster.channels,
+  )
   feats = None
   cache = config_defaults.cache_dir(config, workdir)
   if config.train.mode == "frozen":
-    feats = features.cached_features(bb, table, cache, weights_path=mc.weights_path or None,
-                                     batch_size=config.features.batch_size,
-                                     resize_size=config.data.resize_size or None, threads=config.data.threads)
-  inputs = inputs_lib.Inputs.from_config(config, bb, table, cache, features_=feats,
-                                         resize_size=config.data.resize_size or None)
-  model = dhcnn.DHCNN(backbone=None if feats is not None else bb.module, bits=mc.bits,
-                      num_classes=table.num_classes, hidden=mc.head_hidden, dropout=mc.dropout, dtype=dtype,
-                      backbone_start=inputs.point)
+    feats = features.cached_features(
+      bb,
+      table,
+      cache,
+      weights_path=mc.weights_path or None,
+      batch_size=config.features.batch_size,
+      resize_size=config.data.resize_size or None,
+      threads=config.data.threads,
+    )
+  inputs = inputs_lib.Inputs.from_config(
+    config, bb, table, cache, features_=feats, resize_size=config.data.resize_size or None
+  )
+  model = dhcnn.DHCNN(
+    backbone=None if feats is not None else bb.module,
+    bits=mc.bits,
+    num_classes=table.num_classes,
+    hidden=mc.head_hidden,
+    dropout=mc.dropout,
+    dtype=dtype,
+    backbone_start=inputs.point,
+  )
   return _Setup(config, mesh, table, train_idx, test_idx, bb, model, inputs)
 
 
@@ -88,14 +117,18 @@ def _init_state(s: _Setup, stage: loop.Stage) -> train_state.TrainState:
     got = jax.tree.map(np.shape, enc.variables["params"]["head"])
     want = jax.tree.map(np.shape, jax.device_get(head))
     if got != want or enc.meta["backbone"] != s.bb.name:
-      raise errors.InvalidInput(f"train.init_head_from={config.train.init_head_from}: its head ({enc.meta['backbone']}, "
-                                f"{enc.meta['bits']} bits) does not fit this model ({s.bb.name}, {config.model.bits} bits)")
+      raise errors.InvalidInput(
+        f"train.init_head_from={config.train.init_head_from}: its head ({enc.meta['backbone']}, "
+        f"{enc.meta['bits']} bits) does not fit this model ({s.bb.name}, {config.model.bits} bits)"
+      )
     head = jax.device_get(enc.variables["params"]["head"])
   params = {"head": head}
   constants = {}
   if s.inputs.trains_backbone:
     params["backbone"], constants = s.inputs.trained_backbone()
-  return stage.initial_state(params, constants, {"bank": jnp.zeros((len(s.train_idx), config.model.bits), jnp.float32)})
+  return stage.initial_state(
+    params, constants, {"bank": jnp.zeros((len(s.train_idx), config.model.bits), jnp.float32)}
+  )
 
 
 def _batches(s: _Setup, global_batch: int, start: int, stop: int):
@@ -112,15 +145,19 @@ def encode(s: _Setup, params, constants, indices: np.ndarray):
   mesh, config = s.mesh, s.config
   rep = sharding.replicated(mesh)
   prep = s.inputs.preprocess()
-  apply = jax.jit(lambda v, x: s.model.apply(v, x if prep is None else prep(x)),
-                  in_shardings=(rep, sharding.sharded_rows(mesh)))
+  apply = jax.jit(
+    lambda v, x: s.model.apply(v, x if prep is None else prep(x)),
+    in_shardings=(rep, sharding.sharded_rows(mesh)),
+  )
   n_dev = mesh.devices.size
   gb = -(-config.eval.batch_size // n_dev) * n_dev
   u, logits = s.inputs.apply(apply, {"params": params, **constants}, indices, mesh, gb)
   return u, logits
 
 
-def evaluate(s: _Setup, state, workdir: str, timing: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+def evaluate(
+  s: _Setup, state, workdir: str, timing: Optional[Dict[str, float]] = None
+) -> Dict[str, Any]:
   """Encodes database (train) and queries (test), ranks, writes results.json + plots.
   `timing` (seconds per phase of this run) goes into results.json with eval_seconds added."""
   config = s.config
@@ -128,19 +165,37 @@ def evaluate(s: _Setup, state, workdir: str, timing: Optional[Dict[str, float]] 
   db_u, _ = encode(s, state.params, state.constants, s.train_idx)
   q_u, q_logits = encode(s, state.params, state.constants, s.test_idx)
   db_labels, q_labels = s.table.labels[s.train_idx], s.table.labels[s.test_idx]
-  report = evaluation.evaluate_codes(db_u, q_u, db_labels, q_labels,
-                                     map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks),
-                                     q_predictions=np.argmax(q_logits, axis=1), q_logits=q_logits)
+  report = evaluation.evaluate_codes(
+    db_u,
+    q_u,
+    db_labels,
+    q_labels,
+    map_ks=tuple(config.eval.map_ks),
+    ks=tuple(config.eval.ks),
+    q_predictions=np.argmax(q_logits, axis=1),
+    q_logits=q_logits,
+  )
   eval_seconds = time.perf_counter() - t
-  results = dict(method="dhcnn", dataset=s.table.name, dataset_description=s.table.description,
-                 split="validation" if config.data.validation else "test",
-                 backbone=s.bb.name, pretrained=s.bb.pretrained, mode=config.train.mode,
-                 finetune_from=s.inputs.point or None, activation_cache=s.inputs.mode == "activations",
-                 num_classes=s.table.num_classes,
-                 class_names=s.table.class_names, step=int(distributed.to_host(state.step)),
-                 eval_seconds=eval_seconds, timing={**(timing or {}), "eval_seconds": eval_seconds},
-                 devices=jax.device_count(),
-                 processes=jax.process_count(), config=config.to_dict(), **report)
+  results = dict(
+    method="dhcnn",
+    dataset=s.table.name,
+    dataset_description=s.table.description,
+    split="validation" if config.data.validation else "test",
+    backbone=s.bb.name,
+    pretrained=s.bb.pretrained,
+    mode=config.train.mode,
+    finetune_from=s.inputs.point or None,
+    activation_cache=s.inputs.mode == "activations",
+    num_classes=s.table.num_classes,
+    class_names=s.table.class_names,
+    step=int(distributed.to_host(state.step)),
+    eval_seconds=eval_seconds,
+    timing={**(timing or {}), "eval_seconds": eval_seconds},
+    devices=jax.device_count(),
+    processes=jax.process_count(),
+    config=config.to_dict(),
+    **report,
+  )
   evaluation.write_results(workdir, results)
   logging.info("%s", evaluation.summary_line(results))
   return results
@@ -157,43 +212,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   tc = config.train
   global_batch = tc.batch_size
   if global_batch % jax.process_count():
-    raise errors.InvalidInput(f"train.batch_size={global_batch} is not divisible by the {jax.process_count()} processes: "
-                              "each process reads an equal share of every global batch")
+    raise errors.InvalidInput(
+      f"train.batch_size={global_batch} is not divisible by the {jax.process_count()} processes: "
+      "each process reads an equal share of every global batch"
+    )
   if global_batch % s.mesh.devices.size:
-    raise errors.InvalidInput(f"train.batch_size={global_batch} must be a multiple of the {s.mesh.devices.size} devices")
-  lr_mults = {"backbone": tc.backbone_lr_mult} if s.inputs.trains_backbone and tc.backbone_lr_mult != 1.0 else None
-  stage = loop.Stage(config, tc, workdir, s.mesh, num_train=len(s.train_idx), global_batch=global_batch,
-                     lr_mults=lr_mults)
+    raise errors.InvalidInput(
+      f"train.batch_size={global_batch} must be a multiple of the {s.mesh.devices.size} devices"
+    )
+  lr_mults = (
+    {"backbone": tc.backbone_lr_mult}
+    if s.inputs.trains_backbone and tc.backbone_lr_mult != 1.0
+    else None
+  )
+  stage = loop.Stage(
+    config,
+    tc,
+    workdir,
+    s.mesh,
+    num_train=len(s.train_idx),
+    global_batch=global_batch,
+    lr_mults=lr_mults,
+  )
   state = stage.restore(_init_state(s, stage))
   bank_labels = distributed.replicate(s.table.labels[s.train_idx], s.mesh)
-  step_fn = dhcnn_step.make_train_step(s.model, stage.tx, config, bank_labels, s.mesh, preprocess=s.inputs.preprocess())
+  step_fn = dhcnn_step.make_train_step(
+    s.model, stage.tx, config, bank_labels, s.mesh, preprocess=s.inputs.preprocess()
+  )
   rng = distributed.replicate(jax.random.key_data(jax.random.key(config.seed)), s.mesh)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   start, stop, total = stage.start, stage.stop, stage.total
-  logging.info("Training %s (%s) %d bits: steps %d -> %d of %d (%d/epoch, global batch %d, %d devices)",
-               s.bb.name, tc.mode, config.model.bits, start, stop, total, stage.steps_per_epoch, global_batch,
-               s.mesh.devices.size)
+  logging.info(
+    "Training %s (%s) %d bits: steps %d -> %d of %d (%d/epoch, global batch %d, %d devices)",
+    s.bb.name,
+    tc.mode,
+    config.model.bits,
+    start,
+    stop,
+    total,
+    stage.steps_per_epoch,
+    global_batch,
+    s.mesh.devices.size,
+  )
   step_with_rng = lambda st, b: step_fn(st, b, rng)
   t_train = time.perf_counter()
-  state, finished = stage.run(step_with_rng, state, _batches(s, global_batch, start, stop), writer,
-                              loss_key="reported")
+  state, finished = stage.run(
+    step_with_rng, state, _batches(s, global_batch, start, stop), writer, loss_key="reported"
+  )
   if not finished:
     return {}
   # This run's phases (a resumed run counts only its own steps): data + backbone features
   # (extracted, or read from the cache), training, evaluation.
-  timing = {"data_and_features_seconds": setup_seconds, "train_seconds": time.perf_counter() - t_train,
-            "train_steps": stop - start}
+  timing = {
+    "data_and_features_seconds": setup_seconds,
+    "train_seconds": time.perf_counter() - t_train,
+    "train_steps": stop - start,
+  }
   results = evaluate(s, state, workdir, timing)
   params = distributed.to_host(state.params)
   # The trained backbone layers (all, or finetune_from and above) over the pretrained ones.
   bb = s.bb if "backbone" not in params else backbones.with_trained(s.bb, params["backbone"])
-  encoder.save_encoder(os.path.join(workdir, "encoder"), method="dhcnn", bb=bb, head_params=params["head"],
-                       bits=config.model.bits, class_names=s.table.class_names, hidden=config.model.head_hidden,
-                       extra_meta={"results_map": results["map"], "dataset": s.table.name,
-                                   "raster": s.table.raster.to_meta(), "multilabel": s.table.multilabel},
-                       overwrite=True)
-  writer.write_scalars(total, {"eval/map": results["map"],
-                               "eval/accuracy": results.get("accuracy", results.get("f1_macro", 0.0))})
+  encoder.save_encoder(
+    os.path.join(workdir, "encoder"),
+    method="dhcnn",
+    bb=bb,
+    head_params=params["head"],
+    bits=config.model.bits,
+    class_names=s.table.class_names,
+    hidden=config.model.head_hidden,
+    extra_meta={
+      "results_map": results["map"],
+      "dataset": s.table.name,
+      "raster": s.table.raster.to_meta(),
+      "multilabel": s.table.multilabel,
+    },
+    overwrite=True,
+  )
+  writer.write_scalars(
+    total,
+    {
+      "eval/map": results["map"],
+      "eval/accuracy": results.get("accuracy", results.get("f1_macro", 0.0)),
+    },
+  )
   writer.flush()
   return results

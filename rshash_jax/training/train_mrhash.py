@@ -38,13 +38,23 @@ def load_data(config, workdir: str):
   """(table, train_idx, test_idx, image features [N, D], sources [[N, D_s]], backbone, the
   table as the hash network sees it)."""
   mc, dc, hc = config.model, config.data, config.mrhash
-  bb = backbones.create(mc.backbone, pretrained=mc.pretrained, weights_path=mc.weights_path or None,
-                        image_size=mc.image_size or None, seed=config.seed)
+  bb = backbones.create(
+    mc.backbone,
+    pretrained=mc.pretrained,
+    weights_path=mc.weights_path or None,
+    image_size=mc.image_size or None,
+    seed=config.seed,
+  )
   cache = config_defaults.cache_dir(config, workdir)
-  kw = dict(batch_size=config.features.batch_size, threads=dc.threads, weights_path=mc.weights_path or None)
+  kw = dict(
+    batch_size=config.features.batch_size, threads=dc.threads, weights_path=mc.weights_path or None
+  )
   if dc.source.startswith("release:"):
-    ms = multisource.read_release(dc.source[len("release:"):], list(hc.release_sources),
-                                  image_root=dc.get("image_root") or None)
+    ms = multisource.read_release(
+      dc.source[len("release:") :],
+      list(hc.release_sources),
+      image_root=dc.get("image_root") or None,
+    )
     table, train_idx, test_idx, sources = ms.table, ms.train_idx, ms.test_idx, ms.sources
     if test_idx is None:
       raise errors.InvalidInput(f"{dc.source}: a test split (test.txt) is needed for evaluation")
@@ -53,13 +63,18 @@ def load_data(config, workdir: str):
     table = datasets.from_config(dc, workdir)
     train_idx, test_idx = datasets.split_per_class(table.labels, dc.train_ratio, dc.seed)
     table = datasets.fit_raster(table, train_idx, dc.seed)  # the training part only
-    sources = multisource.features_of_views(table, list(hc.sources), bb, cache, train_idx=train_idx,
-                                            seed=dc.seed, **kw)
+    sources = multisource.features_of_views(
+      table, list(hc.sources), bb, cache, train_idx=train_idx, seed=dc.seed, **kw
+    )
     img_view = multisource.view(table, hc.image_view, train_idx, dc.seed)
     bb = backbones.with_channels(bb, img_view.raster.channels)  # the hash network's input
   if dc.validation:
     train_idx, test_idx = datasets.validation_split(table.labels, train_idx, dc.validation, dc.seed)
-    logging.info("Validation run: %d database / %d queries from the training part", len(train_idx), len(test_idx))
+    logging.info(
+      "Validation run: %d database / %d queries from the training part",
+      len(train_idx),
+      len(test_idx),
+    )
   image_feats = features.cached_features(bb, img_view, cache, **kw)
   return table, train_idx, test_idx, image_feats, sources, bb, img_view
 
@@ -95,7 +110,13 @@ def _stage1_config(tc, epochs, batch, lr, decay, decay_epochs):
   """Stage 1's optimizer: Adam, lr x decay every decay_epochs (the paper: 1e-3, halved / 40)."""
   c = ml_collections.ConfigDict(tc.to_dict())
   c.epochs, c.batch_size, c.lr_start, c.lr_end = epochs, batch, lr, lr
-  c.schedule, c.lr_decay, c.lr_decay_epochs, c.optimizer, c.weight_decay = "step", decay, decay_epochs, "adam", 0.0
+  c.schedule, c.lr_decay, c.lr_decay_epochs, c.optimizer, c.weight_decay = (
+    "step",
+    decay,
+    decay_epochs,
+    "adam",
+    0.0,
+  )
   c.grad_clip = 0.0
   return c
 
@@ -106,8 +127,16 @@ def _stage1(config, workdir, mesh, xs, writer):
   ae = mrhash.MultiSourceAE([x.shape[1] for x in xs])
   n = xs[0].shape[0]
   gb = min(hc.ae_batch_size, n - n % mesh.devices.size)
-  stage = loop.Stage(config, _stage1_config(tc, hc.ae_epochs, gb, hc.ae_lr, 0.5, hc.ae_lr_halve_epochs), workdir,
-                     mesh, num_train=n, global_batch=gb, name="checkpoints/stage1", stage=1)
+  stage = loop.Stage(
+    config,
+    _stage1_config(tc, hc.ae_epochs, gb, hc.ae_lr, 0.5, hc.ae_lr_halve_epochs),
+    workdir,
+    mesh,
+    num_train=n,
+    global_batch=gb,
+    name="checkpoints/stage1",
+    stage=1,
+  )
   params = jax.jit(ae.init)(jax.random.key(config.seed), jnp.zeros((1, xs[0].shape[1])))["params"]
   state = stage.restore(stage.initial_state(params))
 
@@ -117,12 +146,21 @@ def _stage1(config, workdir, mesh, xs, writer):
     _, recons = ae.apply({"params": p}, srcs[0])
     return mrhash.stage1_loss(recons, srcs)
 
-  logging.info("MrHash stage 1 (autoencoder): steps %d -> %d of %d, batch %d", stage.start, stage.stop,
-               stage.total, gb)
+  logging.info(
+    "MrHash stage 1 (autoencoder): steps %d -> %d of %d, batch %d",
+    stage.start,
+    stage.stop,
+    stage.total,
+    gb,
+  )
   arrays = {f"x{s}": x for s, x in enumerate(xs)}
-  state, finished = stage.run(_make_step(loss_of, stage.tx, mesh), state,
-                              _feature_batches(arrays, np.arange(n), gb, config.data.seed, stage.start, stage.stop),
-                              writer, prefix="stage1")
+  state, finished = stage.run(
+    _make_step(loss_of, stage.tx, mesh),
+    state,
+    _feature_batches(arrays, np.arange(n), gb, config.data.seed, stage.start, stage.stop),
+    writer,
+    prefix="stage1",
+  )
   return (distributed.to_host(state.params) if finished else None), ae
 
 
@@ -130,7 +168,9 @@ def kmeans(z: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
   """Best-of-n_init k-means++ centres (scipy), by inertia."""
   best, best_inertia = None, np.inf
   for i in range(n_init):
-    centres, assign = vq.kmeans2(z.astype(np.float64), k, minit="++", seed=np.random.default_rng([seed, i]))
+    centres, assign = vq.kmeans2(
+      z.astype(np.float64), k, minit="++", seed=np.random.default_rng([seed, i])
+    )
     inertia = float(np.sum(np.square(z - centres[assign])))
     if inertia < best_inertia:
       best, best_inertia = centres, inertia
@@ -147,7 +187,9 @@ def _stage2_batches(inputs: inputs_lib.Inputs, train_idx, arrays, global_batch, 
     yield {"f": x, **{k: v[rows] for k, v in arrays.items()}, "row": rows}
 
 
-def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view_table, train_idx, scale):
+def _stage2(
+  config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view_table, train_idx, scale
+):
   """Trains stage 2; returns (h [len(view_table), K] of every example of the image view,
   params), or None when stopped early. all_feats: normalised, scaled features of every
   example (the frozen hash network's input; fine-tuning reads the images instead)."""
@@ -156,20 +198,42 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
   finetune = tc.mode == "finetune"
   # Frozen: the cached features; fine-tuning: images, or the activation cache at a split point
   # (partial fine-tuning, as DHCNN's; config_checks: finetune mode only).
-  inputs = inputs_lib.Inputs.from_config(config, bb, view_table, config_defaults.cache_dir(config, workdir),
-                                         features_=None if finetune else all_feats)
+  inputs = inputs_lib.Inputs.from_config(
+    config,
+    bb,
+    view_table,
+    config_defaults.cache_dir(config, workdir),
+    features_=None if finetune else all_feats,
+  )
   point = inputs.point
-  model = mrhash.MrHash([x.shape[1] for x in xs], bits=config.model.bits, num_clusters=hc.num_clusters,
-                        hidden=config.model.head_hidden, backbone=bb.module if finetune else None,
-                        feature_norm=hc.feature_norm, feature_scale=scale, backbone_start=point)
+  model = mrhash.MrHash(
+    [x.shape[1] for x in xs],
+    bits=config.model.bits,
+    num_clusters=hc.num_clusters,
+    hidden=config.model.head_hidden,
+    backbone=bb.module if finetune else None,
+    feature_norm=hc.feature_norm,
+    feature_scale=scale,
+    backbone_start=point,
+  )
   n = image_feats.shape[0]
   gb = min(tc.batch_size, n - n % mesh.devices.size)
   # config.train is stage 2's; fine-tuning trains the backbone at backbone_lr_mult x the rate.
-  stage = loop.Stage(config, tc, workdir, mesh, num_train=n, global_batch=gb, name="checkpoints/stage2", stage=2,
-                     lr_mults={"backbone": tc.backbone_lr_mult} if finetune else None)
+  stage = loop.Stage(
+    config,
+    tc,
+    workdir,
+    mesh,
+    num_train=n,
+    global_batch=gb,
+    name="checkpoints/stage2",
+    stage=2,
+    lr_mults={"backbone": tc.backbone_lr_mult} if finetune else None,
+  )
   spe = stage.steps_per_epoch
-  params = jax.jit(model.init)(jax.random.key(config.seed + 1), inputs.dummy(),
-                               [jnp.zeros((1, x.shape[1])) for x in xs])
+  params = jax.jit(model.init)(
+    jax.random.key(config.seed + 1), inputs.dummy(), [jnp.zeros((1, x.shape[1])) for x in xs]
+  )
   params = jax.device_get(params["params"])
   params["ae"] = ae_params
   constants = {}
@@ -184,16 +248,23 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
     params["hashnet"]["hash"]["kernel"] = (itq.projection * s).astype(np.float32)
     params["hashnet"]["hash"]["bias"] = (-(itq.mean @ itq.projection) * s).astype(np.float32)
   if stage.fresh:  # k-means only for a fresh stage 2
-    z = np.asarray(mrhash.batched_apply(
-        lambda x: model.apply({"params": params}, x, method=lambda m, x: m.ae.encode(x)), jnp.asarray(xs[0])))
+    z = np.asarray(
+      mrhash.batched_apply(
+        lambda x: model.apply({"params": params}, x, method=lambda m, x: m.ae.encode(x)),
+        jnp.asarray(xs[0]),
+      )
+    )
     params["centres"] = kmeans(z, hc.num_clusters, hc.kmeans_n_init, config.seed)
-  state = stage.restore(stage.initial_state(params, constants, {"p": jnp.zeros((n, hc.num_clusters), jnp.float32)}))
+  state = stage.restore(
+    stage.initial_state(params, constants, {"p": jnp.zeros((n, hc.num_clusters), jnp.float32)})
+  )
   x1_all = distributed.replicate(xs[0], mesh)
 
   @jax.jit
   def targets(params):
-    q = mrhash.batched_apply(lambda x: model.apply({"params": params}, x, method=lambda m, x: m.feature_assign(x)),
-                             x1_all)
+    q = mrhash.batched_apply(
+      lambda x: model.apply({"params": params}, x, method=lambda m, x: m.feature_assign(x)), x1_all
+    )
     return mrhash.target_distribution(q)
 
   def before_step(step, state):
@@ -207,34 +278,69 @@ def _stage2(config, workdir, mesh, all_feats, xs, ae_params, writer, *, bb, view
     srcs = [batch[f"x{s}"] for s in range(len(xs))]
     out = model.apply({"params": p, **state.constants}, prep(batch["f"]), srcs)
     target = state.extra["p"][batch["row"]]
-    return mrhash.stage2_loss(out, target, srcs, recon_weight=hc.recon_weight, kl_reduction=hc.kl_reduction,
-                              pair_weight=hc.pair_weight, quant_weight=hc.quant_weight,
-                              balance_weight=hc.balance_weight)
+    return mrhash.stage2_loss(
+      out,
+      target,
+      srcs,
+      recon_weight=hc.recon_weight,
+      kl_reduction=hc.kl_reduction,
+      pair_weight=hc.pair_weight,
+      quant_weight=hc.quant_weight,
+      balance_weight=hc.balance_weight,
+    )
 
   start, stop = stage.start, stage.stop
-  logging.info("MrHash stage 2 (hashing, %s backbone): steps %d -> %d of %d, batch %d, %d bits",
-               tc.mode, start, stop, stage.total, gb, config.model.bits)
+  logging.info(
+    "MrHash stage 2 (hashing, %s backbone): steps %d -> %d of %d, batch %d, %d bits",
+    tc.mode,
+    start,
+    stop,
+    stage.total,
+    gb,
+    config.model.bits,
+  )
   arrays = {f"x{s}": x for s, x in enumerate(xs)}
   batches = _stage2_batches(inputs, train_idx, arrays, gb, config.data.seed, start, stop)
-  state, finished = stage.run(_make_step(loss_of, stage.tx, mesh), state, batches, writer, prefix="stage2",
-                              before_step=before_step)
+  state, finished = stage.run(
+    _make_step(loss_of, stage.tx, mesh),
+    state,
+    batches,
+    writer,
+    prefix="stage2",
+    before_step=before_step,
+  )
   if not finished:
     return None
   params = distributed.to_host(state.params)
   variables = {"params": params, **constants}
   if inputs.mode == "features":
-    h = mrhash.batched_apply(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)),
-                             jnp.asarray(all_feats))
+    h = mrhash.batched_apply(
+      lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)), jnp.asarray(all_feats)
+    )
     return np.asarray(h), params
   if inputs.mode == "activations":  # view 0 of every example: the image as it is
     codes = jax.jit(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)))
-    return np.asarray(mrhash.batched_apply(codes, inputs.activations[:, 0], batch=config.eval.batch_size)), params
+    return np.asarray(
+      mrhash.batched_apply(codes, inputs.activations[:, 0], batch=config.eval.batch_size)
+    ), params
   rep, rows = sharding.replicated(mesh), sharding.sharded_rows(mesh)
-  fn = jax.jit(lambda v, images: model.apply(v, prep(images), method=lambda m, x: m.codes(x)),
-               in_shardings=(rep, rows), out_shardings=rows)
-  h = features.apply_to_images(fn, variables, view_table, bb.image_size, config.model.bits, mesh,
-                               batch_size=config.eval.batch_size, threads=config.data.threads, name="MrHash codes",
-                               cache_dir=config_defaults.cache_dir(config, workdir))
+  fn = jax.jit(
+    lambda v, images: model.apply(v, prep(images), method=lambda m, x: m.codes(x)),
+    in_shardings=(rep, rows),
+    out_shardings=rows,
+  )
+  h = features.apply_to_images(
+    fn,
+    variables,
+    view_table,
+    bb.image_size,
+    config.model.bits,
+    mesh,
+    batch_size=config.eval.batch_size,
+    threads=config.data.threads,
+    name="MrHash codes",
+    cache_dir=config_defaults.cache_dir(config, workdir),
+  )
   return h, params
 
 
@@ -263,8 +369,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     ae_params, _ = _stage1(config, workdir, mesh, xs, writer)
     if ae_params is None:
       return {}
-    stage2 = _stage2(config, workdir, mesh, image_feats, xs, ae_params, writer, bb=bb, view_table=view_table,
-                     train_idx=train_idx, scale=scale)
+    stage2 = _stage2(
+      config,
+      workdir,
+      mesh,
+      image_feats,
+      xs,
+      ae_params,
+      writer,
+      bb=bb,
+      view_table=view_table,
+      train_idx=train_idx,
+      scale=scale,
+    )
     if stage2 is None:
       return {}
     h, params = stage2
@@ -272,33 +389,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   train_seconds = time.perf_counter() - t0
   t_eval = time.perf_counter()
   db_codes, q_codes = h[train_idx], h[test_idx]
-  report = evaluation.evaluate_codes(db_codes, q_codes,
-                                     table.labels[train_idx], table.labels[test_idx],
-                                     map_ks=tuple(config.eval.map_ks), ks=tuple(config.eval.ks))
+  report = evaluation.evaluate_codes(
+    db_codes,
+    q_codes,
+    table.labels[train_idx],
+    table.labels[test_idx],
+    map_ks=tuple(config.eval.map_ks),
+    ks=tuple(config.eval.ks),
+  )
   r = min(config.eval.map_at_r, len(train_idx))
   report["map_at_r"] = report["map_at"].get(r) if r in report["map_at"] else None
   if report["map_at_r"] is None:
     report["map_at_r"] = metrics.mean_average_precision(
-        hamming.pack_codes(signs.signs(q_codes)), hamming.pack_codes(signs.signs(db_codes)),
-        table.labels[test_idx], table.labels[train_idx], topk=r)
+      hamming.pack_codes(signs.signs(q_codes)),
+      hamming.pack_codes(signs.signs(db_codes)),
+      table.labels[test_idx],
+      table.labels[train_idx],
+      topk=r,
+    )
   report["r"] = r
-  results = dict(method=method, dataset=table.name, dataset_description=table.description, backbone=bb.name,
-                 pretrained=bb.pretrained, image_view=hc.image_view, sources=list(hc.sources),
-                 num_classes=table.num_classes, train_seconds=train_seconds,
-                 timing={"data_and_features_seconds": data_seconds, "train_seconds": train_seconds,
-                         "eval_seconds": time.perf_counter() - t_eval}, devices=jax.device_count(),
-                 processes=jax.process_count(),
-                 mode=config.train.mode, split="validation" if config.data.validation else "test",
-                 config=config.to_dict(), **report)
+  results = dict(
+    method=method,
+    dataset=table.name,
+    dataset_description=table.description,
+    backbone=bb.name,
+    pretrained=bb.pretrained,
+    image_view=hc.image_view,
+    sources=list(hc.sources),
+    num_classes=table.num_classes,
+    train_seconds=train_seconds,
+    timing={
+      "data_and_features_seconds": data_seconds,
+      "train_seconds": train_seconds,
+      "eval_seconds": time.perf_counter() - t_eval,
+    },
+    devices=jax.device_count(),
+    processes=jax.process_count(),
+    mode=config.train.mode,
+    split="validation" if config.data.validation else "test",
+    config=config.to_dict(),
+    **report,
+  )
   evaluation.write_results(workdir, results)
   if not hc.baseline:
     if "backbone" in params:  # fine-tuned (all layers, or those from train.finetune_from on)
       bb = backbones.with_trained(bb, params["backbone"])
-    encoder.save_encoder(os.path.join(workdir, "encoder"), method="mrhash", bb=bb, head_params=params["hashnet"],
-                         bits=config.model.bits, class_names=table.class_names, hidden=config.model.head_hidden,
-                         feature_scale=scale, feature_norm=hc.feature_norm, degrade=view_table.degrade,
-                         extra_meta={"results_map": results["map"], "dataset": table.name,
-                                     "raster": view_table.raster.to_meta()}, overwrite=True)
+    encoder.save_encoder(
+      os.path.join(workdir, "encoder"),
+      method="mrhash",
+      bb=bb,
+      head_params=params["hashnet"],
+      bits=config.model.bits,
+      class_names=table.class_names,
+      hidden=config.model.head_hidden,
+      feature_scale=scale,
+      feature_norm=hc.feature_norm,
+      degrade=view_table.degrade,
+      extra_meta={
+        "results_map": results["map"],
+        "dataset": table.name,
+        "raster": view_table.raster.to_meta(),
+      },
+      overwrite=True,
+    )
   at_r = "" if r in results["map_at"] else f" mAP@{r}={results['map_at_r']:.4f}"
   logging.info("%s%s", evaluation.summary_line(results), at_r)
   return results

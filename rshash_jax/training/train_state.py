@@ -25,10 +25,11 @@ SCHEDULES = ("log_epoch", "constant", "cosine", "step")
 @flax.struct.dataclass
 class TrainState:
   """Everything a step changes. `extra` holds method state (DHCNN's memory bank)."""
+
   step: jnp.ndarray
   params: Any
   opt_state: Any
-  constants: Any          # non-trained variables, e.g. frozen BatchNorm statistics
+  constants: Any  # non-trained variables, e.g. frozen BatchNorm statistics
   extra: Dict[str, Any]
 
 
@@ -47,14 +48,16 @@ def learning_rate_schedule(tc, steps_per_epoch: int):
   if tc.schedule == "cosine":
     return optax.cosine_decay_schedule(tc.lr_start, total, alpha=tc.lr_end / tc.lr_start)
   if tc.schedule == "step":
-    return optax.exponential_decay(tc.lr_start, tc.lr_decay_epochs * steps_per_epoch, tc.lr_decay,
-                                   staircase=True)
+    return optax.exponential_decay(
+      tc.lr_start, tc.lr_decay_epochs * steps_per_epoch, tc.lr_decay, staircase=True
+    )
   lo, hi = math.log10(tc.lr_start), math.log10(tc.lr_end)
   n = max(tc.epochs - 1, 1)
 
   def schedule(step):
     epoch = jnp.minimum(step // steps_per_epoch, tc.epochs - 1)
     return 10.0 ** (lo + (hi - lo) * epoch / n)
+
   return schedule
 
 
@@ -88,13 +91,18 @@ def make_optimizer(tc, steps_per_epoch: int, lr_mults: Optional[Dict[str, float]
   return optax.chain(optax.clip_by_global_norm(tc.grad_clip), tx) if tc.grad_clip else tx
 
 
-def checkpoint_manager(workdir: str, every_steps: int, keep: int = 2,
-                       name: str = "checkpoints") -> ocp.CheckpointManager:
+def checkpoint_manager(
+  workdir: str, every_steps: int, keep: int = 2, name: str = "checkpoints"
+) -> ocp.CheckpointManager:
   """Periodic checkpoints in WORKDIR/<name>; orbax also saves at preemption signals."""
-  options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, every_steps), max_to_keep=keep,
-                                         create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, name)), options=options,
-                              item_handlers=ocp.StandardCheckpointHandler())
+  options = ocp.CheckpointManagerOptions(
+    save_interval_steps=max(1, every_steps), max_to_keep=keep, create=True
+  )
+  return ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, name)),
+    options=options,
+    item_handlers=ocp.StandardCheckpointHandler(),
+  )
 
 
 def _shapes(tree) -> Dict[str, str]:
@@ -110,10 +118,25 @@ def _shapes(tree) -> Dict[str, str]:
 # What a checkpoint's state and step numbering depend on: resuming with any of these
 # changed would continue another run's state on other data, order or model, silently.
 # Everything else (learning rates, epochs, logging, threads, evaluation) may change.
-RUN_FIELDS_FIXED = ("method", "seed", "model", "train.batch_size", "train.mode", "data.source",
-                    "data.train_ratio", "data.validation", "data.seed", "data.tfds_split", "data.resize_size",
-                    "data.generated_classes", "data.generated_per_class", "data.generated_size", "mrhash.sources",
-                    "mrhash.image_view", "mrhash.num_clusters")
+RUN_FIELDS_FIXED = (
+  "method",
+  "seed",
+  "model",
+  "train.batch_size",
+  "train.mode",
+  "data.source",
+  "data.train_ratio",
+  "data.validation",
+  "data.seed",
+  "data.tfds_split",
+  "data.resize_size",
+  "data.generated_classes",
+  "data.generated_per_class",
+  "data.generated_size",
+  "mrhash.sources",
+  "mrhash.image_view",
+  "mrhash.num_clusters",
+)
 
 
 def check_run(mngr: ocp.CheckpointManager, config, **facts):
@@ -133,19 +156,34 @@ def check_run(mngr: ocp.CheckpointManager, config, **facts):
       old = json.load(f)
   old = distributed.agree("run.json", old)
   if old is None:
+
     def write(tmp):
       with open(tmp, "w") as f:
         json.dump(record, f, indent=1, sort_keys=True, default=str)
+
     distributed.write_once(path, write, name="run.json")
     return
-  diff = [f"{k}: {old['config'].get(k, '<unset>')!r} in the checkpointed run, {now.get(k, '<unset>')!r} now"
-          for k in sorted(set(old["config"]) | set(now)) if old["config"].get(k) != now.get(k)]
+  diff = [
+    f"{k}: {old['config'].get(k, '<unset>')!r} in the checkpointed run, {now.get(k, '<unset>')!r} "
+    f"now"
+    for k in sorted(set(old["config"]) | set(now))
+    if old["config"].get(k) != now.get(k)
+  ]
   if diff:
-    raise errors.InvalidInput(f"the checkpoints in {mngr.directory} do not match this config: " + "; ".join(diff[:8]) +
-                              ". Use a fresh --workdir, or run with the checkpointed settings.")
+    raise errors.InvalidInput(
+      f"the checkpoints in {mngr.directory} do not match this config: "
+      + "; ".join(diff[:8])
+      + ". Use a fresh --workdir, or run with the checkpointed settings."
+    )
   if (old["processes"], old["devices"]) != (jax.process_count(), jax.device_count()):
-    logging.info("Resuming a run checkpointed by %d process(es) with %d device(s) on %d process(es) with %d "
-                 "device(s)", old["processes"], old["devices"], jax.process_count(), jax.device_count())
+    logging.info(
+      "Resuming a run checkpointed by %d process(es) with %d device(s) on %d process(es) with %d "
+      "device(s)",
+      old["processes"],
+      old["devices"],
+      jax.process_count(),
+      jax.device_count(),
+    )
 
 
 def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
@@ -160,18 +198,24 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainStat
   # Compared before orbax starts reading: a restore that fails half-way leaves orbax's
   # reads un-awaited (their errors surface later, as "never retrieved" noise).
   saved, want = _shapes(mngr.item_metadata(step)), _shapes(abstract)
-  diff = [f"{k}: {saved.get(k, 'absent')} in the checkpoint, {want.get(k, 'absent')} now"
-          for k in sorted(set(saved) | set(want), key=lambda k: (not k.startswith("params"), k))
-          if saved.get(k) != want.get(k)]
+  diff = [
+    f"{k}: {saved.get(k, 'absent')} in the checkpoint, {want.get(k, 'absent')} now"
+    for k in sorted(set(saved) | set(want), key=lambda k: (not k.startswith("params"), k))
+    if saved.get(k) != want.get(k)
+  ]
   if diff:
-    raise errors.InvalidInput(f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
-                              f"config (model, bits, mode?): {'; '.join(diff[:4])}"
-                              f"{f' and {len(diff) - 4} more' if len(diff) > 4 else ''}. Use a fresh --workdir.")
+    raise errors.InvalidInput(
+      f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
+      f"config (model, bits, mode?): {'; '.join(diff[:4])}"
+      f"{f' and {len(diff) - 4} more' if len(diff) > 4 else ''}. Use a fresh --workdir."
+    )
   try:
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:
-    raise errors.InvalidInput(f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
-                              f"config (model, bits, mode?). Use a fresh --workdir. ({e})") from e
+    raise errors.InvalidInput(
+      f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
+      f"config (model, bits, mode?). Use a fresh --workdir. ({e})"
+    ) from e
   logging.info("Resumed from checkpoint at step %d in %s", step, mngr.directory)
   return restored
 

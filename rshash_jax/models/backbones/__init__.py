@@ -31,13 +31,21 @@ from rshash_jax import errors
 from rshash_jax.models.backbones import alexnet, common, efficientnet_lite, squeezenet, vgg_f
 from rshash_jax.models.backbones.common import Preprocessing
 
-NAMES = ("vgg_f", "alexnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-         "squeezenet", "tiny_cnn")
+NAMES = (
+  "vgg_f",
+  "alexnet",
+  "efficientnet_lite0",
+  "efficientnet_lite1",
+  "efficientnet_lite2",
+  "squeezenet",
+  "tiny_cnn",
+)
 
 
 class TinyCNN(nn.Module):
   """Two strided convolutions and a global pool: a stand-in backbone for tests. One split
   point, 'conv2' (start / stop as EfficientNetLite's)."""
+
   width: int = 32
   num_classes: int = 1000
   dtype: Any = jnp.float32
@@ -54,12 +62,16 @@ class TinyCNN(nn.Module):
       return {"activation": x}
     x = nn.relu(nn.Conv(2 * self.width, (3, 3), (2, 2), dtype=self.dtype, name="conv2")(x))
     features = jnp.mean(x, axis=(1, 2))
-    return {"features": features, "logits": nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(features)}
+    return {
+      "features": features,
+      "logits": nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(features),
+    }
 
 
 @dataclasses.dataclass
 class Backbone:
   """A backbone ready to use: module, its variables, its input preprocessing."""
+
   name: str
   module: nn.Module
   variables: Dict[str, Any]
@@ -86,31 +98,45 @@ def nest(collections: Dict[str, Any], name: str = "backbone") -> Tuple[Any, Dict
   return collections["params"], {k: {name: v} for k, v in collections.items() if k != "params"}
 
 
-def trained_part(bb: Backbone, start: str, activation_shape: Tuple[int, ...]) -> Dict[str, Dict[str, Any]]:
+def trained_part(
+  bb: Backbone, start: str, activation_shape: Tuple[int, ...]
+) -> Dict[str, Dict[str, Any]]:
   """bb's variables (per collection) of the layers from split point `start` on (all of
   them for start ''); activation_shape: [h, w, c] of the activation at `start`."""
   if not start:
     return bb.variables
-  shapes = jax.eval_shape(lambda x: bb.module.init(jax.random.key(0), x, start=start),
-                          jax.ShapeDtypeStruct((1, *activation_shape), jnp.float32))
+  shapes = jax.eval_shape(
+    lambda x: bb.module.init(jax.random.key(0), x, start=start),
+    jax.ShapeDtypeStruct((1, *activation_shape), jnp.float32),
+  )
   return {c: {k: bb.variables[c][k] for k in shapes.get(c, {})} for c in bb.variables}
 
 
 def with_trained(bb: Backbone, params: Dict[str, Any]) -> Backbone:
   """bb with trained backbone parameters (all, or those of a partial fine-tuning) in place
   of its own."""
-  return dataclasses.replace(bb, variables={**bb.variables, "params": {**bb.variables["params"], **params}})
+  return dataclasses.replace(
+    bb, variables={**bb.variables, "params": {**bb.variables["params"], **params}}
+  )
 
 
-def build(name: str, *, image_size: Optional[int] = None, dtype: Any = jnp.float32,
-          lrn_params=None, channels: int = 3) -> Tuple[nn.Module, Preprocessing, int]:
+def build(
+  name: str,
+  *,
+  image_size: Optional[int] = None,
+  dtype: Any = jnp.float32,
+  lrn_params=None,
+  channels: int = 3,
+) -> Tuple[nn.Module, Preprocessing, int]:
   """(module, preprocessing, feature_dim) of backbone `name`, without any weights, for
   images of `channels` bands."""
   if name not in NAMES:
     raise errors.InvalidInput(f"unknown backbone {name!r}; choose one of {', '.join(NAMES)}")
   if name == "vgg_f":
     if image_size not in (None, 224):
-      raise errors.InvalidInput(f"vgg_f takes 224x224 input (its fc6 is a 6x6 conv), got image_size={image_size}")
+      raise errors.InvalidInput(
+        f"vgg_f takes 224x224 input (its fc6 is a 6x6 conv), got image_size={image_size}"
+      )
     module = vgg_f.VGGF(lrn_params=lrn_params or vgg_f.DEFAULT_LRN, dtype=dtype)
     pre, dim = vgg_f.preprocessing(), vgg_f.FEATURE_DIM
   elif name == "alexnet":
@@ -119,17 +145,32 @@ def build(name: str, *, image_size: Optional[int] = None, dtype: Any = jnp.float
     module = efficientnet_lite.EfficientNetLite(name, dtype=dtype)
     pre, dim = efficientnet_lite.preprocessing(name), efficientnet_lite.FEATURE_DIM
   elif name == "squeezenet":
-    module, pre, dim = squeezenet.SqueezeNet11(dtype=dtype), squeezenet.preprocessing(), squeezenet.FEATURE_DIM
+    module, pre, dim = (
+      squeezenet.SqueezeNet11(dtype=dtype),
+      squeezenet.preprocessing(),
+      squeezenet.FEATURE_DIM,
+    )
   else:
-    module, pre, dim = TinyCNN(dtype=dtype), Preprocessing(size=32, mean=(127.5,) * 3, std=(64.0,) * 3), 64
+    module, pre, dim = (
+      TinyCNN(dtype=dtype),
+      Preprocessing(size=32, mean=(127.5,) * 3, std=(64.0,) * 3),
+      64,
+    )
   if image_size is not None:
     pre = dataclasses.replace(pre, size=int(image_size))
   return module, pre.with_channels(channels), dim
 
 
-def create(name: str, *, pretrained: bool = True, weights_path: Optional[str] = None,
-           image_size: Optional[int] = None, dtype: Any = jnp.float32, seed: int = 0,
-           channels: int = 3) -> Backbone:
+def create(
+  name: str,
+  *,
+  pretrained: bool = True,
+  weights_path: Optional[str] = None,
+  image_size: Optional[int] = None,
+  dtype: Any = jnp.float32,
+  seed: int = 0,
+  channels: int = 3,
+) -> Backbone:
   """Builds backbone `name` with ImageNet weights (pretrained) or a random initialisation.
 
   weights_path: a local weights file; None takes the file of the weights package where one
@@ -152,7 +193,9 @@ def create(name: str, *, pretrained: bool = True, weights_path: Optional[str] = 
     else:
       raise errors.InvalidInput(f"{name} has no pretrained weights; set pretrained=False")
   if variables is None:
-    variables = flax.core.unfreeze(_random_init(module, pre.size, seed))  # fresh dicts, shared arrays
+    variables = flax.core.unfreeze(
+      _random_init(module, pre.size, seed)
+    )  # fresh dicts, shared arrays
   return with_channels(Backbone(name, module, variables, pre, dim, pretrained), channels)
 
 
@@ -161,7 +204,9 @@ def _random_init(module: nn.Module, size: int, seed: int):
   """module.init at `seed`, memoised per process: compiling the random initialisation of
   a whole network (threefry for every parameter) takes seconds (~10 s for
   EfficientNet-Lite0 on a 2-core CPU). The arrays are immutable, so sharing them is safe."""
-  return flax.core.freeze(jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3), jnp.float32)))
+  return flax.core.freeze(
+    jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3), jnp.float32))
+  )
 
 
 def with_channels(bb: Backbone, channels: int) -> Backbone:
@@ -177,17 +222,24 @@ def with_channels(bb: Backbone, channels: int) -> Backbone:
   if channels < 3:
     raise errors.InvalidInput(f"a backbone takes 3 or more channels, got {channels}")
   size = bb.image_size
-  before, after = common.param_shapes(bb.module, size, 3), common.param_shapes(bb.module, size, channels)
+  before, after = (
+    common.param_shapes(bb.module, size, 3),
+    common.param_shapes(bb.module, size, channels),
+  )
   flat = common.flatten(jax.device_get(dict(bb.variables)))
   for name, shape in before.items():
     if after[name] == shape:
       continue
     axis = [i for i, (a, b) in enumerate(zip(shape, after[name])) if a != b]
     if len(axis) != 1 or shape[axis[0]] != 3:
-      raise errors.InvalidInput(f"{bb.name}: cannot adapt parameter {name} {shape} to {channels} channels")
+      raise errors.InvalidInput(
+        f"{bb.name}: cannot adapt parameter {name} {shape} to {channels} channels"
+      )
     w = np.asarray(flat[name])
     wf = w.astype(np.float32)
     extra = np.repeat(wf.mean(axis=axis[0], keepdims=True), channels - 3, axis=axis[0])
     flat[name] = (np.concatenate([wf, extra], axis=axis[0]) * (3.0 / channels)).astype(w.dtype)
   variables = common.unflatten(flat)
-  return dataclasses.replace(bb, variables=variables, preprocessing=bb.preprocessing.with_channels(channels))
+  return dataclasses.replace(
+    bb, variables=variables, preprocessing=bb.preprocessing.with_channels(channels)
+  )

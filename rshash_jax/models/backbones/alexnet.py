@@ -20,17 +20,29 @@ from rshash_jax.models.backbones import common, torch_pickle
 
 FEATURE_DIM = 4096
 # flax name -> torchvision name
-_TORCH_NAMES = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6",
-                "conv4": "features.8", "conv5": "features.10", "fc6": "classifier.1",
-                "fc7": "classifier.4", "fc8": "classifier.6"}
-_PROVENANCE = ("Download torchvision's alexnet-owt-7be5be79.pth "
-               "(https://download.pytorch.org/models/alexnet-owt-7be5be79.pth) and pass its "
-               "path as weights_path.")
+_TORCH_NAMES = {
+  "conv1": "features.0",
+  "conv2": "features.3",
+  "conv3": "features.6",
+  "conv4": "features.8",
+  "conv5": "features.10",
+  "fc6": "classifier.1",
+  "fc7": "classifier.4",
+  "fc8": "classifier.6",
+}
+_PROVENANCE = (
+  "Download torchvision's alexnet-owt-7be5be79.pth "
+  "(https://download.pytorch.org/models/alexnet-owt-7be5be79.pth) and pass its "
+  "path as weights_path."
+)
 
 
 def preprocessing() -> common.Preprocessing:
-  return common.Preprocessing(size=224, mean=tuple(255 * m for m in common.IMAGENET_MEAN_RGB_01),
-                              std=tuple(255 * s for s in common.IMAGENET_STD_RGB_01))
+  return common.Preprocessing(
+    size=224,
+    mean=tuple(255 * m for m in common.IMAGENET_MEAN_RGB_01),
+    std=tuple(255 * s for s in common.IMAGENET_STD_RGB_01),
+  )
 
 
 def adaptive_avg_pool(x, out: int):
@@ -51,6 +63,7 @@ def adaptive_avg_pool(x, out: int):
 
 class AlexNet(nn.Module):
   """Returns {'features': relu7 [B, 4096], 'logits': [B, num_classes]}."""
+
   num_classes: int = 1000
   dtype: Any = jnp.float32
 
@@ -58,8 +71,9 @@ class AlexNet(nn.Module):
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
     pool = lambda y: nn.max_pool(y, (3, 3), (2, 2), padding="VALID")
-    conv = lambda f, k, s, p, name: nn.Conv(f, (k, k), (s, s), padding=((p, p), (p, p)),
-                                             dtype=self.dtype, name=name)
+    conv = lambda f, k, s, p, name: nn.Conv(
+      f, (k, k), (s, s), padding=((p, p), (p, p)), dtype=self.dtype, name=name
+    )
     x = pool(nn.relu(conv(64, 11, 4, 2, "conv1")(x)))
     x = pool(nn.relu(conv(192, 5, 1, 2, "conv2")(x)))
     x = nn.relu(conv(384, 3, 1, 1, "conv3")(x))
@@ -92,7 +106,9 @@ def convert_state_dict(state: Dict[str, np.ndarray], source: str = "state dict")
     if b is not None:
       flat[f"params/{ours}/bias"] = b
   known = {f"{t}.{p}" for t in _TORCH_NAMES.values() for p in ("weight", "bias")}
-  flat.update({f"(torch) {k}": v for k, v in state.items() if k not in known})  # reported as unexpected
+  flat.update(
+    {f"(torch) {k}": v for k, v in state.items() if k not in known}
+  )  # reported as unexpected
   return common.unflatten(common.check_and_assign(shapes, flat, source))
 
 

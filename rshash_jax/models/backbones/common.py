@@ -25,6 +25,7 @@ class Preprocessing:
   `channels` > 3 (data.bands=all): R, G, B first, then the other bands; those take the
   average of the R, G, B means and standard deviations (`with_channels`).
   """
+
   size: int
   mean: Any = (0.0, 0.0, 0.0)
   std: Any = (1.0, 1.0, 1.0)
@@ -37,22 +38,33 @@ class Preprocessing:
     if channels == self.channels:
       return self
     if self.channels != 3 or channels < 3:
-      raise errors.InvalidInput(f"cannot adapt a {self.channels}-channel preprocessing to {channels} channels")
+      raise errors.InvalidInput(
+        f"cannot adapt a {self.channels}-channel preprocessing to {channels} channels"
+      )
 
     def extend(v):
       v = np.asarray(v, np.float32)
       v = np.broadcast_to(v, v.shape[:-1] + (3,)) if v.ndim else np.full((3,), v, np.float32)
-      return np.concatenate([v, np.repeat(v.mean(axis=-1, keepdims=True), channels - 3, axis=-1)], axis=-1)
-    return dataclasses.replace(self, mean=extend(self.mean), std=extend(self.std), channels=int(channels))
+      return np.concatenate(
+        [v, np.repeat(v.mean(axis=-1, keepdims=True), channels - 3, axis=-1)], axis=-1
+      )
+
+    return dataclasses.replace(
+      self, mean=extend(self.mean), std=extend(self.std), channels=int(channels)
+    )
 
   def __call__(self, images, dtype=jnp.float32):
     """images: uint8/float [B, size, size, C] RGB (then other bands) in [0, 255] -> normalised
     model input."""
     x = jnp.asarray(images, jnp.float32)
     if x.shape[-3:] != (self.size, self.size, self.channels):
-      raise errors.InvalidInput(f"expected images [..., {self.size}, {self.size}, {self.channels}], got {x.shape}")
+      raise errors.InvalidInput(
+        f"expected images [..., {self.size}, {self.size}, {self.channels}], got {x.shape}"
+      )
     if self.bgr:
-      x = jnp.concatenate([x[..., 2::-1], x[..., 3:]], axis=-1) if self.channels > 3 else x[..., ::-1]
+      x = (
+        jnp.concatenate([x[..., 2::-1], x[..., 3:]], axis=-1) if self.channels > 3 else x[..., ::-1]
+      )
     mean = jnp.asarray(self.mean, jnp.float32)
     if mean.ndim == 3 and mean.shape[:2] != (self.size, self.size):
       mean = jax.image.resize(mean, (self.size, self.size, mean.shape[-1]), "bilinear")
@@ -63,11 +75,19 @@ class Preprocessing:
     mean = np.asarray(self.mean, np.float64)
     if mean.ndim == 3:
       mean = mean.mean(axis=(0, 1))
-    return dict(size=self.size, mean=mean.tolist(), std=np.asarray(self.std).tolist(),
-                scale=self.scale, bgr=self.bgr, channels=self.channels)
+    return dict(
+      size=self.size,
+      mean=mean.tolist(),
+      std=np.asarray(self.std).tolist(),
+      scale=self.scale,
+      bgr=self.bgr,
+      channels=self.channels,
+    )
 
 
-def backend_impl(what: str, impl: str, cpu: str, accelerator: str, others: Tuple[str, ...] = ()) -> str:
+def backend_impl(
+  what: str, impl: str, cpu: str, accelerator: str, others: Tuple[str, ...] = ()
+) -> str:
   """Resolves a layer's implementation choice: one of ("auto", cpu, accelerator, *others);
   "auto" is `cpu` on the CPU backend and `accelerator` elsewhere. The choices compute the
   same function (tests pin them to each other); only their speed differs by platform."""
@@ -83,16 +103,20 @@ def _head(items, n: int = 8, sep: str = ", ") -> str:
   return sep.join(items[:n]) + (f"{sep}... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def check_and_assign(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str, np.ndarray],
-                     source: str) -> Dict[str, np.ndarray]:
+def check_and_assign(
+  expected: Mapping[str, Tuple[int, ...]], found: Mapping[str, np.ndarray], source: str
+) -> Dict[str, np.ndarray]:
   """Checks that `found` has exactly the `expected` names and shapes.
 
   Raises ValueError naming every missing, unexpected and mis-shaped entry of `source`.
   """
   missing = sorted(set(expected) - set(found))
   unexpected = sorted(set(found) - set(expected))
-  bad = [f"{k}: expected {tuple(expected[k])}, found {tuple(np.shape(found[k]))}"
-         for k in sorted(set(expected) & set(found)) if tuple(np.shape(found[k])) != tuple(expected[k])]
+  bad = [
+    f"{k}: expected {tuple(expected[k])}, found {tuple(np.shape(found[k]))}"
+    for k in sorted(set(expected) & set(found))
+    if tuple(np.shape(found[k])) != tuple(expected[k])
+  ]
   if missing or unexpected or bad:
     lines = []
     if missing:
@@ -131,7 +155,9 @@ def unflatten(flat: Mapping[str, Any]) -> Params:
 
 def param_shapes(module, size: int, channels: int = 3) -> Dict[str, Tuple[int, ...]]:
   """Flat {name: shape} of `module`'s params for a [1, size, size, channels] input."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, channels))))
+  shapes = jax.eval_shape(
+    lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, channels)))
+  )
   return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
 
 

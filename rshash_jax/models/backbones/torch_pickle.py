@@ -28,10 +28,16 @@ from rshash_jax import errors, safe_pickle
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": None,  # handled below: numpy has no bfloat16
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+  "FloatStorage": np.float32,
+  "DoubleStorage": np.float64,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": None,  # handled below: numpy has no bfloat16
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
 }
 
 
@@ -50,8 +56,9 @@ class _TensorSpec:
     self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+  storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
   del requires_grad, backward_hooks, metadata
   return _TensorSpec(storage, storage_offset, size, stride)
 
@@ -77,8 +84,9 @@ class _Unpickler(safe_pickle.RestrictedUnpickler):
       return _rebuild_parameter
     if module == "torch" and name.endswith("Storage"):
       return _StorageType(name)
-    raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: "
-                                 "only tensor state dicts are supported")
+    raise pickle.UnpicklingError(
+      f"refusing to load global {module}.{name}: only tensor state dicts are supported"
+    )
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
@@ -105,7 +113,8 @@ def _materialise(obj, storages):
     if not obj.size:
       return np.array(flat[obj.offset])
     view = np.lib.stride_tricks.as_strided(
-        flat[obj.offset:], shape=obj.size, strides=tuple(s * itemsize for s in obj.stride))
+      flat[obj.offset :], shape=obj.size, strides=tuple(s * itemsize for s in obj.stride)
+    )
     return np.array(view)  # own, contiguous copy
   if isinstance(obj, dict):
     return type(obj)((k, _materialise(v, storages)) for k, v in obj.items())
@@ -124,8 +133,10 @@ def _load_zip(path: str):
     names = zf.namelist()
     pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
     if len(pkl) != 1:
-      raise errors.InvalidInput(f"{path}: zip torch file without exactly one data.pkl (found {pkl})")
-    root = pkl[0][:-len("data.pkl")]
+      raise errors.InvalidInput(
+        f"{path}: zip torch file without exactly one data.pkl (found {pkl})"
+      )
+    root = pkl[0][: -len("data.pkl")]
     refs = {}
 
     def load_storage(storage_type, key):
@@ -149,7 +160,9 @@ def _load_legacy(path: str, f):
   protocol = safe_pickle.load(f, what="a torch file header")
   if protocol != 1001:
     raise errors.InvalidInput(f"{path}: unsupported legacy torch protocol {protocol}")
-  safe_pickle.load(f, what="a torch file header")  # sys_info: endianness and C type sizes, informational
+  safe_pickle.load(
+    f, what="a torch file header"
+  )  # sys_info: endianness and C type sizes, informational
   refs = {}
 
   def load_storage(storage_type, key):
@@ -166,7 +179,9 @@ def _load_legacy(path: str, f):
     itemsize = _itemsize(ref.storage_type)
     raw = f.read(int(numel) * itemsize)
     if len(raw) != int(numel) * itemsize:
-      raise errors.InvalidInput(f"{path}: truncated storage {key} ({len(raw)} of {numel * itemsize} bytes)")
+      raise errors.InvalidInput(
+        f"{path}: truncated storage {key} ({len(raw)} of {numel * itemsize} bytes)"
+      )
     storages[id(ref)] = _as_array(raw, ref.storage_type)
   return obj, storages
 

@@ -25,14 +25,21 @@ from rshash_jax import errors
 from rshash_jax.models.backbones import common, conv
 
 FEATURE_DIM = 4096
-_CONVS = (("conv1", 11, 4, 0, 64), ("conv2", 5, 1, 2, 256), ("conv3", 3, 1, 1, 256),
-          ("conv4", 3, 1, 1, 256), ("conv5", 3, 1, 1, 256))
+_CONVS = (
+  ("conv1", 11, 4, 0, 64),
+  ("conv2", 5, 1, 2, 256),
+  ("conv3", 3, 1, 1, 256),
+  ("conv4", 3, 1, 1, 256),
+  ("conv5", 3, 1, 1, 256),
+)
 DEFAULT_LRN = (5.0, 2.0, 1e-4, 0.75)  # MatConvNet (depth, kappa, alpha, beta) of vgg-f
 # Per-channel average of the vgg-f mean image, used when no .mat is given (random init).
 DEFAULT_MEAN_RGB = (122.80, 114.88, 101.57)
-_PROVENANCE = ("Download imagenet-vgg-f.mat from the MatConvNet model zoo "
-               "(https://www.vlfeat.org/matconvnet/models/imagenet-vgg-f.mat) and pass its path "
-               "as weights_path.")
+_PROVENANCE = (
+  "Download imagenet-vgg-f.mat from the MatConvNet model zoo "
+  "(https://www.vlfeat.org/matconvnet/models/imagenet-vgg-f.mat) and pass its path "
+  "as weights_path."
+)
 
 
 def preprocessing(mean: Any = DEFAULT_MEAN_RGB) -> common.Preprocessing:
@@ -43,7 +50,7 @@ def _channel_window_sum(a, lo: int, hi: int):
   """out[..., c] = sum of a[..., c - lo : c + hi + 1] (zero outside the channels)."""
   c = a.shape[-1]
   padded = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(lo, hi)])
-  return sum(padded[..., i:i + c] for i in range(lo + hi + 1))
+  return sum(padded[..., i : i + c] for i in range(lo + hi + 1))
 
 
 def _lrn_denominator(x32, depth: float, kappa: float, alpha: float):
@@ -90,7 +97,7 @@ def _lrn_bwd(depth, kappa, alpha, beta, x, g):
   d = int(depth)
   x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
   den = _lrn_denominator(x32, depth, kappa, alpha)
-  inv = den ** -beta
+  inv = den**-beta
   t = g32 * x32 * inv / den  # g_c y_c / D_c
   dx = g32 * inv - (2 * alpha * beta) * x32 * _channel_window_sum(t, d // 2, (d - 1) // 2)
   return (dx.astype(x.dtype),)
@@ -107,6 +114,7 @@ class _FullyConnected(nn.Module):
   """A VALID convolution whose kernel covers the whole input (fc6: 6x6, fc7: 1x1) as the
   matrix product it is; params 'kernel' [H, W, Cin, Cout] and 'bias' as nn.Conv's, so the
   MatConvNet weights load unchanged. XLA:CPU runs the product faster than the convolution."""
+
   features: int
   dtype: Any = jnp.float32
 
@@ -116,12 +124,15 @@ class _FullyConnected(nn.Module):
     window = x.shape[1:] if x.ndim == 4 else (1, 1, x.shape[-1])
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (*window, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    y = x.reshape(x.shape[0], -1).astype(self.dtype) @ kernel.reshape(-1, self.features).astype(self.dtype)
+    y = x.reshape(x.shape[0], -1).astype(self.dtype) @ kernel.reshape(-1, self.features).astype(
+      self.dtype
+    )
     return y + bias.astype(self.dtype)
 
 
 class VGGF(nn.Module):
   """Returns {'features': relu7 [B, 4096], 'logits': [B, num_classes]}."""
+
   num_classes: int = 1000
   lrn_params: Sequence[float] = DEFAULT_LRN
   dtype: Any = jnp.float32
@@ -151,6 +162,7 @@ def _field(obj, name):
 def read_mat(path: str) -> Tuple[Dict[str, Any], Tuple[float, ...], np.ndarray]:
   """Reads a MatConvNet simplenn .mat: ({layer: [kernel, bias]}, lrn params, mean image)."""
   import scipy.io  # pylint: disable=g-import-not-at-top
+
   try:
     mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
   except Exception as e:  # scipy raises several types for bad files: name the file
@@ -187,14 +199,20 @@ def convert(weights: Dict[str, Any], source: str = "weights") -> Dict[str, Any]:
     kernel = np.asarray(kernel)
     want = shapes.get(f"params/{name}/kernel")
     # 1x1 convs (fc7, fc8) lose their unit dims to loadmat(squeeze_me); fc8 is our Dense.
-    if want is not None and kernel.shape != want and kernel.size == int(np.prod(want)) \
-        and kernel.shape[-2:] == want[-2:]:
+    if (
+      want is not None
+      and kernel.shape != want
+      and kernel.size == int(np.prod(want))
+      and kernel.shape[-2:] == want[-2:]
+    ):
       kernel = kernel.reshape(want)
     flat[f"params/{name}/kernel"], flat[f"params/{name}/bias"] = kernel, bias
   return common.unflatten(common.check_and_assign(shapes, flat, source))
 
 
-def load_weights(path: Optional[str]) -> Tuple[Dict[str, Any], common.Preprocessing, Tuple[float, ...]]:
+def load_weights(
+  path: Optional[str],
+) -> Tuple[Dict[str, Any], common.Preprocessing, Tuple[float, ...]]:
   """Loads imagenet-vgg-f.mat: (Flax variables, preprocessing with its mean image, LRN params)."""
   if path is None:
     raise common.missing_weights_error("VGG-F ImageNet", _PROVENANCE)
