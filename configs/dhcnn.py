@@ -12,7 +12,7 @@ Presets (`configs/dhcnn.py:ARGS`, comma-separated; `key=value` items set fields 
               generated scenes (the log and results.json say which), frozen EfficientNet-Lite0,
               with the `adam` settings.
   adam        Adam 1e-3 -> 1e-6 log-spaced per epoch and theta = u.U/2 (the paper's formula):
-              the best of the optimiser settings measured in frozen mode (README "Results").
+              the best of the optimiser settings measured in frozen mode (docs/results.md).
   tiny        tiny_cnn (random init) on 6x20 generated 32x32 scenes, 30 epochs, Adam, frozen:
               a quick look (~15 s here, mAP 1.0) and the tests.
   paper       the paper's setup: vgg_f (needs imagenet-vgg-f.mat: model.weights_path),
@@ -42,9 +42,9 @@ Measured on the 2-core CPU of this project (EPYC, no accelerator), ../shared/dat
        --config.train.lr_start=1e-5 --config.train.lr_end=1e-5 --config.data.augment=True)
   (the 64-bit time includes the one-off feature extraction, 64 s; the fine-tuning row and the
   official-settings row were measured before images were resized by TensorFlow for every
-  source; README.md "Results" has more).
+  source; docs/results.md has more).
 
-Chosen on validation (benchmarks/dhcnn_options.py; README "Options chosen on validation"
+Chosen on validation (benchmarks/dhcnn_options.py; docs/results.md "Options chosen on validation"
 has every row, validation and test): grids declared before their numbers were seen, each
 length selected on data.validation=0.25 alone, then run on the test split:
   configs/dhcnn.py:best             64 bits  mAP 0.9899  accuracy 0.9881  (train 494 s)

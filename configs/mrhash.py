@@ -17,9 +17,8 @@ Commands:
   # The paper's end-to-end training (backbone at 0.01 x the learning rate; an accelerator job):
   python -m rshash_jax.main --config=configs/mrhash.py:local,finetune --workdir=/tmp/mrhash_ft
   # Partial fine-tuning, as DHCNN's (rshash_jax/training/train_dhcnn.py): the layers below
-  # blocks_15 run
-  # once per image and view into an activation cache on CPU; blocks_15, the head and the
-  # hash network train:
+  # blocks_15 run once per image and view into an activation cache on CPU; blocks_15, the
+  # head and the hash network train:
   python -m rshash_jax.main --config=configs/mrhash.py:local,finetune --workdir=/tmp/mrhash_pft \
       --config.train.finetune_from=blocks_15
 

@@ -51,7 +51,7 @@ def num_words(bits: int) -> int:
   return -(-int(bits) // WORD_BITS)
 
 
-def pack_codes(codes, *, binary: Optional[bool] = None) -> np.ndarray:
+def pack_codes(codes: np.ndarray, *, binary: Optional[bool] = None) -> np.ndarray:
   """Packs codes [N, K] into uint32 words [N, ceil(K / 32)] (LSB-first bit order).
 
   Args:

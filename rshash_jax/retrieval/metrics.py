@@ -1,6 +1,6 @@
 """Retrieval and classification metrics, each defined once.
 
-Definitions (the same in README.md):
+Definitions (the same in docs/retrieval.md):
 
 * Ranking. The database is ranked for each query by Hamming distance, ties broken
   by the lower database index (`rshash_jax.hamming` contract). A tie-aware score
