@@ -20,7 +20,8 @@ step time over ours (> 1: we are faster), and the last line gives the median of
 weights; Lite0 from ImageNet weights when the `weights` extra is installed. Batches are on
 the device before the clock starts, on both sides. MFU: model FLOPs (convolutions and
 matrix products of the forward's jaxpr, x3 per step) over the chip's dense bf16 peak and
-over a bf16 matrix product measured in the run. Measured on an H100, batch 256 (docs/performance.md):
+over a bf16 matrix product measured in the run. Measured on an H100, batch 256
+(docs/performance.md):
 VGG-F 4.38x PyTorch, MFU 18% (23% at batch 1024); Lite0 1.34x, MFU 1.4% (its rate varies
 run to run with the autotuner's choice of depthwise-gradient kernel).
 

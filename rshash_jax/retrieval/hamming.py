@@ -314,9 +314,8 @@ def _chunking(per_device: int, chunk_target: int) -> Tuple[int, int]:
   """(chunk, n_chunks): a device's rows in n_chunks equal chunks of at most chunk_target.
 
   chunk_target is a power of two. Chunks are multiples of min(_CHUNK_UNIT, chunk_target),
-  not powers of two, so a shard is padded by less than one unit per chunk (before: up to
-  a whole power of two, e.g. 500,000 codes a device padded to 524,288: 4.9% of the scan
-  wasted; 600,000 to 1,048,576: 43%). Shards of at most one unit keep a power-of-two chunk.
+  not powers of two, so a shard is padded by less than one unit per chunk (a power of two
+  could waste up to half of the scan). Shards of at most one unit keep a power-of-two chunk.
   """
   unit = min(_CHUNK_UNIT, chunk_target)
   if per_device <= unit:
@@ -330,8 +329,7 @@ def _group_size(k: int, chunk: int) -> int:
   """The group size L for a chunk: selection work per chunk is about G + k * L with
   G = chunk / L groups, smallest at L ~ sqrt(chunk / k). L is a power of two that
   divides the chunk, capped at _MAX_GROUP because XLA:CPU stops fusing the
-  XOR/popcount/group-min pass into one loop beyond it (measured, 1M x 64 bits: L=32
-  82 us/query, L=64 1.6 ms/query).
+  XOR/popcount/group-min pass into one loop beyond it (docs/performance.md).
   """
   group = 1 << max(0, round(math.log2(max(1.0, math.sqrt(chunk / k)))))
   return min(
@@ -401,8 +399,8 @@ def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices, bits_max, swar)
     else:
       d = popcount_sum((q[:, i, None, None], block[i][None]) for i in range(w))
       # (qn, G): each group's minimum distance, as uint8 (distances are <= bits + 1 <= 255
-      # here): the smallest output the fused XOR/popcount/min loop can write (measured,
-      # 1M x 128 bits, one core: 839 us/query with an int32 index-carrying key, 706 with this).
+      # here): the smallest output the fused XOR/popcount/min loop can write, which makes
+      # the pass faster than an int32 key carrying the index (docs/performance.md).
       gkey = jnp.min(d, axis=-1).astype(jnp.uint8 if sentinel < 256 else jnp.int32)
       # Padding rows (index >= n_valid) are masked per group, not per item: groups that
       # start past n_valid get the sentinel, and the one group that n_valid can cut

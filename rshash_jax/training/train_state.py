@@ -87,7 +87,7 @@ def make_optimizer(tc, steps_per_epoch: int, lr_mults: Optional[Dict[str, float]
     tx = optax.multi_transform(txs, labels)
   else:
     tx = one(1.0)
-  # (With multipliers, grad_clip used to be dropped silently.)
+  # grad_clip applies with and without learning-rate multipliers (tested).
   return optax.chain(optax.clip_by_global_norm(tc.grad_clip), tx) if tc.grad_clip else tx
 
 

@@ -202,8 +202,8 @@ def create(
 @functools.lru_cache(maxsize=4)
 def _random_init(module: nn.Module, size: int, seed: int):
   """module.init at `seed`, memoised per process: compiling the random initialisation of
-  a whole network (threefry for every parameter) takes seconds (~10 s for
-  EfficientNet-Lite0 on a 2-core CPU). The arrays are immutable, so sharing them is safe."""
+  a whole network (threefry for every parameter) takes seconds on a CPU. The arrays are
+  immutable, so sharing them is safe."""
   return flax.core.freeze(
     jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3), jnp.float32))
   )

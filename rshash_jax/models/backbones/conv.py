@@ -6,20 +6,15 @@ its feature dimension and the output's height x width as its window (27 x 27 for
 conv2), which its convolution library runs at a fraction of the forward pass's speed. The
 same gradient is `sum over (n, y, x) of patch(n, y, x)^T dY(n, y, x)`: one matrix product
 per kernel tap over the strided input slice of that tap, or, for few input channels, one
-product over all taps' patches stacked. Kernel gradient alone, batch 32, 2-core AVX2 EPYC,
-jitted: VGG-F conv1 (11x11/4, 3 -> 64) 285 -> 194 ms (stacked), conv2 (5x5, 64 -> 256)
-690 -> 229 ms (per tap), conv3 (3x3, 256 -> 256) 87 -> 74 ms (per tap); the values agree to
-float32 rounding (relative 2e-5 for conv1's 93,312-term sums). The forward pass and the
-input gradient stay XLA's.
+product over all taps' patches stacked; the values agree to float32 rounding. The forward
+pass and the input gradient stay XLA's. Timings of both forms: docs/performance.md.
 
 On accelerators a strided convolution is computed as a stride-1 convolution over the
 input rearranged space-to-depth (each s x s block of pixels becomes one pixel of s*s*C
 channels, the kernel zero-padded to a multiple of s and rearranged alike), the form
 TPU ResNet input layers use. VGG-F's conv1 (11x11/4 over 3 channels) is then a 3x3
 convolution over 48 channels, which the GPU's matrix units take without padding the
-channels: H100, bf16, batch 256, its forward kernel alone took 0.93 ms plus 0.44 ms of
-channel padding, and the VGG-F train step (benchmarks/train_step.py's step, both forms in
-one run) went from 32.0k to 39.7k images/s. Values are the same up to summation order.
+channels. Values are the same up to summation order.
 
 `Conv` keeps nn.Conv's parameters ('kernel' [kh, kw, Cin, Cout], 'bias'), so checkpoints
 and converted weights load unchanged. impl "auto" is "patches" on CPU and

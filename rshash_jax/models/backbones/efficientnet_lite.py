@@ -133,11 +133,10 @@ def depthwise_conv_same(x, kernel, stride: int):
   """Depthwise convolution, TF "SAME" padding, as a sum of kh*kw shifted products.
 
   Equal to lax.conv_general_dilated(..., feature_group_count=C) but much faster on
-  XLA:CPU, whose grouped convolution is slow (measured on EfficientNet-Lite0 layers,
-  batch 64: e.g. 112x112x96 3x3/2 634 ms -> 104 ms). The backward pass is written out
-  too (autodiff of the slices materialises one padded tensor per tap): the input gradient
-  is the same shifted-product sum over the stride-dilated output gradient with the kernel
-  flipped; batch 32, 112x112x96 3x3/2: 1.33 s -> 0.52 s.
+  XLA:CPU, whose grouped convolution is slow. The backward pass is written out too
+  (autodiff of the slices materialises one padded tensor per tap): the input gradient is
+  the same shifted-product sum over the stride-dilated output gradient with the kernel
+  flipped. Timings: docs/performance.md.
   """
   n, h, w, _ = x.shape
   oh, ow, pad_h, pad_w = _same_padding(h, w, kernel.shape[0], kernel.shape[1], stride)
@@ -211,7 +210,7 @@ class PointwiseConv(nn.Module):
 
   Same values as nn.Conv(features, (1, 1)); on XLA:CPU the product and its gradients go to
   the matrix-multiply library, where the convolution's kernel gradient is a slow
-  convolution plus transposes (EfficientNet-Lite0 train step, batch 32: 4.7 -> 7.1 images/s).
+  convolution plus transposes (docs/performance.md).
   """
 
   features: int

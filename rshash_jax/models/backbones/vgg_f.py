@@ -70,11 +70,9 @@ def lrn(x, depth: float, kappa: float, alpha: float, beta: float, impl: str = "a
   impl "written" has the gradient written out: dx_j = g_j / D_j^beta - 2 alpha beta x_j *
   (sum over the channels c whose window holds j of g_c y_c / D_c), D recomputed from x.
   On XLA:CPU autodiff of the forward kept several float32 intermediates per element and
-  ran pow twice: conv1's LRN gradient alone, batch 32, 2-core AVX2 EPYC, 1029 -> 125 ms;
-  the VGG-F train step 6.9 -> 9.6 images/s (interleaved, same run). XLA:GPU fuses the
-  autodiff form well: on an H100 (bf16, batch 256) the written form ran the step at
-  0.93x, so accelerators keep "autodiff". A test pins both to the same values and
-  gradients.
+  ran pow twice, so the CPU uses the written form; XLA:GPU fuses the autodiff form well,
+  so accelerators keep "autodiff" (timings: docs/performance.md). A test pins both to the
+  same values and gradients.
   """
   if lrn_impl(impl) == "written":
     return _lrn_written(x, depth, kappa, alpha, beta)
