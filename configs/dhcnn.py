@@ -93,6 +93,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
+  c.eval.reference = "backbone"  # neighbour recall's reference: the frozen backbone | none
   c.eval.map_ks = (5, 10, 20, 50, 100)
   c.eval.ks = config_defaults.DHCNN_KS
 

@@ -164,6 +164,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
+  c.eval.reference = "backbone"  # neighbour recall's reference: the frozen backbone | none
   c.eval.map_at_r = 100  # 1900 for EuroSAT (paper), 9375 for DSRSID
   c.eval.map_ks = (100,)
   c.eval.ks = config_defaults.DHCNN_KS

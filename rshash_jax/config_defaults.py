@@ -19,6 +19,8 @@ def data() -> ml_collections.ConfigDict:
   d.image_root = ""  # MrHash release format: image paths relative to this (default DIR)
   d.train_ratio = 0.8  # per-class split (UCMD 0.8, AID 0.5)
   d.validation = 0.0  # >0: evaluate on this share of the training part (test unused)
+  d.unseen_classes = 0.0  # >0: this seeded share of the classes is held out of training;
+  # their images are ranked among themselves (results' unseen_map)
   d.seed = 0
   d.manual_dir = ""  # TFDS manual dir (e.g. UCMerced_LandUse.zip)
   d.tfds_data_dir = ""

@@ -167,3 +167,131 @@ def test_bad_inputs_are_named():
     metrics.mean_average_precision(HQ[:0], HDB, HQL[:0], HDL)
   with pytest.raises(ValueError, match="not the same kind"):
     metrics.mean_average_precision(HQ, HDB, np.eye(2)[[0]], HDL)
+
+
+# --- Measures beyond same-class mAP (methods.md section 8) --------------------------------
+
+
+def _ap_of_order(rel_in_order):
+  hits, s = 0, 0.0
+  for r, x in enumerate(rel_in_order, start=1):
+    if x:
+      hits += 1
+      s += hits / r
+  return s / max(hits, 1)
+
+
+def ref_tie_aware_ap(d, rel):
+  """The expectation of AP by enumerating every order within groups of equal distance."""
+  import itertools  # pylint: disable=g-import-not-at-top
+
+  groups = [list(np.flatnonzero(d == v)) for v in sorted(set(d.tolist()))]
+  total, count = 0.0, 0
+  for perms in itertools.product(*(itertools.permutations(g) for g in groups)):
+    order = [j for p in perms for j in p]
+    total += _ap_of_order(rel[order]) if rel.any() else 0.0
+    count += 1
+  return total / count
+
+
+def test_tie_aware_map_is_the_expectation_over_tie_orders():
+  rng = np.random.default_rng(0)
+  for trial in range(12):
+    bits, n, nq = 4, 7, 3
+    qc = rng.integers(0, 2, (nq, bits))
+    dbc = (
+      rng.integers(0, 2, (n, bits)) if trial % 3 else np.repeat(rng.integers(0, 2, (1, bits)), n, 0)
+    )
+    ql, dl = rng.integers(0, 3, nq), rng.integers(0, 3, n)
+    d = (qc[:, None, :] != dbc[None, :, :]).sum(-1)
+    rel = ql[:, None] == dl[None, :]
+    want = np.mean([ref_tie_aware_ap(d[i], rel[i]) for i in range(nq)])
+    got = metrics.tie_aware_map(
+      hamming.pack_codes(qc, binary=True), hamming.pack_codes(dbc, binary=True), ql, dl
+    )
+    assert got == pytest.approx(want, abs=1e-12), trial
+    report = metrics.retrieval_report(
+      hamming.pack_codes(qc, binary=True),
+      hamming.pack_codes(dbc, binary=True),
+      ql,
+      dl,
+      ks=(1,),
+      bits=bits,
+    )
+    assert report["map_tie_aware"] == pytest.approx(want, abs=1e-12)
+
+
+def test_tie_aware_map_sees_collapsed_codes_that_index_order_rewards():
+  # One code for every database item: index-order mAP depends on where the relevant items
+  # sit in the archive, the tie-aware mAP is the random-order expectation.
+  db = np.ones((6, 8), np.int8)
+  dl = np.array([0, 0, 0, 1, 1, 1])
+  q, ql = np.ones((1, 8), np.int8), np.array([0])
+  assert (
+    metrics.mean_average_precision(hamming.pack_codes(q), hamming.pack_codes(db), ql, dl) == 1.0
+  )
+  got = metrics.tie_aware_map(hamming.pack_codes(q), hamming.pack_codes(db), ql, dl)
+  assert got == pytest.approx(ref_tie_aware_ap(np.zeros(6), dl == 0)) and got < 0.7
+
+
+def ref_neighbour_recall(qc, dbc, qf, df, k):
+  """Per query: the k nearest by cosine (ties by index), each counted with its probability
+  of being in a Hamming top k drawn uniformly among the orders of equal distances."""
+  d = (qc[:, None, :] != dbc[None, :, :]).sum(-1)
+  qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
+  dn = df / np.linalg.norm(df, axis=1, keepdims=True)
+  out = []
+  for i in range(len(qc)):
+    sims = qn[i] @ dn.T
+    true = sorted(range(len(dbc)), key=lambda j: (-sims[j], j))[:k]
+    dist = sorted(d[i])
+    kth = dist[k - 1]
+    below = sum(x < kth for x in d[i])
+    at = sum(x == kth for x in d[i])
+    p = [1.0 if d[i, j] < kth else ((k - below) / at if d[i, j] == kth else 0.0) for j in true]
+    out.append(sum(p) / k)
+  return float(np.mean(out))
+
+
+def test_neighbour_recall_against_a_plain_loop():
+  rng = np.random.default_rng(1)
+  qc, dbc = rng.integers(0, 2, (9, 6)), rng.integers(0, 2, (40, 6))
+  qf, df = rng.normal(size=(9, 5)), rng.normal(size=(40, 5))
+  got = metrics.neighbour_recall(
+    hamming.pack_codes(qc, binary=True), hamming.pack_codes(dbc, binary=True), qf, df, ks=(1, 5, 10)
+  )
+  for k in (1, 5, 10):
+    assert got[k] == pytest.approx(ref_neighbour_recall(qc, dbc, qf, df, k), abs=1e-12), k
+  # Codes that are the sign of the reference itself find more neighbours than random codes;
+  # one code for everything finds k / N of them in expectation.
+  same = metrics.neighbour_recall(
+    hamming.pack_codes(np.sign(qf)), hamming.pack_codes(np.sign(df)), qf, df, ks=(10,)
+  )
+  one = metrics.neighbour_recall(
+    hamming.pack_codes(np.ones((9, 6))), hamming.pack_codes(np.ones((40, 6))), qf, df, ks=(10,)
+  )
+  assert one[10] == pytest.approx(10 / 40) and same[10] > got[10]
+
+
+def test_code_usage_counts_codes_and_bit_entropy():
+  codes = np.array([[1, -1, 1], [1, -1, -1], [1, -1, 1], [1, 1, 1]])
+  usage = metrics.code_usage(hamming.pack_codes(codes), bits=3)
+  assert usage["distinct_codes"] == 3 and usage["distinct_fraction"] == 0.75
+  p = np.array([1.0, 0.25, 0.75])
+  h = [0.0 if x in (0, 1) else -x * np.log2(x) - (1 - x) * np.log2(1 - x) for x in p]
+  np.testing.assert_allclose(usage["bit_entropy_per_bit"], h)
+  assert usage["bit_entropy"] == pytest.approx(np.mean(h))
+
+
+def test_map_by_similarity_against_a_plain_loop():
+  rng = np.random.default_rng(2)
+  qf, df = rng.normal(size=(7, 4)), rng.normal(size=(30, 4))
+  ql, dl = rng.integers(0, 3, 7), rng.integers(0, 3, 30)
+  qn, dn = (
+    qf / np.linalg.norm(qf, axis=1, keepdims=True),
+    df / np.linalg.norm(df, axis=1, keepdims=True),
+  )
+  want = np.mean(
+    [_ap_of_order((dl == ql[i])[np.argsort(-(qn[i] @ dn.T), kind="stable")]) for i in range(7)]
+  )
+  assert metrics.map_by_similarity(qf, df, ql, dl) == pytest.approx(want, abs=1e-12)

@@ -315,6 +315,9 @@ def test_cached_views_are_the_dihedral_views_of_each_image(tmp_path):
       "train.finetune_cache='maybe'",
     ),
     (dict(dhcnn__center_weight=-1.0), "dhcnn.center_weight=-1.0"),
+    (dict(data__unseen_classes=1.0), "data.unseen_classes=1.0"),
+    (dict(data__unseen_classes=-0.1), "data.unseen_classes=-0.1"),
+    (dict(eval__reference="clip"), "eval.reference='clip'"),
   ],
 )
 def test_partial_finetune_and_center_settings_are_checked(tmp_path, overrides, message):
@@ -323,3 +326,41 @@ def test_partial_finetune_and_center_settings_are_checked(tmp_path, overrides, m
 
   with pytest.raises(errors.InvalidInput, match=message.replace(".", r"\.").replace("(", r"\(")):
     config_checks.check_dhcnn(_tiny(tmp_path, **overrides))
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_unseen_classes_are_held_out_and_every_measure_is_reported(tmp_path, mode):
+  """data.unseen_classes: the held-out classes never enter training (no image, no label);
+  their images are ranked among themselves beside the run's ITQ and float references, and
+  results.json carries the tie-aware mAP, neighbour recall and code usage (issue 29)."""
+  c = _tiny(tmp_path, data__unseen_classes=0.34, train__mode=mode, train__epochs=2)
+  s = train_dhcnn._setup(c, str(tmp_path / "w"))
+  held = datasets.hold_out_classes(s.table.labels, 0.34, c.data.seed)
+  assert len(held) == 2  # round(0.34 x 6)
+  seen = np.setdiff1d(np.arange(6), held)
+  assert set(s.table.labels[s.train_idx]) == set(seen) == set(s.table.labels[s.test_idx])
+  assert set(s.table.labels[s.unseen_db]) == set(held) == set(s.table.labels[s.unseen_q])
+  everything = np.concatenate([s.train_idx, s.test_idx, s.unseen_db, s.unseen_q])
+  assert sorted(everything) == list(range(60))  # every image once
+  res = train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
+  saved = json.loads((tmp_path / "w" / "results.json").read_text())
+  for key in (
+    "map_tie_aware",
+    "distinct_codes",
+    "distinct_fraction",
+    "bit_entropy",
+    "unseen_map",
+    "unseen_map_tie_aware",
+    "unseen_map_itq",
+    "unseen_map_float",
+  ):
+    assert saved[key] == res[key], key
+  # k = 100 is left out: the 32-image database would be found whole whatever the codes.
+  assert set(saved["neighbour_recall_at"]) == {"10"} and 0 <= res["neighbour_recall_at"][10] <= 1
+  assert res["unseen_num_database"] == len(s.unseen_db) and res["unseen_num_query"] == len(
+    s.unseen_q
+  )
+  assert 1 <= res["distinct_codes"] <= res["num_database"] == len(s.train_idx)
+  assert 0.0 <= res["bit_entropy"] <= 1.0 and len(res["bit_entropy_per_bit"]) == 16
+  # The held-out classes have two classes' worth of images: chance mAP is about 0.5.
+  assert 0.0 < res["unseen_map_float"] <= 1.0 and 0.0 < res["unseen_map"] <= 1.0

@@ -230,6 +230,22 @@ def split_per_class(labels: np.ndarray, train_ratio: float, seed: int):
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def hold_out_classes(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """The classes (sorted ids) held out of training by data.unseen_classes = `fraction`:
+  round(fraction x classes), at least one and at most all but one, drawn by `seed`."""
+  if labels.ndim != 1:
+    raise errors.InvalidInput(
+      "data.unseen_classes needs one class per image; a multi-label archive has none to hold out"
+    )
+  classes = np.unique(labels[labels >= 0])
+  if len(classes) < 2:
+    raise errors.InvalidInput(
+      f"data.unseen_classes needs two classes or more, the data has {len(classes)}"
+    )
+  n = min(max(int(round(fraction * len(classes))), 1), len(classes) - 1)
+  return np.sort(np.random.default_rng([seed, 29]).choice(classes, n, replace=False))
+
+
 def validation_split(labels: np.ndarray, train_idx: np.ndarray, validation: float, seed: int):
   """For choosing settings without the test part: the training part split again per class,
   (database, validation queries) = (1 - validation, validation) of it, seeded by seed + 1."""

@@ -3,9 +3,21 @@
 Definitions (the same in docs/retrieval.md):
 
 * Ranking. The database is ranked for each query by Hamming distance, ties broken
-  by the lower database index (`rshash_jax.hamming` contract). A tie-aware score
-  would differ; a stable order is what the papers' code computes and is exactly
-  reproducible.
+  by the lower database index (`rshash_jax.retrieval.hamming` contract): a stable order
+  is what the papers' code computes and is exactly reproducible. With collapsed codes
+  (many items at one distance) it rewards the archive order, so the tie-aware mAP below
+  is reported beside it.
+* Tie-aware AP (McFee & Lanckriet 2009): the expectation of the full-ranking AP over
+  uniformly random orders inside each group of equal distance, in closed form. Groups i
+  in increasing distance hold n_i items, r_i relevant; N_i items and R_i relevant come
+  before; R relevant in all: E[AP] = (1/R) sum_i (r_i/n_i) sum_{j=1..n_i}
+  (R_i + 1 + (j-1)(r_i-1)/(n_i-1)) / (N_i + j), the (j-1) term 0 when n_i = 1.
+* Neighbour recall@k: the fraction of a query's k nearest database items under a
+  reference float embedding (cosine; ties in it by the lower index) that are in its
+  Hamming top k, an item at the k-th distance counted with probability (slots left at
+  that distance) / (items at that distance). It does not use labels.
+* Code usage: distinct codes among the database codes, and each bit's entropy
+  H(p) = -p log2 p - (1-p) log2 (1-p), p = the fraction of codes with the bit set.
 * Relevance. Labels are class ids [N] or multi-hot [N, C]; a database item is
   relevant to a query iff they share at least one label.
 * Average precision over the first n ranked items (n = N for the full ranking,
@@ -254,8 +266,26 @@ def _radius_counts(prob: _Problem) -> Tuple[np.ndarray, np.ndarray]:
   return np.concatenate(within), np.concatenate(within_rel)
 
 
-def _pr_curve(prob: _Problem, empty: str) -> Dict[str, np.ndarray]:
-  within, within_rel = _radius_counts(prob)
+def _tie_aware_ap(
+  within: np.ndarray, within_rel: np.ndarray, num_relevant: np.ndarray
+) -> np.ndarray:
+  """E[AP] [Q] over random orders within equal distances, from the cumulative counts of
+  `_radius_counts` (the closed form of the module docstring; AP 0 without relevant items)."""
+  n = np.diff(within, axis=1, prepend=0).astype(np.float64)  # items at each distance
+  r = np.diff(within_rel, axis=1, prepend=0).astype(np.float64)
+  before, rel_before = within - n, within_rel - r
+  total = int(within[:, -1].max()) if within.size else 0
+  harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, total + 1))])
+  b0 = before.astype(np.int64)
+  s1 = harmonic[b0 + n.astype(np.int64)] - harmonic[b0]  # sum_j 1 / (N_i + j)
+  s2 = n - (before + 1) * s1  # sum_j (j - 1) / (N_i + j)
+  slope = np.where(n > 1, (r - 1) / np.maximum(n - 1, 1), 0.0)
+  group = np.where(n > 0, r / np.maximum(n, 1) * ((rel_before + 1) * s1 + slope * s2), 0.0)
+  return np.where(num_relevant > 0, group.sum(1) / np.maximum(num_relevant, 1), 0.0)
+
+
+def _pr_curve(prob: _Problem, empty: str, counts=None) -> Dict[str, np.ndarray]:
+  within, within_rel = counts if counts is not None else _radius_counts(prob)
   prec = within_rel / np.maximum(within, 1)
   counted = within > 0 if empty == "skip" else np.ones_like(within, bool)
   has = prob.num_relevant > 0
@@ -278,6 +308,91 @@ def pr_curve_by_radius(
   _check_choice("empty", empty, NO_RELEVANT)
   prob = _Problem(q_codes, db_codes, q_labels, db_labels, bits=bits)
   return _pr_curve(prob, empty)
+
+
+def tie_aware_map(q_codes, db_codes, q_labels, db_labels, *, bits: Optional[int] = None) -> float:
+  """Mean over queries of the tie-aware AP of the full ranking (module docstring)."""
+  prob = _Problem(q_codes, db_codes, q_labels, db_labels, bits=bits)
+  return float(_tie_aware_ap(*_radius_counts(prob), prob.num_relevant).mean())
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def neighbour_recall(
+  q_codes, db_codes, q_reference, db_reference, ks: Sequence[int] = (10, 100)
+) -> Dict[int, float]:
+  """{k: neighbour recall@k} (module docstring) of packed codes against reference float
+  embeddings [Q, D] / [N, D] of the same queries and database items, for each k < N."""
+  q, _ = _codes("q_codes", q_codes)
+  db, _ = _codes("db_codes", db_codes)
+  qr, dr = _unit_rows(q_reference), _unit_rows(db_reference)
+  if qr.shape[0] != q.shape[0] or dr.shape[0] != db.shape[0] or qr.shape[1] != dr.shape[1]:
+    raise errors.InvalidInput(
+      f"reference embeddings {qr.shape} / {dr.shape} do not match {q.shape[0]} queries and "
+      f"{db.shape[0]} database codes"
+    )
+  # k >= N finds every item whatever the codes: such k are left out.
+  ks = tuple(k for k in _valid_ks(ks, db.shape[0]) if k < db.shape[0])
+  found = {k: [] for k in ks}
+  step = max(1, _MAX_BLOCK // db.shape[0])
+  for s in range(0, q.shape[0], step):
+    e = min(s + step, q.shape[0])
+    d = np.asarray(hamming.hamming_distances(q[s:e], db)).astype(np.int64)
+    order = np.argsort(-(qr[s:e] @ dr.T), axis=1, kind="stable")
+    for k in ks:
+      kth = np.partition(d, k - 1, axis=1)[:, k - 1 : k]  # the k-th smallest distance
+      below = (d < kth).sum(1, keepdims=True)
+      at = (d == kth).sum(1, keepdims=True)
+      p_in = np.where(d < kth, 1.0, np.where(d == kth, (k - below) / at, 0.0))
+      found[k].append(np.take_along_axis(p_in, order[:, :k], axis=1).sum(1) / k)
+  return {k: float(np.concatenate(v).mean()) for k, v in found.items()}
+
+
+def code_usage(db_codes, bits: Optional[int] = None) -> Dict[str, Any]:
+  """{"distinct_codes", "distinct_fraction", "bit_entropy" (mean over bits, in bits),
+  "bit_entropy_per_bit"} of the database codes (module docstring)."""
+  db, known = _codes("db_codes", db_codes)
+  k = int(bits or known or db.shape[1] * hamming.WORD_BITS)
+  if db.shape[0] == 0:
+    raise errors.InvalidInput("code usage of an empty database is undefined")
+  distinct = int(np.unique(db, axis=0).shape[0])
+  unpacked = np.unpackbits(db.astype("<u4").view(np.uint8), axis=1, bitorder="little")[:, :k]
+  p = unpacked.mean(0)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    h = -np.nan_to_num(p * np.log2(p)) - np.nan_to_num((1 - p) * np.log2(1 - p))
+  return {
+    "distinct_codes": distinct,
+    "distinct_fraction": distinct / db.shape[0],
+    "bit_entropy": float(h.mean()),
+    "bit_entropy_per_bit": h.tolist(),
+  }
+
+
+def map_by_similarity(q_features, db_features, q_labels, db_labels) -> float:
+  """Full-ranking mAP of a float embedding ranked by cosine similarity (ties by the lower
+  index), same relevance and AP as `mean_average_precision`: a reference for codes."""
+  qf, df = _unit_rows(q_features), _unit_rows(db_features)
+  q_lab, db_lab = (
+    _labels("q_labels", q_labels, qf.shape[0]),
+    _labels("db_labels", db_labels, df.shape[0]),
+  )
+  nbits = hamming.WORD_BITS  # any codes: only the labels and sizes of _Problem are used
+  prob = _Problem(
+    np.zeros((qf.shape[0], 1), np.uint32),
+    np.zeros((df.shape[0], 1), np.uint32),
+    q_lab,
+    db_lab,
+    nbits,
+  )
+  aps = []
+  for s, e in prob.query_blocks():
+    order = np.argsort(-(qf[s:e] @ df.T), axis=1, kind="stable")
+    rel = np.take_along_axis(prob.relevance(s, e), order, axis=1)
+    aps.append(_average_precision(rel, prob.num_relevant[s:e], "retrieved")[0])
+  return float(np.concatenate(aps).mean())
 
 
 def precision_at_radius(
@@ -335,8 +450,9 @@ def retrieval_report(
 ) -> Dict:
   """Everything an evaluation writes, from one full ranking (same definitions as above).
 
-  Returns map (full ranking), map_at {k: mAP@k}, precision_at / recall_at {k: ...},
-  and pr_curve {radius, precision, recall} lists, with default options.
+  Returns map (full ranking, index order within ties), map_tie_aware, map_at {k: mAP@k},
+  precision_at / recall_at {k: ...}, and pr_curve {radius, precision, recall} lists,
+  with default options.
   """
   prob = _Problem(q_codes, db_codes, q_labels, db_labels, bits=bits)
   p_ks = _valid_ks(ks, prob.num_db)
@@ -352,11 +468,13 @@ def retrieval_report(
     rs.append(r)
   p, r = np.concatenate(ps), np.concatenate(rs)
   has = prob.num_relevant > 0
-  pr = _pr_curve(prob, "zero")
+  counts = _radius_counts(prob)
+  pr = _pr_curve(prob, "zero", counts)
   return {
     "num_query": prob.num_query,
     "num_database": prob.num_db,
     "map": float(np.concatenate(full_ap).mean()),
+    "map_tie_aware": float(_tie_aware_ap(*counts, prob.num_relevant).mean()),
     "map_at": {k: float(np.concatenate(v).mean()) for k, v in at_ap.items()},
     "precision_at": {k: float(p[:, j].mean()) for j, k in enumerate(p_ks)},
     "recall_at": {k: _mean(r[:, j], has) for j, k in enumerate(p_ks)},

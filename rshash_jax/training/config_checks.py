@@ -53,6 +53,11 @@ def _get(cfg, field):
   return node
 
 
+# eval.reference: the float embedding of neighbour recall and the unseen-class references:
+# the model's backbone as created (pretrained, frozen: model-independent), or none.
+REFERENCES = ("backbone", "none")
+
+
 def check_common(config):
   """Fields shared by every method."""
   src = _get(config, "data.source")
@@ -63,6 +68,9 @@ def check_common(config):
   _open_fraction(config, "data.train_ratio", "the test split would be empty")
   if _get(config, "data.validation") != 0.0:
     _open_fraction(config, "data.validation", "the database would be empty")
+  if _get(config, "data.unseen_classes") != 0.0:
+    _open_fraction(config, "data.unseen_classes", "no class would be left to train on")
+  _choice(config, "eval.reference", REFERENCES)
   _choice(config, "model.backbone", backbones.NAMES)
   _choice(config, "model.dtype", DTYPES)
   _positive_int(config, "model.bits")
@@ -141,6 +149,10 @@ def check_finetune_from(config):
 
 def check_mrhash(config):
   """MrHash fields; data.source may also be release:DIR (the MrHash release format)."""
+  if _get(config, "data.unseen_classes") != 0.0:
+    _fail(
+      "data.unseen_classes", config.data.unseen_classes, "is measured for DHCNN only; set it to 0"
+    )
   src = _get(config, "data.source")
   if isinstance(src, str) and src.startswith("release:"):
     config = config.copy_and_resolve_references()

@@ -2,7 +2,7 @@
 
 import json
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import logging
@@ -11,6 +11,43 @@ from rshash_jax import config_defaults
 from rshash_jax.models import signs
 from rshash_jax.parallel import distributed
 from rshash_jax.retrieval import hamming, metrics
+
+
+# neighbour_recall_at's k: the true neighbours are a query's k nearest under the reference.
+NEIGHBOUR_KS = (10, 100)
+
+
+def unseen_report(
+  db_codes: np.ndarray,
+  q_codes: np.ndarray,
+  db_labels: np.ndarray,
+  q_labels: np.ndarray,
+  *,
+  db_reference: Optional[np.ndarray] = None,
+  q_reference: Optional[np.ndarray] = None,
+  itq_codes: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+) -> Dict[str, Any]:
+  """Retrieval among the images of classes held out of training (data.unseen_classes): mAP
+  and tie-aware mAP of the codes, and as references the same ranking by ITQ codes of the
+  reference features (`itq_codes`: database, queries) and by the reference features
+  themselves (cosine)."""
+  bits = db_codes.shape[1]
+  db_p, q_p = hamming.pack_codes(signs.signs(db_codes)), hamming.pack_codes(signs.signs(q_codes))
+  rep = metrics.retrieval_report(q_p, db_p, q_labels, db_labels, ks=(1,), bits=bits)
+  out = {
+    "unseen_map": rep["map"],
+    "unseen_map_tie_aware": rep["map_tie_aware"],
+    "unseen_num_database": rep["num_database"],
+    "unseen_num_query": rep["num_query"],
+  }
+  if itq_codes is not None:
+    i_db, i_q = (hamming.pack_codes(signs.signs(c)) for c in itq_codes)
+    out["unseen_map_itq"] = metrics.mean_average_precision(i_q, i_db, q_labels, db_labels)
+  if db_reference is not None and q_reference is not None:
+    out["unseen_map_float"] = metrics.map_by_similarity(
+      q_reference, db_reference, q_labels, db_labels
+    )
+  return out
 
 
 def evaluate_codes(
@@ -23,15 +60,25 @@ def evaluate_codes(
   ks: Sequence[int] = config_defaults.DHCNN_KS,
   q_predictions: Optional[np.ndarray] = None,
   q_logits: Optional[np.ndarray] = None,
+  db_reference: Optional[np.ndarray] = None,
+  q_reference: Optional[np.ndarray] = None,
+  neighbour_ks: Sequence[int] = NEIGHBOUR_KS,
 ) -> Dict[str, Any]:
   """Retrieval report of {-1,+1} (or real-valued) codes. With class ids [N]: relevance is
   the same class and `q_predictions` add accuracy; with multi-hot labels [N, C]: relevance
-  is sharing a label and `q_logits` add per-label F1 (metrics.multilabel_f1)."""
+  is sharing a label and `q_logits` add per-label F1 (metrics.multilabel_f1). Every report
+  has the tie-aware mAP and the database codes' usage (distinct codes, bit entropy); with
+  reference float embeddings of the database and the queries, neighbour_recall_at."""
   bits = db_codes.shape[1]
   db_p, q_p = hamming.pack_codes(signs.signs(db_codes)), hamming.pack_codes(signs.signs(q_codes))
   report = metrics.retrieval_report(q_p, db_p, q_labels, db_labels, map_ks=map_ks, ks=ks, bits=bits)
   report["bits"] = int(bits)
   report["bit_balance"] = float(np.mean(signs.bits(np.asarray(db_codes))))
+  report.update(metrics.code_usage(db_p, bits=bits))
+  if db_reference is not None and q_reference is not None:
+    report["neighbour_recall_at"] = metrics.neighbour_recall(
+      q_p, db_p, q_reference, db_reference, neighbour_ks
+    )
   multilabel = np.asarray(q_labels).ndim == 2
   report["relevance"] = "shares at least one label" if multilabel else "same class"
   if multilabel and q_logits is not None:
@@ -124,10 +171,23 @@ def summary_line(results: Dict[str, Any]) -> str:
     f"{results.get('method')} {results.get('dataset')} {results.get('backbone')} "
     f"{results.get('bits')} bits: mAP={results['map']:.4f}"
   ]
+  if "map_tie_aware" in results:
+    parts.append(f"tie-aware mAP={results['map_tie_aware']:.4f}")
   for k, v in sorted((int(k), v) for k, v in results.get("map_at", {}).items()):
     parts.append(f"mAP@{k}={v:.4f}")
   if "accuracy" in results:
     parts.append(f"accuracy={results['accuracy']:.4f}")
   if "f1_macro" in results:
     parts.append(f"F1 macro={results['f1_macro']:.4f} micro={results['f1_micro']:.4f}")
+  for k, v in sorted((int(k), v) for k, v in results.get("neighbour_recall_at", {}).items()):
+    parts.append(f"neighbour recall@{k}={v:.4f}")
+  if "distinct_codes" in results:
+    parts.append(f"distinct codes={results['distinct_codes']}/{results.get('num_database')}")
+  if "unseen_map" in results:
+    refs = "".join(
+      f" {name}={results[key]:.4f}"
+      for name, key in (("ITQ", "unseen_map_itq"), ("float", "unseen_map_float"))
+      if key in results
+    )
+    parts.append(f"unseen-class mAP={results['unseen_map']:.4f} (references:{refs or ' none'})")
   return " ".join(parts)

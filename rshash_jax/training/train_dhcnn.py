@@ -32,7 +32,7 @@ from clu import metric_writers
 
 from rshash_jax import config_defaults, errors
 from rshash_jax.data import datasets, features
-from rshash_jax.models import backbones, dhcnn
+from rshash_jax.models import backbones, baselines, dhcnn
 from rshash_jax.parallel import distributed, sharding
 from rshash_jax.retrieval import encoder
 from rshash_jax.training import (
@@ -55,6 +55,9 @@ class _Setup:
   bb: backbones.Backbone
   model: dhcnn.DHCNN
   inputs: inputs_lib.Inputs
+  cache_dir: str
+  unseen_db: np.ndarray  # data.unseen_classes: images of the held-out classes, database part
+  unseen_q: np.ndarray  # and query part (both empty without held-out classes)
 
 
 def _setup(config, workdir: str) -> _Setup:
@@ -63,6 +66,25 @@ def _setup(config, workdir: str) -> _Setup:
   train_idx, test_idx = datasets.split_per_class(
     table.labels, config.data.train_ratio, config.data.seed
   )
+  unseen_db = unseen_q = np.zeros(0, np.int64)
+  if config.data.unseen_classes:
+    # Held-out classes: no image and no label of theirs enters training. Their images are
+    # split like the others (training part -> database, test part -> queries; the training
+    # part again under data.validation) and ranked among themselves.
+    held = datasets.hold_out_classes(table.labels, config.data.unseen_classes, config.data.seed)
+    out = np.isin(table.labels, held)
+    unseen_db, unseen_q = train_idx[out[train_idx]], test_idx[out[test_idx]]
+    train_idx, test_idx = train_idx[~out[train_idx]], test_idx[~out[test_idx]]
+    if config.data.validation:
+      unseen_db, unseen_q = datasets.validation_split(
+        table.labels, unseen_db, config.data.validation, config.data.seed
+      )
+    logging.info(
+      "Unseen classes %s: %d database / %d query images",
+      held.tolist(),
+      len(unseen_db),
+      len(unseen_q),
+    )
   if config.data.validation:
     train_idx, test_idx = datasets.validation_split(
       table.labels, train_idx, config.data.validation, config.data.seed
@@ -82,15 +104,7 @@ def _setup(config, workdir: str) -> _Setup:
   feats = None
   cache = config_defaults.cache_dir(config, workdir)
   if config.train.mode == "frozen":
-    feats = features.cached_features(
-      bb,
-      table,
-      cache,
-      weights_path=mc.weights_path or None,
-      batch_size=config.features.batch_size,
-      resize_size=config.data.resize_size or None,
-      threads=config.data.threads,
-    )
+    feats = _backbone_features(config, bb, table, cache)
   inputs = inputs_lib.Inputs.from_config(
     config, bb, table, cache, features_=feats, resize_size=config.data.resize_size or None
   )
@@ -103,7 +117,9 @@ def _setup(config, workdir: str) -> _Setup:
     dtype=dtype,
     backbone_start=inputs.point,
   )
-  return _Setup(config, mesh, table, train_idx, test_idx, bb, model, inputs)
+  return _Setup(
+    config, mesh, table, train_idx, test_idx, bb, model, inputs, cache, unseen_db, unseen_q
+  )
 
 
 def _init_state(s: _Setup, stage: loop.Stage) -> train_state.TrainState:
@@ -165,6 +181,7 @@ def evaluate(
   db_u, _ = encode(s, state.params, state.constants, s.train_idx)
   q_u, q_logits = encode(s, state.params, state.constants, s.test_idx)
   db_labels, q_labels = s.table.labels[s.train_idx], s.table.labels[s.test_idx]
+  ref = _reference_features(s)
   report = evaluation.evaluate_codes(
     db_u,
     q_u,
@@ -174,7 +191,24 @@ def evaluate(
     ks=tuple(config.eval.ks),
     q_predictions=np.argmax(q_logits, axis=1),
     q_logits=q_logits,
+    db_reference=None if ref is None else ref[s.train_idx],
+    q_reference=None if ref is None else ref[s.test_idx],
   )
+  if len(s.unseen_db) and len(s.unseen_q):
+    itq = None
+    if ref is not None:  # the same run's ITQ on the reference features of the seen classes
+      itq = baselines.fit_itq(ref[s.train_idx], config.model.bits, seed=config.seed)
+    report.update(
+      evaluation.unseen_report(
+        encode(s, state.params, state.constants, s.unseen_db)[0],
+        encode(s, state.params, state.constants, s.unseen_q)[0],
+        s.table.labels[s.unseen_db],
+        s.table.labels[s.unseen_q],
+        db_reference=None if ref is None else ref[s.unseen_db],
+        q_reference=None if ref is None else ref[s.unseen_q],
+        itq_codes=None if itq is None else (itq(ref[s.unseen_db]), itq(ref[s.unseen_q])),
+      )
+    )
   eval_seconds = time.perf_counter() - t
   results = dict(
     method="dhcnn",
@@ -199,6 +233,30 @@ def evaluate(
   evaluation.write_results(workdir, results)
   logging.info("%s", evaluation.summary_line(results))
   return results
+
+
+def _reference_features(s: _Setup) -> Optional[np.ndarray]:
+  """The reference embedding of neighbour recall and of the unseen-class references
+  (eval.reference): the pooled features of the backbone as created (pretrained and frozen:
+  the same for every model of that backbone) of every image, or None."""
+  if s.config.eval.reference == "none":
+    return None
+  if s.inputs.mode == "features":
+    return s.inputs.features
+  return _backbone_features(s.config, s.bb, s.table, s.cache_dir)
+
+
+def _backbone_features(config, bb, table, cache_dir: str) -> np.ndarray:
+  """The pooled features of `bb` (as created) of every image, cached in `cache_dir`."""
+  return features.cached_features(
+    bb,
+    table,
+    cache_dir,
+    weights_path=config.model.weights_path or None,
+    batch_size=config.features.batch_size,
+    resize_size=config.data.resize_size or None,
+    threads=config.data.threads,
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:

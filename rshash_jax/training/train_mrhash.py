@@ -396,6 +396,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     table.labels[test_idx],
     map_ks=tuple(config.eval.map_ks),
     ks=tuple(config.eval.ks),
+    # Neighbour recall's reference: the frozen backbone's features of the image view (the
+    # same for every model of this backbone; row scaling does not change their cosines).
+    **(
+      {}
+      if config.eval.reference == "none"
+      else {"db_reference": image_feats[train_idx], "q_reference": image_feats[test_idx]}
+    ),
   )
   r = min(config.eval.map_at_r, len(train_idx))
   report["map_at_r"] = report["map_at"].get(r) if r in report["map_at"] else None

@@ -127,6 +127,7 @@ RUN_FIELDS_FIXED = (
   "data.source",
   "data.train_ratio",
   "data.validation",
+  "data.unseen_classes",
   "data.seed",
   "data.tfds_split",
   "data.resize_size",
@@ -137,6 +138,10 @@ RUN_FIELDS_FIXED = (
   "mrhash.image_view",
   "mrhash.num_clusters",
 )
+
+
+# Fields of RUN_FIELDS_FIXED newer than release 0.1.0, with the value a run had before them.
+FIELDS_ADDED = {"data.unseen_classes": 0.0}
 
 
 def check_run(mngr: ocp.CheckpointManager, config, **facts):
@@ -163,11 +168,12 @@ def check_run(mngr: ocp.CheckpointManager, config, **facts):
 
     distributed.write_once(path, write, name="run.json")
     return
+  # A field added to RUN_FIELDS_FIXED since a run was checkpointed had its default then.
+  old_config = {**{k: v for k, v in FIELDS_ADDED.items() if k in now}, **old["config"]}
   diff = [
-    f"{k}: {old['config'].get(k, '<unset>')!r} in the checkpointed run, {now.get(k, '<unset>')!r} "
-    f"now"
-    for k in sorted(set(old["config"]) | set(now))
-    if old["config"].get(k) != now.get(k)
+    f"{k}: {old_config.get(k, '<unset>')!r} in the checkpointed run, {now.get(k, '<unset>')!r} now"
+    for k in sorted(set(old_config) | set(now))
+    if old_config.get(k) != now.get(k)
   ]
   if diff:
     raise errors.InvalidInput(
