@@ -305,3 +305,69 @@ def test_center_term_value_gradient_and_multilabel():
   np.testing.assert_allclose(
     float(got), np.mean(np.sum(np.abs(t) * (t - u[:2]) ** 2, axis=1) / 8), rtol=1e-5
   )
+
+
+def test_distill_term_is_one_minus_the_within_class_correlation():
+  rng = np.random.default_rng(3)
+  b, n, k = 4, 12, 8
+  u, bank = rng.normal(size=(b, k)), rng.normal(size=(n, k))
+  labels, bank_labels = np.array([0, 1, 0, 2]), rng.integers(0, 3, n)
+  bank_labels[[0, 1, 2, 5]] = [0, 0, 1, 0]
+  rows = np.array([0, 3, 5, 7])
+  ref_sim = rng.uniform(-1, 1, (b, n))
+  got = dhcnn.distill_term(
+    jnp.asarray(u),
+    jnp.asarray(bank),
+    dhcnn.similarity(jnp.asarray(labels), jnp.asarray(bank_labels)),
+    jnp.asarray(ref_sim),
+    jnp.asarray(rows),
+    jnp.ones(b),
+  )
+  per_row = []
+  for i in range(b):
+    js = [j for j in range(n) if bank_labels[j] == labels[i] and j != rows[i]]
+    if len(js) < 2:
+      per_row.append(0.0)
+      continue
+    h = np.tanh(u[i]) @ np.tanh(bank[js]).T / k
+    per_row.append(1.0 - np.corrcoef(h, ref_sim[i, js])[0, 1])
+  assert float(got) == pytest.approx(np.mean(per_row), rel=1e-5)
+  # Its gradient moves u towards codes whose agreement follows the reference.
+  g = jax.grad(
+    lambda x: dhcnn.distill_term(
+      x,
+      jnp.asarray(bank),
+      dhcnn.similarity(jnp.asarray(labels), jnp.asarray(bank_labels)),
+      jnp.asarray(ref_sim),
+      jnp.asarray(rows),
+      jnp.ones(b),
+    )
+  )(jnp.asarray(u))
+  stepped = jnp.asarray(u) - 0.5 * g
+  after = dhcnn.distill_term(
+    stepped,
+    jnp.asarray(bank),
+    dhcnn.similarity(jnp.asarray(labels), jnp.asarray(bank_labels)),
+    jnp.asarray(ref_sim),
+    jnp.asarray(rows),
+    jnp.ones(b),
+  )
+  assert float(after) < float(got)
+
+
+def test_center_margin_leaves_codes_free_within_the_margin():
+  centers = jnp.asarray(dhcnn.hash_centers(2, 8))
+  labels, mask = jnp.asarray([0, 0]), jnp.ones(2)
+  t = np.asarray(centers[0])
+  near = t.copy()
+  near[:1] *= -1  # 1 of 8 bits off the target: inside a margin of 0.2
+  far = t.copy()
+  far[:4] *= -1  # 4 of 8 bits off: outside it
+  u = jnp.asarray(np.stack([near, far]) * 20.0)  # saturated: tanh(u) = the signs
+  within = dhcnn.center_term(u[:1], labels[:1], centers, mask[:1], margin=0.2)
+  beyond = dhcnn.center_term(u[1:], labels[1:], centers, mask[1:], margin=0.2)
+  assert float(within) == 0.0
+  assert float(beyond) == pytest.approx((4 / 8 - 0.2) ** 2, rel=1e-5)
+  # Without a margin the term is the equality pull of before: ||t - u||^2 / K.
+  plain = dhcnn.center_term(jnp.asarray(t)[None], labels[:1], centers, mask[:1])
+  assert float(plain) == 0.0

@@ -31,7 +31,27 @@ codes, as CSQ, Yuan et al. CVPR 2020, builds them), and
 
 pulls every image's u onto its class's code, so that the Hamming ranking follows the
 classes as the classifier does (targets far apart: K/2 bits for Hadamard rows). Multi-label
-images take the sign of the sum of their labels' targets; tied bits are left free.
+images take the sign of the sum of their labels' targets; tied bits are left free. With
+`dhcnn.center_margin` = m > 0 the pull is a margin instead of an equality: with
+a_i = mean_k t_k tanh(u_ik) (1 at the target, so (1 - a_i) / 2 is the soft fraction of bits
+that differ from it),
+
+  loss += center_weight * mean_i relu((1 - a_i) / 2 - m)^2
+
+leaves every code free within m K bits of its class's target (classes K/2 apart stay
+apart), so that the order inside a class can follow the images (distill_weight).
+
+Neighbourhood distillation (`dhcnn.distill_weight` > 0; an extension, off by default). The
+terms above separate classes and are indifferent to the order inside one: trained to the
+end they give every image of a class nearly the same code. With r_ij the cosine of the
+reference features (the frozen backbone's, `eval.reference`) of batch image i and
+training image j, and h_ij = tanh(u_i) . tanh(U_j) / K the soft code agreement with the
+bank (held constant), each batch row i adds
+
+  loss += distill_weight * mean_i (1 - corr_j(h_ij, r_ij))   over j of i's class, j != i
+
+so that inside its class a query's codes stay closer to the images that look like it. A
+correlation is indifferent to the level and scale of h, which the class terms set.
 
 Multi-label data (labels multi-hot [N, C], e.g. from a label file): S_ij = 1 when i and j
 share at least one label, and CE becomes the multi-label loss, a sigmoid binary cross
@@ -145,15 +165,37 @@ def hash_centers(num_classes: int, bits: int, seed: int = 0) -> np.ndarray:
   return np.where(rng.random((num_classes, bits)) < 0.5, -1.0, 1.0).astype(np.float32)
 
 
-def center_term(u, labels, centers, mask):
+def center_term(u, labels, centers, mask, margin: float = 0.0):
   """mean over valid rows of ||t - u||^2 / K, t the class target of each row (multi-hot:
-  the sign of the sum of its labels' targets, tied bits not counted)."""
+  the sign of the sum of its labels' targets, tied bits not counted); with margin > 0,
+  relu(soft fraction of bits off the target - margin)^2 (module docstring)."""
   if labels.ndim == 1:
     t = centers[labels]
   else:
     t = jnp.sign(labels.astype(jnp.float32) @ centers)
-  per_row = jnp.mean(jnp.abs(t) * jnp.square(t - u), axis=-1)
+  if margin:
+    agree = jnp.sum(t * jnp.tanh(u), axis=-1) / jnp.maximum(jnp.sum(jnp.abs(t), axis=-1), 1.0)
+    per_row = jnp.square(jax.nn.relu((1.0 - agree) / 2.0 - margin))
+  else:
+    per_row = jnp.mean(jnp.abs(t) * jnp.square(t - u), axis=-1)
   return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def distill_term(u, bank, s, ref_sim, bank_rows, mask):
+  """mean over valid rows of 1 - corr_j(tanh(u_i) . tanh(U_j) / K, ref_sim_ij) over the bank
+  rows j related to i (s_ij = 1), i's own row left out; rows with fewer than two such
+  pairs, or a constant h or r, add 0."""
+  h = jnp.tanh(u) @ jax.lax.stop_gradient(jnp.tanh(bank)).T / u.shape[-1]
+  self_row = jnp.arange(bank.shape[0])[None, :] == bank_rows[:, None]
+  w = s * (1.0 - self_row.astype(jnp.float32))
+  n = jnp.sum(w, axis=1, keepdims=True)
+  mean = lambda x: jnp.sum(w * x, axis=1, keepdims=True) / jnp.maximum(n, 1.0)
+  hc, rc = h - mean(h), ref_sim - mean(ref_sim)
+  cov, vh, vr = mean(hc * rc), mean(hc * hc), mean(rc * rc)
+  corr = cov / jnp.sqrt(jnp.maximum(vh * vr, 1e-12))
+  ok = (n[:, 0] >= 2) & (vh[:, 0] > 1e-12) & (vr[:, 0] > 1e-12)
+  per_row = jnp.where(ok, 1.0 - corr[:, 0], 0.0) * mask
+  return jnp.sum(per_row) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def loss_fn(
@@ -173,13 +215,17 @@ def loss_fn(
   mask=None,
   centers=None,
   center_weight: float = 0.0,
+  center_margin: float = 0.0,
+  ref_sim=None,
+  distill_weight: float = 0.0,
 ) -> Dict[str, Any]:
   """DHCNN loss of one batch. Returns dict(loss, pairwise, quant, ce, center, bank) where
   `bank` is the memory bank with this batch's rows written (the caller keeps it).
 
   u [B, K], logits [B, C] (computed from u), labels [B] (or multi-hot), bank_rows [B]
   rows of the batch in the bank [N, K], bank_labels [N]; mask [B] drops padded rows;
-  centers [C, K] class targets (hash_centers), used when center_weight > 0.
+  centers [C, K] class targets (hash_centers), used when center_weight > 0; ref_sim [B, N]
+  cosines of the batch's reference features with the bank's, used when distill_weight > 0.
   """
   if ce_to_classifier not in CE_MODES:
     raise errors.InvalidInput(
@@ -210,8 +256,14 @@ def loss_fn(
   if center_weight:
     if centers is None:
       raise errors.InvalidInput("dhcnn.center_weight > 0 needs the class targets (hash_centers)")
-    center = center_term(u, labels, centers, mask)
+    center = center_term(u, labels, centers, mask, center_margin)
     total, reported = total + center_weight * center, reported + center_weight * center
+  distill = jnp.zeros((), jnp.float32)
+  if distill_weight:
+    if ref_sim is None:
+      raise errors.InvalidInput("dhcnn.distill_weight > 0 needs the reference similarities")
+    distill = distill_term(u, bank, s, ref_sim, bank_rows, mask)
+    total, reported = total + distill_weight * distill, reported + distill_weight * distill
   return dict(
     loss=total,
     reported=reported,
@@ -219,6 +271,7 @@ def loss_fn(
     quant=quant / norm,
     ce=ce,
     center=center,
+    distill=distill,
     bank=bank,
   )
 

@@ -108,6 +108,8 @@ def check_dhcnn(config):
   _choice(config, "dhcnn.gradient", dhcnn.GRADIENTS)
   _choice(config, "dhcnn.ce_to_classifier", dhcnn.CE_MODES)
   _range(config, "dhcnn.center_weight", 0.0, 1e6)
+  _range(config, "dhcnn.distill_weight", 0.0, 1e6)
+  _range(config, "dhcnn.center_margin", 0.0, 0.5)
   check_finetune_from(config)
 
 

@@ -12,10 +12,14 @@ from rshash_jax.models import dhcnn
 from rshash_jax.parallel import sharding
 
 
-def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preprocess=None):
+def make_train_step(
+  model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preprocess=None, bank_reference=None
+):
   """The jitted data-parallel step: (state, batch) -> (state, metrics).
 
-  preprocess: uint8 images -> backbone input (finetune mode); None for features."""
+  preprocess: uint8 images -> backbone input (finetune mode); None for features.
+  bank_reference: [N_train, D] unit-norm reference features of the bank's rows (replicated),
+  needed by dhcnn.distill_weight > 0."""
   dc = config.dhcnn
   ce_scale = dhcnn.ce_grad_scale(dc.eta, dc.ce_to_classifier)
   centers = (
@@ -54,6 +58,9 @@ def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preproces
         num_classes=model.num_classes,
         centers=centers,
         center_weight=dc.center_weight,
+        center_margin=dc.get("center_margin", 0.0),
+        ref_sim=None if bank_reference is None else bank_reference[batch["row"]] @ bank_reference.T,
+        distill_weight=dc.get("distill_weight", 0.0),
       )
       return out["loss"], out
 
@@ -63,7 +70,7 @@ def make_train_step(model: dhcnn.DHCNN, tx, config, bank_labels, mesh, preproces
     new = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state, extra={"bank": out["bank"]}
     )
-    metrics = {k: out[k] for k in ("reported", "pairwise", "quant", "ce", "center")}
+    metrics = {k: out[k] for k in ("reported", "pairwise", "quant", "ce", "center", "distill")}
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     return new, metrics
 

@@ -181,6 +181,13 @@ def summary_line(results: Dict[str, Any]) -> str:
     parts.append(f"F1 macro={results['f1_macro']:.4f} micro={results['f1_micro']:.4f}")
   for k, v in sorted((int(k), v) for k, v in results.get("neighbour_recall_at", {}).items()):
     parts.append(f"neighbour recall@{k}={v:.4f}")
+  if "reference_itq" in results:
+    itq = results["reference_itq"]
+    nr = "".join(
+      f" recall@{k}={v:.4f}"
+      for k, v in sorted((int(k), v) for k, v in itq["neighbour_recall_at"].items())
+    )
+    parts.append(f"(same-run ITQ: mAP={itq['map']:.4f}{nr})")
   if "distinct_codes" in results:
     parts.append(f"distinct codes={results['distinct_codes']}/{results.get('num_database')}")
   if "unseen_map" in results:

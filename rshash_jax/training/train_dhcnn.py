@@ -194,10 +194,23 @@ def evaluate(
     db_reference=None if ref is None else ref[s.train_idx],
     q_reference=None if ref is None else ref[s.test_idx],
   )
+  itq = None
+  if ref is not None:  # the same run's ITQ on the reference features of the seen classes
+    itq = baselines.fit_itq(ref[s.train_idx], config.model.bits, seed=config.seed)
+    ref_report = evaluation.evaluate_codes(
+      itq(ref[s.train_idx]),
+      itq(ref[s.test_idx]),
+      db_labels,
+      q_labels,
+      ks=(1,),
+      db_reference=ref[s.train_idx],
+      q_reference=ref[s.test_idx],
+    )
+    report["reference_itq"] = {
+      k: ref_report[k]
+      for k in ("map", "map_tie_aware", "neighbour_recall_at", "distinct_codes", "bit_entropy")
+    }
   if len(s.unseen_db) and len(s.unseen_q):
-    itq = None
-    if ref is not None:  # the same run's ITQ on the reference features of the seen classes
-      itq = baselines.fit_itq(ref[s.train_idx], config.model.bits, seed=config.seed)
     report.update(
       evaluation.unseen_report(
         encode(s, state.params, state.constants, s.unseen_db)[0],
@@ -235,11 +248,12 @@ def evaluate(
   return results
 
 
-def _reference_features(s: _Setup) -> Optional[np.ndarray]:
-  """The reference embedding of neighbour recall and of the unseen-class references
-  (eval.reference): the pooled features of the backbone as created (pretrained and frozen:
-  the same for every model of that backbone) of every image, or None."""
-  if s.config.eval.reference == "none":
+def _reference_features(s: _Setup, always: bool = False) -> Optional[np.ndarray]:
+  """The reference embedding of neighbour recall, the unseen-class references and the
+  distillation term: the pooled features of the backbone as created (pretrained and
+  frozen: the same for every model of that backbone) of every image; None under
+  eval.reference=none unless `always`."""
+  if s.config.eval.reference == "none" and not always:
     return None
   if s.inputs.mode == "features":
     return s.inputs.features
@@ -294,8 +308,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   )
   state = stage.restore(_init_state(s, stage))
   bank_labels = distributed.replicate(s.table.labels[s.train_idx], s.mesh)
+  bank_reference = None
+  if config.dhcnn.distill_weight:
+    ref = _reference_features(s, always=True)[s.train_idx]
+    ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
+    bank_reference = distributed.replicate(ref.astype(np.float32), s.mesh)
   step_fn = dhcnn_step.make_train_step(
-    s.model, stage.tx, config, bank_labels, s.mesh, preprocess=s.inputs.preprocess()
+    s.model,
+    stage.tx,
+    config,
+    bank_labels,
+    s.mesh,
+    preprocess=s.inputs.preprocess(),
+    bank_reference=bank_reference,
   )
   rng = distributed.replicate(jax.random.key_data(jax.random.key(config.seed)), s.mesh)
 
