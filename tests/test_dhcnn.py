@@ -371,3 +371,10 @@ def test_center_margin_leaves_codes_free_within_the_margin():
   # Without a margin the term is the equality pull of before: ||t - u||^2 / K.
   plain = dhcnn.center_term(jnp.asarray(t)[None], labels[:1], centers, mask[:1])
   assert float(plain) == 0.0
+
+
+def test_neighbours_preset_is_local_with_the_selected_options():
+  c, local = dhcnn_config.get_config("neighbours,bits=32"), dhcnn_config.get_config("local,bits=32")
+  assert (c.dhcnn.center_weight, c.dhcnn.center_margin, c.dhcnn.distill_weight) == (100.0, 0.2, 2.0)
+  for block in ("data", "model", "train", "features", "eval"):
+    assert c[block].to_dict() == local[block].to_dict(), block
