@@ -16,8 +16,9 @@ API (every error is JSON {"error": message} with a 4xx status; the service keeps
   POST /api/search?k=N       query: multipart field `image` (an image file: PNG, JPEG, BMP,
                              GIF, WebP, TIFF), or JSON {"path": P} / {"id": I} naming an
                              archive image. -> {"query": {...}, "hits": [{"rank", "id",
-                             "path", "distance", "label", ["lon", "lat"]}]} sorted by
-                             (distance, id); "predicted" class for DHCNN encoders.
+                             "path", "distance", "label", "relevant", "lon", "lat"}]}
+                             sorted by (distance, id), as retrieval.hits formats them for
+                             `search` too; "predicted" label(s) for DHCNN encoders.
   GET  /api/images/{id}?size=S   an archive image as PNG (longer side <= S if given)
   GET  /                     the web page (static/index.html): upload or pick a query, see
                              the hits with their distances.
