@@ -211,10 +211,9 @@ def search(
   # Every process ranks (the database is sharded over all of them); the primary prints.
   say = print if distributed.is_primary() else (lambda *a, **k: None)
   out = []
-  row_of = {p: i for i, p in enumerate(archive.paths)}
   coords = archive.has_coordinates
   for qi, p in enumerate(paths):
-    q_lab = archive.query_labels(p, row_of.get(os.path.abspath(p), row_of.get(p)))
+    q_lab = archive.query_labels(p, archive.row(p))
     pred = hits_lib.predicted(enc.class_names, bool(enc.meta.get("multilabel")), res, qi)
     q_lonlat = rasters.center_lonlat(p) if rasters.is_raster(p) else (float("nan"), float("nan"))
     where = (

@@ -28,6 +28,7 @@ class Archive:
     self.lon = np.asarray(db["lon"], np.float64) if "lon" in db else np.full(n, np.nan)
     self.lat = np.asarray(db["lat"], np.float64) if "lat" in db else np.full(n, np.nan)
     self.has_coordinates = bool(np.isfinite(self.lon).any())
+    self._rows = {p: i for i, p in enumerate(self.paths)}
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -38,6 +39,13 @@ class Archive:
       return [n for n, v in zip(self.class_names, labels) if v]
     lab = int(labels)
     return [self.class_names[lab]] if 0 <= lab < len(self.class_names) else []
+
+  def row(self, path) -> Optional[int]:
+    """The row of archive image `path` (as written, else as an absolute path), or None."""
+    i = self._rows.get(path)
+    return (
+      i if i is not None or not isinstance(path, str) else self._rows.get(os.path.abspath(path))
+    )
 
   def label(self, i: int) -> Optional[str]:
     return ";".join(self.label_names(self.labels[i])) or None

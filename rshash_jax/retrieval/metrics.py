@@ -316,7 +316,8 @@ def tie_aware_map(q_codes, db_codes, q_labels, db_labels, *, bits: Optional[int]
   return float(_tie_aware_ap(*_radius_counts(prob), prob.num_relevant).mean())
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+  """Rows scaled to unit L2 norm (float32): cosines become dot products."""
   x = np.asarray(x, np.float32)
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -328,7 +329,7 @@ def neighbour_recall(
   embeddings [Q, D] / [N, D] of the same queries and database items, for each k < N."""
   q, _ = _codes("q_codes", q_codes)
   db, _ = _codes("db_codes", db_codes)
-  qr, dr = _unit_rows(q_reference), _unit_rows(db_reference)
+  qr, dr = unit_rows(q_reference), unit_rows(db_reference)
   if qr.shape[0] != q.shape[0] or dr.shape[0] != db.shape[0] or qr.shape[1] != dr.shape[1]:
     raise errors.InvalidInput(
       f"reference embeddings {qr.shape} / {dr.shape} do not match {q.shape[0]} queries and "
@@ -359,8 +360,7 @@ def code_usage(db_codes, bits: Optional[int] = None) -> Dict[str, Any]:
   if db.shape[0] == 0:
     raise errors.InvalidInput("code usage of an empty database is undefined")
   distinct = int(np.unique(db, axis=0).shape[0])
-  unpacked = np.unpackbits(db.astype("<u4").view(np.uint8), axis=1, bitorder="little")[:, :k]
-  p = unpacked.mean(0)
+  p = (hamming.unpack_codes(db, k) > 0).mean(0)  # each bit's frequency
   with np.errstate(divide="ignore", invalid="ignore"):
     h = -np.nan_to_num(p * np.log2(p)) - np.nan_to_num((1 - p) * np.log2(1 - p))
   return {
@@ -374,19 +374,10 @@ def code_usage(db_codes, bits: Optional[int] = None) -> Dict[str, Any]:
 def map_by_similarity(q_features, db_features, q_labels, db_labels) -> float:
   """Full-ranking mAP of a float embedding ranked by cosine similarity (ties by the lower
   index), same relevance and AP as `mean_average_precision`: a reference for codes."""
-  qf, df = _unit_rows(q_features), _unit_rows(db_features)
-  q_lab, db_lab = (
-    _labels("q_labels", q_labels, qf.shape[0]),
-    _labels("db_labels", db_labels, df.shape[0]),
-  )
-  nbits = hamming.WORD_BITS  # any codes: only the labels and sizes of _Problem are used
-  prob = _Problem(
-    np.zeros((qf.shape[0], 1), np.uint32),
-    np.zeros((df.shape[0], 1), np.uint32),
-    q_lab,
-    db_lab,
-    nbits,
-  )
+  qf, df = unit_rows(q_features), unit_rows(db_features)
+  # Placeholder codes: only _Problem's label checks, relevance and blocks are used.
+  zeros = lambda n: np.zeros((n, 1), np.uint32)
+  prob = _Problem(zeros(qf.shape[0]), zeros(df.shape[0]), q_labels, db_labels)
   aps = []
   for s, e in prob.query_blocks():
     order = np.argsort(-(qf[s:e] @ df.T), axis=1, kind="stable")

@@ -80,7 +80,6 @@ class SearchEngine:
     self.num_codes = len(self.archive)
     if self.num_codes == 0:
       raise errors.InvalidInput(f"{codes_path}: the codes file is empty")
-    self._by_path = {p: i for i, p in enumerate(self.archive.paths)}
     self.index = hamming.HammingIndex(db["codes"], mesh=self.encoder.mesh)
     self.max_batch = max_batch
     self._queue: "queue.Queue[Optional[_Query]]" = queue.Queue()
@@ -101,9 +100,7 @@ class SearchEngine:
       if isinstance(id_, bool) or not isinstance(id_, int) or not 0 <= id_ < self.num_codes:
         raise HTTPError(404, f"no archive image with id {id_!r} (ids are 0..{self.num_codes - 1})")
       return id_
-    i = self._by_path.get(
-      path, self._by_path.get(os.path.abspath(path)) if isinstance(path, str) else None
-    )
+    i = self.archive.row(path)
     if i is None:
       raise HTTPError(
         404, f"not an image of the archive in {os.path.basename(self.codes_path)}: {path!r}"

@@ -34,7 +34,7 @@ from rshash_jax import config_defaults, errors
 from rshash_jax.data import datasets, features
 from rshash_jax.models import backbones, baselines, dhcnn
 from rshash_jax.parallel import distributed, sharding
-from rshash_jax.retrieval import encoder
+from rshash_jax.retrieval import encoder, metrics
 from rshash_jax.training import (
   config_checks,
   dhcnn_step,
@@ -310,9 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   bank_labels = distributed.replicate(s.table.labels[s.train_idx], s.mesh)
   bank_reference = None
   if config.dhcnn.distill_weight:
-    ref = _reference_features(s, always=True)[s.train_idx]
-    ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
-    bank_reference = distributed.replicate(ref.astype(np.float32), s.mesh)
+    ref = metrics.unit_rows(_reference_features(s, always=True)[s.train_idx])
+    bank_reference = distributed.replicate(ref, s.mesh)
   step_fn = dhcnn_step.make_train_step(
     s.model,
     stage.tx,
