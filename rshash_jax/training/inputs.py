@@ -169,15 +169,13 @@ class Inputs:
         for o, y in zip(outs, got):
           o[start : start + keep] = y[:keep]
       return outs
-    pos = {int(i): j for j, i in enumerate(indices)}
     for b in input_pipeline.eval_batches(
       self._source(), indices, global_batch=global_batch, threads=self.threads
     ):
       got = [sharding.gather_rows(y) for y in fn(variables, sharding.to_global(mesh, b["image"]))]
-      ids = sharding.gather_rows(sharding.to_global(mesh, b["id"]))
+      pos = sharding.gather_rows(sharding.to_global(mesh, b["pos"]))  # positions in `indices`
       mask = sharding.gather_rows(sharding.to_global(mesh, b["mask"]))
       outs = outs or [np.zeros((n,) + y.shape[1:], np.float32) for y in got]
-      for j in np.flatnonzero(mask):
-        for o, y in zip(outs, got):
-          o[pos[int(ids[j])]] = y[j]
+      for o, y in zip(outs, got):
+        o[pos[mask]] = y[mask]
     return outs
