@@ -61,6 +61,30 @@ flags.DEFINE_string("codes", None, "search/serve: codes file written by encode."
 flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8080, "serve: TCP port.")
 flags.DEFINE_float("max_upload_mb", 16, "serve: largest accepted request body (MiB).")
+flags.DEFINE_float(
+  "max_image_mb",
+  64,
+  "serve: largest decoded upload (MiB, width x height x bands x bytes, "
+  "from the header before decoding; 413 above).",
+)
+flags.DEFINE_float(
+  "image_budget_mb", 256, "serve: decoded pixels all concurrent decodes may hold together (MiB)."
+)
+flags.DEFINE_integer("max_k", 1000, "serve: largest k a client may ask for.")
+flags.DEFINE_float(
+  "request_timeout_s", 30, "serve: a request (line, headers, body) must arrive within this."
+)
+flags.DEFINE_integer(
+  "max_connections_per_client", 32, "serve: open connections one client address may hold."
+)
+flags.DEFINE_list(
+  "allowed_hosts", [], "serve: Host names answered besides loopback and --host ('*': any)."
+)
+flags.DEFINE_list(
+  "allowed_origins",
+  [],
+  "serve: browser origins (scheme://host:port) allowed besides the service's own ('*': any).",
+)
 flags.DEFINE_integer("k", 10, "search: results per query.")
 flags.DEFINE_string("png", None, "search: write a retrieval grid PNG here.")
 flags.DEFINE_string(
@@ -148,14 +172,16 @@ def _show_traceback() -> bool:
 def is_input_error(e: BaseException) -> bool:
   """Errors in what the user gave (one line, exit 2) as opposed to bugs (traceback, exit 1):
   rshash_jax's own input checks, usage errors, and OS errors on a named path."""
-  return isinstance(e, (errors.UserError, app.UsageError, flags.Error)) or (
-    isinstance(e, OSError) and getattr(e, "filename", None) is not None
+  return (
+    isinstance(e, (errors.UserError, app.UsageError, flags.Error))
+    or (isinstance(e, OSError) and getattr(e, "filename", None) is not None)
+    or errors.storage_error(e) is not None
   )
 
 
 def error_line(e: BaseException) -> str:
   """`rshash: error: <message>` on one line."""
-  msg = str(e)
+  msg = str(errors.storage_error(e) or e)
   if "Traceback (most recent call last):" in msg:  # a config file's own error, inside absl's
     head = msg.split("Traceback (most recent call last):")[0]
     last = msg.strip().splitlines()[-1]
@@ -249,6 +275,13 @@ def _command(command, args):
       host=FLAGS.host,
       port=FLAGS.port,
       max_upload_mb=FLAGS.max_upload_mb,
+      max_k=FLAGS.max_k,
+      max_image_mb=FLAGS.max_image_mb,
+      image_budget_mb=FLAGS.image_budget_mb,
+      request_timeout_s=FLAGS.request_timeout_s,
+      max_connections_per_client=FLAGS.max_connections_per_client,
+      allowed_hosts=FLAGS.allowed_hosts,
+      allowed_origins=FLAGS.allowed_origins,
     )
   else:
     _require("export", "workdir", "out")

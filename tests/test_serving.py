@@ -105,7 +105,7 @@ def test_service_api_answers_searches_and_errors(service):
   from starlette.testclient import TestClient  # pylint: disable=g-import-not-at-top
 
   engine, app, data = service
-  client = TestClient(app)
+  client = TestClient(app, base_url="http://127.0.0.1")
   info = client.get("/api/info").json()
   assert info["num_codes"] == engine.num_codes == 60 and info["bits"] == 16
   entry = client.get("/api/archive?offset=13&limit=2").json()["entries"][0]
@@ -184,7 +184,7 @@ def test_service_batches_concurrent_queries_with_the_same_answers(service):
   from starlette.testclient import TestClient  # pylint: disable=g-import-not-at-top
 
   engine, app, _ = service
-  client = TestClient(app)
+  client = TestClient(app, base_url="http://127.0.0.1")
   alone = {
     i: client.post("/api/search?k=5", json={"id": i}).json()["hits"] for i in range(0, 60, 6)
   }

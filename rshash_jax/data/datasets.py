@@ -22,7 +22,7 @@ from absl import logging
 from PIL import Image
 
 from rshash_jax import errors
-from rshash_jax.data import rasters
+from rshash_jax.data import image_limits, rasters
 from rshash_jax.parallel import distributed
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -176,25 +176,35 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
 
 
 def check_image(path: str):
-  """Raises ValueError naming `path` if it is not a readable image."""
+  """Raises InvalidInput naming `path` if it is not a readable image, TooLarge if its header
+  declares more pixels than image_limits allows (nothing is decoded)."""
   if rasters.is_raster(path):  # rasterio reads what PIL cannot (many bands, 16-bit, float)
     rasters.open_raster(path).close()
     return
   try:
     with Image.open(path) as im:
-      im.size  # pylint: disable=pointless-statement
+      image_limits.check_pil(im, path)
+  except errors.UserError:
+    raise
+  except Image.DecompressionBombError as e:
+    raise errors.TooLarge(f"{path}: {e}") from None
   except Exception as e:
-    raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e})") from e
+    raise errors.NotAnImage(f"corrupt or unreadable image: {path} ({e})") from e
 
 
 def decode_pil(path: str) -> np.ndarray:
-  """PIL decode of `path` to RGB uint8 [H, W, 3] (formats TF cannot read: WebP, TIFF, ...).
-  Errors name the file."""
+  """PIL decode of `path` to RGB uint8 [H, W, 3] (formats TF cannot read: WebP, TIFF, ...),
+  after the header's size check. Errors name the file."""
   try:
     with Image.open(path) as im:
+      image_limits.check_pil(im, path)
       return np.asarray(im.convert("RGB"), np.uint8)
+  except errors.UserError:
+    raise
+  except Image.DecompressionBombError as e:
+    raise errors.TooLarge(f"{path}: {e}") from None
   except Exception as e:
-    raise errors.InvalidInput(f"corrupt or unreadable image: {path} ({e})") from e
+    raise errors.NotAnImage(f"corrupt or unreadable image: {path} ({e})") from e
 
 
 def decode_other(path: str, raster: Optional[rasters.RasterSpec] = None) -> np.ndarray:

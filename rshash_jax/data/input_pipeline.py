@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from rshash_jax import errors
-from rshash_jax.data import chunk_store, datasets, rasters
+from rshash_jax.data import chunk_store, datasets, image_limits, rasters
 
 
 def _options(threads: int) -> tf.data.Options:
@@ -96,7 +96,7 @@ def _decode_other(path, raster):
 
 def _refuse_picture(name: str, raster):
   if channels(raster) != 3:
-    raise errors.InvalidInput(
+    raise errors.Incompatible(
       f"{name}: not a GeoTIFF/TIFF raster; data.bands=all here takes rasters of "
       f"{raster.count} bands"
     )
@@ -104,14 +104,16 @@ def _refuse_picture(name: str, raster):
 
 def decode_file(path: str, raster=None):
   """One file's pixels, uint8 [H, W, 3] ([H, W, C] under data.bands=all), by the decoder
-  its format gets in the pipelines (rasters by `raster`, a rasters.RasterSpec)."""
+  its format gets in the pipelines (rasters by `raster`, a rasters.RasterSpec). The header's
+  size is checked against image_limits first."""
   if not rasters.is_raster(path):
     _refuse_picture(path, raster)
   if path.lower().endswith(TF_FORMATS):
+    datasets.check_image(path)
     try:
       return _decode_tf(tf.constant(path))
     except tf.errors.OpError as e:
-      raise errors.InvalidInput(
+      raise errors.NotAnImage(
         f"corrupt or unreadable image: {path} ({e.message.splitlines()[0]})"
       ) from None
   return tf.constant(datasets.decode_other(path, raster))
@@ -124,10 +126,14 @@ _TF_PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF")
 PICTURE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
-def decode_bytes(data: bytes, name: str = "upload", raster=None) -> np.ndarray:
+def decode_bytes(
+  data: bytes, name: str = "upload", raster=None, max_bytes: Optional[int] = None
+) -> np.ndarray:
   """An image file's contents (not a path: an upload) as uint8 [H, W, 3], by the decoder
   `decode_file` would use for that format, so a file searched by upload or by path gives
-  the same pixels. Errors name `name` and say what is wrong."""
+  the same pixels. The header's size is checked against `max_bytes` (default: the file
+  limit of image_limits) before decoding. Errors name `name` and say what is wrong, by
+  type: TooLarge, NotAnImage, Incompatible."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   if data[:4] in (
@@ -136,13 +142,14 @@ def decode_bytes(data: bytes, name: str = "upload", raster=None) -> np.ndarray:
     b"II+\x00",
     b"MM\x00+",
   ):  # TIFF / BigTIFF: as files are read
-    return rasters.read_bytes(data, raster or rasters.RasterSpec(), name)
+    return rasters.read_bytes(data, raster or rasters.RasterSpec(), name, max_bytes)
   _refuse_picture(name, raster)
   try:
     with Image.open(io.BytesIO(data)) as im:
       fmt, mode, bands = im.format, im.mode, len(im.getbands())
+      image_limits.check_pil(im, name, max_bytes)
       if mode not in PICTURE_MODES:
-        raise errors.InvalidInput(
+        raise errors.Incompatible(
           f"{name}: a {fmt} image of mode {mode} ({bands} band(s)) is not an 8-bit "
           "RGB or grey picture; this encoder takes 3-band (RGB) images"
         )
@@ -150,16 +157,17 @@ def decode_bytes(data: bytes, name: str = "upload", raster=None) -> np.ndarray:
         return np.asarray(im.convert("RGB"), np.uint8)
   except errors.UserError:
     raise
-  except Exception:  # PIL cannot even read the header: not an image
-    raise errors.InvalidInput(
-      f"{name}: not an image (not PNG, JPEG, BMP, GIF, WebP, TIFF or another format PIL reads)"
+  except Image.DecompressionBombError as e:
+    raise errors.TooLarge(f"{name}: {e}") from None
+  except Exception:  # PIL cannot read the header or the pixels: not an image
+    raise errors.NotAnImage(
+      f"{name}: not an image (not PNG, JPEG, BMP, GIF, WebP, TIFF or another format PIL "
+      "reads), or a corrupt one"
     ) from None
   try:
     return tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8).numpy()
   except tf.errors.OpError as e:
-    raise errors.InvalidInput(
-      f"{name}: corrupt {fmt} image ({e.message.splitlines()[0]})"
-    ) from None
+    raise errors.NotAnImage(f"{name}: corrupt {fmt} image ({e.message.splitlines()[0]})") from None
 
 
 def load_image(

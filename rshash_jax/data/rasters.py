@@ -4,10 +4,14 @@ Every `.tif` / `.tiff` an image table names is read here (class folders, `encode
 `search`, MrHash `folder:DIR` sources), not through PIL: Sentinel-2, Landsat and aerial
 orthophotos come with more than 3 bands, 16-bit or float values, nodata and a CRS.
 
-  data.bands   "" (default): bands 1,2,3 of a 3+ band raster, band 1 of a single-band one
-               (repeated as grey); "4,3,2": band numbers counted from 1 as GDAL and
-               rasterio count them; "B4,B3,B2": the rasters' band descriptions. The chosen
-               bands feed the backbone's R, G, B in that order (1 or 3 bands).
+  data.bands   "" (default): a 3-band raster's bands 1,2,3; of a raster with more bands,
+               those its colour interpretation tags red, green and blue (an RGBA or
+               RGB + NIR orthophoto), and otherwise it is refused (which three of a
+               Sentinel-2 tile's 13 are R, G, B? bands 1-3 are B1, B2, B3); band 1 of a
+               one- or two-band raster (repeated as grey). "4,3,2": band numbers counted
+               from 1 as GDAL and rasterio count them; "B4,B3,B2": the rasters' band
+               descriptions. The chosen bands feed the backbone's R, G, B in that order
+               (1 or 3 bands).
                "all", "all:4,3,2" or "all:B4,B3,B2": every band of the raster. The three
                named (default 1,2,3) come first and take the pretrained R, G, B filters of
                the backbone's stem; the other bands follow in raster order and take the
@@ -40,6 +44,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from rshash_jax import errors
+from rshash_jax.data import image_limits
 
 RASTER_EXTENSIONS = (".tif", ".tiff")
 STRETCH_DEFAULT = (2.0, 98.0)
@@ -221,7 +226,7 @@ def _band_indexes(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
     )
     return rgb + tuple(b for b in range(1, src.count + 1) if b not in rgb)
   if not spec.bands:
-    return (1, 2, 3) if src.count >= 3 else (1,)
+    return _default_bands(src, path)
   if isinstance(spec.bands[0], int):
     past = [b for b in spec.bands if b > src.count]
     if past:
@@ -241,6 +246,25 @@ def _band_indexes(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
   return tuple(out)
 
 
+def _default_bands(src, path: str) -> Tuple[int, ...]:
+  """Bands an RGB encoder reads without data.bands: see the module docstring."""
+  if src.count <= 2:
+    return (1,)
+  if src.count == 3:
+    return (1, 2, 3)
+  from rasterio.enums import ColorInterp  # pylint: disable=g-import-not-at-top
+
+  interp = list(src.colorinterp)
+  want = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+  if all(c in interp for c in want):
+    return tuple(interp.index(c) + 1 for c in want)
+  raise errors.Incompatible(
+    f"{path}: has {src.count} bands and no red/green/blue colour interpretation; this "
+    "encoder takes 3 bands: say which (data.bands=4,3,2 or band descriptions such as "
+    "B4,B3,B2 when training; the encoder then reads the same bands), or data.bands=all"
+  )
+
+
 def open_raster(path: str):
   """rasterio.open, with an unreadable file an InvalidInput naming it."""
   import warnings  # pylint: disable=g-import-not-at-top
@@ -251,7 +275,7 @@ def open_raster(path: str):
       warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
       return rasterio.open(path)
   except Exception as e:  # rasterio.errors.RasterioIOError and friends
-    raise errors.InvalidInput(f"corrupt or unreadable raster: {path} ({e})") from None
+    raise errors.NotAnImage(f"corrupt or unreadable raster: {path} ({e})") from None
 
 
 def _checked_bands(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
@@ -259,7 +283,7 @@ def _checked_bands(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
   exist and that their type can be scaled to 0..255."""
   idx = _band_indexes(src, spec, path)
   if not spec.divisor and not spec.stretch and src.dtypes[idx[0] - 1] != "uint8":
-    raise errors.InvalidInput(
+    raise errors.Incompatible(
       f"{path}: a {src.dtypes[idx[0] - 1]} raster needs data.scale (a divisor such as "
       "10000 for reflectance, or stretch): its values have no fixed 0..255 range"
     )
@@ -285,12 +309,15 @@ def read_bands(path: str, spec: RasterSpec) -> np.ma.MaskedArray:
     return _read_open(src, spec, path)
 
 
-def _read_open(src, spec: RasterSpec, name: str) -> np.ma.MaskedArray:
+def _read_open(
+  src, spec: RasterSpec, name: str, max_bytes: Optional[int] = None
+) -> np.ma.MaskedArray:
   idx = _checked_bands(src, spec, name)
+  image_limits.check_raster(src, len(idx), name, max_bytes)
   try:
     data = src.read(idx, masked=True, out_dtype="float32")
   except Exception as e:  # a truncated or corrupt block
-    raise errors.InvalidInput(f"corrupt or unreadable raster: {name} ({e})") from None
+    raise errors.NotAnImage(f"corrupt or unreadable raster: {name} ({e})") from None
   if np.ma.getmaskarray(data).all():
     raise errors.InvalidInput(f"{name}: every pixel of bands {idx} is nodata: nothing to encode")
   return data
@@ -333,6 +360,11 @@ def array_band_numbers(c: int, spec: RasterSpec, name: str) -> Tuple[int, ...]:
       f"{name}: data.bands={','.join(spec.bands)} names band descriptions, which "
       "TFDS examples do not have: use band numbers (e.g. 4,3,2)"
     )
+  if not spec.bands and not spec.all_bands and c > 3:
+    raise errors.Incompatible(
+      f"{name}: the images have {c} bands; this encoder takes 3: say which "
+      "(data.bands=4,3,2), or data.bands=all"
+    )
   idx = spec.bands or ((1, 2, 3) if c >= 3 else (1,))
   if spec.all_bands:
     if spec.count and c != spec.count:
@@ -357,9 +389,12 @@ def select_array_bands(array: np.ndarray, spec: RasterSpec, name: str) -> np.ma.
   )
 
 
-def read_bytes(data: bytes, spec: RasterSpec, name: str = "upload") -> np.ndarray:
+def read_bytes(
+  data: bytes, spec: RasterSpec, name: str = "upload", max_bytes: Optional[int] = None
+) -> np.ndarray:
   """A TIFF's contents (an upload) read exactly as a file is (`read`), in memory (rasterio's
-  MemoryFile: nothing is written to disk); errors name `name`."""
+  MemoryFile: nothing is written to disk), its header checked against `max_bytes`
+  (image_limits); errors name `name`."""
   import warnings  # pylint: disable=g-import-not-at-top
   import rasterio  # pylint: disable=g-import-not-at-top
   from rasterio.io import MemoryFile  # pylint: disable=g-import-not-at-top
@@ -370,9 +405,9 @@ def read_bytes(data: bytes, spec: RasterSpec, name: str = "upload") -> np.ndarra
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         src = mem.open()
     except Exception as e:  # rasterio.errors.RasterioIOError and friends
-      raise errors.InvalidInput(f"corrupt or unreadable raster: {name} ({e})") from None
+      raise errors.NotAnImage(f"corrupt or unreadable raster: {name} ({e})") from None
     with src:
-      return to_uint8(_read_open(src, spec, name), spec, name)
+      return to_uint8(_read_open(src, spec, name, max_bytes), spec, name)
 
 
 def fit_stretch(

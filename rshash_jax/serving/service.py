@@ -22,18 +22,31 @@ API (every error is JSON {"error": message} with a 4xx status; the service keeps
   GET  /api/images/{id}?size=S   an archive image as PNG (longer side <= S if given)
   GET  /                     the web page (static/index.html): upload or pick a query, see
                              the hits with their distances.
-Status codes: 400 bad request (k, JSON, missing field), 404 unknown id/path, 413 upload over
---max_upload_mb, 415 not a decodable image, 422 an image this encoder cannot take (16-bit,
-float or many-band rasters), 500 a bug (logged with its traceback).
+Status codes, decided by the error's type (rshash_jax.errors), never by its text: 400 bad
+request (k, JSON, missing field), 403 a Host or Origin not allowed, 404 unknown id/path, 413
+an upload over --max_upload_mb or an image whose header declares more than --max_image_mb
+of pixels (TooLarge), 415 not a decodable image (NotAnImage), 422 an image this encoder
+cannot take (16-bit, float, or many bands without a band choice), 503 the image memory
+budget stayed busy, 500 a bug (logged with its traceback).
+
+Hostile clients (see `serve`): every image's header is checked before it is decoded, and
+concurrent decodes share a memory budget (image_limits.Budget); a request must arrive
+whole (line, headers, body) within --request_timeout_s, idle connections close after 5 s,
+one client address holds at most --max_connections_per_client connections (the server
+holds 256), Host must be an allowed host (loopback by default, --allowed_hosts) and a
+browser's Origin the service's own (or --allowed_origins), so a page on another site
+cannot post to it; a client that disconnects is logged at debug level, not as an error.
 
 Requests are encoded and ranked in batches: a worker thread takes every query waiting
 (up to `max_batch`), runs the encoder once over them and ranks them together (one scan of
-the codes for all), so concurrent clients share the work. Batch sizes and k are rounded
-up to powers of two to bound the number of compilations; every batch size is compiled
-when the service starts, so no client waits for a compilation.
+the codes for all), so concurrent clients share the work. Batch sizes are rounded up
+to powers of two and k up to one of two buckets (64 and max_k) to bound the number of
+compilations; every (batch size, k bucket) is compiled when the service starts, so no
+client waits for a compilation.
 """
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import io
 import json
@@ -46,11 +59,41 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from rshash_jax import errors
-from rshash_jax.data import input_pipeline
+from rshash_jax.data import image_limits, input_pipeline
 from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming, hits
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _log = logging.getLogger("rshash_jax.serving")
+
+# Host names a service bound to loopback answers to (--allowed_hosts adds others).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+K_SMALL = 64  # the small k bucket; the other is max_k
+
+
+def status_of(e: BaseException) -> int:
+  """The HTTP status of an error in a request, by its type."""
+  if isinstance(e, HTTPError):
+    return e.status
+  if isinstance(e, errors.TooLarge):
+    return 413
+  if isinstance(e, errors.NotAnImage):
+    return 415
+  if isinstance(e, errors.NotFound):
+    return 404
+  if isinstance(e, errors.Timeout):
+    return 503
+  if isinstance(e, errors.UserError):
+    return 422
+  return 500
+
+
+def _release_memory():
+  """Hands freed heap pages back to the OS after a large decode (glibc keeps them otherwise:
+  RSS would stay at the peak of the largest image ever sent)."""
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
 
 
 class HTTPError(Exception):
@@ -72,7 +115,21 @@ class _Query:
 class SearchEngine:
   """The encoder, the codes file's metadata and a HammingIndex, with a batching worker."""
 
-  def __init__(self, encoder_path: str, codes_path: str, *, max_batch: int = 16):
+  def __init__(
+    self,
+    encoder_path: str,
+    codes_path: str,
+    *,
+    max_batch: int = 16,
+    max_k: int = 1000,
+    max_image_bytes: int = 64 << 20,
+    image_budget_bytes: int = 256 << 20,
+  ):
+    for name, v, hi in (("max_batch", max_batch, 1024), ("max_k", max_k, 100_000)):
+      if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+        raise errors.InvalidInput(f"serve: {name}={v!r} must be an integer in [1, {hi}]")
+    self.max_image_bytes = int(max_image_bytes)
+    self.image_budget = image_limits.Budget(image_budget_bytes)
     self.encoder = encoder_lib.load_encoder(encoder_path)
     db = codes_lib.load_codes(codes_path, self.encoder)
     self.codes_path = codes_path
@@ -82,20 +139,24 @@ class SearchEngine:
       raise errors.InvalidInput(f"{codes_path}: the codes file is empty")
     self.index = hamming.HammingIndex(db["codes"], mesh=self.encoder.mesh)
     self.max_batch = max_batch
+    self.max_k = min(max_k, self.num_codes)
+    self.k_buckets = sorted({min(K_SMALL, self.max_k), self.max_k})
     self._queue: "queue.Queue[Optional[_Query]]" = queue.Queue()
     self._worker = threading.Thread(target=self._work, name="rshash-search", daemon=True)
     self._worker.start()
-    # Compile every batch size the worker can form now, not on a client's first burst.
-    blank = _Query(
-      np.zeros((self.encoder.image_size,) * 2 + (3,), np.uint8), min(10, self.num_codes), None
-    )
-    b = 1
-    while b <= 1 << (self.max_batch - 1).bit_length():
-      self._run([blank] * b)
-      b *= 2
+    # Compile every (batch size, k bucket) the worker can form now, not on a client's
+    # first burst or first new k.
+    pixels = np.zeros((self.encoder.image_size,) * 2 + (3,), np.uint8)
+    for k in self.k_buckets:
+      b = 1
+      while b <= 1 << (self.max_batch - 1).bit_length():
+        self._run([_Query(pixels, k, None)] * b)
+        b *= 2
 
   # -- queries ------------------------------------------------------------------------
   def archive_id(self, *, path: Optional[str] = None, id_: Any = None) -> int:
+    if path is not None and not isinstance(path, str):
+      raise HTTPError(400, f"path must be a string, got {type(path).__name__}")
     if id_ is not None:
       if isinstance(id_, bool) or not isinstance(id_, int) or not 0 <= id_ < self.num_codes:
         raise HTTPError(404, f"no archive image with id {id_!r} (ids are 0..{self.num_codes - 1})")
@@ -112,6 +173,15 @@ class SearchEngine:
     if not os.path.isfile(path):
       raise HTTPError(404, f"archive image {i} is not a readable file here: {path}")
     return input_pipeline.decode_file(path, self.encoder.raster).numpy()
+
+  def decode_upload(self, data: bytes, name: str) -> np.ndarray:
+    """An upload's pixels: its header checked against max_image_bytes, then decoded
+    within the image memory budget (blocks while the budget is busy)."""
+    with image_limits.held(self.image_budget):
+      image = input_pipeline.decode_bytes(data, name, self.encoder.raster, self.max_image_bytes)
+    if image.nbytes > 16 << 20:
+      _release_memory()
+    return image
 
   def search_pixels(self, image: np.ndarray, k: int, query_labels=None) -> Dict[str, Any]:
     """uint8 [H, W, 3] -> {"hits": [...], "predicted": label(s) or None} (retrieval.hits);
@@ -158,7 +228,8 @@ class SearchEngine:
     images = np.zeros((padded,) + batch[0].image.shape, np.uint8)
     images[:n] = np.stack([q.image for q in batch])
     res = self.encoder.encode(images)
-    k = min(self.num_codes, 1 << (max(q.k for q in batch) - 1).bit_length())
+    k_max = max(q.k for q in batch)
+    k = next(b for b in self.k_buckets if b >= k_max)
     dist, idx = self.index.search(res["codes"][:n], k)
     out = []
     multilabel = bool(self.encoder.meta.get("multilabel"))
@@ -226,9 +297,42 @@ async def _send_json(send, status: int, body: Dict[str, Any]):
   await send({"type": "http.response.body", "body": data})
 
 
-def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k: int = 1000):
+class _OriginCheck:
+  """ASGI middleware: a request carrying an Origin header (browsers send it with every
+  cross-site POST) is refused 403 unless the origin is the service's own (its host:port as
+  the Host header gives it) or one of `allowed`: a page on another site cannot make a
+  local browser post to the service. Requests without Origin (curl, scripts) pass."""
+
+  def __init__(self, app, allowed=()):
+    self.app, self.allowed = app, {o.rstrip("/") for o in allowed}
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    headers = dict(scope.get("headers") or [])
+    origin = headers.get(b"origin")
+    if origin is not None:
+      origin = origin.decode("latin-1").rstrip("/")
+      host = headers.get(b"host", b"").decode("latin-1")
+      own = origin.split("://", 1)[-1] == host and origin.startswith(("http://", "https://"))
+      if not own and origin not in self.allowed and "*" not in self.allowed:
+        return await _send_json(
+          send, 403, {"error": f"origin {origin!r} may not use this service (--allowed_origins)"}
+        )
+    return await self.app(scope, receive, send)
+
+
+def create_app(
+  engine: SearchEngine,
+  *,
+  max_upload_bytes: int = 16 << 20,
+  allowed_hosts=LOOPBACK_HOSTS,
+  allowed_origins=(),
+):
   """The Starlette application over `engine` (see the module docstring for the API)."""
   from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
+  from starlette.middleware.trustedhost import TrustedHostMiddleware  # pylint: disable=g-import-not-at-top
+  from starlette.requests import ClientDisconnect  # pylint: disable=g-import-not-at-top
   from starlette.concurrency import run_in_threadpool  # pylint: disable=g-import-not-at-top
   from starlette.exceptions import HTTPException  # pylint: disable=g-import-not-at-top
   from starlette.responses import FileResponse, JSONResponse, Response  # pylint: disable=g-import-not-at-top
@@ -281,7 +385,7 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
     )
 
   async def search(request):
-    k = int_param(request, "k", 10, 1, min(max_k, engine.num_codes))
+    k = int_param(request, "k", 10, 1, engine.max_k)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
       async with request.form(max_files=1, max_fields=4) as form:
@@ -291,25 +395,18 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
         data, name = await upload.read(), upload.filename or "upload"
       if not data:
         raise HTTPError(400, f"{name}: empty upload")
-      try:
-        image = await run_in_threadpool(
-          input_pipeline.decode_bytes, data, name, engine.encoder.raster
-        )
-      except errors.InvalidInput as e:
-        raise HTTPError(422 if "band" in str(e) else 415, str(e)) from None
+      image = await run_in_threadpool(engine.decode_upload, data, name)
+      del data
       query, labels = {"upload": name}, None
     elif ctype.startswith("application/json"):
       try:
         body = json.loads(await request.body())
-      except ValueError as e:
-        raise HTTPError(400, f"request body is not JSON: {e}") from None
+      except (ValueError, RecursionError) as e:
+        raise HTTPError(400, f"request body is not JSON, or nested too deeply: {e}") from None
       if not isinstance(body, dict) or not ({"path", "id"} & set(body)):
         raise HTTPError(400, 'JSON body must be {"path": archive path} or {"id": archive id}')
       i = engine.archive_id(path=body.get("path"), id_=body.get("id"))
-      try:
-        image = await run_in_threadpool(engine.read_archive_image, i)
-      except errors.InvalidInput as e:
-        raise HTTPError(415, str(e)) from None
+      image = await run_in_threadpool(engine.read_archive_image, i)
       query = engine.archive.entry(i)
       labels = engine.archive.labels[i]
     else:
@@ -328,19 +425,21 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
       raise HTTPError(404, f"no archive image with id {request.path_params['id']!r}") from None
     i = engine.archive_id(id_=i)
     size = int_param(request, "size", 0, 0, 4096)
-    try:
-      pixels = await run_in_threadpool(engine.read_archive_image, i)
-    except errors.InvalidInput as e:
-      raise HTTPError(415, str(e)) from None
+    pixels = await run_in_threadpool(engine.read_archive_image, i)
     return Response(
       await run_in_threadpool(_png, pixels, size or None),
       media_type="image/png",
       headers={"Cache-Control": "max-age=3600"},
     )
 
-  async def on_http_error(request, exc):
+  async def on_http_error(request, exc):  # HTTPError and the package's UserErrors
     del request
-    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    return JSONResponse({"error": str(exc)}, status_code=status_of(exc))
+
+  async def on_disconnect(request, exc):
+    del exc
+    _log.debug("%s %s: the client disconnected", request.method, request.url.path)
+    return Response(status_code=400)  # nobody reads it
 
   async def on_starlette_error(request, exc):
     del request
@@ -360,11 +459,69 @@ def create_app(engine: SearchEngine, *, max_upload_bytes: int = 16 << 20, max_k:
     ],
     exception_handlers={
       HTTPError: on_http_error,
+      errors.UserError: on_http_error,
+      ClientDisconnect: on_disconnect,
       HTTPException: on_starlette_error,
       Exception: on_bug,
     },
   )
-  return _BodyLimit(app, max_upload_bytes)
+  guarded = _OriginCheck(_BodyLimit(app, max_upload_bytes), allowed_origins)
+  return TrustedHostMiddleware(guarded, allowed_hosts=list(allowed_hosts))
+
+
+def guarded_protocol(request_timeout_s: float = 30.0, max_per_client: int = 32):
+  """uvicorn's h11 protocol with the two guards uvicorn lacks: a request (line, headers and
+  body) must arrive whole within `request_timeout_s` of the connection opening or of the
+  previous response, else the connection is closed (uvicorn times out only idle
+  keep-alive connections after a response); and one client address holds at most
+  `max_per_client` connections, so a slow client cannot take the server's whole
+  connection limit from the others. Closes are logged at debug level."""
+  import h11  # pylint: disable=g-import-not-at-top
+  from uvicorn.protocols.http.h11_impl import H11Protocol  # pylint: disable=g-import-not-at-top
+
+  class GuardedH11Protocol(H11Protocol):
+    def connection_made(self, transport):
+      super().connection_made(transport)
+      self._deadline = None
+      host = self.client[0] if self.client else None
+      same = sum(1 for c in self.connections if c.client and c.client[0] == host)
+      if host is not None and same > max_per_client:
+        _log.debug("%s: over %d connections, closed", host, max_per_client)
+        transport.close()
+        return
+      self._arm()
+
+    def _arm(self):
+      if self._deadline is None:
+        self._deadline = self.loop.call_later(request_timeout_s, self._timed_out)
+
+    def _disarm(self):
+      if self._deadline is not None:
+        self._deadline.cancel()
+        self._deadline = None
+
+    def _timed_out(self):
+      self._deadline = None
+      if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+        _log.debug("%s: request not complete after %g s, closed", self.client, request_timeout_s)
+        self.transport.close()
+
+    def data_received(self, data):
+      super().data_received(data)
+      if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+        self._disarm()  # the request is in: the response's time is the app's
+      else:
+        self._arm()
+
+    def on_response_complete(self):
+      self._disarm()
+      super().on_response_complete()  # uvicorn's keep-alive timer takes over
+
+    def connection_lost(self, exc):
+      self._disarm()
+      super().connection_lost(exc)
+
+  return GuardedH11Protocol
 
 
 def serve(
@@ -375,12 +532,35 @@ def serve(
   port: int = 8080,
   max_upload_mb: float = 16,
   max_batch: int = 16,
+  max_k: int = 1000,
+  max_image_mb: float = 64,
+  image_budget_mb: float = 256,
+  request_timeout_s: float = 30,
+  max_connections_per_client: int = 32,
+  allowed_hosts=(),
+  allowed_origins=(),
 ):
-  """Loads the index once and serves until interrupted."""
+  """Loads the index once and serves until interrupted (limits: see the module docstring).
+  `allowed_hosts` adds Host names to loopback's (and to `host` itself); "*" allows any."""
   import uvicorn  # pylint: disable=g-import-not-at-top
 
-  engine = SearchEngine(encoder_path, codes_path, max_batch=max_batch)
-  app = create_app(engine, max_upload_bytes=int(max_upload_mb * (1 << 20)))
+  engine = SearchEngine(
+    encoder_path,
+    codes_path,
+    max_batch=max_batch,
+    max_k=max_k,
+    max_image_bytes=int(max_image_mb * (1 << 20)),
+    image_budget_bytes=int(image_budget_mb * (1 << 20)),
+  )
+  hosts = list(LOOPBACK_HOSTS) + list(allowed_hosts)
+  if host not in ("0.0.0.0", "::"):
+    hosts.append(host)
+  app = create_app(
+    engine,
+    max_upload_bytes=int(max_upload_mb * (1 << 20)),
+    allowed_hosts=hosts,
+    allowed_origins=allowed_origins,
+  )
   print(
     f"serving {engine.num_codes} codes of {codes_path} with encoder {engine.encoder.identity} on "
     f"http://{host}:{port}/",
@@ -388,7 +568,13 @@ def serve(
   )
   try:
     uvicorn.run(
-      app, host=host, port=port, log_level="warning", limit_concurrency=256, timeout_keep_alive=5
+      app,
+      host=host,
+      port=port,
+      log_level="warning",
+      limit_concurrency=256,
+      timeout_keep_alive=5,
+      http=guarded_protocol(request_timeout_s, max_connections_per_client),
     )
   finally:
     engine.close()
