@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from rshash_jax import errors
+from rshash_jax.untrusted import arrays as safe_arrays, mat as safe_mat
 from rshash_jax.data import datasets, features, rasters
 from rshash_jax.models import backbones
 
@@ -41,21 +42,28 @@ class MultiSource:
 
 
 def _load_matrix(path: str) -> np.ndarray:
+  """A source's feature matrix [N, D] of numbers from .npy, .npz (one array) or .mat
+  (variable `features`); a malformed file is refused by name (safe_arrays, safe_mat)."""
   if path.endswith(".npy"):
-    return np.load(path, allow_pickle=False)
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      if len(z.files) != 1:
-        raise errors.InvalidInput(f"{path}: expected one array, found {z.files}")
-      return z[z.files[0]]
-  import scipy.io  # pylint: disable=g-import-not-at-top
-
-  mat = scipy.io.loadmat(path)
-  if "features" not in mat:
+    m = safe_arrays.load_npy(path)
+  elif path.endswith(".npz"):
+    z = safe_arrays.load_npz(path)
+    if len(z) != 1:
+      raise errors.InvalidInput(f"{path}: expected one array, found {sorted(z)}")
+    (m,) = z.values()
+  else:
+    mat = safe_mat.load_mat(path, squeeze=False)
+    if "features" not in mat:
+      raise errors.InvalidInput(
+        f"{path}: no variable 'features' (found {sorted({k.split('/')[0] for k in mat})})"
+      )
+    m = mat["features"]
+  if not isinstance(m, np.ndarray) or m.ndim != 2 or m.dtype.kind not in "fiub":
     raise errors.InvalidInput(
-      f"{path}: no variable 'features' (found {[k for k in mat if not k.startswith('__')]})"
+      f"{path}: features must be a 2-D numeric matrix [N, D], found "
+      f"{getattr(m, 'dtype', type(m).__name__)} {list(getattr(m, 'shape', []))}"
     )
-  return mat["features"]
+  return m
 
 
 def _find(directory: str, stem: str) -> str:

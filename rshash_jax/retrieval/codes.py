@@ -11,7 +11,9 @@ Arrays (one row per archive image, in its stable id order):
   class_names  str [C]
   bits, identity, method, backbone: the encoder that wrote it (codes of another encoder
                are refused: their bits mean something else)
-Written with allow_pickle=False and read with it: a codes file holds no pickle.
+Written with allow_pickle=False and read through safe_arrays (no pickle; every member's
+header, size and CRC-32 checked), then every field's type and length is checked, so a
+corrupt or crafted codes file is refused by name before anything uses it.
 """
 
 import os
@@ -20,6 +22,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from rshash_jax import errors
+from rshash_jax.untrusted import arrays as safe_arrays
 from rshash_jax.retrieval import encoder as encoder_lib
 
 FORMAT = "rshash_jax.codes/1"
@@ -61,15 +64,57 @@ def load_codes(path: str, enc: Optional[encoder_lib.Encoder] = None) -> Dict[str
   """A codes file's arrays; with `enc`, refuses codes that another encoder wrote."""
   if not os.path.isfile(path):
     raise errors.NotFound(f"codes file not found: {path}")
-  try:
-    z = dict(np.load(path, allow_pickle=False))
-  except Exception as e:
-    raise errors.InvalidInput(f"{path}: not a codes file ({e})") from e
+  z = safe_arrays.load_npz(path)
   if str(z.get("format")) != FORMAT:
     raise errors.InvalidInput(f"{path}: not an rshash_jax codes file (format {z.get('format')!r})")
+  if "identity" not in z or "bits" not in z:
+    raise errors.Corrupt(f"{path}: codes file without its encoder's identity and bits")
   if enc is not None and (str(z["identity"]) != enc.identity or int(z["bits"]) != enc.bits):
     raise errors.InvalidInput(
       f"{path} was encoded by encoder {z['identity']} ({int(z['bits'])} bits), "
       f"not by {enc.identity} ({enc.bits} bits): re-encode the database with this encoder"
     )
+  _check_fields(path, z)
   return z
+
+
+_PER_ROW = ("ids", "labels", "predicted", "paths", "lon", "lat")
+
+
+def _check_fields(path: str, z: Dict[str, np.ndarray]):
+  """Each field present, of its kind, one row per code: errors.Corrupt names the field."""
+  need = ("codes", "class_names", "bits", "identity", "method", "backbone") + _PER_ROW
+  missing = [k for k in need if k not in z]
+  if missing:
+    raise errors.Corrupt(f"{path}: codes file without field(s) {', '.join(missing)}")
+
+  def bad(field, what):
+    raise errors.Corrupt(f"{path}: field {field!r} is {what}")
+
+  codes, bits = z["codes"], z["bits"]
+  if bits.shape != () or bits.dtype.kind not in "iu" or not 1 <= int(bits) <= 1 << 16:
+    bad("bits", f"{bits!r}, not a code length in 1..65536")
+  if codes.dtype != np.uint32 or codes.ndim != 2 or codes.shape[1] != -(-int(bits) // 32):
+    bad("codes", f"{codes.dtype} {list(codes.shape)}, not uint32 [N, ceil({int(bits)} / 32)]")
+  n = codes.shape[0]
+  for k in _PER_ROW:
+    if z[k].ndim < 1 or z[k].shape[0] != n:
+      bad(k, f"of shape {list(z[k].shape)}, not one row per code ({n})")
+  for k in ("ids", "labels", "predicted"):
+    if z[k].dtype.kind not in "iub":
+      bad(k, f"of type {z[k].dtype}, not integers")
+  for k in ("lon", "lat"):
+    if z[k].dtype.kind != "f" or z[k].ndim != 1:
+      bad(k, f"of type {z[k].dtype} {list(z[k].shape)}, not floats [N]")
+  if z["paths"].dtype.kind != "U" or z["paths"].ndim != 1:
+    bad("paths", f"of type {z['paths'].dtype}, not strings [N]")
+  names = z["class_names"]
+  if names.dtype.kind != "U" or names.ndim != 1:
+    bad("class_names", f"of type {names.dtype} {list(names.shape)}, not strings [C]")
+  labels = z["labels"]
+  if labels.ndim == 2 and labels.shape[1] != len(names):
+    bad("labels", f"multi-hot of {labels.shape[1]} columns for {len(names)} classes")
+  if labels.ndim == 1 and n and (labels.min() < -1 or labels.max() >= max(len(names), 1)):
+    bad("labels", f"with class ids outside -1..{len(names) - 1}")
+  if n and (z["predicted"].min() < -1 or z["predicted"].max() >= max(len(names), 1)):
+    bad("predicted", f"with class ids outside -1..{len(names) - 1}")

@@ -16,7 +16,8 @@ from typing import Any, Dict, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rshash_jax import errors, safe_pickle
+from rshash_jax import errors
+from rshash_jax.untrusted import pickles as safe_pickle
 from rshash_jax.models.backbones import common
 
 FEATURE_DIM = 512

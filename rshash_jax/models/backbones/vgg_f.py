@@ -14,6 +14,7 @@ stored HWIO float32, the mean image in `normalization.averageImage` (or
 """
 
 import os
+import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rshash_jax import errors
+from rshash_jax.untrusted import mat as safe_mat
 from rshash_jax.models.backbones import common, conv
 
 FEATURE_DIM = 4096
@@ -153,38 +155,51 @@ class VGGF(nn.Module):
     return {"features": features, "logits": logits}
 
 
-def _field(obj, name):
-  return getattr(obj, name) if hasattr(obj, name) else None
+def _layer_prefixes(flat: Dict[str, np.ndarray]) -> Sequence[str]:
+  """'layers/0', 'layers/1', ... in order (or 'layers' for a file of one layer)."""
+  idx = sorted({int(k.split("/")[1]) for k in flat if re.match(r"layers/\d+/", k)})
+  if idx:
+    return [f"layers/{i}" for i in idx]
+  return ["layers"] if any(k.startswith("layers/") for k in flat) else []
+
+
+def _str(flat, key) -> Optional[str]:
+  v = flat.get(key)
+  return str(v) if v is not None and v.dtype.kind == "U" else None
 
 
 def read_mat(path: str) -> Tuple[Dict[str, Any], Tuple[float, ...], np.ndarray]:
-  """Reads a MatConvNet simplenn .mat: ({layer: [kernel, bias]}, lrn params, mean image)."""
-  import scipy.io  # pylint: disable=g-import-not-at-top
-
-  try:
-    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
-  except Exception as e:  # scipy raises several types for bad files: name the file
-    raise errors.InvalidInput(f"{path}: cannot read as a MatConvNet .mat file: {e}") from e
-  if "layers" not in mat:
+  """Reads a MatConvNet simplenn .mat: ({layer: [kernel, bias]}, lrn params, mean image).
+  The file is parsed in a child process (rshash_jax.untrusted.mat): scipy's parser can crash on
+  a malformed file."""
+  flat = safe_mat.load_mat(path)
+  prefixes = _layer_prefixes(flat)
+  if not prefixes:
     raise errors.InvalidInput(f"{path}: no 'layers' variable; not a MatConvNet simplenn model")
-  norm = mat.get("normalization")
-  if norm is None and "meta" in mat:
-    norm = _field(mat["meta"], "normalization")
-  mean = _field(norm, "averageImage") if norm is not None else None
+  mean = flat.get("normalization/averageImage", flat.get("meta/normalization/averageImage"))
   if mean is None:
     raise errors.InvalidInput(f"{path}: no normalization.averageImage (mean image)")
   weights, lrn_params = {}, None
-  for layer in np.atleast_1d(mat["layers"]):
-    kind, name = _field(layer, "type"), _field(layer, "name")
+  for p in prefixes:
+    kind, name = _str(flat, f"{p}/type"), _str(flat, f"{p}/name")
     if kind == "conv":
-      w = np.atleast_1d(_field(layer, "weights"))
-      if w.size != 2:  # old files keep filters/biases as separate fields
-        w = [_field(layer, "filters"), _field(layer, "biases")]
-      weights[str(name)] = [np.asarray(w[0], np.float32), np.asarray(w[1], np.float32).reshape(-1)]
+      pair = [flat.get(f"{p}/weights/0"), flat.get(f"{p}/weights/1")]
+      if pair[0] is None:  # old files keep filters/biases as separate fields
+        pair = [flat.get(f"{p}/filters"), flat.get(f"{p}/biases")]
+      if any(a is None or a.dtype.kind not in "fiu" for a in pair) or name is None:
+        raise errors.InvalidInput(f"{path}: conv layer {name!r} without numeric weights")
+      weights[name] = [np.asarray(pair[0], np.float32), np.asarray(pair[1], np.float32).reshape(-1)]
     elif kind in ("normalize", "lrn") and lrn_params is None:
-      lrn_params = tuple(float(v) for v in np.atleast_1d(_field(layer, "param")))
+      param = flat.get(f"{p}/param")
+      if param is None or param.dtype.kind not in "fiu" or param.size != 4:
+        raise errors.InvalidInput(f"{path}: LRN layer {name!r} without its 4 parameters")
+      lrn_params = tuple(float(v) for v in param.reshape(-1))
+  if mean.dtype.kind not in "fiu":
+    raise errors.InvalidInput(f"{path}: normalization.averageImage is not numeric")
   mean = np.asarray(mean, np.float32)
   if mean.ndim == 1:
+    if mean.size != 3:
+      raise errors.InvalidInput(f"{path}: averageImage of {mean.size} values, not 3 or [H, W, 3]")
     mean = mean.reshape(3)
   return weights, lrn_params or DEFAULT_LRN, mean
 
