@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from rshash_jax import errors
+from rshash_jax import config_defaults, errors
 from rshash_jax.data import chunk_store, datasets, input_pipeline, rasters
 from rshash_jax.parallel import distributed
 from rshash_jax.retrieval import (
@@ -99,6 +99,12 @@ def encode(
   Chunks of `chunk` images are shared out over the processes (each encodes its chunks on
   its own devices) and written to OUT.parts/ as they finish; a re-run continues at the
   missing chunks. The primary process writes the codes file, atomically."""
+  for name, v, hi in (
+    ("batch_size", batch_size, config_defaults.MAX_BATCH),
+    ("chunk", chunk, 1 << 24),
+  ):
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+      raise errors.TooLarge(f"encode: --{name}={v!r} must be an integer in [1, {hi}]")
   enc = encoder_lib.load_encoder(encoder_path)
   if not out.endswith(".npz"):
     out += ".npz"

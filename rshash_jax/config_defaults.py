@@ -9,6 +9,12 @@ from rshash_jax import errors
 
 # Cut-offs of the precision/recall-at-k curves of the DHCNN paper (1, 11, 21, 31, 50, 100, ...,
 # 1000).
+# Limits on values that size allocations (each error names its limit): a code length past
+# MAX_BITS asks for a hash layer and memory bank of gigabytes (bits=100000000: 38 GB).
+MAX_BITS = 4096
+MAX_BATCH = 1 << 16  # images per global batch (train, eval, features, encode)
+MAX_EPOCHS = 100_000
+
 DHCNN_KS = (1, 11, 21, 31) + tuple(range(50, 1001, 50))
 
 

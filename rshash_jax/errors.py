@@ -9,6 +9,7 @@ these too.
 """
 
 import errno as _errno
+import os as _os
 
 
 class UserError(Exception):
@@ -97,7 +98,7 @@ def storage_error(e: BaseException):
     text = str(e)
     for code, words in STORAGE_ERRNOS.items():  # TensorStore reports errno in its text only
       if code in (_errno.ENOSPC, _errno.EDQUOT, _errno.EROFS, _errno.EFBIG) and (
-        words.split(" (")[0] in text.lower() or _errno.errorcode[code] in text
+        _os.strerror(code).lower() in text.lower() or _errno.errorcode[code] in text
       ):
         return Storage(
           f"cannot write: {STORAGE_ERRNOS[code]} ({text.splitlines()[0][:200]}). Nothing "

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rshash_jax import errors
+from rshash_jax import config_defaults, errors
 from rshash_jax.data import rasters
 from rshash_jax.models import backbones, dhcnn, mrhash, signs
 from rshash_jax.parallel import distributed, sharding
@@ -56,6 +56,50 @@ def _identity(meta: Dict[str, Any], tree) -> str:
     h.update(str(a.shape).encode())
     h.update(np.ascontiguousarray(a).tobytes()[:4096])
   return h.hexdigest()[:16]
+
+
+def params_digest(tree) -> str:
+  """SHA-256 over every array of an encoder's parameter tree (paths, dtypes, shapes, bytes):
+  recorded in encoder.json and checked by load_encoder."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape};".encode())
+    h.update(a.data)
+  return h.hexdigest()
+
+
+# encoder.json fields every encoder has (0.1.0 on); params_sha256 is checked when present.
+REQUIRED_META = {
+  "format": str,
+  "method": str,
+  "backbone": str,
+  "image_size": int,
+  "scale": (int, float),
+  "bgr": bool,
+  "dtype": str,
+  "bits": int,
+  "class_names": list,
+  "hidden": int,
+  "lrn_params": list,
+  "identity": str,
+}
+
+
+def _check_meta(meta, meta_path: str):
+  if not isinstance(meta, dict):
+    raise errors.Corrupt(f"{meta_path}: not a JSON object")
+  for field, kind in REQUIRED_META.items():
+    if field not in meta:
+      raise errors.Corrupt(f"{meta_path}: field {field!r} is missing")
+    if not isinstance(meta[field], kind) or (kind is int and isinstance(meta[field], bool)):
+      raise errors.Corrupt(f"{meta_path}: field {field!r} is {meta[field]!r}")
+  if meta["method"] not in ("dhcnn", "mrhash"):
+    raise errors.Corrupt(f"{meta_path}: method {meta['method']!r} is not dhcnn or mrhash")
+  if not 1 <= meta["bits"] <= config_defaults.MAX_BITS or not 1 <= meta["image_size"] <= 4096:
+    raise errors.Corrupt(
+      f"{meta_path}: bits={meta['bits']} or image_size={meta['image_size']} out of range"
+    )
 
 
 def save_encoder(
@@ -104,6 +148,7 @@ def save_encoder(
     **(extra_meta or {}),
   )
   meta["identity"] = _identity(meta, tree)
+  meta["params_sha256"] = params_digest(tree)
 
   def write(tmp):
     os.makedirs(tmp)
@@ -220,15 +265,29 @@ def load_encoder(path: str, devices=None) -> Encoder:
     if os.path.isfile(os.path.join(path, "encoder", "encoder.json")):
       return load_encoder(os.path.join(path, "encoder"), devices)
     raise errors.NotFound(f"not an exported encoder (no encoder.json): {path}")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except ValueError as e:
+    raise errors.Corrupt(f"{meta_path}: not valid JSON ({e})") from None
+  if isinstance(meta, dict) and meta.get("format") != FORMAT:
     raise errors.InvalidInput(
       f"{meta_path}: unknown encoder format {meta.get('format')!r} (expected {FORMAT})"
     )
-  with _checkpointer() as ckptr:
-    tree = ckptr.restore(os.path.join(path, "params"))
-  tree = jax.device_get(tree)
+  _check_meta(meta, meta_path)
+  try:
+    with _checkpointer() as ckptr:
+      tree = ckptr.restore(os.path.join(path, "params"))
+    tree = jax.device_get(tree)
+  except Exception as e:  # pylint: disable=broad-except  (truncated or missing files)
+    raise errors.Corrupt(
+      f"{path}/params: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    ) from None
+  if "params_sha256" in meta and params_digest(tree) != meta["params_sha256"]:
+    raise errors.Corrupt(
+      f"{path}/params: the parameters do not match the SHA-256 in encoder.json: the encoder "
+      "is corrupt; export it again from its training workdir"
+    )
   module, pre, _ = backbones.build(
     meta["backbone"],
     image_size=meta["image_size"],

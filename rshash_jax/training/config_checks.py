@@ -1,6 +1,6 @@
 """Config validation before any long work: every error names the field and the value."""
 
-from rshash_jax import errors
+from rshash_jax import config_defaults, errors
 from rshash_jax.data import features, multisource, rasters
 from rshash_jax.models import backbones, dhcnn, mrhash
 from rshash_jax.training import train_state
@@ -13,10 +13,14 @@ def _fail(field, value, want):
   raise errors.InvalidInput(f"config.{field}={value!r} is invalid: {want}")
 
 
-def _positive_int(cfg, field):
+def _positive_int(cfg, field, limit=None):
   v = _get(cfg, field)
   if isinstance(v, bool) or not isinstance(v, int) or v < 1:
     _fail(field, v, "expected a positive integer")
+  if limit is not None and v > limit:
+    raise errors.TooLarge(
+      f"config.{field}={v} is over the limit of {limit} (rshash_jax.config_defaults)"
+    )
 
 
 def _choice(cfg, field, choices):
@@ -73,15 +77,11 @@ def check_common(config):
   _choice(config, "eval.reference", REFERENCES)
   _choice(config, "model.backbone", backbones.NAMES)
   _choice(config, "model.dtype", DTYPES)
-  _positive_int(config, "model.bits")
-  for f in (
-    "train.epochs",
-    "train.batch_size",
-    "train.log_every_steps",
-    "train.checkpoint_every_steps",
-    "eval.batch_size",
-    "features.batch_size",
-  ):
+  _positive_int(config, "model.bits", config_defaults.MAX_BITS)
+  _positive_int(config, "train.epochs", config_defaults.MAX_EPOCHS)
+  for f in ("train.batch_size", "eval.batch_size", "features.batch_size"):
+    _positive_int(config, f, config_defaults.MAX_BATCH)
+  for f in ("train.log_every_steps", "train.checkpoint_every_steps"):
     _positive_int(config, f)
   if "bands" in config.data or "scale" in config.data:
     rasters.RasterSpec.parse(config.data.get("bands", ""), config.data.get("scale", ""))

@@ -89,6 +89,21 @@ def evaluate_codes(
   return report
 
 
+def commit_run(workdir: str, results: Dict[str, Any], save_encoder, **encoder_kw) -> str:
+  """Writes WORKDIR/encoder (save_encoder(path, overwrite=True, **encoder_kw), atomic), then
+  results.json naming that encoder's identity and SHA-256, last: a run is complete when its
+  results.json names the encoder beside it. A crash between the two leaves no results.json
+  of this run (the stale one, if any, is removed first), so a rerun redoes both."""
+  path = os.path.join(workdir, "results.json")
+  if os.path.exists(path):
+    distributed.on_primary(lambda: os.remove(path), "stale results.json removed")
+  enc_path = save_encoder(os.path.join(workdir, "encoder"), overwrite=True, **encoder_kw)
+  with open(os.path.join(enc_path, "encoder.json")) as f:
+    meta = json.load(f)
+  results["encoder"] = {"identity": meta["identity"], "sha256": meta.get("params_sha256")}
+  return write_results(workdir, results)
+
+
 def write_results(workdir: str, results: Dict[str, Any]) -> str:
   """WORKDIR/results.json and the P-R / P@k plots next to it, each written atomically by the
   primary process; every process returns once they exist. Call it on every process."""

@@ -174,8 +174,9 @@ def encode(s: _Setup, params, constants, indices: np.ndarray):
 def evaluate(
   s: _Setup, state, workdir: str, timing: Optional[Dict[str, float]] = None
 ) -> Dict[str, Any]:
-  """Encodes database (train) and queries (test), ranks, writes results.json + plots.
-  `timing` (seconds per phase of this run) goes into results.json with eval_seconds added."""
+  """Encodes database (train) and queries (test) and ranks: the results (written to
+  results.json by the caller, after the encoder: see evaluation.commit_run). `timing`
+  (seconds per phase of this run) goes into them with eval_seconds added."""
   config = s.config
   t = time.perf_counter()
   db_u, _ = encode(s, state.params, state.constants, s.train_idx)
@@ -243,7 +244,6 @@ def evaluate(
     config=config.to_dict(),
     **report,
   )
-  evaluation.write_results(workdir, results)
   logging.info("%s", evaluation.summary_line(results))
   return results
 
@@ -355,8 +355,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   params = distributed.to_host(state.params)
   # The trained backbone layers (all, or finetune_from and above) over the pretrained ones.
   bb = s.bb if "backbone" not in params else backbones.with_trained(s.bb, params["backbone"])
-  encoder.save_encoder(
-    os.path.join(workdir, "encoder"),
+  evaluation.commit_run(
+    workdir,
+    results,
+    lambda path, **kw: encoder.save_encoder(path, **kw),
     method="dhcnn",
     bb=bb,
     head_params=params["head"],
@@ -369,7 +371,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       "raster": s.table.raster.to_meta(),
       "multilabel": s.table.multilabel,
     },
-    overwrite=True,
   )
   writer.write_scalars(
     total,

@@ -437,12 +437,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     config=config.to_dict(),
     **report,
   )
-  evaluation.write_results(workdir, results)
-  if not hc.baseline:
+  if hc.baseline:
+    evaluation.write_results(workdir, results)
+  else:
     if "backbone" in params:  # fine-tuned (all layers, or those from train.finetune_from on)
       bb = backbones.with_trained(bb, params["backbone"])
-    encoder.save_encoder(
-      os.path.join(workdir, "encoder"),
+    evaluation.commit_run(
+      workdir,
+      results,
+      lambda path, **kw: encoder.save_encoder(path, **kw),
       method="mrhash",
       bb=bb,
       head_params=params["hashnet"],
@@ -457,7 +460,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         "dataset": table.name,
         "raster": view_table.raster.to_meta(),
       },
-      overwrite=True,
     )
   at_r = "" if r in results["map_at"] else f" mAP@{r}={results['map_at_r']:.4f}"
   logging.info("%s%s", evaluation.summary_line(results), at_r)

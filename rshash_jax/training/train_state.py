@@ -1,9 +1,21 @@
-"""Train state, optimizers and the orbax checkpoint manager shared by both methods."""
+"""Train state, optimizers and the orbax checkpoint manager shared by both methods.
 
+Verified checkpoints: orbax's OCDBT files carry no checksum of the values (bytes flipped in
+a data file restored without error). So every save also records a SHA-256 of the state's
+values, <checkpoint dir>/digests/<step>.json, and a restore recomputes it: a step whose
+files fail to read or whose values differ is reported by name, moved aside to
+<checkpoint dir>/corrupt/<step>, and the previous complete step is restored instead (a
+run with no good step left starts over). Steps saved before digests existed are restored
+unchecked.
+"""
+
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
+import time
 from typing import Any, Dict, Optional
 
 import flax
@@ -192,17 +204,63 @@ def check_run(mngr: ocp.CheckpointManager, config, **facts):
     )
 
 
-def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
-  """The latest checkpoint restored into `state`'s structure and shardings, or `state`.
+def state_digest(state) -> str:
+  """SHA-256 over every leaf of `state` (path, dtype, shape and bytes of this process's
+  replicated copy)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(state))[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape};".encode())
+    h.update(a.data)
+  return h.hexdigest()
 
-  `state` must already be placed (replicated over the mesh): orbax restores every array
-  with the sharding of its counterpart, on any number of processes."""
-  step = mngr.latest_step()
-  if step is None:
-    return state
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  # Compared before orbax starts reading: a restore that fails half-way leaves orbax's
-  # reads un-awaited (their errors surface later, as "never retrieved" noise).
+
+def _digest_path(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(mngr.directory, "digests", f"{step}.json")
+
+
+def _write_digest(mngr: ocp.CheckpointManager, step: int, digest: str):
+  """Primary only: the digest of `step` (atomic), and none for steps orbax has dropped."""
+  if not distributed.is_primary():
+    return
+  path = _digest_path(mngr, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"step": step, "sha256": digest}, f)
+  os.replace(path + ".tmp", path)
+  keep = set(mngr.all_steps()) | {step}
+  for name in os.listdir(os.path.dirname(path)):
+    stem = name.split(".")[0]
+    if name.endswith(".json") and stem.isdigit() and int(stem) not in keep:
+      os.remove(os.path.join(os.path.dirname(path), name))
+
+
+def _saved_digest(mngr: ocp.CheckpointManager, step: int) -> Optional[str]:
+  try:
+    with open(_digest_path(mngr, step)) as f:
+      return json.load(f)["sha256"]
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError):
+    return "unreadable digest file"
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int):
+  """Primary only: moves a corrupt step out of orbax's sight (kept for inspection)."""
+  if not distributed.is_primary():
+    return
+  dest = os.path.join(mngr.directory, "corrupt", f"{step}.{int(time.time())}")
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  src = os.path.join(mngr.directory, str(step))
+  if os.path.exists(src):
+    shutil.move(src, dest)
+  digest = _digest_path(mngr, step)
+  if os.path.exists(digest):
+    os.remove(digest)
+
+
+def _check_shapes(mngr: ocp.CheckpointManager, step: int, abstract):
+  """A checkpoint of another model is a config error (raised), not a corrupt step."""
   saved, want = _shapes(mngr.item_metadata(step)), _shapes(abstract)
   diff = [
     f"{k}: {saved.get(k, 'absent')} in the checkpoint, {want.get(k, 'absent')} now"
@@ -215,17 +273,59 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainStat
       f"config (model, bits, mode?): {'; '.join(diff[:4])}"
       f"{f' and {len(diff) - 4} more' if len(diff) > 4 else ''}. Use a fresh --workdir."
     )
+
+
+def _restore_verified(mngr: ocp.CheckpointManager, step: int, abstract):
+  """(state, None) or (None, why the step is corrupt). Shapes are compared before orbax
+  starts reading: a restore that fails half-way leaves orbax's reads un-awaited."""
+  try:
+    meta = mngr.item_metadata(step)
+  except Exception as e:  # pylint: disable=broad-except  (a truncated or mangled _METADATA)
+    return None, f"its metadata cannot be read ({type(e).__name__}: {str(e)[:200]})"
+  if meta is None:
+    return None, "it has no metadata"
+  _check_shapes(mngr, step, abstract)
   try:
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except Exception as e:
-    raise errors.InvalidInput(
-      f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
-      f"config (model, bits, mode?). Use a fresh --workdir. ({e})"
-    ) from e
-  logging.info("Resumed from checkpoint at step %d in %s", step, mngr.directory)
-  return restored
+  except Exception as e:  # pylint: disable=broad-except  (truncated or missing data files)
+    return None, f"its files cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+  want = _saved_digest(mngr, step)
+  if want is not None and state_digest(restored) != want:
+    return None, "its values do not match the SHA-256 recorded when it was saved"
+  return restored, None
+
+
+def restore_or_keep(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  """The latest good checkpoint restored into `state`'s structure and shardings, or `state`.
+
+  `state` must already be placed (replicated over the mesh): orbax restores every array
+  with the sharding of its counterpart, on any number of processes. A corrupt step (see
+  the module docstring) is logged by name, set aside, and the one before it is tried."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  for step in sorted(mngr.all_steps(), reverse=True):
+    restored, why = _restore_verified(mngr, step, abstract)
+    why = distributed.agree(f"checkpoint {step} verdict", why)
+    if why is None:
+      logging.info("Resumed from checkpoint at step %d in %s", step, mngr.directory)
+      return restored
+    logging.warning(
+      "Checkpoint step %d in %s is corrupt: %s. It is moved to %s/corrupt/; trying the "
+      "step before it.",
+      step,
+      mngr.directory,
+      why,
+      mngr.directory,
+    )
+    distributed.on_primary(lambda s=step: _set_aside(mngr, s), f"set aside step {step}")
+    mngr.reload()
+  if mngr.all_steps() == [] and os.path.isdir(os.path.join(mngr.directory, "corrupt")):
+    logging.warning("No good checkpoint left in %s: training starts over", mngr.directory)
+  return state
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, force: bool = False) -> bool:
   step = int(distributed.to_host(state.step))
-  return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+  saved = mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+  if saved:
+    _write_digest(mngr, step, state_digest(state))
+  return saved
