@@ -13,16 +13,30 @@ response is checked (200, k hits). Prints one row per client count: requests/s, 
 p99 latency (client-side, upload to parsed answer), then the rows as JSON. Without --encoder it
 trains configs/dhcnn.py:tiny on generated data first (seconds): a tiny model measures
 the service and the Hamming scan more than the network.
+
+    python benchmarks/serve.py --hostile --record=benchmarks/results/serve_hostile.json
+
+--hostile then measures the normal queries (4 clients) twice, alone and beside a hostile
+mix: 200 slow connections from other loopback addresses (127.0.0.2-9) that send half a
+request and stall (reconnecting when closed), 2 clients uploading decompression bombs
+(an 8000 x 8000 PNG, 187 KB -> 183 MB, refused 413 from its header) and one uploading
+large-but-allowed images (3000 x 3000 PNG, 26 MB decoded). Reports the normal queries'
+p50/p95, the server's peak RSS (VmHWM) and its RSS after the mix; --record writes it all
+with the command, commit, date and host.
 """
 
 import argparse
 import concurrent.futures
+import datetime
+import io
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -70,7 +84,103 @@ def _codes_file(encoder_path: str, image_paths, num_codes: int, out: str):
   return enc
 
 
-def _load(url: str, files, clients: int, requests: int, k: int):
+def _proc_kb(pid: int, field: str) -> int:
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  return -1
+
+
+def _png(size) -> bytes:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  buf = io.BytesIO()
+  Image.new("RGB", size).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def _hostile(url: str, port: int, stop: threading.Event, counts: dict):
+  """Slow connections, bombs and large images until `stop` is set."""
+  import httpx2  # pylint: disable=g-import-not-at-top
+
+  bomb, large = _png((8000, 8000)), _png((3000, 3000))
+
+  def slow(i):
+    s = None
+    while not stop.is_set():
+      if s is None:
+        try:
+          s = socket.socket()
+          s.bind((f"127.0.0.{2 + i % 8}", 0))
+          s.connect(("127.0.0.1", port))
+          s.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+          s.settimeout(0.5)
+          counts["slow_opened"] += 1
+        except OSError:
+          s = None
+          time.sleep(0.2)
+          continue
+      try:
+        if s.recv(1) == b"":
+          s.close()
+          s = None
+          counts["slow_closed_by_server"] += 1
+      except socket.timeout:
+        pass
+      except OSError:
+        s = None
+    if s is not None:
+      s.close()
+
+  def upload(data, key):
+    with httpx2.Client(timeout=120) as http:
+      while not stop.is_set():
+        r = http.post(f"{url}/api/search?k=10", files={"image": ("x.png", data)})
+        counts[f"{key}_{r.status_code}"] = counts.get(f"{key}_{r.status_code}", 0) + 1
+
+  threads = [threading.Thread(target=slow, args=(i,), daemon=True) for i in range(200)]
+  threads += [threading.Thread(target=upload, args=(bomb, "bomb"), daemon=True) for _ in range(2)]
+  threads += [threading.Thread(target=upload, args=(large, "large"), daemon=True)]
+  for t in threads:
+    t.start()
+  return threads
+
+
+def _record(path: str, payload: dict):
+  def run(cmd):
+    try:
+      return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO).stdout.strip()
+    except OSError:
+      return ""
+
+  cpu = next(
+    (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), ""
+  )
+  flags = set(
+    next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+  )
+  with open("/proc/meminfo") as f:
+    mem_kb = int(f.readline().split()[1])
+  record = {
+    "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+    "commit": run(["git", "rev-parse", "HEAD"]),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "host": {
+      "cpu": cpu,
+      "cores": os.cpu_count(),
+      "flags": sorted(flags & {"avx2", "avx512f", "avx512_vpopcntdq", "avx512bw", "sse4_2"}),
+      "memory_gb": round(mem_kb / 2**20, 1),
+      "python": platform.python_version(),
+    },
+    "results": payload,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+
+
+def _load(url: str, files, clients: int, requests: int, k: int, pct=99):
   import httpx2  # pylint: disable=g-import-not-at-top  (the dev extra's HTTP client)
 
   per_client = [requests // clients + (i < requests % clients) for i in range(clients)]
@@ -93,7 +203,7 @@ def _load(url: str, files, clients: int, requests: int, k: int):
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
     lat = [x for part in pool.map(client, range(clients)) for x in part]
   wall = time.perf_counter() - t0
-  return len(lat) / wall, np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3
+  return len(lat) / wall, np.percentile(lat, 50) * 1e3, np.percentile(lat, pct) * 1e3
 
 
 def main():
@@ -112,6 +222,8 @@ def main():
   p.add_argument("--clients", default="1,8")
   p.add_argument("--requests", type=int, default=200, help="requests per client count")
   p.add_argument("--k", type=int, default=10)
+  p.add_argument("--hostile", action="store_true", help="also measure beside a hostile mix")
+  p.add_argument("--record", default=None, help="write a JSON record here")
   args = p.parse_args()
   tmp = tempfile.mkdtemp(prefix="rshash_serve_bench_")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -186,16 +298,42 @@ def main():
       rps, p50, p99 = _load(url, files, c, args.requests, args.k)
       rows.append(dict(clients=c, requests=args.requests, rps=rps, p50_ms=p50, p99_ms=p99))
       print(f"{c:>7} {args.requests:>8} {rps:>8.1f} {p50:>8.1f} {p99:>8.1f}", flush=True)
-    print(
-      json.dumps(
-        {
-          "num_codes": info["num_codes"],
-          "backbone": enc.meta["backbone"],
-          "bits": enc.bits,
-          "rows": rows,
-        }
+    payload = {
+      "num_codes": info["num_codes"],
+      "backbone": enc.meta["backbone"],
+      "bits": enc.bits,
+      "rows": rows,
+    }
+    if args.hostile:
+      quiet = _load(url, files, 4, args.requests, args.k, pct=95)
+      rss_before = _proc_kb(server.pid, "VmRSS")
+      stop, counts = threading.Event(), {"slow_opened": 0, "slow_closed_by_server": 0}
+      threads = _hostile(url, port, stop, counts)
+      time.sleep(3)
+      mixed = _load(url, files, 4, args.requests, args.k, pct=95)
+      stop.set()
+      for t in threads:
+        t.join(timeout=10)
+      time.sleep(2)
+      payload["hostile"] = {
+        "normal_clients": 4,
+        "quiet": {"rps": quiet[0], "p50_ms": quiet[1], "p95_ms": quiet[2]},
+        "beside_hostile_mix": {"rps": mixed[0], "p50_ms": mixed[1], "p95_ms": mixed[2]},
+        "server_rss_mb_before": rss_before / 1024,
+        "server_peak_rss_mb": _proc_kb(server.pid, "VmHWM") / 1024,
+        "server_rss_mb_after": _proc_kb(server.pid, "VmRSS") / 1024,
+        "hostile_counts": counts,
+      }
+      h = payload["hostile"]
+      print(
+        f"4 normal clients: quiet p50 {quiet[1]:.1f} ms p95 {quiet[2]:.1f} ms; beside the "
+        f"hostile mix p50 {mixed[1]:.1f} ms p95 {mixed[2]:.1f} ms; server RSS "
+        f"{h['server_rss_mb_before']:.0f} MB before, peak {h['server_peak_rss_mb']:.0f} MB, "
+        f"{h['server_rss_mb_after']:.0f} MB after; {counts}"
       )
-    )
+    print(json.dumps(payload))
+    if args.record:
+      _record(args.record, payload)
   finally:
     server.terminate()
     server.wait(timeout=30)

@@ -59,8 +59,8 @@ def _identity(meta: Dict[str, Any], tree) -> str:
 
 
 def params_digest(tree) -> str:
-  """SHA-256 over every array of an encoder's parameter tree (paths, dtypes, shapes, bytes):
-  recorded in encoder.json and checked by load_encoder."""
+  """SHA-256 over every array of a tree of host arrays (paths, dtypes, shapes, bytes): an
+  encoder's in encoder.json (checked by load_encoder), a checkpoint step's in its digest."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     a = np.ascontiguousarray(np.asarray(leaf))

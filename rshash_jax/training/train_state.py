@@ -9,7 +9,6 @@ run with no good step left starts over). Steps saved before digests existed are 
 unchecked.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from absl import logging
 
 from rshash_jax import errors
 from rshash_jax.parallel import distributed
+from rshash_jax.retrieval import encoder as encoder_lib
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("log_epoch", "constant", "cosine", "step")
@@ -206,13 +206,8 @@ def check_run(mngr: ocp.CheckpointManager, config, **facts):
 
 def state_digest(state) -> str:
   """SHA-256 over every leaf of `state` (path, dtype, shape and bytes of this process's
-  replicated copy)."""
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(state))[0]:
-    a = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape};".encode())
-    h.update(a.data)
-  return h.hexdigest()
+  replicated copy), by the rule encoders use."""
+  return encoder_lib.params_digest(distributed.to_host(state))
 
 
 def _digest_path(mngr: ocp.CheckpointManager, step: int) -> str:
