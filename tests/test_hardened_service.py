@@ -83,7 +83,7 @@ def engine(trained, tmp_path_factory):
   _, workdir, data = trained
   codes = commands.encode(workdir, data, str(tmp_path_factory.mktemp("hard") / "codes.npz"))
   eng = service.SearchEngine(
-    workdir, codes, max_batch=2, max_k=40, max_image_bytes=8 << 20, image_budget_bytes=16 << 20
+    workdir, codes, max_batch=2, max_k=40, max_image_bytes=8 << 20, image_budget_bytes=64 << 20
   )
   yield eng
   eng.close()
@@ -134,7 +134,8 @@ def test_bombs_are_refused_from_the_header_before_decoding(client, tmp_path, mon
 
 
 def test_concurrent_decodes_stay_within_the_memory_budget():
-  budget = image_limits.Budget(100, timeout_s=5)
+  w = image_limits.WORKING_SET
+  budget = image_limits.Budget(100 * w, timeout_s=5)
   peak, lock = [0], threading.Lock()
 
   def decode(n):
@@ -149,7 +150,7 @@ def test_concurrent_decodes_stay_within_the_memory_budget():
     t.start()
   for t in threads:
     t.join()
-  assert peak[0] <= 100 and budget.in_use == 0
+  assert peak[0] <= 100 * w and budget.in_use == 0
   # One larger than the whole budget runs alone; a wait past the timeout is a 503.
   budget = image_limits.Budget(100, timeout_s=0.2)
   budget.acquire(80, "a")
@@ -158,7 +159,7 @@ def test_concurrent_decodes_stay_within_the_memory_budget():
   budget.release(80)
   with image_limits.held(budget):
     image_limits.check("big", 500, 1, 1, 1, limit=1000)
-    assert budget.in_use == 500
+    assert budget.in_use == 500 * w
   assert budget.in_use == 0
 
 

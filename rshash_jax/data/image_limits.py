@@ -41,11 +41,17 @@ def max_decoded_bytes() -> int:
   return int(mb * (1 << 20))
 
 
+# Peak memory of a decode and its float resize per declared byte (uint8 pixels, a float32
+# copy, the antialiased resize's intermediate): what a Budget reserves.
+WORKING_SET = 6
+
+
 class Budget:
-  """Bytes of decoded pixels that concurrent decodes may hold together (the service's
-  memory budget for images): a decode waits until its declared size fits, up to
-  `timeout_s`, then fails with errors.Timeout. A decode larger than the whole budget runs
-  alone. Used through `held`: `check` reserves, the end of the `held` block releases."""
+  """Bytes that concurrent decodes may hold together (the service's memory budget for
+  images): a decode reserves WORKING_SET x its declared size and waits until that fits,
+  up to `timeout_s`, then fails with errors.Timeout. A decode larger than the whole budget
+  runs alone. Used through `held`: `check` reserves, the end of the `held` block
+  releases."""
 
   def __init__(self, total_bytes: int, timeout_s: float = 30.0):
     self.total, self.timeout_s = int(total_bytes), float(timeout_s)
@@ -105,8 +111,8 @@ def check(
     )
   budget = getattr(_scope, "budget", None)
   if budget is not None:
-    budget.acquire(size, name)
-    _scope.reserved += size
+    budget.acquire(WORKING_SET * size, name)
+    _scope.reserved += WORKING_SET * size
   return size
 
 

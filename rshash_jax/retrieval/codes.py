@@ -83,6 +83,9 @@ _PER_ROW = ("ids", "labels", "predicted", "paths", "lon", "lat")
 
 def _check_fields(path: str, z: Dict[str, np.ndarray]):
   """Each field present, of its kind, one row per code: errors.Corrupt names the field."""
+  if "codes" in z and getattr(z["codes"], "ndim", 0) == 2:  # files written before coordinates
+    for k in ("lon", "lat"):
+      z.setdefault(k, np.full(z["codes"].shape[0], np.nan))
   need = ("codes", "class_names", "bits", "identity", "method", "backbone") + _PER_ROW
   missing = [k for k in need if k not in z]
   if missing:

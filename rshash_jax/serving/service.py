@@ -123,7 +123,7 @@ class SearchEngine:
     max_batch: int = 16,
     max_k: int = 1000,
     max_image_bytes: int = 64 << 20,
-    image_budget_bytes: int = 256 << 20,
+    image_budget_bytes: int = 1 << 30,
   ):
     for name, v, hi in (("max_batch", max_batch, 1024), ("max_k", max_k, 100_000)):
       if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
@@ -175,21 +175,31 @@ class SearchEngine:
     return input_pipeline.decode_file(path, self.encoder.raster).numpy()
 
   def decode_upload(self, data: bytes, name: str) -> np.ndarray:
-    """An upload's pixels: its header checked against max_image_bytes, then decoded
-    within the image memory budget (blocks while the budget is busy)."""
+    """An upload's pixels resized for the encoder: its header checked against
+    max_image_bytes, then decoded and resized within the image memory budget (blocks while
+    the budget is busy)."""
     with image_limits.held(self.image_budget):
       image = input_pipeline.decode_bytes(data, name, self.encoder.raster, self.max_image_bytes)
-    if image.nbytes > 16 << 20:
-      _release_memory()
-    return image
+      return self._resize(image)
 
-  def search_pixels(self, image: np.ndarray, k: int, query_labels=None) -> Dict[str, Any]:
-    """uint8 [H, W, 3] -> {"hits": [...], "predicted": label(s) or None} (retrieval.hits);
-    blocks until done. query_labels (an archive query's) mark the hits relevant or not."""
+  def _resize(self, image: np.ndarray) -> np.ndarray:
     resized = input_pipeline.resize(
       image, self.encoder.image_size, None, int(self.encoder.meta.get("degrade", 1))
     ).numpy()
-    q = _Query(resized, k, concurrent.futures.Future(), query_labels)
+    if image.nbytes > 4 << 20:  # the decode's and the float resize's buffers are free now
+      del image
+      _release_memory()
+    return resized
+
+  def search_pixels(
+    self, image: np.ndarray, k: int, query_labels=None, resized: bool = False
+  ) -> Dict[str, Any]:
+    """uint8 [H, W, 3] (already the encoder's size if `resized`) -> {"hits": [...],
+    "predicted": label(s) or None} (retrieval.hits); blocks until done. query_labels (an
+    archive query's) mark the hits relevant or not."""
+    q = _Query(
+      image if resized else self._resize(image), k, concurrent.futures.Future(), query_labels
+    )
     self._queue.put(q)
     return q.done.result()
 
@@ -397,7 +407,7 @@ def create_app(
         raise HTTPError(400, f"{name}: empty upload")
       image = await run_in_threadpool(engine.decode_upload, data, name)
       del data
-      query, labels = {"upload": name}, None
+      query, labels, resized = {"upload": name}, None, True
     elif ctype.startswith("application/json"):
       try:
         body = json.loads(await request.body())
@@ -408,14 +418,14 @@ def create_app(
       i = engine.archive_id(path=body.get("path"), id_=body.get("id"))
       image = await run_in_threadpool(engine.read_archive_image, i)
       query = engine.archive.entry(i)
-      labels = engine.archive.labels[i]
+      labels, resized = engine.archive.labels[i], False
     else:
       raise HTTPError(
         400,
         "send the query as multipart/form-data (field `image`) or as JSON "
         '{"path": ...} / {"id": ...}',
       )
-    result = await run_in_threadpool(engine.search_pixels, image, k, labels)
+    result = await run_in_threadpool(engine.search_pixels, image, k, labels, resized)
     return JSONResponse({"query": query, "k": k, **result})
 
   async def image(request):
@@ -534,7 +544,7 @@ def serve(
   max_batch: int = 16,
   max_k: int = 1000,
   max_image_mb: float = 64,
-  image_budget_mb: float = 256,
+  image_budget_mb: float = 1024,
   request_timeout_s: float = 30,
   max_connections_per_client: int = 32,
   allowed_hosts=(),
