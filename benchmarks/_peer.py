@@ -29,7 +29,10 @@ def torch_state(name: str, variables) -> dict:
       tname = f"{layer}.{'weight' if leaf == 'kernel' else 'bias'}"
     else:
       raise ValueError(f"no PyTorch peer for {name}")
-    if a.ndim == 4:
+    if name == "vgg_f" and tname.startswith(("fc6.", "fc7.")) and a.ndim == 4:
+      # The peer's Linear over the flattened (C, H, W) map: HWIO -> O, (I, H, W).
+      a = a.transpose(3, 2, 0, 1).reshape(a.shape[-1], -1)
+    elif a.ndim == 4:
       a = a.transpose(3, 2, 0, 1)  # HWIO -> OIHW
     elif a.ndim == 2:
       a = a.T
@@ -57,6 +60,41 @@ def check_same_function(peer, bb, batch: int = 2, seed: int = 0) -> float:
   ours = np.asarray(bb.module.apply(bb.variables, jnp.asarray(x))["features"])
   theirs = peer.features(x)
   return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(ours)), 1e-12))
+
+
+# The peer's configurations, as PyTorch users run it: eager or torch.compile'd, in either
+# memory layout. Benchmarks time each once and pair against the fastest.
+CONFIGS = (
+  {"layout": "nchw", "compile": False},
+  {"layout": "channels_last", "compile": False},
+  {"layout": "nchw", "compile": True},
+  {"layout": "channels_last", "compile": True},
+)
+
+
+def config_name(cfg: dict) -> str:
+  return cfg["layout"] + (" + torch.compile" if cfg["compile"] else " eager")
+
+
+def fastest(probe, configs=CONFIGS) -> tuple[dict, dict]:
+  """Time `probe(cfg) -> images/s` for every configuration; (the fastest, {name: rate}).
+  A configuration that fails (torch.compile without a C++ compiler, say) is reported
+  and skipped."""
+  rates = {}
+  for cfg in configs:
+    try:
+      rates[config_name(cfg)] = probe(cfg)
+    except SystemExit as e:
+      print(f"PyTorch {config_name(cfg)} failed, skipped: {e}")
+  if not rates:
+    raise SystemExit("every PyTorch configuration failed")
+  best = max(rates, key=rates.get)
+  print(
+    "PyTorch configurations, images/s: "
+    + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
+    + f" -> peer: {best}"
+  )
+  return next(c for c in configs if config_name(c) == best), rates
 
 
 class Peer:

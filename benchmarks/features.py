@@ -18,8 +18,9 @@ benchmark's environment only; benchmarks/torch_peer.py runs it in a process of i
 
 Each of `--pairs` pairs times ours on `--peer_images` images of the dataset (decoded and
 resized by tf.data, overlapped with the network) and then PyTorch's forward pass (no_grad,
-eval) on as many images already decoded, normalised and in memory, in its faster layout
-(NCHW or channels_last, measured first). The ratio is our images/s over PyTorch's; the
+eval) on as many images already decoded, normalised and in memory, in its fastest
+configuration (eager or torch.compile'd, NCHW or channels_last: each measured first, all
+recorded). The ratio is our images/s over PyTorch's; the
 line before the accuracy gives the median of the pairs and their range. Also printed: our
 network alone on an in-memory batch, as PyTorch is timed.
 """
@@ -30,6 +31,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import _record  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
@@ -62,6 +64,7 @@ def main():
   p.add_argument(
     "--peer_images", type=int, default=320, help="with --torch: images per side and pair"
   )
+  p.add_argument("--record", default=None, help="write a JSON record here (benchmarks/_record.py)")
   args = p.parse_args()
   logging.set_verbosity(logging.INFO)
   input_pipeline.configure_tf()
@@ -93,33 +96,48 @@ def main():
     f"devices={jax.device_count()} extract_s={dt:.1f} images_per_s={len(table) / dt:.1f}"
   )
   print(f"train={len(train)} test={len(test)} 1-NN cosine")
+  peer_result, torch_config = None, None
   if args.torch:
-    compare_with_torch(args, bb, table, mesh, encoder, n)
+    peer_result, torch_config = compare_with_torch(args, bb, table, mesh, encoder, n)
   print(f"accuracy={acc:.4f}")
+  if args.record:
+    _record.write(
+      args.record,
+      {
+        "benchmark": "features",
+        "backbone": bb.name,
+        "pretrained": bb.pretrained,
+        "images": len(table),
+        "image_size": bb.image_size,
+        "batch_size": args.batch_size,
+        "devices": jax.device_count(),
+        "extract_s": dt,
+        "extract_images_per_s": len(table) / dt,
+        "nn_accuracy": acc,
+        "torch": peer_result,
+      },
+      torch_config=torch_config,
+    )
 
 
 def compare_with_torch(args, bb, table, mesh, encoder, n_batch):
+  """Interleaved pairs against the fastest PyTorch configuration; (results, torch config)."""
   import _peer  # pylint: disable=g-import-not-at-top
 
   peer = _peer.Peer(threads=os.cpu_count())
   peer.load(bb.name, bb.variables)
+  same_fn = _peer.check_same_function(peer, bb)
   print(
     f"PyTorch {peer.info['torch']}, {peer.info['threads']} threads; same network: max |features "
-    f"ours - "
-    f"PyTorch| / max |features| = {_peer.check_same_function(peer, bb):.1e}"
+    f"ours - PyTorch| / max |features| = {same_fn:.1e}"
   )
   batches = max(1, args.peer_images // n_batch)
   images = batches * n_batch
-  layouts = {
-    lay: peer.ask(cmd="forward", batch=n_batch, batches=batches, layout=lay)["seconds"]
-    for lay in ("nchw", "channels_last")
-  }
-  layout = min(layouts, key=layouts.get)
-  print(
-    "PyTorch forward layouts, images/s: "
-    + ", ".join(f"{k} {images / v:.1f}" for k, v in layouts.items())
-    + f" -> peer: {layout}"
-  )
+
+  def probe(c):
+    return images / peer.ask(cmd="forward", batch=n_batch, batches=batches, **c)["seconds"]
+
+  cfg, peer_rates = _peer.fastest(probe)
   x = (
     np.random.default_rng(0)
     .integers(0, 256, (n_batch, bb.image_size, bb.image_size, 3))
@@ -129,7 +147,7 @@ def compare_with_torch(args, bb, table, mesh, encoder, n_batch):
   source = input_pipeline.ImageSource(
     table, bb.image_size
   )  # built once, as a run's extraction does
-  ratios, ours, alone, theirs = [], [], [], []
+  ratios, ratios_alone, ours, alone, theirs = [], [], [], [], []
   for i in range(args.pairs):
     t = time.perf_counter()
     features.extract(
@@ -147,8 +165,9 @@ def compare_with_torch(args, bb, table, mesh, encoder, n_batch):
     for _ in range(batches):
       encoder(bb.variables, x).block_until_ready()
     c = images / (time.perf_counter() - t)
-    b = images / peer.ask(cmd="forward", batch=n_batch, batches=batches, layout=layout)["seconds"]
+    b = probe(cfg)
     ratios.append(a / b)
+    ratios_alone.append(c / b)
     ours.append(a)
     alone.append(c)
     theirs.append(b)
@@ -160,10 +179,26 @@ def compare_with_torch(args, bb, table, mesh, encoder, n_batch):
   print(
     f"{bb.name} batch {n_batch}: ours {np.median(ours):.1f} images/s with decoding "
     f"({np.median(alone):.1f} "
-    f"network alone), PyTorch {np.median(theirs):.1f} ({layout}); ratio median "
+    f"network alone), PyTorch {np.median(theirs):.1f} ({_peer.config_name(cfg)}); ratio median "
     f"{np.median(ratios):.2f} "
-    f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs)"
+    f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs); network alone "
+    f"{np.median(ratios_alone):.2f} ({min(ratios_alone):.2f}..{max(ratios_alone):.2f})"
   )
+  return {
+    "batch": n_batch,
+    "pairs": args.pairs,
+    "images_per_pair": images,
+    "ours_images_per_s": _record.spread(ours),
+    "ours_network_alone_images_per_s": _record.spread(alone),
+    "peer": _peer.config_name(cfg),
+    "peer_configs_images_per_s": peer_rates,
+    "peer_images_per_s": _record.spread(theirs),
+    "ratio": _record.spread(ratios),
+    "ratio_network_alone": _record.spread(ratios_alone),
+    "same_function_max_rel_diff": same_fn,
+    "torch": peer.info["torch"],
+    "torch_threads": peer.info["threads"],
+  }, peer.info.get("config")
 
 
 if __name__ == "__main__":

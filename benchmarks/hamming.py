@@ -128,6 +128,20 @@ def parse_args():
     help="HammingIndex's database chunk per device (default: HammingIndex's)",
   )
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--learned",
+    default=None,
+    help="also time learned codes: a codes file written by `rshash_jax.main encode`, with "
+    "{bits} in its name for each --bits (e.g. /tmp/ucm_codes{bits}.npz); its codes are "
+    "replicated to N with --flip bit flips per copy, queries drawn from them the same way",
+  )
+  p.add_argument(
+    "--flip",
+    type=float,
+    default=0.05,
+    help="probability that a replicated learned code has each bit flipped",
+  )
+  p.add_argument("--record", default=None, help="write a JSON record here (benchmarks/_record.py)")
   return p.parse_args()
 
 
@@ -169,6 +183,24 @@ def random_packed(rng, n, bits):
   return x
 
 
+def learned_packed(rng, path, n, bits, flip):
+  """`n` codes drawn (with replacement) from a codes file's, each bit flipped with
+  probability `flip`: an archive of `n` scenes whose codes are distributed as the trained
+  model's, not uniformly (duplicates, skewed bits, class clusters)."""
+  from rshash_jax.retrieval import codes as codes_lib  # pylint: disable=g-import-not-at-top
+
+  z = codes_lib.load_codes(path)
+  if int(z["bits"]) != bits:
+    raise SystemExit(f"{path} holds {int(z['bits'])}-bit codes, not {bits}")
+  signs = hamming.unpack_codes(np.asarray(z["codes"]), bits).astype(bool)
+  out = np.empty((n, hamming.num_words(bits)), np.uint32)
+  for lo in range(0, n, 1 << 18):  # in blocks: the flip mask is a byte per bit
+    rows = signs[rng.integers(0, len(signs), min(n - lo, 1 << 18))]
+    rows ^= rng.random(rows.shape, dtype=np.float32) < flip
+    out[lo : lo + len(rows)] = hamming.pack_codes(rows.astype(np.uint8), binary=True)
+  return out
+
+
 def numpy_topk(q, db, k):
   dist, idx = [], []
   for row in q:
@@ -180,6 +212,25 @@ def numpy_topk(q, db, k):
     dist.append(d[order])
     idx.append(order)
   return np.stack(dist), np.stack(idx)
+
+
+def check_exact(q, db, d, i, k, fidx, as_bytes):
+  """Number of queries whose (distances, indices) differ from the exact top-k in
+  (distance, index) order. The reference is FAISS's range search (every item within the
+  batch's largest k-th distance), or numpy's full scan without FAISS."""
+  bad = 0
+  for lo in range(0, len(q), 64):
+    qb, db_, ib = q[lo : lo + 64], d[lo : lo + 64], i[lo : lo + 64]
+    if fidx is None:
+      dn, inn = numpy_topk(qb, db, k)
+      bad += int(np.sum(~((dn == db_) & (inn == ib)).all(1)))
+      continue
+    lims, dist, ids = fidx.range_search(as_bytes(qb), int(db_[:, -1].max()) + 1)
+    for r in range(len(qb)):
+      dr, ir = dist[lims[r] : lims[r + 1]], ids[lims[r] : lims[r + 1]]
+      order = np.lexsort((ir, dr))[:k]
+      bad += int(not ((dr[order] == db_[r]).all() and (ir[order] == ib[r]).all()))
+  return bad
 
 
 def _sharded(x):
@@ -242,63 +293,136 @@ def popcount_words_per_s():
 
 def main():
   rng = np.random.default_rng(ARGS.seed)
+  if faiss is not None:
+    faiss.omp_set_num_threads(os.cpu_count())  # FAISS as its users run it: every core
   bw = read_bandwidth_gbs()
   pc = popcount_words_per_s()
   print(
     f"devices={jax.device_count()} ({jax.devices()[0].platform}), cores={os.cpu_count()}, "
     f"read bandwidth {bw:.1f} GB/s, popcount {pc / 1e9:.2f} G words/s, Q={ARGS.queries}, "
     f"k={ARGS.k}, faiss="
-    + (f"{faiss.__version__} ({faiss.omp_get_max_threads()} threads)" if faiss else "not installed")
+    + (
+      f"{faiss.__version__} ({faiss.omp_get_max_threads()} threads, {faiss.get_compile_options()})"
+      if faiss
+      else "not installed"
+    )
   )
   header = (
-    f"{'N':>10} {'bits':>4} | {'rshash q/s':>10} {'faiss q/s':>9} {'numpy q/s':>9} | "
-    f"{'rshash/faiss':>12} {'(min..max)':>11} | {'scan GB/s':>9} {'% bw':>5} {'% popcnt':>8} | "
-    f"{'db GB/s':>7} {'% bw':>5} | same"
+    f"{'codes':>7} {'N':>10} {'bits':>4} | {'rshash q/s':>10} {'faiss q/s':>9} "
+    f"{'numpy q/s':>9} | {'rshash/faiss':>12} {'(min..max)':>11} | {'scan GB/s':>9} "
+    f"{'% bw':>5} {'% popcnt':>8} | {'db GB/s':>7} {'% bw':>5} | inexact"
   )
   print(header)
   print("-" * len(header))
+  kinds = ["random"] + (["learned"] if ARGS.learned else [])
+  cells = []
   for n in (int(s) for s in ARGS.sizes.split(",")):
     for bits in (int(b) for b in ARGS.bits.split(",")):
-      db = random_packed(rng, n, bits)
-      q = random_packed(rng, ARGS.queries, bits)
-      index = hamming.HammingIndex(db, chunk_size=ARGS.chunk_size)
-      index.search(
-        q[: ARGS.query_batch], ARGS.k, query_batch=ARGS.query_batch
-      )  # compile the timed shape
-      nq = min(ARGS.numpy_queries, ARGS.queries)
-      t_np, (d_np, i_np) = timed(lambda: numpy_topk(q[:nq], db, ARGS.k))
-      fidx = None
-      if faiss is not None and bits % 8 == 0:
-        as_bytes = lambda x: np.ascontiguousarray(x.astype("<u4")).view(np.uint8)[:, : bits // 8]
-        fidx = faiss.IndexBinaryFlat(bits)
-        fidx.add(as_bytes(db))
-      ours, theirs, same = [], [], True
-      for _ in range(ARGS.pairs):  # interleaved: ours, FAISS, ours, FAISS, ...
-        t_jax, (d_jax, i_jax) = timed(lambda: index.search(q, ARGS.k, query_batch=ARGS.query_batch))
-        ours.append(t_jax)
-        same = same and bool((d_np == d_jax[:nq]).all() and (i_np == i_jax[:nq]).all())
-        if fidx is not None:
-          t_f, (d_f, _) = timed(lambda: fidx.search(as_bytes(q), ARGS.k))
-          theirs.append(t_f)
-          same = same and bool((d_f == d_jax).all())
-      ratios = (
-        np.asarray(theirs) / np.asarray(ours[: len(theirs)]) if theirs else np.asarray([np.nan])
-      )
-      t_ours = float(np.median(ours))
-      scanned = ARGS.queries * n * db.shape[1]  # words XORed and popcounted
-      streamed = -(-ARGS.queries // ARGS.query_batch) * n * db.shape[1] * 4  # database bytes read
-      faiss_qps = ARGS.queries / float(np.median(theirs)) if theirs else float("nan")
-      print(
-        f"{n:>10} {bits:>4} | {ARGS.queries / t_ours:>10.0f} {faiss_qps:>9.0f} {nq / t_np:>9.1f} | "
-        f"{np.median(ratios):>12.2f} {f'{ratios.min():.2f}..{ratios.max():.2f}':>11} | "
-        f"{scanned * 4 / t_ours / 1e9:>9.1f} {100 * scanned * 4 / t_ours / 1e9 / bw:>5.0f} "
-        f"{100 * scanned / t_ours / pc:>8.0f} | {streamed / t_ours / 1e9:>7.1f} "
-        f"{100 * streamed / t_ours / 1e9 / bw:>5.0f} "
-        f"| {same}",
-        flush=True,
-      )
-      index = fidx = None  # free the database before the next cell
+      for kind in kinds:
+        if kind == "random":
+          db = random_packed(rng, n, bits)
+          q = random_packed(rng, ARGS.queries, bits)
+        else:
+          path = ARGS.learned.format(bits=bits)
+          db = learned_packed(rng, path, n, bits, ARGS.flip)
+          q = learned_packed(rng, path, ARGS.queries, bits, ARGS.flip)
+        cells.append(run_cell(kind, n, bits, db, q, bw, pc))
+        db = None  # free the database before the next cell
+  if ARGS.record:
+    import _record  # pylint: disable=g-import-not-at-top
+
+    _record.write(
+      ARGS.record,
+      {
+        "queries": ARGS.queries,
+        "k": ARGS.k,
+        "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "pairs": ARGS.pairs,
+        "query_batch": ARGS.query_batch,
+        "flip": ARGS.flip if ARGS.learned else None,
+        "learned": ARGS.learned,
+        "read_bandwidth_gbs": bw,
+        "popcount_words_per_s": pc,
+        "cells": cells,
+      },
+    )
+  bad = sum(c["inexact_queries"] for c in cells)
+  if bad:
+    print(f"NOT EXACT: {bad} queries differ from the reference")
+    return 1
   return 0
+
+
+def run_cell(kind, n, bits, db, q, bw, pc) -> dict:
+  """One timed cell: ours and FAISS interleaved, then every query checked exactly."""
+  index = hamming.HammingIndex(db, chunk_size=ARGS.chunk_size)
+  index.search(q[: ARGS.query_batch], ARGS.k, query_batch=ARGS.query_batch)  # compile it
+  nq = min(ARGS.numpy_queries, ARGS.queries)
+  t_np, _ = timed(lambda: numpy_topk(q[:nq], db, ARGS.k))
+  fidx = None
+
+  def as_bytes(x):
+    return np.ascontiguousarray(x.astype("<u4")).view(np.uint8)[:, : bits // 8]
+
+  if faiss is not None and bits % 8 == 0:
+    fidx = faiss.IndexBinaryFlat(bits)
+    fidx.add(as_bytes(db))
+  ours, theirs, results = [], [], []
+  for _ in range(ARGS.pairs):  # interleaved: ours, FAISS, ours, FAISS, ...
+    t_jax, out = timed(lambda: index.search(q, ARGS.k, query_batch=ARGS.query_batch))
+    ours.append(t_jax)
+    results.append(out)
+    if fidx is not None:
+      t_f, (d_f, _) = timed(lambda: fidx.search(as_bytes(q), ARGS.k))
+      theirs.append(t_f)
+  d_jax, i_jax = (np.asarray(a) for a in results[0])
+  # Every timed search returned the same; the first is checked against the reference.
+  inexact = check_exact(q, db, d_jax, i_jax, ARGS.k, fidx, as_bytes)
+  for d, i in results[1:]:
+    inexact += int(np.sum(~((np.asarray(d) == d_jax) & (np.asarray(i) == i_jax)).all(1)))
+  ratios = np.asarray(theirs) / np.asarray(ours[: len(theirs)]) if theirs else None
+  t_ours = float(np.median(ours))
+  scanned = ARGS.queries * n * db.shape[1]  # words XORed and popcounted
+  streamed = -(-ARGS.queries // ARGS.query_batch) * n * db.shape[1] * 4  # database bytes read
+  faiss_qps = ARGS.queries / float(np.median(theirs)) if theirs else float("nan")
+  cell = {
+    "codes": kind,
+    "n": n,
+    "bits": bits,
+    "ours_s": _spread(ours),
+    "faiss_s": _spread(theirs) if theirs else None,
+    "ratio": _spread(ratios) if ratios is not None else None,
+    "ours_qps": ARGS.queries / t_ours,
+    "faiss_qps": faiss_qps if theirs else None,
+    "numpy_qps": nq / t_np,
+    "numpy_queries": nq,
+    "scan_gbs": scanned * 4 / t_ours / 1e9,
+    "scan_pct_bw": 100 * scanned * 4 / t_ours / 1e9 / bw,
+    "pct_popcount": 100 * scanned / t_ours / pc,
+    "db_gbs": streamed / t_ours / 1e9,
+    "checked_queries": ARGS.queries,
+    "reference": "faiss range_search" if fidx is not None else "numpy",
+    "inexact_queries": inexact,
+    "mean_kth_distance": float(d_jax[:, -1].mean()),
+    "distinct_db_codes": int(len(np.unique(db, axis=0))) if n <= 2_000_000 else None,
+  }
+  rr = f"{ratios.min():.2f}..{ratios.max():.2f}" if ratios is not None else ""
+  print(
+    f"{kind:>7} {n:>10} {bits:>4} | {cell['ours_qps']:>10.0f} {faiss_qps:>9.0f} "
+    f"{nq / t_np:>9.1f} | {np.median(ratios) if ratios is not None else np.nan:>12.2f} "
+    f"{rr:>11} | {cell['scan_gbs']:>9.1f} {cell['scan_pct_bw']:>5.0f} "
+    f"{cell['pct_popcount']:>8.0f} | {cell['db_gbs']:>7.1f} {100 * cell['db_gbs'] / bw:>5.0f} "
+    f"| {inexact}",
+    flush=True,
+  )
+  return cell
+
+
+def _spread(v):
+  import _record  # pylint: disable=g-import-not-at-top
+
+  return _record.spread(v)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,15 @@ Protocol: one JSON command per line on stdin, one JSON answer per line on stdout
   {"cmd": "load", "model": "efficientnet_lite0" | "vgg_f", "weights": "state.npz", "classes": C,
    "bits": K, "device": "cpu" | "cuda", "dtype": "float32" | "bfloat16"}
   {"cmd": "features", "input": "x.npy", "output": "y.npy", "layout": "nchw" | "channels_last"}
-  {"cmd": "forward", "batch": B, "batches": N, "layout": ...}        -> {"seconds": s}
-  {"cmd": "train", "batch": B, "steps": N, "layout": ..., "bank": N_train} -> {"seconds": [s, ...]}
+  {"cmd": "forward", "batch": B, "batches": N, "layout": L, "compile": C} -> {"seconds": s}
+  {"cmd": "train", "batch": B, "steps": N, "layout": L, "compile": C, "bank": N_train}
+      -> {"seconds": [s, ...]}
+"compile": false runs eager; true runs `torch.compile` (inductor; on a GPU its
+"max-autotune" mode, which adds CUDA graphs and autotuned kernels); each (layout, compile)
+pair is compiled once per worker, on its first call (callers discard that call's time).
+On a GPU, `torch.backends.cudnn.benchmark` is on: cuDNN picks its fastest algorithms, as
+XLA autotunes ours. The hello line reports torch's version, threads and build
+configuration (`torch.__config__.show()`), which benchmark records keep.
 The weights file holds the rshash_jax variables under PyTorch names and layouts
 (`state_dict`), so both sides compute the same function; `features` lets the caller
 check that. Inputs are the backbone's normalised NCHW float32 tensors (no decoding here:
@@ -119,7 +126,8 @@ class VGGF(nn.Module):
     super().__init__()
     self.conv1, self.conv2 = nn.Conv2d(3, 64, 11, 4), nn.Conv2d(64, 256, 5, 1, 2)
     self.conv3, self.conv4, self.conv5 = (nn.Conv2d(256, 256, 3, 1, 1) for _ in range(3))
-    self.fc6, self.fc7 = nn.Conv2d(256, 4096, 6), nn.Conv2d(4096, 4096, 1)
+    # fc6/fc7 as their users write them: Linear layers on the flattened (C, H, W) map.
+    self.fc6, self.fc7 = nn.Linear(256 * 6 * 6, 4096), nn.Linear(4096, 4096)
     self.fc8 = nn.Linear(4096, classes)
     d, kappa, alpha, beta = lrn
     self.lrn = nn.LocalResponseNorm(int(d), alpha=alpha * d, beta=beta, k=kappa)
@@ -132,7 +140,7 @@ class VGGF(nn.Module):
     x = self._pool(self.lrn(F.relu(self.conv1(x))))
     x = self._pool(self.lrn(F.relu(self.conv2(x))))
     x = self._pool(F.relu(self.conv5(F.relu(self.conv4(F.relu(self.conv3(x)))))))
-    return F.relu(self.fc7(F.relu(self.fc6(x)))).flatten(1)
+    return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
 
 
 class DHCNN(nn.Module):
@@ -189,6 +197,19 @@ def _frozen_batch_norm(model):
       m.eval()
 
 
+_COMPILED = {}
+
+
+def _maybe_compiled(key, fn, cmd):
+  """`fn`, or its torch.compile'd form (cached per key) when the command asks for it."""
+  if not cmd.get("compile"):
+    return fn
+  if key not in _COMPILED:
+    mode = "max-autotune" if _RUN["device"] == "cuda" else None
+    _COMPILED[key] = torch.compile(fn, mode=mode)
+  return _COMPILED[key]
+
+
 def _train(model, cmd):
   b, n_bank, steps = cmd["batch"], cmd["bank"], cmd["steps"]
   dev = _RUN["device"]
@@ -201,6 +222,7 @@ def _train(model, cmd):
   _frozen_batch_norm(model)
   fmt = torch.channels_last if cmd["layout"] == "channels_last" else torch.contiguous_format
   model = model.to(memory_format=fmt)  # once: the timed step converts only its input
+  net = _maybe_compiled(("train", cmd["layout"]), model, cmd)
   times = []
   for _ in range(steps):
     rows = torch.randperm(n_bank, generator=g)[:b].to(dev)
@@ -210,7 +232,7 @@ def _train(model, cmd):
     # The step as rshash_jax's: uint8 NHWC pixels in, preprocessing inside the step.
     x = pixels.permute(0, 3, 1, 2).float().sub_(127.0).div_(128.0)
     with _autocast():
-      u, logits = model(x.contiguous(memory_format=fmt))
+      u, logits = net(x.contiguous(memory_format=fmt))
     u, logits = u.float(), logits.float()
     y = bank_labels[rows]
     bank[rows] = u.detach()
@@ -229,8 +251,14 @@ def _train(model, cmd):
 
 def main():
   torch.set_num_threads(int(os.environ.get("TORCH_THREADS", os.cpu_count())))
+  torch.backends.cudnn.benchmark = True
   model = None
-  print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+  hello = {
+    "torch": torch.__version__,
+    "threads": torch.get_num_threads(),
+    "config": torch.__config__.show(),
+  }
+  print(json.dumps(hello), flush=True)
   for line in sys.stdin:
     cmd = json.loads(line)
     try:
@@ -255,12 +283,13 @@ def main():
         model.eval()
         with torch.no_grad(), _autocast():
           m, x = _layout(model, x, cmd["layout"])
-          for _ in range(2):  # warm-up (oneDNN primitives, cuDNN algorithm choice)
-            m.backbone.features(x)
+          fwd = _maybe_compiled(("forward", cmd["layout"]), m.backbone.features, cmd)
+          for _ in range(2):  # warm-up (compilation, oneDNN primitives, cuDNN's choice)
+            fwd(x)
           _sync()
           t = time.perf_counter()
           for _ in range(cmd["batches"]):
-            m.backbone.features(x)
+            fwd(x)
           _sync()
           out = {"seconds": time.perf_counter() - t}
       elif cmd["cmd"] == "train":

@@ -12,10 +12,10 @@ Ours is the real step of `configs/dhcnn.py:local,finetune` (dhcnn_step.make_trai
 uint8 pixels in, preprocessing, backbone, hash layer, classifier, pairwise loss over the
 memory bank, quantisation, cross entropy, Adam; batch norm on stored statistics). The
 peer (benchmarks/torch_peer.py, in its own process) runs the same network, loss and
-optimiser from the same uint8 batch; it is timed in both memory layouts (NCHW,
-channels_last) and the faster is the peer. Both sides use every core. Each pair times
-`--steps` steps of ours, then of PyTorch's (median step each); the ratio is PyTorch's
-step time over ours (> 1: we are faster), and the last line gives the median of
+optimiser from the same uint8 batch; it is timed eager and torch.compile'd, in both
+memory layouts (NCHW, channels_last), and the fastest is the peer. Both sides use every
+core. Each pair times `--steps` steps of ours, then of PyTorch's (median step each); the
+ratio is PyTorch's step time over ours (> 1: we are faster), and the last line gives the median of
 `--pairs` ratios with their range. VGG-F and the untrained hash head start from random
 weights; Lite0 from ImageNet weights when the `weights` extra is installed. Batches are on
 the device before the clock starts, on both sides. MFU: model FLOPs (convolutions and
@@ -64,15 +64,18 @@ step 6.9 -> 9.6 images/s interleaved on a slower day; 1.41x PyTorch (1.38..1.52)
 import argparse
 import dataclasses
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _peer  # noqa: E402
+import _record  # noqa: E402
 from rshash_jax.models import backbones, dhcnn  # noqa: E402
 from rshash_jax.parallel import sharding  # noqa: E402
 from rshash_jax.training import dhcnn_step, train_state  # noqa: E402
@@ -240,6 +243,7 @@ def main():
     help="> 0: also time this many forward batches (features, the network alone) per side",
   )
   p.add_argument("--peer", default="torch", choices=("torch", "none"))
+  p.add_argument("--record", default=None, help="write a JSON record here (benchmarks/_record.py)")
   args = p.parse_args()
 
   platform = jax.default_backend()
@@ -268,10 +272,11 @@ def main():
       else "no peer"
     )
   )
+  same_fn, peer_config = None, peer.info.get("config") if peer else None
   if peer:
+    same_fn = _peer.check_same_function(peer, bb)
     print(
-      f"same network: max |features ours - PyTorch| / max |features| = "
-      f"{_peer.check_same_function(peer, bb):.1e}"
+      f"same network: max |features ours - PyTorch| / max |features| = {same_fn:.1e}"
       " (ours in the run's dtype, PyTorch float32)"
     )
 
@@ -287,33 +292,22 @@ def main():
   print(f"ours: compile + 2 steps {time.perf_counter() - t:.1f} s")
   peak = next((v for k, v in PEAK_BF16.items() if k in kind), None) if platform == "gpu" else None
   ceiling = matmul_flops_per_s() if platform == "gpu" else None
-  layout = "nchw"
+  cfg, peer_rates = {"layout": "nchw", "compile": False}, {}
   if peer:
-    layouts = {}
-    for layout in ("nchw", "channels_last"):
-      s = peer.ask(
-        cmd="train", batch=args.batch, steps=args.steps + 1, layout=layout, bank=args.bank
-      )["seconds"]
-      layouts[layout] = float(np.median(s[1:]))
-    layout = min(layouts, key=layouts.get)
-    print(
-      "PyTorch layouts, images/s: "
-      + ", ".join(f"{k} {args.batch / v:.2f}" for k, v in layouts.items())
-      + f" -> peer: {layout}"
-    )
+
+    def probe(c):  # the first step (torch.compile's compilation) is not counted
+      s = peer.ask(cmd="train", batch=args.batch, steps=args.steps + 1, bank=args.bank, **c)
+      return args.batch / float(np.median(s["seconds"][1:]))
+
+    cfg, peer_rates = _peer.fastest(probe)
   ratios, ours_rate, theirs_rate = [], [], []
   for i in range(args.pairs):
     a = float(np.median(ours(args.steps)))
     ours_rate.append(args.batch / a)
     line = f"pair {i}: ours {args.batch / a:.2f} images/s"
     if peer:
-      b = float(
-        np.median(
-          peer.ask(cmd="train", batch=args.batch, steps=args.steps, layout=layout, bank=args.bank)[
-            "seconds"
-          ]
-        )
-      )
+      asked = peer.ask(cmd="train", batch=args.batch, steps=args.steps, bank=args.bank, **cfg)
+      b = float(np.median(asked["seconds"]))
       ratios.append(b / a)
       theirs_rate.append(args.batch / b)
       line += f", PyTorch {args.batch / b:.2f} images/s, ratio {b / a:.2f}"
@@ -335,15 +329,16 @@ def main():
       else ""
     )
   )
+  forward_result = None
   if args.forward_batches:
     fwd = our_forward(bb, args.batch)
     f_ours, f_theirs = [], []
     for _ in range(args.pairs):
       f_ours.append(args.batch * args.forward_batches / fwd(args.forward_batches))
       if peer:
-        sec = peer.ask(
-          cmd="forward", batch=args.batch, batches=args.forward_batches, layout=layout
-        )["seconds"]
+        sec = peer.ask(cmd="forward", batch=args.batch, batches=args.forward_batches, **cfg)[
+          "seconds"
+        ]
         f_theirs.append(args.batch * args.forward_batches / sec)
     fr = np.asarray(f_ours) / np.asarray(f_theirs) if peer else None
     print(
@@ -355,13 +350,42 @@ def main():
         else ""
       )
     )
+    forward_result = {
+      "batches": args.forward_batches,
+      "ours_images_per_s": _record.spread(f_ours),
+      "peer_images_per_s": _record.spread(f_theirs) if peer else None,
+      "ratio": _record.spread(fr) if peer else None,
+    }
   if peer:
     peer.close()
     print(
       f"{args.backbone} batch {args.batch} {args.dtype}: ours {np.median(ours_rate):.2f} "
-      f"images/s, PyTorch "
-      f"{np.median(theirs_rate):.2f} images/s ({layout}); ratio median {np.median(ratios):.2f} "
+      f"images/s, PyTorch {np.median(theirs_rate):.2f} images/s ({_peer.config_name(cfg)}); "
+      f"ratio median {np.median(ratios):.2f} "
       f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.pairs} pairs)"
+    )
+  if args.record:
+    _record.write(
+      args.record,
+      {
+        "benchmark": "train_step",
+        "backbone": args.backbone,
+        "pretrained": pretrained,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "steps_per_side": args.steps,
+        "pairs": args.pairs,
+        "devices": f"{jax.device_count()} x {kind}",
+        "ours_images_per_s": _record.spread(ours_rate),
+        "peer": _peer.config_name(cfg) if peer else None,
+        "peer_configs_images_per_s": peer_rates,
+        "peer_images_per_s": _record.spread(theirs_rate) if peer else None,
+        "ratio": _record.spread(ratios) if peer else None,
+        "same_function_max_rel_diff": same_fn,
+        "model_gflops_per_step": flops_step / 1e9,
+        "forward": forward_result,
+      },
+      torch_config=peer_config,
     )
 
 
