@@ -125,12 +125,14 @@ def versions(torch_config: str | None = None) -> dict:
   return out
 
 
-def write(path: str, results: dict, torch_config: str | None = None) -> dict:
-  """Write the record of this run to `path` and return it."""
+def write(
+  path: str, results: dict, torch_config: str | None = None, command: str | None = None
+) -> dict:
+  """Write the record of this run to `path` and return it; `command` when the measured
+  command is not this process's own (benchmarks/reproduce.py runs children)."""
   record = {
-    "command": " ".join(
-      ["python", os.path.relpath(os.path.abspath(sys.argv[0]), REPO)] + sys.argv[1:]
-    ),
+    "command": command
+    or " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), REPO)] + sys.argv[1:]),
     "commit": commit(),
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "host": host(),

@@ -1,34 +1,47 @@
-"""DHCNN codes that rank by similarity: a grid selected on validation by a declared rule.
+"""DHCNN settings selected on validation by a declared rule: two declared grids.
 
-    python benchmarks/dhcnn_neighbours.py --data=../shared/data/ucmerced \
-        --workdir=/tmp/dhcnn_neighbours
-    python benchmarks/dhcnn_neighbours.py --test ...   # afterwards: the test split, chosen
-                                                       # setting and the two baselines only
+    python benchmarks/dhcnn_neighbours.py --grid=local --data=../shared/data/ucmerced \
+        --workdir=/tmp/dhcnn_select          # the `local` preset's optimiser, schedule, backbone
+    python benchmarks/dhcnn_neighbours.py --grid=neighbours --data=../shared/data/ucmerced \
+        --workdir=/tmp/dhcnn_select          # class margins and neighbourhood distillation
+    python benchmarks/dhcnn_neighbours.py --grid=G --test ...   # afterwards: the test split,
+                                             # the chosen setting and the grid's baselines only
 
-Declared before any of its runs (issue 29, items 2 and 3). The values of the margin grid
-were narrowed by single validation runs of seed 0 at 64 bits made while the options were
-written (centre margins 0.1-0.25, distillation weights 0.1-3, centre weights 1-300); no
-test split was read for them.
+Both grids and the rule were declared before any of their runs (issue 29 items 2-3, issue
+31 item 3). Every run is `configs/dhcnn.py:local` (frozen features, 100 epochs) with the
+setting's overrides, model.bits 32 | 64 and seed = data.seed = 0 | 1 | 2 (initialisation,
+split and held-out classes all change with the seed), data.validation = 0.25 (the training
+part split again; the test images are not read) and data.unseen_classes = 0.25 (5 of UC
+Merced's 21 classes held out of training and ranked among themselves).
 
-Grid, on `configs/dhcnn.py:local` (frozen EfficientNet-Lite0 features, Adam, 100 epochs):
+--grid=local (record benchmarks/results/dhcnn_local_selection.json): the optimiser and
+schedule of `local`, chosen on test before data.validation existed, and the backbone
+(the earlier frozen grid's validation picked Lite2 at 64 bits while `best` kept Lite0):
+  backbone   efficientnet_lite0 | lite1 | lite2
+  optimiser  adam1e-3_log (the preset: Adam 1e-3 -> 1e-6, log-spaced per epoch,
+             theta = u.U/2) | adam3e-3_log | adam3e-4_log | adam1e-3_cosine |
+             sgd_official (SGD 1e-2 -> 1e-5, theta = u.U/32: the paper's code)
+  baseline for --test: adam1e-3_log_lite0.
+
+--grid=neighbours (record benchmarks/results/dhcnn_neighbours_selection.json), on `local`:
   baseline   dhcnn.center_weight 0                                  (the `local` preset)
   centers    dhcnn.center_weight 1                                  (the `local,centers` preset)
   margin     dhcnn.center_weight 100, dhcnn.center_margin 0.15 | 0.2,
              dhcnn.distill_weight 0.5 | 1 | 2
-  model.bits 32 | 64; seed = data.seed = 0 | 1 | 2 (initialisation, split and held-out
-  classes all change with the seed).
-Every run: data.validation = 0.25 (the training part split again; the test images are not
-read) and data.unseen_classes = 0.25 (5 of UC Merced's 21 classes held out of training and
-ranked among themselves).
+  The margin values were narrowed by single validation runs of seed 0 at 64 bits made
+  while the options were written (centre margins 0.1-0.25, distillation weights 0.1-3,
+  centre weights 1-300); no test split was read for them.
 
-Rule: for each setting, score = mean over both lengths and the three seeds of
+Rule, both grids: for each setting, score = mean over both lengths and the three seeds of
 (map_tie_aware + neighbour_recall_at[10] + unseen_map_tie_aware) / 3; the setting with the
 highest score is chosen (ties: the earlier in the grid). Each measure's mean +- std goes in
 the record beside the same runs' ITQ and float-feature references.
 
-The record (--record, default benchmarks/results/dhcnn_neighbours_selection.json) holds the
-command, commit, date, host, versions, the grid, the rule, every run's measures and the
-choice; --test appends the test-split rows of the chosen setting and the two baselines.
+The record (benchmarks/_record.py: command, commit, date, host, versions) holds in its
+`results` the grid, the rule, every run's measures and the choice; --test adds the
+test-split rows of the chosen setting and the baselines, with their own command, commit
+and date. A finished run's results.json in --workdir is read back, so a stopped selection
+resumes.
 """
 
 import argparse
@@ -36,25 +49,60 @@ import datetime
 import itertools
 import json
 import os
-import platform
-import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 
-import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
+import _record  # noqa: E402
 import dhcnn as dhcnn_config  # noqa: E402  (configs/dhcnn.py)
 from rshash_jax.data import input_pipeline  # noqa: E402
 from rshash_jax.training import train_dhcnn  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = [("baseline", 0.0, 0.0, 0.0), ("centers", 1.0, 0.0, 0.0)] + [
-  (f"margin{m:g}_distill{d:g}", 100.0, m, d)
+_MARGIN = [
+  (
+    f"margin{m:g}_distill{d:g}",
+    {"dhcnn.center_weight": 100.0, "dhcnn.center_margin": m, "dhcnn.distill_weight": d},
+  )
   for m, d in itertools.product((0.15, 0.2), (0.5, 1.0, 2.0))
 ]
+# The `local` preset's optimiser and schedule (chosen on test before data.validation
+# existed) and its backbone, selected again: the paper's SGD, Adam at three learning rates
+# with the log-spaced per-epoch schedule, Adam with a cosine schedule; EfficientNet-Lite0/1/2.
+_OPTIMISERS = [
+  ("adam1e-3_log", {}),  # the `local` preset as it was
+  ("adam3e-3_log", {"train.lr_start": 3e-3}),
+  ("adam3e-4_log", {"train.lr_start": 3e-4}),
+  ("adam1e-3_cosine", {"train.schedule": "cosine"}),
+  (
+    "sgd_official",
+    {
+      "train.optimizer": "sgd",
+      "train.lr_start": 1e-2,
+      "train.lr_end": 1e-5,
+      "dhcnn.theta_scale": 1.0 / 32,
+    },
+  ),
+]
+_BACKBONES = [(n, {"model.backbone": f"efficientnet_{n}"}) for n in ("lite0", "lite1", "lite2")]
+GRIDS = {
+  "neighbours": [
+    ("baseline", {}),  # the `local` preset
+    ("centers", {"dhcnn.center_weight": 1.0}),  # `local,centers`
+  ]
+  + _MARGIN,
+  "local": [
+    (f"{o}_{b}", {**oo, **bo}) for (b, bo), (o, oo) in itertools.product(_BACKBONES, _OPTIMISERS)
+  ],
+}
+BASELINES = {"neighbours": ("baseline", "centers"), "local": ("adam1e-3_log_lite0",)}
+RECORDS = {
+  "neighbours": "dhcnn_neighbours_selection.json",
+  "local": "dhcnn_local_selection.json",
+}
 BITS = (32, 64)
 SEEDS = (0, 1, 2)
 MEASURES = (
@@ -65,21 +113,30 @@ MEASURES = (
   "distinct_fraction",
 )
 REFERENCES = ("itq_map", "itq_neighbour_recall_at10", "unseen_map_itq", "unseen_map_float")
+RULE = (
+  "max over settings of mean over bits and seeds of "
+  "(map_tie_aware + neighbour_recall_at[10] + unseen_map_tie_aware) / 3"
+)
+
+
+def _override(c, overrides):
+  for path, value in overrides.items():
+    *parents, leaf = path.split(".")
+    node = c
+    for part in parents:
+      node = getattr(node, part)
+    setattr(node, leaf, value)
 
 
 def run(args, split, setting, bits, seed, unseen=0.25):
-  name, center_weight, margin, distill = setting
+  name, overrides = setting
   c = dhcnn_config.get_config("local")
   c.data.source = f"folder:{args.data}"
   c.data.validation = 0.25 if split == "validation" else 0.0
   c.data.unseen_classes = unseen
   c.seed = c.data.seed = seed
   c.model.bits = bits
-  c.dhcnn.center_weight, c.dhcnn.center_margin, c.dhcnn.distill_weight = (
-    center_weight,
-    margin,
-    distill,
-  )
+  _override(c, overrides)
   c.features.cache_dir = os.path.join(args.workdir, "cache")
   c.train.checkpoint_every_steps = 10**9
   wd = os.path.join(args.workdir, f"{split}_{name}_{bits}_s{seed}_u{unseen:g}")
@@ -130,9 +187,9 @@ def _mean_std(rows, key):
   return {"mean": float(v.mean()), "std": float(v.std())}
 
 
-def summarise(rows):
+def summarise(rows, settings):
   out = {}
-  for name, *_ in SETTINGS:
+  for name, _ in settings:
     mine = [r for r in rows if r["setting"] == name]
     if not mine:
       continue
@@ -147,86 +204,64 @@ def summarise(rows):
   return out
 
 
-def _host():
-  cpu = ""
-  if os.path.isfile("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  return {
-    "cpu": cpu,
-    "cores": os.cpu_count(),
-    "machine": platform.machine(),
-    "devices": str(jax.devices()),
-  }
-
-
 def main():
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--data", default="../shared/data/ucmerced")
   p.add_argument("--workdir", default="/tmp/dhcnn_neighbours")
-  p.add_argument(
-    "--record",
-    default=os.path.join(REPO, "benchmarks", "results", "dhcnn_neighbours_selection.json"),
-  )
+  p.add_argument("--grid", default="neighbours", choices=sorted(GRIDS))
+  p.add_argument("--record", default=None, help="default: benchmarks/results/RECORDS[grid]")
   p.add_argument("--test", action="store_true", help="after the selection: the test split")
   args = p.parse_args()
+  args.record = args.record or os.path.join(REPO, "benchmarks", "results", RECORDS[args.grid])
+  settings = GRIDS[args.grid]
   logging.set_verbosity(logging.WARNING)
   input_pipeline.configure_tf()
   if args.test:
     with open(args.record) as f:
       record = json.load(f)
-    chosen = record["chosen"]
-    test_settings = [s for s in SETTINGS if s[0] in ("baseline", "centers", chosen)]
+    res = record["results"]
+    chosen = res["chosen"]
+    test_settings = [s for s in settings if s[0] in BASELINES[args.grid] + (chosen,)]
     rows = []
     for setting, bits in itertools.product(test_settings, BITS):
       rows.append(run(args, "test", setting, bits, 0, unseen=0.0))
       rows.append(run(args, "test", setting, bits, 0, unseen=0.25))
-    record["test"] = {"command": " ".join(sys.argv), "rows": rows}
-  else:
-    rows = [
-      run(args, "validation", s, b, seed) for s, b, seed in itertools.product(SETTINGS, BITS, SEEDS)
-    ]
-    summary = summarise(rows)
-    chosen = max((s[0] for s in SETTINGS), key=lambda n: summary[n]["score"])  # first of equals
-    commit = subprocess.run(
-      ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    import flax  # pylint: disable=g-import-not-at-top
-
-    record = {
+    res["test"] = {
       "command": "python benchmarks/dhcnn_neighbours.py " + " ".join(sys.argv[1:]),
-      "commit": commit,
+      "commit": _record.commit(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "host": _host(),
-      "versions": {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-      },
+      "rows": rows,
+    }
+    with open(args.record + ".tmp", "w") as f:
+      json.dump(record, f, indent=1)
+      f.write("\n")
+    os.replace(args.record + ".tmp", args.record)
+    return
+  rows = [
+    run(args, "validation", s, b, seed) for s, b, seed in itertools.product(settings, BITS, SEEDS)
+  ]
+  summary = summarise(rows, settings)
+  chosen = max((s[0] for s in settings), key=lambda n: summary[n]["score"])  # first of equals
+  print(f"# chosen on validation: {chosen} (score {summary[chosen]['score']:.4f})", flush=True)
+  _record.write(
+    args.record,
+    {
       "grid": {
-        "settings": SETTINGS,
+        "name": args.grid,
+        "settings": settings,
         "bits": BITS,
         "seeds": SEEDS,
         "validation": 0.25,
         "unseen_classes": 0.25,
       },
-      "rule": "max over settings of mean over bits and seeds of "
-      "(map_tie_aware + neighbour_recall_at[10] + unseen_map_tie_aware) / 3",
+      "rule": RULE,
       "summary": summary,
       "chosen": chosen,
       "runs": rows,
-    }
-    print(f"# chosen on validation: {chosen} (score {summary[chosen]['score']:.4f})", flush=True)
-  os.makedirs(os.path.dirname(args.record), exist_ok=True)
-  tmp = args.record + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, args.record)
+    },
+  )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+import _record
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +129,9 @@ def main():
   p.add_argument(
     "--parts", default="decode,memory", help="decode, memory (also runs the 1 vs 2 processes)"
   )
+  p.add_argument("--record", default=None, help="write a JSON record here (benchmarks/_record.py)")
   ARGS = p.parse_args()
+  result = {"archive_images": ARGS.max}
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   t0 = time.perf_counter()
   full = archive(ARGS.archive, ARGS.max)
@@ -144,8 +147,12 @@ def main():
     print("\n| threads | decode + resize to 224 px, images/s (median of 3) |\n|---|---|")
     for threads in (1, 2):
       print(f"| {threads} | {np.median(rates[threads]):.0f} |", flush=True)
+    result["decode_images_per_s"] = {str(t): _record.spread(v) for t, v in rates.items()}
+    result["decode_count"] = ARGS.decode_count
   if "memory" not in parts:
+    _write(result)
     return
+  result["memory"], result["processes"] = [], []
 
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   print("\n| images | run | wall s | peak RssAnon MiB | peak VmRSS MiB |\n|---|---|---|---|---|")
@@ -155,11 +162,29 @@ def main():
     work = os.path.join(ARGS.archive, f"runs_{n}_{os.getpid()}")
     cache = os.path.join(work, "cache")
     wall, anon, rss, _ = run(train_cmd(data, os.path.join(work, "extract"), cache), env)
+    result["memory"].append(
+      {
+        "images": n,
+        "run": "extract",
+        "wall_s": wall,
+        "peak_rss_anon_mib": anon,
+        "peak_vmrss_mib": rss,
+      }
+    )
     print(
       f"| {n} | feature extraction + training + eval | {wall:.0f} | {anon:.0f} | {rss:.0f} |",
       flush=True,
     )
     wall, anon, rss, out = run(train_cmd(data, os.path.join(work, "train"), cache), env)
+    result["memory"].append(
+      {
+        "images": n,
+        "run": "cached",
+        "wall_s": wall,
+        "peak_rss_anon_mib": anon,
+        "peak_vmrss_mib": rss,
+      }
+    )
     print(
       f"| {n} | training + eval (cached features) | {wall:.0f} | {anon:.0f} | {rss:.0f} |",
       flush=True,
@@ -171,6 +196,7 @@ def main():
   print("\n| processes x devices | training + eval wall s (cached features) |\n|---|---|")
   wall, _, _, _ = run(train_cmd(data, os.path.join(ARGS.archive, f"p1_{os.getpid()}"), cache), env)
   print(f"| 1 x 2 | {wall:.1f} |", flush=True)
+  result["processes"].append({"images": n, "processes": 1, "devices": 2, "wall_s": wall})
   env2 = dict(os.environ, RSHASH_LOCAL_DEVICES="1", PYTHON=sys.executable)
   wall, _, _, _ = run(
     ["bash", "launch/local.sh", "2"]
@@ -178,6 +204,13 @@ def main():
     env2,
   )
   print(f"| 2 x 1 | {wall:.1f} |", flush=True)
+  result["processes"].append({"images": n, "processes": 2, "devices": 1, "wall_s": wall})
+  _write(result)
+
+
+def _write(result):
+  if ARGS.record:
+    _record.write(ARGS.record, result)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,9 @@ with the command, commit, date and host.
 
 import argparse
 import concurrent.futures
-import datetime
 import io
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -145,39 +143,6 @@ def _hostile(url: str, port: int, stop: threading.Event, counts: dict):
   for t in threads:
     t.start()
   return threads
-
-
-def _record(path: str, payload: dict):
-  def run(cmd):
-    try:
-      return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO).stdout.strip()
-    except OSError:
-      return ""
-
-  cpu = next(
-    (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), ""
-  )
-  flags = set(
-    next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-  )
-  with open("/proc/meminfo") as f:
-    mem_kb = int(f.readline().split()[1])
-  record = {
-    "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-    "commit": run(["git", "rev-parse", "HEAD"]),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "host": {
-      "cpu": cpu,
-      "cores": os.cpu_count(),
-      "flags": sorted(flags & {"avx2", "avx512f", "avx512_vpopcntdq", "avx512bw", "sse4_2"}),
-      "memory_gb": round(mem_kb / 2**20, 1),
-      "python": platform.python_version(),
-    },
-    "results": payload,
-  }
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(record, f, indent=1)
 
 
 def _load(url: str, files, clients: int, requests: int, k: int, pct=99):
@@ -333,7 +298,9 @@ def main():
       )
     print(json.dumps(payload))
     if args.record:
-      _record(args.record, payload)
+      import _record  # pylint: disable=g-import-not-at-top
+
+      _record.write(args.record, payload)
   finally:
     server.terminate()
     server.wait(timeout=30)
