@@ -277,4 +277,5 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path, referenc
   )
   assert f"Resumed from checkpoint at step {steps[-1]}" in proc.stderr
   res = _results(work)
-  assert res["step"] == 400 * 6 and 0.5 < res["map"] <= 1.0
+  # Chance is ~0.2 on 6 classes; the resumed run ends at 0.89.
+  assert res["step"] == 400 * 6 and res["map"] >= 0.85, res["map"]

@@ -62,7 +62,8 @@ def test_cli_tiny_run_writes_results(tmp_path):
   for key in REQUIRED:
     assert key in res, key
   assert res["num_database"] + res["num_query"] == 60 and res["num_query"] == 12
-  assert 0.5 < res["map"] <= 1.0 and res["bits"] == 16  # chance is ~0.2 on 6 classes
+  # Chance is ~0.2 on 6 classes; this run gives 0.76.
+  assert res["map"] >= 0.7 and res["bits"] == 16, res["map"]
   assert (
     set(res["pr_curve"]) >= {"radius", "precision", "recall"}
     and len(res["pr_curve"]["radius"]) == 17
@@ -356,11 +357,16 @@ def test_unseen_classes_are_held_out_and_every_measure_is_reported(tmp_path, mod
   ):
     assert saved[key] == res[key], key
   # k = 100 is left out: the 32-image database would be found whole whatever the codes.
-  assert set(saved["neighbour_recall_at"]) == {"10"} and 0 <= res["neighbour_recall_at"][10] <= 1
+  assert set(saved["neighbour_recall_at"]) == {"10"}
+  # A random order finds 10/32 = 0.31 of the 10 true neighbours; these codes 0.52-0.55.
+  assert res["neighbour_recall_at"][10] >= 0.45, res["neighbour_recall_at"]
   assert res["unseen_num_database"] == len(s.unseen_db) and res["unseen_num_query"] == len(
     s.unseen_q
   )
   assert 1 <= res["distinct_codes"] <= res["num_database"] == len(s.train_idx)
   assert 0.0 <= res["bit_entropy"] <= 1.0 and len(res["bit_entropy_per_bit"]) == 16
   # The held-out classes have two classes' worth of images: chance mAP is about 0.5.
-  assert 0.0 < res["unseen_map_float"] <= 1.0 and 0.0 < res["unseen_map"] <= 1.0
+  # The generated classes are colours the float features and their ITQ codes separate
+  # (1.0 here); the hash codes, trained on the other classes, reach 0.67 (frozen) and 1.0.
+  assert res["unseen_map_float"] >= 0.99 and res["unseen_map_itq"] >= 0.9, res
+  assert res["unseen_map"] >= 0.6, res["unseen_map"]
