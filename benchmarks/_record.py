@@ -56,6 +56,11 @@ def commit() -> str:
   return head + ("-dirty" if head and dirty else "")
 
 
+# The code a run measures is the code it started with: the commit is read when the
+# benchmark imports this module, not when it writes its record minutes or hours later.
+START_COMMIT = commit()
+
+
 def _cpuinfo() -> tuple[str, list[str]]:
   try:
     with open("/proc/cpuinfo") as f:
@@ -133,7 +138,7 @@ def write(
   record = {
     "command": command
     or " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), REPO)] + sys.argv[1:]),
-    "commit": commit(),
+    "commit": START_COMMIT,
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "host": host(),
     "versions": versions(torch_config),

@@ -3,13 +3,19 @@
     python benchmarks/hamming.py                      # N = 1M, 10M; 32/64/128 bits
     python benchmarks/hamming.py --sizes=100000 --bits=64 --queries=200   # quick look
 
-One run measures all of them on the same random codes and checks that they return the
-same distances (rshash_jax and numpy also the same indices: FAISS breaks ties its own
-way). rshash_jax and FAISS are timed interleaved (ours, FAISS, ours, FAISS, ...,
-`--pairs` pairs, default 5): on a shared machine both drift, so each pair gives one
-ratio and the table reports the median ratio (and the medians of each side's q/s).
-JAX uses one CPU device per core (`--devices`, default: all cores), FAISS its OpenMP
-threads (all cores). numpy brute force is timed on `--numpy_queries` queries only.
+One run measures all of them on the same codes: uniform random ones and, with --learned,
+codes of trained models (a codes file replicated to N, each bit flipped with probability
+--flip). rshash_jax and FAISS are timed interleaved (ours, FAISS, ours, FAISS, ...,
+`--pairs` pairs, default 5): on a shared machine both drift, so each pair gives one ratio
+and the table reports the median ratio (and the medians of each side's q/s). JAX uses one
+CPU device per core (`--devices`, default: all cores), FAISS its OpenMP threads (set to
+all cores; its compile options are printed and recorded). numpy brute force is timed on
+`--numpy_queries` queries only. Exactness: every query of every cell is compared with the
+exact top-k in (distance, index) order, from FAISS's own k'-nearest search with k' grown
+until its k'-th distance passes ours (numpy's full scan without FAISS), and every timed
+repetition must return the same; the run exits 1 if any query differs. --record writes the
+cells, with every raw timing, to a JSON record (benchmarks/_record.py) that
+docs/performance.md renders.
 
 Roofline columns, from probes measured in the same run (on a GPU the probe is a read of
 HBM and FAISS is absent unless installed):

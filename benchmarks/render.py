@@ -220,6 +220,34 @@ def serve_hostile():
   )
 
 
+KNN_RECORDS = (
+  ("efficientnet_lite0", "ImageNet", "features_efficientnet_lite0.json"),
+  ("efficientnet_lite1", "ImageNet", "features_efficientnet_lite1.json"),
+  ("efficientnet_lite2", "ImageNet", "features_efficientnet_lite2.json"),
+  ("efficientnet_lite0", "random init", "features_efficientnet_lite0_random.json"),
+  ("squeezenet", "ImageNet", "features_squeezenet.json"),
+)
+
+
+def features_knn():
+  rows, notes = [], []
+  for bb, weights, name in KNN_RECORDS:
+    rec = load(name)
+    r = rec["results"]
+    rows.append(
+      (
+        bb,
+        weights,
+        r["image_size"],
+        f"{r['nn_accuracy']:.4f}",
+        f"{r['extract_images_per_s']:.1f}",
+      )
+    )
+    notes.append(provenance(name, rec))
+  head = ("backbone", "weights", "input", "1-NN accuracy", "images/s (decode + resize + CNN)")
+  return _table(head, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
 def serve_load():
   rows, notes = [], []
   for name in ("serve_lite0.json", "serve_tiny.json"):
@@ -380,6 +408,7 @@ TABLES = {
   "hamming_learned": hamming("learned"),
   "networks_cpu": networks,
   "peer_configs_cpu": peer_configs,
+  "features_knn": features_knn,
   "serve_hostile": serve_hostile,
   "serve_load": serve_load,
   "neighbours_validation": selection_validation("dhcnn_neighbours_selection.json"),
