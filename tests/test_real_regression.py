@@ -5,7 +5,9 @@ checked against a floor just under its recorded value, so that a wrong implement
 (a loss, a metric, a decode or a weight reader gone wrong) cannot pass.
 
 Recorded values (test split, seed 0, this 2-core CPU; configs' docstrings):
-  configs/dhcnn.py:local          64 bits  mAP 0.9724    floor 0.97 (the issue's goal)
+  configs/dhcnn.py:local          64 bits  mAP 0.9694    floor 0.965 (Adam 3e-4, chosen on
+                                  validation; the issue's 0.97 was met by the 1e-3 chosen on
+                                  test: 0.9724)
   configs/mrhash.py:local,itq     64 bits  mAP@100 0.6832  floor 0.675
   configs/mrhash.py:local         64 bits  mAP@100 0.7087  floor 0.69 (above ITQ's record)
 (measured 2026-12-03: 70 s, 41 s and 86 s, one after the other, sharing one cache.)
@@ -25,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # preset -> (results field, floor)
 FLOORS = {
-  "dhcnn.py:local": ("map", 0.97),
+  "dhcnn.py:local": ("map", 0.965),
   "mrhash.py:local,itq": ("map_at_r", 0.675),
   "mrhash.py:local": ("map_at_r", 0.69),
 }
