@@ -38,20 +38,20 @@ Presets (`configs/dhcnn.py:ARGS`, comma-separated; `key=value` items set fields 
   bits=16|32|48|64, backbone=vgg_f|alexnet|efficientnet_lite0|squeezenet|..., mode=frozen|finetune
 
 Measured on the 2-core CPU of this project (EPYC, no accelerator), ../shared/data/ucmerced,
-80/20 per-class split (1680 database / 420 queries), seed 0, full-ranking mAP:
-  configs/dhcnn.py:local            64 bits  mAP 0.9724  accuracy 0.9762  116 s
-  configs/dhcnn.py:local,bits=48    48 bits  mAP 0.9675  accuracy 0.9762   36 s (cached features)
-  configs/dhcnn.py:local,bits=32    32 bits  mAP 0.9677  accuracy 0.9762   33 s (cached features)
-  configs/dhcnn.py:local,bits=16    16 bits  mAP 0.9406  accuracy 0.9714   33 s (cached features)
-  configs/dhcnn.py + folder source  64 bits  mAP 0.8061  accuracy 0.9571   (official SGD settings)
+80/20 per-class split (1680 database / 420 queries), seed 0, full-ranking mAP; each row has a
+record in benchmarks/results/quality/ (`python benchmarks/reproduce.py --check` reruns them):
+  configs/dhcnn.py:local            64 bits  mAP 0.9694  accuracy 0.9762   71 s
+  configs/dhcnn.py:local,bits=48    48 bits  mAP 0.9698  accuracy 0.9762   26 s (cached features)
+  configs/dhcnn.py:local,bits=32    32 bits  mAP 0.9560  accuracy 0.9762   28 s (cached features)
+  configs/dhcnn.py:local,bits=16    16 bits  mAP 0.9294  accuracy 0.9643   27 s (cached features)
+  configs/dhcnn.py + folder source  64 bits  mAP 0.8051  accuracy 0.9571   25 s (official SGD)
+  (the 64-bit time includes the one-off feature extraction.) Without a record (measured in
+  earlier sessions, `local` then on Adam 1e-3; docs/results.md "Measured before records"):
   configs/dhcnn.py:tiny             16 bits  mAP 1.0000  accuracy 1.0000   ~15 s (generated scenes)
   configs/dhcnn.py:local,finetune   64 bits  mAP 0.9780  accuracy 0.9810  908 s
       (--config.train.init_head_from=<the local run> --config.train.epochs=2
        --config.train.batch_size=32 --config.train.schedule=constant
        --config.train.lr_start=1e-5 --config.train.lr_end=1e-5 --config.data.augment=True)
-  (the 64-bit time includes the one-off feature extraction, 64 s; the fine-tuning row and the
-  official-settings row were measured before images were resized by TensorFlow for every
-  source; docs/results.md has more).
 
 Chosen on validation (benchmarks/dhcnn_options.py; docs/results.md "Options chosen on validation"
 has every row, validation and test): grids declared before their numbers were seen, each
@@ -59,7 +59,8 @@ length selected on data.validation=0.25 alone, then run on the test split:
   configs/dhcnn.py:best             64 bits  mAP 0.9899  accuracy 0.9881  (train 494 s)
   configs/dhcnn.py:best,bits=32     32 bits  mAP 0.9922  accuracy 0.9881  (train 464 s)
   configs/dhcnn.py:local,centers    64 bits  mAP 0.9736  accuracy 0.9738  (train 16 s)
-  (validation mAP of best: 0.9814 / 0.9794; of local,centers: 0.9656 / 0.9682)
+  (validation mAP of best: 0.9814 / 0.9794; of local,centers: 0.9656 / 0.9682; `local` was
+  on Adam 1e-3 then, and these rows have no record yet)
 A fresh `best` run also builds the activation cache: `python -m rshash_jax.main
 --config=configs/dhcnn.py:best --workdir=/tmp/best` took 12 min 34 s of wall time here
 (activation cache 165 s, training 578 s, evaluation 3 s; a test job shared the cores for
@@ -69,17 +70,19 @@ in 36 s, partial (blocks_15) 0.9552 in 169 s (149 s of it the one-off cache), fu
 fine-tuning 0.9635 in 514 s (154 s per epoch: ~4.3 h for the preset's 100 epochs).
 
 Beyond same-class mAP (benchmarks/dhcnn_neighbours.py; docs/results.md; its record in
-benchmarks/results/dhcnn_neighbours_selection.json): chosen on validation (5 of 21 classes
+benchmarks/results/dhcnn_neighbours_selection.json, and for `local` on Adam 3e-4
+benchmarks/results/dhcnn_local_selection.json): chosen on validation (5 of 21 classes
 held out, seeds 0-2) by mean (tie-aware mAP + neighbour recall@10 + unseen-class tie-aware
 mAP) / 3, then run once on the test split (seed 0; ~25 s of training on cached features):
   64 bits            mAP    tie-aware  NR@10   distinct  unseen classes (tie-aware mAP)
-  local              0.9724 0.9733     0.2152  55%       0.6245
-  local,centers      0.9736 0.9738     0.1087   8%       0.5592
+  local              0.9694 0.9699     0.1952  61%       0.6826
+  local on Adam 1e-3 0.9724 0.9733     0.2152  55%       0.6245  (the grid's baseline)
+  centers (1e-3)     0.9736 0.9738     0.1087   8%       0.5592
   neighbours         0.9641 0.9648     0.4421  94%       0.6991
   same-run ITQ                         0.5533            0.7911 (float features: 0.9150)
-  (32 bits: neighbours 0.9484 / 0.3672 / 80% / 0.6730 against local 0.9677 / 0.1486 / 35% /
-  0.6009). It trades 0.008 mAP for twice the neighbour recall and +0.07 on unseen classes;
-  it is still below ITQ on both, and below the goals of issue 29.
+  (32 bits: neighbours 0.9484 / 0.3672 / 80% / 0.6730 against local on Adam 1e-3 0.9677 /
+  0.1486 / 35% / 0.6009). It trades 0.008 mAP for twice the neighbour recall and +0.07 on
+  unseen classes; it is still below ITQ on both, and below the goals of issue 29.
 
 The official code's choices are the defaults: theta = u.U/32 (dhcnn.theta_scale), its
 gradient without the 1/32 (dhcnn.gradient='official'), the classifier trained with the
