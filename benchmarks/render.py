@@ -221,11 +221,11 @@ def serve_hostile():
 
 
 KNN_RECORDS = (
-  ("efficientnet_lite0", "ImageNet", "features_efficientnet_lite0.json"),
-  ("efficientnet_lite1", "ImageNet", "features_efficientnet_lite1.json"),
-  ("efficientnet_lite2", "ImageNet", "features_efficientnet_lite2.json"),
-  ("efficientnet_lite0", "random init", "features_efficientnet_lite0_random.json"),
-  ("squeezenet", "ImageNet", "features_squeezenet.json"),
+  ("efficientnet_lite0", "ImageNet", "knn_efficientnet_lite0.json"),
+  ("efficientnet_lite1", "ImageNet", "knn_efficientnet_lite1.json"),
+  ("efficientnet_lite2", "ImageNet", "knn_efficientnet_lite2.json"),
+  ("efficientnet_lite0", "random init", "knn_efficientnet_lite0_random.json"),
+  ("squeezenet", "ImageNet", "knn_squeezenet.json"),
 )
 
 
@@ -241,10 +241,19 @@ def features_knn():
         r["image_size"],
         f"{r['nn_accuracy']:.4f}",
         f"{r['extract_images_per_s']:.1f}",
+        f"{r['images'] / r['passes']['max']:.1f}..{r['images'] / r['passes']['min']:.1f} "
+        f"({len(r['passes']['raw'])} passes)",
       )
     )
     notes.append(provenance(name, rec))
-  head = ("backbone", "weights", "input", "1-NN accuracy", "images/s (decode + resize + CNN)")
+  head = (
+    "backbone",
+    "weights",
+    "input",
+    "1-NN accuracy",
+    "images/s (decode + resize + CNN), median",
+    "range",
+  )
   return _table(head, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
