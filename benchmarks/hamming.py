@@ -147,6 +147,12 @@ def parse_args():
     default=0.05,
     help="probability that a replicated learned code has each bit flipped",
   )
+  p.add_argument(
+    "--multi_index",
+    action="store_true",
+    help="also time multi-index hashing (rshash_jax/retrieval/multi_index.py) and FAISS's "
+    "IndexBinaryMultiHash, interleaved with the scans; every query checked against the scan",
+  )
   p.add_argument("--record", default=None, help="write a JSON record here (benchmarks/_record.py)")
   return p.parse_args()
 
@@ -159,7 +165,7 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
-from rshash_jax.retrieval import hamming  # noqa: E402
+from rshash_jax.retrieval import hamming, multi_index  # noqa: E402
 
 try:
   import faiss  # noqa: E402
@@ -198,7 +204,7 @@ def learned_packed(rng, path, n, bits, flip):
   z = codes_lib.load_codes(path)
   if int(z["bits"]) != bits:
     raise SystemExit(f"{path} holds {int(z['bits'])}-bit codes, not {bits}")
-  signs = hamming.unpack_codes(np.asarray(z["codes"]), bits).astype(bool)
+  signs = hamming.unpack_codes(np.asarray(z["codes"]), bits) > 0  # {-1, +1} -> bits
   out = np.empty((n, hamming.num_words(bits)), np.uint32)
   for lo in range(0, n, 1 << 18):  # in blocks: the flip mask is a byte per bit
     rows = signs[rng.integers(0, len(signs), min(n - lo, 1 << 18))]
@@ -354,12 +360,16 @@ def main():
         "query_batch": ARGS.query_batch,
         "flip": ARGS.flip if ARGS.learned else None,
         "learned": ARGS.learned,
+        "multi_index": ARGS.multi_index,
         "read_bandwidth_gbs": bw,
         "popcount_words_per_s": pc,
         "cells": cells,
       },
     )
-  bad = sum(c["inexact_queries"] for c in cells)
+  bad = sum(
+    c["inexact_queries"] + (c["multi_index"]["inexact_queries"] if "multi_index" in c else 0)
+    for c in cells
+  )
   if bad:
     print(f"NOT EXACT: {bad} queries differ from the reference")
     return 1
@@ -419,6 +429,8 @@ def run_cell(kind, n, bits, db, q, bw, pc) -> dict:
     "mean_kth_distance": float(d_jax[:, -1].mean()),
     "distinct_db_codes": int(len(np.unique(db, axis=0))) if n <= 2_000_000 else None,
   }
+  if ARGS.multi_index:
+    cell["multi_index"] = run_multi_index(bits, db, q, d_jax, i_jax, ours, as_bytes)
   rr = f"{ratios.min():.2f}..{ratios.max():.2f}" if ratios is not None else ""
   print(
     f"{kind:>7} {n:>10} {bits:>4} | {cell['ours_qps']:>10.0f} {faiss_qps:>9.0f} "
@@ -429,6 +441,78 @@ def run_cell(kind, n, bits, db, q, bw, pc) -> dict:
     flush=True,
   )
   return cell
+
+
+def run_multi_index(bits, db, q, d_scan, i_scan, scan_s, as_bytes) -> dict:
+  """Multi-index hashing against the scan (same queries, same k) and FAISS's multi-hash.
+
+  FAISS's IndexBinaryMultiHash probes each table up to `nflip` bit flips and ranks what
+  it finds: exact only when nflip reaches the k-th distance's substring radius. It runs
+  with the same number of tables and substring length as ours and, as its users tune it,
+  the smallest nflip in 0..4 whose distances are exact on every query (else 4), with the
+  share of queries it gets exact recorded.
+  """
+  k = ARGS.k
+  t0 = time.perf_counter()
+  mi = multi_index.MultiIndex(db, bits=bits)
+  build_s = time.perf_counter() - t0
+  m = len(mi.parts)
+  sub = bits // m
+  fmh, f_build, nflip, f_exact = None, None, None, None
+  if faiss is not None and bits % 8 == 0:
+    t0 = time.perf_counter()
+    fmh = faiss.IndexBinaryMultiHash(bits, m, sub)
+    fmh.add(as_bytes(db))
+    f_build = time.perf_counter() - t0
+    for nflip in range(5):
+      fmh.nflip = nflip
+      df, _ = fmh.search(as_bytes(q), k)
+      f_exact = int(np.sum((df == d_scan).all(1)))
+      if f_exact == len(q):
+        break
+  ours, theirs, results = [], [], []
+  for _ in range(ARGS.pairs):  # interleaved: ours, FAISS's multi-hash, ...
+    t, out = timed(lambda: mi.search(q, k, query_batch=ARGS.query_batch))
+    ours.append(t)
+    results.append(out)
+    if fmh is not None:
+      theirs.append(timed(lambda: fmh.search(as_bytes(q), k))[0])
+  inexact = sum(
+    int(np.sum(~((d == d_scan) & (i == i_scan)).all(1))) for d, i in results
+  )  # against the scan, itself checked against FAISS's flat index
+  res = {
+    "substrings": m,
+    "build_s": build_s,
+    "table_bytes": mi.nbytes(),
+    "s": _spread(ours),
+    "qps": len(q) / float(np.median(ours)),
+    "vs_scan": _spread(np.median(scan_s) / np.asarray(ours)),
+    "inexact_queries": inexact,
+    "faiss_multihash": None,
+  }
+  if fmh is not None:
+    res["faiss_multihash"] = {
+      "nflip": nflip,
+      "exact_queries": f_exact,
+      "build_s": f_build,
+      "s": _spread(theirs),
+      "qps": len(q) / float(np.median(theirs)),
+      "ratio": _spread(np.asarray(theirs) / np.asarray(ours)),
+    }
+  fm = res["faiss_multihash"]
+  print(
+    f"        multi-index: m={m} build {build_s:.1f} s, {res['qps']:.0f} q/s, "
+    f"{res['vs_scan']['median']:.2f}x the scan"
+    + (
+      f"; FAISS multi-hash nflip={fm['nflip']} ({fm['exact_queries']}/{len(q)} exact) "
+      f"{fm['qps']:.0f} q/s, ours/FAISS {fm['ratio']['median']:.2f}x"
+      if fm
+      else ""
+    )
+    + f" | {inexact}",
+    flush=True,
+  )
+  return res
 
 
 def _spread(v):
