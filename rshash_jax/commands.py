@@ -5,7 +5,9 @@ encode  an image folder (class folders or any tree) or a TFDS split -> a codes f
         chunks (shared out over processes) written to OUT.parts/ and merged at the end; an
         interrupted run resumes at the missing chunks. Memory is bounded by the chunk size.
 search  query images (files or a folder) against a codes file: top-k table with Hamming
-        distances and paths, the predicted class (DHCNN), and a PNG grid.
+        distances and paths, the predicted class (DHCNN), and a PNG grid; with --index, a
+        multi-index of the same codes ranks them (the same hits, without a linear scan).
+index   a codes file -> a multi-index directory (retrieval/multi_index.py) for search.
 export  copies a trained workdir's encoder to a new path (never overwrites).
 """
 
@@ -16,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from rshash_jax import config_defaults, errors
 from rshash_jax.data import chunk_store, datasets, input_pipeline, rasters
@@ -25,6 +28,7 @@ from rshash_jax.retrieval import (
   encoder as encoder_lib,
   hamming,
   hits as hits_lib,
+  multi_index,
 )
 
 
@@ -194,11 +198,15 @@ def search(
   k: int = 10,
   png: Optional[str] = None,
   geojson: Optional[str] = None,
+  index_path: Optional[str] = None,
 ) -> List[Dict]:
   """Top-k of each query image in a codes file; prints a table (with each hit's WGS84
-  coordinates where the codes file has them), optionally a PNG grid and a GeoJSON file."""
+  coordinates where the codes file has them), optionally a PNG grid and a GeoJSON file.
+  With `index_path` (written by `index` from the same codes file) the ranking is the
+  multi-index's: the same hits in the same order, without a scan of every code."""
   enc = encoder_lib.load_encoder(encoder_path)
   db = codes_lib.load_codes(codes_path, enc)
+  mi = open_index(index_path, db["codes"], codes_path) if index_path else None
   for out_path in (png, geojson):
     if out_path and distributed.agree(f"output {out_path} exists", os.path.exists(out_path)):
       raise errors.AlreadyExists(f"output exists, nothing overwritten: {out_path}")
@@ -213,7 +221,10 @@ def search(
   archive = hits_lib.Archive(db)
   res = enc.encode(imgs)
   k = min(k, len(archive))
-  dist, idx = hamming.hamming_topk(res["codes"], db["codes"], k)
+  if mi is not None:
+    dist, idx = mi.search(res["codes"], k)
+  else:
+    dist, idx = hamming.hamming_topk(res["codes"], db["codes"], k)
   # Every process ranks (the database is sharded over all of them); the primary prints.
   say = print if distributed.is_primary() else (lambda *a, **k: None)
   out = []
@@ -266,6 +277,40 @@ def search(
       geojson, lambda tmp: hits_lib.write_geojson(out, tmp), name="search GeoJSON"
     )
   return out
+
+
+def build_index(codes_path: str, out: str, *, substrings: Optional[int] = None) -> str:
+  """Writes a multi-index (retrieval/multi_index.py) of a codes file's codes to `out`."""
+  db = codes_lib.load_codes(codes_path)
+  if distributed.agree(f"output {out} exists", os.path.exists(out)):
+    raise errors.AlreadyExists(f"output exists, nothing overwritten: {out}")
+  index = multi_index.MultiIndex(db["codes"], bits=int(db["bits"]), substrings=substrings)
+
+  def write(tmp):
+    index.save(tmp, codes_file=os.path.abspath(codes_path), identity=str(db["identity"]))
+
+  distributed.write_once(out, write, name="multi-index")
+  logging.info(
+    "multi-index of %d codes (%d bits): %d substrings, tables %.1f MiB",
+    index.num_codes,
+    index.bits,
+    len(index.parts),
+    index.nbytes() / 2**20,
+  )
+  return out
+
+
+def open_index(index_path: str, codes: np.ndarray, codes_path: str) -> multi_index.MultiIndex:
+  """A saved multi-index, refused unless it holds exactly these codes."""
+  mi = multi_index.MultiIndex.load(index_path)
+  if mi.num_codes != codes.shape[0] or mi.meta.get("codes_sha256") != multi_index.codes_digest(
+    codes
+  ):
+    raise errors.Incompatible(
+      f"{index_path} was not built from the codes of {codes_path} ({mi.num_codes} codes "
+      f"there, {codes.shape[0]} here): rebuild it with `index --codes={codes_path}`"
+    )
+  return mi
 
 
 def grid(results: List[Dict], png: str, size: int, raster: Optional[rasters.RasterSpec] = None):

@@ -1,4 +1,4 @@
-r"""rshash_jax command line: train, encode, search, export.
+r"""rshash_jax command line: train, encode, search, index, export, serve.
 
   # train + evaluate (the default command; re-running resumes from WORKDIR's checkpoints)
   python -m rshash_jax.main --config=configs/dhcnn.py:local --workdir=/tmp/dhcnn
@@ -10,6 +10,10 @@ r"""rshash_jax command line: train, encode, search, export.
   # search: query images (files or folders) against a codes file; table + PNG grid
   python -m rshash_jax.main search --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz --k=8 \
       --png=/tmp/hits.png [--geojson=/tmp/hits.geojson] QUERY.tif [MORE ...]
+  # index: a multi-index of a codes file (exact, sublinear); search --index then uses it
+  python -m rshash_jax.main index --codes=/tmp/ucm_codes.npz --out=/tmp/ucm_index
+  python -m rshash_jax.main search --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz \
+      --index=/tmp/ucm_index QUERY.tif
   # export: an inference-only encoder (orbax) that rshash_jax.load_encoder(path) restores,
   # or a TensorFlow SavedModel (images or image files in, packed codes out; no JAX needed)
   python -m rshash_jax.main export --workdir=/tmp/dhcnn --out=/tmp/dhcnn_encoder
@@ -55,9 +59,21 @@ flags.DEFINE_string(
   "labels", None, "encode: a multi-label CSV (path,label1;label2) for the images under --data."
 )
 flags.DEFINE_string(
-  "out", None, "encode: codes file (.npz) to write; export: encoder directory to create."
+  "out",
+  None,
+  "encode: codes file (.npz) to write; export: encoder directory to create; index: the "
+  "multi-index directory to create.",
 )
-flags.DEFINE_string("codes", None, "search/serve: codes file written by encode.")
+flags.DEFINE_string("codes", None, "search/serve/index: codes file written by encode.")
+flags.DEFINE_string(
+  "index",
+  None,
+  "search: a multi-index written by `index` from the same --codes file; ranks without a "
+  "linear scan (the same hits in the same order).",
+)
+flags.DEFINE_integer(
+  "substrings", None, "index: substrings (hash tables); default bits / log2(codes), rounded."
+)
 flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8080, "serve: TCP port.")
 flags.DEFINE_float("max_upload_mb", 16, "serve: largest accepted request body (MiB).")
@@ -111,7 +127,7 @@ flags.DEFINE_bool(
   "show the full traceback of errors in the input too (default from RSHASH_TRACEBACK=1).",
 )
 
-COMMANDS = ("train", "encode", "search", "export", "serve")
+COMMANDS = ("train", "encode", "search", "index", "export", "serve")
 
 
 class _QuietOrbax:
@@ -261,12 +277,21 @@ def _command(command, args):
     if not args:
       raise app.UsageError("search needs one or more query images or folders after the flags")
     commands.search(
-      FLAGS.encoder, FLAGS.codes, args, k=FLAGS.k, png=FLAGS.png, geojson=FLAGS.geojson
+      FLAGS.encoder,
+      FLAGS.codes,
+      args,
+      k=FLAGS.k,
+      png=FLAGS.png,
+      geojson=FLAGS.geojson,
+      index_path=FLAGS.index,
     )
     if FLAGS.png:
       _say(f"\ngrid: {FLAGS.png}")
     if FLAGS.geojson:
       _say(f"GeoJSON: {FLAGS.geojson}")
+  elif command == "index":
+    _require("index", "codes", "out")
+    _say(f"index: {commands.build_index(FLAGS.codes, FLAGS.out, substrings=FLAGS.substrings)}")
   elif command == "serve":
     _require("serve", "encoder", "codes")
     import jax  # pylint: disable=g-import-not-at-top

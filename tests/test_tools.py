@@ -77,6 +77,27 @@ def test_encode_resumes_and_search_finds_own_class(trained, capsys, monkeypatch)
     commands.search(workdir, fresh, [query], png=str(root / "grid.png"))
 
 
+def test_search_with_a_multi_index_gives_the_scans_hits(trained, tmp_path):
+  root, workdir, data = trained
+  codes = commands.encode(workdir, data, str(tmp_path / "c.npz"))
+  index = commands.build_index(codes, str(tmp_path / "idx"))
+  with pytest.raises(FileExistsError, match="idx"):
+    commands.build_index(codes, str(tmp_path / "idx"))
+  queries = [os.path.join(data, c) for c in ("class01", "class04")]
+  scan = commands.search(workdir, codes, queries, k=12)
+  indexed = commands.search(workdir, codes, queries, k=12, index_path=index)
+  assert [[(h["distance"], h["path"]) for h in r["results"]] for r in indexed] == [
+    [(h["distance"], h["path"]) for h in r["results"]] for r in scan
+  ]
+  # An index of other codes is refused by name.
+  z = dict(np.load(codes))
+  z["codes"] = z["codes"][::-1].copy()
+  np.savez(tmp_path / "other.npz", **z)
+  other = commands.build_index(str(tmp_path / "other.npz"), str(tmp_path / "other_idx"))
+  with pytest.raises(ValueError, match="was not built from the codes of"):
+    commands.search(workdir, codes, queries, index_path=other)
+
+
 def test_search_rejects_foreign_codes_and_bad_queries(trained, tmp_path):
   root, workdir, data = trained
   codes = commands.encode(workdir, data, str(tmp_path / "c.npz"))

@@ -35,6 +35,7 @@ uneven, which the measured crossover against the linear scan
 (`benchmarks/hamming.py --multi_index`) accounts for.
 """
 
+import hashlib
 import itertools
 import json
 import math
@@ -50,6 +51,14 @@ FORMAT = "rshash_jax.multi_index/1"
 META = "multi_index.json"
 _DIRECTORY_BITS = 24  # substrings up to this long get an offset directory (2^s + 1 int64)
 _PROBE_ELEMENTS = 1 << 21  # probes formed at once (queries x masks), bounds step memory
+
+
+def codes_digest(codes: np.ndarray) -> str:
+  """sha256 of packed codes (little-endian uint32 rows): ties an index to its codes file."""
+  h = hashlib.sha256()
+  for s in range(0, codes.shape[0], 1 << 20):
+    h.update(np.ascontiguousarray(codes[s : s + (1 << 20)], dtype="<u4").tobytes())
+  return h.hexdigest()
 
 
 def default_substrings(bits: int, num_codes: int) -> int:
@@ -131,6 +140,7 @@ class MultiIndex:
         f"(use substrings >= {-(-bits // 32)})"
       )
     self.codes = db
+    self.meta = {}
     self.bits = int(bits)
     self.parts = parts
     self.tables = [self._build(db, start, length) for start, length in parts]
@@ -160,8 +170,9 @@ class MultiIndex:
 
   # ---------------------------------------------------------------- persistence
 
-  def save(self, directory: str):
-    """Writes the codes and tables as .npy files and `multi_index.json` (written last)."""
+  def save(self, directory: str, **extra):
+    """Writes the codes and tables as .npy files and `multi_index.json` (written last;
+    `extra` items go into it too)."""
     os.makedirs(directory, exist_ok=True)
     np.save(os.path.join(directory, "codes.npy"), np.ascontiguousarray(self.codes))
     for j, t in enumerate(self.tables):
@@ -173,6 +184,8 @@ class MultiIndex:
       "num_codes": self.num_codes,
       "num_words": self.num_words,
       "parts": [list(p) for p in self.parts],
+      "codes_sha256": codes_digest(self.codes),
+      **extra,
     }
     tmp = os.path.join(directory, META + ".tmp")
     with open(tmp, "w") as f:
@@ -220,7 +233,7 @@ class MultiIndex:
 
     self = cls.__new__(cls)
     self.codes = array("codes.npy", np.uint32, (n, w))
-    self.bits, self.parts, self.tables = bits, parts, []
+    self.bits, self.parts, self.tables, self.meta = bits, parts, [], meta
     for j, (_, length) in enumerate(parts):
       t = {"order": array(f"table{j}_order.npy", np.uint32, (n,))}
       if length <= _DIRECTORY_BITS:
