@@ -206,7 +206,7 @@ def search(
   multi-index's: the same hits in the same order, without a scan of every code."""
   enc = encoder_lib.load_encoder(encoder_path)
   db = codes_lib.load_codes(codes_path, enc)
-  mi = open_index(index_path, db["codes"], codes_path) if index_path else None
+  mi = multi_index.open_matching(index_path, db["codes"], codes_path) if index_path else None
   for out_path in (png, geojson):
     if out_path and distributed.agree(f"output {out_path} exists", os.path.exists(out_path)):
       raise errors.AlreadyExists(f"output exists, nothing overwritten: {out_path}")
@@ -298,19 +298,6 @@ def build_index(codes_path: str, out: str, *, substrings: Optional[int] = None) 
     index.nbytes() / 2**20,
   )
   return out
-
-
-def open_index(index_path: str, codes: np.ndarray, codes_path: str) -> multi_index.MultiIndex:
-  """A saved multi-index, refused unless it holds exactly these codes."""
-  mi = multi_index.MultiIndex.load(index_path)
-  if mi.num_codes != codes.shape[0] or mi.meta.get("codes_sha256") != multi_index.codes_digest(
-    codes
-  ):
-    raise errors.Incompatible(
-      f"{index_path} was not built from the codes of {codes_path} ({mi.num_codes} codes "
-      f"there, {codes.shape[0]} here): rebuild it with `index --codes={codes_path}`"
-    )
-  return mi
 
 
 def grid(results: List[Dict], png: str, size: int, raster: Optional[rasters.RasterSpec] = None):

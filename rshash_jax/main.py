@@ -68,8 +68,8 @@ flags.DEFINE_string("codes", None, "search/serve/index: codes file written by en
 flags.DEFINE_string(
   "index",
   None,
-  "search: a multi-index written by `index` from the same --codes file; ranks without a "
-  "linear scan (the same hits in the same order).",
+  "search/serve: a multi-index written by `index` from the same --codes file; ranks "
+  "without a linear scan (the same hits in the same order).",
 )
 flags.DEFINE_integer(
   "substrings", None, "index: substrings (hash tables); default bits / log2(codes), rounded."
@@ -316,6 +316,7 @@ def _command(command, args):
       max_connections_per_client=FLAGS.max_connections_per_client,
       allowed_hosts=FLAGS.allowed_hosts,
       allowed_origins=FLAGS.allowed_origins,
+      index_path=FLAGS.index,
     )
   else:
     _require("export", "workdir", "out")

@@ -417,3 +417,17 @@ def test_serve_command_and_saved_model_export_from_the_command_line(service, tra
     and r.stderr.strip().splitlines()[-1]
     == f"rshash: error: export path exists, nothing written: {out_dir}"
   )
+
+
+def test_service_with_a_multi_index_answers_as_with_the_scan(trained, service, tmp_path):
+  from rshash_jax.serving import service as service_lib  # pylint: disable=g-import-not-at-top
+
+  engine, _, _ = service
+  index = commands.build_index(engine.codes_path, str(tmp_path / "idx"))
+  indexed = service_lib.SearchEngine(trained[1], engine.codes_path, max_batch=2, index_path=index)
+  try:
+    for i in (0, 7, 25):
+      image = engine.read_archive_image(i)
+      assert indexed.search_pixels(image, 9)["hits"] == engine.search_pixels(image, 9)["hits"]
+  finally:
+    indexed.close()

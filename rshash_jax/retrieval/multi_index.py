@@ -378,3 +378,14 @@ class MultiIndex:
       kept_q.append(qrow[keep])
       kept_d.append(d[keep])
       kept_i.append(ids[keep])
+
+
+def open_matching(index_path: str, codes: np.ndarray, codes_path: str) -> MultiIndex:
+  """A saved multi-index, refused unless it holds exactly these codes (by sha256)."""
+  mi = MultiIndex.load(index_path)
+  if mi.num_codes != codes.shape[0] or mi.meta.get("codes_sha256") != codes_digest(codes):
+    raise errors.Incompatible(
+      f"{index_path} was not built from the codes of {codes_path} ({mi.num_codes} codes "
+      f"there, {codes.shape[0]} here): rebuild it with `index --codes={codes_path}`"
+    )
+  return mi

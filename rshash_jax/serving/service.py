@@ -60,7 +60,13 @@ import numpy as np
 
 from rshash_jax import errors
 from rshash_jax.data import image_limits, input_pipeline
-from rshash_jax.retrieval import codes as codes_lib, encoder as encoder_lib, hamming, hits
+from rshash_jax.retrieval import (
+  codes as codes_lib,
+  encoder as encoder_lib,
+  hamming,
+  hits,
+  multi_index,
+)
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _log = logging.getLogger("rshash_jax.serving")
@@ -113,7 +119,9 @@ class _Query:
 
 
 class SearchEngine:
-  """The encoder, the codes file's metadata and a HammingIndex, with a batching worker."""
+  """The encoder, the codes file's metadata and an index (the scan, `hamming.HammingIndex`,
+  or a multi-index of the same codes, `multi_index.MultiIndex`: the same hits), with a
+  batching worker."""
 
   def __init__(
     self,
@@ -124,6 +132,7 @@ class SearchEngine:
     max_k: int = 1000,
     max_image_bytes: int = 64 << 20,
     image_budget_bytes: int = 1 << 30,
+    index_path: Optional[str] = None,
   ):
     for name, v, hi in (("max_batch", max_batch, 1024), ("max_k", max_k, 100_000)):
       if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
@@ -137,7 +146,10 @@ class SearchEngine:
     self.num_codes = len(self.archive)
     if self.num_codes == 0:
       raise errors.InvalidInput(f"{codes_path}: the codes file is empty")
-    self.index = hamming.HammingIndex(db["codes"], mesh=self.encoder.mesh)
+    if index_path:
+      self.index = multi_index.open_matching(index_path, db["codes"], codes_path)
+    else:
+      self.index = hamming.HammingIndex(db["codes"], mesh=self.encoder.mesh)
     self.max_batch = max_batch
     self.max_k = min(max_k, self.num_codes)
     self.k_buckets = sorted({min(K_SMALL, self.max_k), self.max_k})
@@ -549,6 +561,7 @@ def serve(
   max_connections_per_client: int = 32,
   allowed_hosts=(),
   allowed_origins=(),
+  index_path: Optional[str] = None,
 ):
   """Loads the index once and serves until interrupted (limits: see the module docstring).
   `allowed_hosts` adds Host names to loopback's (and to `host` itself); "*" allows any."""
@@ -561,6 +574,7 @@ def serve(
     max_k=max_k,
     max_image_bytes=int(max_image_mb * (1 << 20)),
     image_budget_bytes=int(image_budget_mb * (1 << 20)),
+    index_path=index_path,
   )
   hosts = list(LOOPBACK_HOSTS) + list(allowed_hosts)
   if host not in ("0.0.0.0", "::"):
