@@ -410,7 +410,54 @@ def scale_memory():
   )
 
 
+def multi_index_cpu():
+  name = "multi_index_cpu.json"
+  rec = load(name)
+  r = rec["results"]
+  rows = []
+  for c in r["cells"]:
+    mi = c["multi_index"]
+    fm = mi["faiss_multihash"] or {}
+    rows.append(
+      (
+        c["codes"],
+        f"{c['n']:,}",
+        c["bits"],
+        mi["substrings"],
+        f"{c['mean_kth_distance']:.1f}",
+        f"{c['ours_qps']:.0f}",
+        f"{mi['qps']:.0f}",
+        _range(mi["vs_scan"]),
+        f"{fm['qps']:.0f} (nflip {fm['nflip']}, {fm['exact_queries']} exact)" if fm else "",
+        _range(fm["ratio"]) if fm else "",
+        f"{mi['build_s']:.1f} / {mi['table_bytes'] / 2**20:.0f}",
+        mi["inexact_queries"],
+      )
+    )
+  head = (
+    "codes",
+    "N",
+    "bits",
+    "m",
+    "mean k-th distance",
+    "scan q/s",
+    "multi-index q/s",
+    f"multi-index / scan, {r['pairs']} runs (min..max)",
+    "FAISS multi-hash q/s",
+    "multi-index / FAISS multi-hash",
+    "build s / tables MiB",
+    "queries unlike the scan (all runs)",
+  )
+  note = (
+    f"Q = {r['queries']}, k = {r['k']}, {r['devices']} {r['platform'].upper()} devices for the "
+    "scan; the multi-index and FAISS's multi-hash search on the host (numpy; FAISS's "
+    "threads)" + (f"; learned codes flipped with p = {r['flip']}" if r.get("flip") else "") + "."
+  )
+  return _table(head, rows) + "\n\n" + note + "\n" + provenance(name, rec)
+
+
 TABLES = {
+  "multi_index_cpu": multi_index_cpu,
   "scale_decode": scale_decode,
   "scale_memory": scale_memory,
   "hamming_random": hamming("random"),
