@@ -4,7 +4,7 @@ Every benchmark's `--record=PATH` writes, beside its `results`, what a reviewer 
 rerun it and to tell a slow day from a slow peer or another CPU:
 
   command   the command line, from the repository root
-  commit    `git rev-parse HEAD`, with "-dirty" when tracked files differ from it
+  commit    `git rev-parse HEAD`, with "-dirty" when tracked files (records aside) differ
   date      UTC, ISO 8601
   host      CPU model, cores, the instruction-set flags that matter to these kernels,
             memory, accelerator
@@ -52,7 +52,9 @@ def _git(*args) -> str:
 
 def commit() -> str:
   head = _git("rev-parse", "HEAD")
-  dirty = _git("status", "--porcelain", "--untracked-files=no")
+  # Records (benchmarks/results/) being rewritten by an earlier run of the same sitting do
+  # not change the code measured: only other tracked files make a run "-dirty".
+  dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
   return head + ("-dirty" if head and dirty else "")
 
 
