@@ -110,6 +110,8 @@ import os
 import sys
 import time
 
+import _record  # the commit measured is read now, at the start (START_COMMIT)
+
 
 def parse_args():
   p = argparse.ArgumentParser(
@@ -347,8 +349,6 @@ def main():
         cells.append(run_cell(kind, n, bits, db, q, bw, pc))
         db = None  # free the database before the next cell
   if ARGS.record:
-    import _record  # pylint: disable=g-import-not-at-top
-
     _record.write(
       ARGS.record,
       {
@@ -516,8 +516,6 @@ def run_multi_index(bits, db, q, d_scan, i_scan, scan_s, as_bytes) -> dict:
 
 
 def _spread(v):
-  import _record  # pylint: disable=g-import-not-at-top
-
   return _record.spread(v)
 
 

@@ -35,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+
+import _record  # the commit measured is read now, at the start (START_COMMIT)
 import time
 
 import numpy as np
@@ -298,8 +300,6 @@ def main():
       )
     print(json.dumps(payload))
     if args.record:
-      import _record  # pylint: disable=g-import-not-at-top
-
       _record.write(args.record, payload)
   finally:
     server.terminate()
