@@ -78,7 +78,8 @@ def test_scan_fallback_when_probes_outnumber_codes():
 
 def test_default_substrings_follow_log2_n():
   assert multi_index.default_substrings(64, 2**16) == 4
-  assert multi_index.default_substrings(64, 2**20) == 3
+  assert multi_index.default_substrings(64, 2**20) == 4
+  assert multi_index.default_substrings(32, 10**7) == 2
   assert multi_index.default_substrings(128, 10**8) == 5
   assert multi_index.default_substrings(64, 1) == 64  # tiny archives: 1-bit substrings
   assert multi_index.split(10, 3) == [(0, 4), (4, 3), (7, 3)]
@@ -154,3 +155,17 @@ def test_bad_arguments_are_named():
     multi_index.MultiIndex(db, substrings=1)
   with pytest.raises(errors.InvalidInput, match="bits=20 does not match"):
     multi_index.MultiIndex(db, bits=20)
+
+
+@pytest.mark.parametrize("budget", [1, 10**9])
+def test_candidate_budget_hands_queries_to_the_scan_with_the_same_results(budget):
+  rng = np.random.default_rng(6)
+  raw = _clustered(rng, 5000, 64)
+  db = hamming.pack_codes(raw, binary=True)
+  q = _queries(rng, raw)
+  want = hamming.HammingIndex(db).search(q, 30)
+  index = multi_index.MultiIndex(db)
+  got = index.search(q, 30, max_candidates=budget)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  assert index.scanned_queries == (len(q) if budget == 1 else 0)

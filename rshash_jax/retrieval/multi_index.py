@@ -29,8 +29,10 @@ distance is smallest: no candidate is counted twice). A histogram of found dista
 query gives the certified count at each step; candidates beyond the k-th distance found
 so far are dropped, so memory stays O(query batch * (k + ties)).
 
-The number of substrings follows the paper: m = K / log2(N) rounded, substrings of at
-most 32 bits. Learned codes are far from uniform (clusters, duplicates): their buckets are
+The number of substrings follows the paper: m = K / log2(N) rounded up, substrings of at
+most 32 bits. A query whose probes outnumber the codes, or whose candidates pass a budget
+(N / 16 by default), is answered by the linear scan instead: the same results, at no more
+than about the scan's cost. Learned codes are far from uniform (clusters, duplicates): their buckets are
 uneven, which the measured crossover against the linear scan
 (`benchmarks/hamming.py --multi_index`) accounts for.
 """
@@ -62,9 +64,10 @@ def codes_digest(codes: np.ndarray) -> str:
 
 
 def default_substrings(bits: int, num_codes: int) -> int:
-  """m = bits / log2(N) rounded (the paper's choice), >= ceil(bits / 32), <= bits."""
+  """m = bits / log2(N) rounded up (substrings of about log2 N bits, the paper's choice,
+  never longer), >= ceil(bits / 32), <= bits."""
   per = max(1.0, math.log2(max(num_codes, 2)))
-  m = max(1, int(round(bits / per)))
+  m = max(1, math.ceil(bits / per - 1e-9))
   return int(min(bits, max(m, -(-bits // 32))))
 
 
@@ -141,6 +144,8 @@ class MultiIndex:
       )
     self.codes = db
     self.meta = {}
+    self._scanner = None
+    self.scanned_queries = 0
     self.bits = int(bits)
     self.parts = parts
     self.tables = [self._build(db, start, length) for start, length in parts]
@@ -234,6 +239,7 @@ class MultiIndex:
     self = cls.__new__(cls)
     self.codes = array("codes.npy", np.uint32, (n, w))
     self.bits, self.parts, self.tables, self.meta = bits, parts, [], meta
+    self._scanner, self.scanned_queries = None, 0
     for j, (_, length) in enumerate(parts):
       t = {"order": array(f"table{j}_order.npy", np.uint32, (n,))}
       if length <= _DIRECTORY_BITS:
@@ -268,8 +274,16 @@ class MultiIndex:
       np.int16
     )
 
-  def search(self, q_packed, k: int, *, query_batch: int = 256) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact top-k: (distances int32 [Q, k], indices int32 [Q, k]), by (distance, index)."""
+  def search(
+    self, q_packed, k: int, *, query_batch: int = 256, max_candidates: Optional[int] = None
+  ) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact top-k: (distances int32 [Q, k], indices int32 [Q, k]), by (distance, index).
+
+    A query that would read more than `max_candidates` bucket entries (default N / 16,
+    at least 4k) is answered by the linear scan instead (`hamming.HammingIndex`): the
+    same results, at the scan's cost rather than many times it. `scanned_queries` counts
+    them.
+    """
     q = hamming.check_packed("q_packed", q_packed)
     if q.shape[1] != self.num_words:
       raise errors.InvalidInput(
@@ -281,14 +295,18 @@ class MultiIndex:
       )
     if query_batch < 1:
       raise errors.InvalidInput(f"query_batch must be >= 1, got {query_batch}")
+    if max_candidates is None:
+      max_candidates = max(self.num_codes // 16, 4 * int(k))
     out_d = np.zeros((q.shape[0], k), np.int32)
     out_i = np.zeros((q.shape[0], k), np.int32)
     for s in range(0, q.shape[0], query_batch):
-      d, i = self._search_batch(q[s : s + query_batch], int(k))
+      d, i = self._search_batch(q[s : s + query_batch], int(k), int(max_candidates))
       out_d[s : s + len(d)], out_i[s : s + len(d)] = d, i
     return out_d, out_i
 
-  def _search_batch(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+  def _search_batch(
+    self, q: np.ndarray, k: int, max_candidates: int
+  ) -> Tuple[np.ndarray, np.ndarray]:
     nq, m = q.shape[0], len(self.parts)
     qsub = np.stack([substring(q, a, s) for a, s in self.parts], axis=1)  # [nq, m]
     hist = np.zeros((nq, self.bits + 2), np.int64)  # found codes by distance
@@ -298,19 +316,37 @@ class MultiIndex:
     kept_d: List[np.ndarray] = []
     kept_i: List[np.ndarray] = []
     max_len = max(length for _, length in self.parts)
-    scanned = None  # queries finished by a scan: (rows, distances, indices)
+    spent = np.zeros(nq, np.int64)  # candidates read per query
+    to_scan = np.zeros(nq, bool)  # queries handed to the scan
     for rho in range(max_len + 1):
       for j, (_, length) in enumerate(self.parts):
         if active.size == 0:
           break
         if math.comb(length, rho) >= self.num_codes:
           # More probes per query than codes: a scan of the codes is cheaper (and exact).
-          scanned = (active, *self._scan(q[active], k))
+          to_scan[active] = True
           active = active[:0]
           break
         masks = _masks(length, rho)
         if masks.size:
-          self._step(j, rho, masks, q, qsub, active, hist, bound, kept_q, kept_d, kept_i, k)
+          self._step(
+            j,
+            rho,
+            masks,
+            q,
+            qsub,
+            active,
+            hist,
+            bound,
+            kept_q,
+            kept_d,
+            kept_i,
+            k,
+            spent,
+            to_scan,
+            max_candidates,
+          )
+          active = active[~to_scan[active]]
         certified = m * rho + j  # every code at distance <= certified has been found
         if certified >= self.bits:
           active = active[:0]
@@ -325,37 +361,57 @@ class MultiIndex:
     qs, ds, ids = qs[order], ds[order], ids[order]
     first = np.searchsorted(qs, np.arange(nq))
     held = np.diff(np.append(first, qs.size))
-    done = np.ones(nq, bool)
-    if scanned is not None:
-      done[scanned[0]] = False
+    done = ~to_scan
     if np.any(held[done] < k):  # a certified query holds >= k candidates
       raise AssertionError("multi-index search kept fewer than k candidates for a query")
     take = np.minimum(first[:, None] + np.arange(k)[None, :], max(qs.size - 1, 0))
     out_d = ds[take].astype(np.int32) if qs.size else np.zeros((nq, k), np.int32)
     out_i = ids[take].astype(np.int32) if qs.size else np.zeros((nq, k), np.int32)
-    if scanned is not None:
-      out_d[scanned[0]], out_i[scanned[0]] = scanned[1], scanned[2]
+    if to_scan.any():
+      rows = np.flatnonzero(to_scan)
+      out_d[rows], out_i[rows] = self._scan(q[rows], k)
+    self.scanned_queries += int(to_scan.sum())
     return out_d, out_i
 
   def _scan(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by reading every code (numpy), for queries whose probes outnumber codes."""
-    chunk = max(1024, _PROBE_ELEMENTS // (q.shape[0] * self.num_words))
-    best = np.zeros((q.shape[0], 0), np.int64)  # keys distance << 32 | index, ascending
-    for s in range(0, self.num_codes, chunk):
-      block = np.asarray(self.codes[s : s + chunk])
-      d = np.bitwise_count(block[None, :, :] ^ q[:, None, :]).sum(axis=2, dtype=np.int64)
-      keys = np.concatenate([best, (d << 32) | np.arange(s, s + len(block))], axis=1)
-      kk = min(k, keys.shape[1])
-      best = np.sort(np.partition(keys, kk - 1, axis=1)[:, :kk], axis=1)
-    return (best >> 32).astype(np.int32), (best & 0xFFFFFFFF).astype(np.int32)
+    """Exact top-k by the linear scan (`hamming.HammingIndex`, built on first use), for
+    queries whose probes or candidates would cost more than reading every code."""
+    if self._scanner is None:
+      self._scanner = hamming.HammingIndex(np.asarray(self.codes))
+    return self._scanner.search(q, k)
 
-  def _step(self, j, rho, masks, q, qsub, active, hist, bound, kept_q, kept_d, kept_i, k):
+  def _step(
+    self,
+    j,
+    rho,
+    masks,
+    q,
+    qsub,
+    active,
+    hist,
+    bound,
+    kept_q,
+    kept_d,
+    kept_i,
+    k,
+    spent,
+    to_scan,
+    max_candidates,
+  ):
     per = max(1, _PROBE_ELEMENTS // masks.size)
     for s in range(0, active.size, per):
       rows = active[s : s + per]
       probes = (qsub[rows, j][:, None] ^ masks[None, :]).ravel()
       lo, hi = self._bucket_ranges(j, probes)
       lens = (hi - lo).astype(np.int64)
+      # A query whose candidates outgrow the budget goes to the scan instead.
+      per_row = lens.reshape(len(rows), masks.size)
+      spent[rows] += per_row.sum(axis=1)
+      over = spent[rows] > max_candidates
+      if over.any():
+        to_scan[rows[over]] = True
+        per_row[over] = 0
+        lens = per_row.ravel()
       pos = _ragged_positions(lo.astype(np.int64), lens)
       if pos.size == 0:
         continue
