@@ -325,7 +325,8 @@ def selection_validation(name: str):
       )
     note = (
       f"Validation, mean +- std over seeds {', '.join(map(str, r['grid']['seeds']))}; "
-      f"rule: {r['rule']}. The same runs' references: " + "; ".join(refs) + "."
+      f"rule: {r['rule']}. The chosen setting's runs' references (its backbone's "
+      "features): " + "; ".join(refs) + "."
     )
     return _table(head, rows) + "\n\n" + note + "\n" + provenance(name, rec)
 
@@ -428,6 +429,7 @@ def multi_index_cpu():
         f"{c['ours_qps']:.0f}",
         f"{mi['qps']:.0f}",
         _range(mi["vs_scan"]),
+        f"{100 * mi['scan_share']:.0f}%",
         f"{fm['qps']:.0f} (nflip {fm['nflip']}, {fm['exact_queries']} exact)" if fm else "",
         _range(fm["ratio"]) if fm else "",
         f"{mi['build_s']:.1f} / {mi['table_bytes'] / 2**20:.0f}",
@@ -443,6 +445,7 @@ def multi_index_cpu():
     "scan q/s",
     "multi-index q/s",
     f"multi-index / scan, {r['pairs']} runs (min..max)",
+    "queries it handed to the scan",
     "FAISS multi-hash q/s",
     "multi-index / FAISS multi-hash",
     "build s / tables MiB",
