@@ -31,10 +31,10 @@ so far are dropped, so memory stays O(query batch * (k + ties)).
 
 The number of substrings follows the paper: m = K / log2(N) rounded up, substrings of at
 most 32 bits. A query whose probes outnumber the codes, or whose candidates pass a budget
-(N / 16 by default), is answered by the linear scan instead: the same results, at no more
-than about the scan's cost. Learned codes are far from uniform (clusters, duplicates): their buckets are
-uneven, which the measured crossover against the linear scan
-(`benchmarks/hamming.py --multi_index`) accounts for.
+(N / 512 by default: CANDIDATES_PER_SCAN), is answered by the linear scan instead: the
+same results, at little more than the scan's cost. Learned codes are far from uniform
+(clusters, duplicates), so their buckets are uneven: `benchmarks/hamming.py --multi_index`
+measures both kinds against the scan.
 """
 
 import hashlib
@@ -53,6 +53,11 @@ FORMAT = "rshash_jax.multi_index/1"
 META = "multi_index.json"
 _DIRECTORY_BITS = 24  # substrings up to this long get an offset directory (2^s + 1 int64)
 _PROBE_ELEMENTS = 1 << 21  # probes formed at once (queries x masks), bounds step memory
+# One candidate here (gather, XOR, popcount, substring test in numpy) costs about as much
+# as the scan's comparisons with 512 codes (2-core EPYC, 2026-12-04: ~80 ns against
+# ~0.2 ns per code and query in HammingIndex's batched scan): past N / 512 candidates a
+# query is cheaper to scan (benchmarks/hamming.py --multi_index).
+CANDIDATES_PER_SCAN = 512
 
 
 def codes_digest(codes: np.ndarray) -> str:
@@ -279,10 +284,10 @@ class MultiIndex:
   ) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-k: (distances int32 [Q, k], indices int32 [Q, k]), by (distance, index).
 
-    A query that would read more than `max_candidates` bucket entries (default N / 16,
-    at least 4k) is answered by the linear scan instead (`hamming.HammingIndex`): the
-    same results, at the scan's cost rather than many times it. `scanned_queries` counts
-    them.
+    A query that would read more than `max_candidates` bucket entries (default
+    N / CANDIDATES_PER_SCAN, at least 4k) is answered by the linear scan instead
+    (`hamming.HammingIndex`): the same results, at about the scan's cost rather than many
+    times it. `scanned_queries` counts them.
     """
     q = hamming.check_packed("q_packed", q_packed)
     if q.shape[1] != self.num_words:
@@ -296,7 +301,7 @@ class MultiIndex:
     if query_batch < 1:
       raise errors.InvalidInput(f"query_batch must be >= 1, got {query_batch}")
     if max_candidates is None:
-      max_candidates = max(self.num_codes // 16, 4 * int(k))
+      max_candidates = max(self.num_codes // CANDIDATES_PER_SCAN, 4 * int(k))
     out_d = np.zeros((q.shape[0], k), np.int32)
     out_i = np.zeros((q.shape[0], k), np.int32)
     for s in range(0, q.shape[0], query_batch):
