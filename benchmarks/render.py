@@ -460,7 +460,6 @@ def multi_index_cpu():
 
 
 TABLES = {
-  "multi_index_cpu": multi_index_cpu,
   "scale_decode": scale_decode,
   "scale_memory": scale_memory,
   "hamming_random": hamming("random"),
