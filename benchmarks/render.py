@@ -460,6 +460,7 @@ def multi_index_cpu():
 
 
 TABLES = {
+  "multi_index_cpu": multi_index_cpu,
   "scale_decode": scale_decode,
   "scale_memory": scale_memory,
   "hamming_random": hamming("random"),
