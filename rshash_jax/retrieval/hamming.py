@@ -135,6 +135,21 @@ def check_packed(name: str, arr, *, allow_empty: bool = False) -> np.ndarray:
   return a
 
 
+def check_queries(q_packed, k, num_words: int, num_codes: int) -> np.ndarray:
+  """Validates packed queries and k against an index of `num_codes` codes of `num_words`
+  words (HammingIndex, MultiIndex); returns the queries as a host uint32 array."""
+  q = check_packed("q_packed", q_packed)
+  if q.shape[1] != num_words:
+    raise errors.InvalidInput(
+      f"code length mismatch: queries have {q.shape[1]} words, the index {num_words}"
+    )
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_codes:
+    raise errors.InvalidInput(
+      f"k must be an integer in [1, {num_codes}] (database size), got {k!r}"
+    )
+  return q
+
+
 def _check_pair(q, db) -> Tuple[np.ndarray, np.ndarray]:
   q = check_packed("q_packed", q)
   db = check_packed("db_packed", db)
@@ -566,15 +581,7 @@ class HammingIndex:
 
     Rows are sorted by (distance, database index). 1 <= k <= number of codes.
     """
-    q = check_packed("q_packed", q_packed)
-    if q.shape[1] != self.num_words:
-      raise errors.InvalidInput(
-        f"code length mismatch: queries have {q.shape[1]} words, the index {self.num_words}"
-      )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_codes:
-      raise errors.InvalidInput(
-        f"k must be an integer in [1, {self.num_codes}] (database size), got {k!r}"
-      )
+    q = check_queries(q_packed, k, self.num_words, self.num_codes)
     k = int(k)
     fn = self._search_fn(k)
     batch = min(query_batch, 1 << math.ceil(math.log2(q.shape[0])))

@@ -37,6 +37,7 @@ same results, at little more than the scan's cost. Learned codes are far from un
 measures both kinds against the scan.
 """
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -118,6 +119,21 @@ def _ragged_positions(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return np.zeros(0, np.int64)
   first = np.cumsum(lens) - lens
   return np.arange(total, dtype=np.int64) - np.repeat(first - starts, lens)
+
+
+@dataclasses.dataclass
+class _Batch:
+  """The state of one query batch's search (see MultiIndex._search_batch)."""
+
+  q: np.ndarray  # uint32 [nq, W] packed queries
+  qsub: np.ndarray  # uint64 [nq, m] their substrings
+  k: int
+  max_candidates: int
+  hist: np.ndarray  # int64 [nq, bits + 2] found codes by distance
+  bound: np.ndarray  # int64 [nq] the k-th smallest distance found so far
+  spent: np.ndarray  # int64 [nq] candidates read
+  to_scan: np.ndarray  # bool [nq] handed to the scan
+  kept: List[Tuple[np.ndarray, np.ndarray, np.ndarray]]  # (query row, distance, id)
 
 
 class MultiIndex:
@@ -289,15 +305,7 @@ class MultiIndex:
     (`hamming.HammingIndex`): the same results, at about the scan's cost rather than many
     times it. `scanned_queries` counts them.
     """
-    q = hamming.check_packed("q_packed", q_packed)
-    if q.shape[1] != self.num_words:
-      raise errors.InvalidInput(
-        f"code length mismatch: queries have {q.shape[1]} words, the index {self.num_words}"
-      )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_codes:
-      raise errors.InvalidInput(
-        f"k must be an integer in [1, {self.num_codes}] (database size), got {k!r}"
-      )
+    q = hamming.check_queries(q_packed, k, self.num_words, self.num_codes)
     if query_batch < 1:
       raise errors.InvalidInput(f"query_batch must be >= 1, got {query_batch}")
     if max_candidates is None:
@@ -313,52 +321,40 @@ class MultiIndex:
     self, q: np.ndarray, k: int, max_candidates: int
   ) -> Tuple[np.ndarray, np.ndarray]:
     nq, m = q.shape[0], len(self.parts)
-    qsub = np.stack([substring(q, a, s) for a, s in self.parts], axis=1)  # [nq, m]
-    hist = np.zeros((nq, self.bits + 2), np.int64)  # found codes by distance
-    bound = np.full(nq, self.bits, np.int64)  # the k-th smallest distance found so far
+    b = _Batch(
+      q=q,
+      qsub=np.stack([substring(q, a, s) for a, s in self.parts], axis=1),
+      k=k,
+      max_candidates=max_candidates,
+      hist=np.zeros((nq, self.bits + 2), np.int64),
+      bound=np.full(nq, self.bits, np.int64),
+      spent=np.zeros(nq, np.int64),
+      to_scan=np.zeros(nq, bool),
+      kept=[],
+    )
     active = np.arange(nq)
-    kept_q: List[np.ndarray] = []
-    kept_d: List[np.ndarray] = []
-    kept_i: List[np.ndarray] = []
-    max_len = max(length for _, length in self.parts)
-    spent = np.zeros(nq, np.int64)  # candidates read per query
-    to_scan = np.zeros(nq, bool)  # queries handed to the scan
-    for rho in range(max_len + 1):
+    for rho in range(max(length for _, length in self.parts) + 1):
       for j, (_, length) in enumerate(self.parts):
         if active.size == 0:
           break
         if math.comb(length, rho) >= self.num_codes:
           # More probes per query than codes: a scan of the codes is cheaper (and exact).
-          to_scan[active] = True
+          b.to_scan[active] = True
           active = active[:0]
           break
         masks = _masks(length, rho)
         if masks.size:
-          self._step(
-            j,
-            rho,
-            masks,
-            q,
-            qsub,
-            active,
-            hist,
-            bound,
-            kept_q,
-            kept_d,
-            kept_i,
-            k,
-            spent,
-            to_scan,
-            max_candidates,
-          )
-          active = active[~to_scan[active]]
+          self._step(b, j, masks, active)
+          active = active[~b.to_scan[active]]
         certified = m * rho + j  # every code at distance <= certified has been found
         if certified >= self.bits:
           active = active[:0]
           break
-        active = active[hist[active, : certified + 1].sum(axis=1) < k]
+        active = active[b.hist[active, : certified + 1].sum(axis=1) < k]
       if active.size == 0:
         break
+    to_scan = b.to_scan
+    kept_q, kept_d, kept_i = ([t[n] for t in b.kept] for n in range(3))
     qs = np.concatenate(kept_q) if kept_q else np.zeros(0, np.int64)
     ds = np.concatenate(kept_d) if kept_d else np.zeros(0, np.int64)
     ids = np.concatenate(kept_i) if kept_i else np.zeros(0, np.int64)
@@ -385,36 +381,20 @@ class MultiIndex:
       self._scanner = hamming.HammingIndex(np.asarray(self.codes))
     return self._scanner.search(q, k)
 
-  def _step(
-    self,
-    j,
-    rho,
-    masks,
-    q,
-    qsub,
-    active,
-    hist,
-    bound,
-    kept_q,
-    kept_d,
-    kept_i,
-    k,
-    spent,
-    to_scan,
-    max_candidates,
-  ):
+  def _step(self, b: _Batch, j: int, masks: np.ndarray, active: np.ndarray):
+    """Probes table j at the substring radius of `masks` for the active queries."""
     per = max(1, _PROBE_ELEMENTS // masks.size)
     for s in range(0, active.size, per):
       rows = active[s : s + per]
-      probes = (qsub[rows, j][:, None] ^ masks[None, :]).ravel()
+      probes = (b.qsub[rows, j][:, None] ^ masks[None, :]).ravel()
       lo, hi = self._bucket_ranges(j, probes)
       lens = (hi - lo).astype(np.int64)
       # A query whose candidates outgrow the budget goes to the scan instead.
       per_row = lens.reshape(len(rows), masks.size)
-      spent[rows] += per_row.sum(axis=1)
-      over = spent[rows] > max_candidates
+      b.spent[rows] += per_row.sum(axis=1)
+      over = b.spent[rows] > b.max_candidates
       if over.any():
-        to_scan[rows[over]] = True
+        b.to_scan[rows[over]] = True
         per_row[over] = 0
         lens = per_row.ravel()
       pos = _ragged_positions(lo.astype(np.int64), lens)
@@ -422,23 +402,22 @@ class MultiIndex:
         continue
       qrow = np.repeat(np.repeat(rows, masks.size), lens)
       ids = self.tables[j]["order"][pos].astype(np.int64)
-      x = self.codes[ids] ^ q[qrow]
+      x = self.codes[ids] ^ b.q[qrow]
       d = np.bitwise_count(x).sum(axis=1, dtype=np.int64)
       sub = self._substring_distances(x)
       # Counted once: in the step that reaches it first (the first table of least
       # substring distance; its distance in table j is rho by construction).
       first = np.argmin(sub, axis=1) == j
       qrow, ids, d = qrow[first], ids[first], d[first]
-      hist += np.bincount(qrow * hist.shape[1] + d, minlength=hist.size).reshape(hist.shape)
+      h = b.hist
+      h += np.bincount(qrow * h.shape[1] + d, minlength=h.size).reshape(h.shape)
       # The k-th smallest distance found so far bounds the answer: drop what lies beyond.
       touched = np.unique(qrow)
-      c = np.cumsum(hist[touched], axis=1)
-      reached = c[:, -1] >= k
-      bound[touched[reached]] = np.argmax(c[reached] >= k, axis=1)
-      keep = d <= bound[qrow]
-      kept_q.append(qrow[keep])
-      kept_d.append(d[keep])
-      kept_i.append(ids[keep])
+      c = np.cumsum(h[touched], axis=1)
+      reached = c[:, -1] >= b.k
+      b.bound[touched[reached]] = np.argmax(c[reached] >= b.k, axis=1)
+      keep = d <= b.bound[qrow]
+      b.kept.append((qrow[keep], d[keep], ids[keep]))
 
 
 def open_matching(index_path: str, codes: np.ndarray, codes_path: str) -> MultiIndex:
