@@ -376,5 +376,8 @@ def test_center_margin_leaves_codes_free_within_the_margin():
 def test_neighbours_preset_is_local_with_the_selected_options():
   c, local = dhcnn_config.get_config("neighbours,bits=32"), dhcnn_config.get_config("local,bits=32")
   assert (c.dhcnn.center_weight, c.dhcnn.center_margin, c.dhcnn.distill_weight) == (100.0, 0.2, 2.0)
+  # `neighbours` was selected on `local` when it trained with Adam 1e-3; `local` now has 3e-4.
+  assert (c.train.lr_start, local.train.lr_start) == (1e-3, 3e-4)
+  local.train.lr_start = 1e-3
   for block in ("data", "model", "train", "features", "eval"):
     assert c[block].to_dict() == local[block].to_dict(), block
