@@ -284,19 +284,19 @@ def build_index(codes_path: str, out: str, *, substrings: Optional[int] = None) 
   db = codes_lib.load_codes(codes_path)
   if distributed.agree(f"output {out} exists", os.path.exists(out)):
     raise errors.AlreadyExists(f"output exists, nothing overwritten: {out}")
-  index = multi_index.MultiIndex(db["codes"], bits=int(db["bits"]), substrings=substrings)
 
-  def write(tmp):
+  def write(tmp):  # the primary builds and writes; the other processes wait for the file
+    index = multi_index.MultiIndex(db["codes"], bits=int(db["bits"]), substrings=substrings)
     index.save(tmp, codes_file=os.path.abspath(codes_path), identity=str(db["identity"]))
+    logging.info(
+      "multi-index of %d codes (%d bits): %d substrings, tables %.1f MiB",
+      index.num_codes,
+      index.bits,
+      len(index.parts),
+      index.nbytes() / 2**20,
+    )
 
   distributed.write_once(out, write, name="multi-index")
-  logging.info(
-    "multi-index of %d codes (%d bits): %d substrings, tables %.1f MiB",
-    index.num_codes,
-    index.bits,
-    len(index.parts),
-    index.nbytes() / 2**20,
-  )
   return out
 
 

@@ -72,7 +72,7 @@ flags.DEFINE_string(
   "without a linear scan (the same hits in the same order).",
 )
 flags.DEFINE_integer(
-  "substrings", None, "index: substrings (hash tables); default bits / log2(codes), rounded."
+  "substrings", None, "index: substrings (hash tables); default bits / log2(codes), rounded up."
 )
 flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8080, "serve: TCP port.")

@@ -353,11 +353,8 @@ class MultiIndex:
         active = active[b.hist[active, : certified + 1].sum(axis=1) < k]
       if active.size == 0:
         break
-    to_scan = b.to_scan
-    kept_q, kept_d, kept_i = ([t[n] for t in b.kept] for n in range(3))
-    qs = np.concatenate(kept_q) if kept_q else np.zeros(0, np.int64)
-    ds = np.concatenate(kept_d) if kept_d else np.zeros(0, np.int64)
-    ids = np.concatenate(kept_i) if kept_i else np.zeros(0, np.int64)
+    to_scan, none = b.to_scan, np.zeros(0, np.int64)
+    qs, ds, ids = (np.concatenate([t[n] for t in b.kept] + [none]) for n in range(3))
     order = np.lexsort((ids, ds, qs))
     qs, ds, ids = qs[order], ds[order], ids[order]
     first = np.searchsorted(qs, np.arange(nq))
