@@ -111,7 +111,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.dhcnn.gradient = "official"  # official | autodiff
   c.dhcnn.ce_to_classifier = "full"  # full | scaled
   c.dhcnn.center_weight = 0.0  # >0: class-wise hash targets (an extension; dhcnn.py)
-  c.dhcnn.distill_weight = 0.0  # >0: neighbourhood distillation within classes (dhcnn.py)
+  c.dhcnn.distill_weight = 0.0  # >0: neighbourhood distillation (dhcnn.py)
+  c.dhcnn.distill = "class"  # class: correlation within classes | listwise: KL over the bank
+  c.dhcnn.distill_temperature = 0.05  # listwise: softmax temperature of both similarities
+  c.dhcnn.distill_label_boost = 0.0  # listwise: added to the teacher's same-class similarities
   c.dhcnn.center_margin = 0.0  # >0: class targets as a margin of this fraction of the bits
 
   c.train = config_defaults.train()  # the official MatConvNet settings

@@ -355,6 +355,41 @@ def test_distill_term_is_one_minus_the_within_class_correlation():
   assert float(after) < float(got)
 
 
+def test_listwise_distill_term_is_the_kl_of_the_reference_neighbourhoods():
+  rng = np.random.default_rng(4)
+  b, n, k, t = 3, 10, 8, 0.1
+  u, bank = rng.normal(size=(b, k)), rng.normal(size=(n, k))
+  rows, mask = np.array([0, 4, 9]), np.array([1.0, 1.0, 0.0])
+  ref_sim = rng.uniform(-1, 1, (b, n))
+
+  def term(x):
+    return dhcnn.listwise_distill_term(
+      x, jnp.asarray(bank), jnp.asarray(ref_sim), jnp.asarray(rows), jnp.asarray(mask), t
+    )
+
+  def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+  per_row = []
+  for i in range(2):  # row 2 is padding (mask 0)
+    js = [j for j in range(n) if j != rows[i]]
+    p = softmax(ref_sim[i, js] / t)
+    q = softmax(np.tanh(u[i]) @ np.tanh(bank[js]).T / k / t)
+    per_row.append(np.sum(p * np.log(p / q)))
+  assert float(term(jnp.asarray(u))) == pytest.approx(np.mean(per_row), rel=1e-5)
+  # Zero when the codes' agreement is the reference similarity itself.
+  ref_codes = np.tanh(u) @ np.tanh(bank).T / k
+  same = dhcnn.listwise_distill_term(
+    jnp.asarray(u), jnp.asarray(bank), jnp.asarray(ref_codes), jnp.asarray(rows), jnp.ones(b), t
+  )
+  assert float(same) == pytest.approx(0.0, abs=1e-6)
+  # A gradient step lowers it; the padded row gets no gradient.
+  g = jax.grad(term)(jnp.asarray(u))
+  assert float(term(jnp.asarray(u) - 0.5 * g)) < float(term(jnp.asarray(u)))
+  assert np.all(np.asarray(g)[2] == 0)
+
+
 def test_center_margin_leaves_codes_free_within_the_margin():
   centers = jnp.asarray(dhcnn.hash_centers(2, 8))
   labels, mask = jnp.asarray([0, 0]), jnp.ones(2)

@@ -53,6 +53,17 @@ bank (held constant), each batch row i adds
 so that inside its class a query's codes stay closer to the images that look like it. A
 correlation is indifferent to the level and scale of h, which the class terms set.
 
+With `dhcnn.distill = "listwise"` the term is instead relational distillation over the whole
+bank (as CompRess, Abbasi Koohpayegani et al. NeurIPS 2020, distils an embedding's
+neighbourhoods): with T = `dhcnn.distill_temperature`, p_i = softmax_j(r_ij / T) and
+q_i = softmax_j(h_ij / T) over every bank row j != i, whatever its class,
+
+  loss += distill_weight * mean_i KL(p_i || q_i)
+
+The teacher's mass sits on each image's nearest reference neighbours, so the term asks the
+codes to keep those near (the neighbours neighbour recall counts, seen or unseen class),
+while the class terms keep the classes apart.
+
 Multi-label data (labels multi-hot [N, C], e.g. from a label file): S_ij = 1 when i and j
 share at least one label, and CE becomes the multi-label loss, a sigmoid binary cross
 entropy per label averaged over the C labels (BCEWithLogits' mean); each label is
@@ -72,6 +83,7 @@ from rshash_jax.models import signs
 
 GRADIENTS = ("official", "autodiff")
 CE_MODES = ("full", "scaled")
+DISTILL_KINDS = ("class", "listwise")
 
 
 class HashHead(nn.Module):
@@ -198,6 +210,22 @@ def distill_term(u, bank, s, ref_sim, bank_rows, mask):
   return jnp.sum(per_row) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def listwise_distill_term(
+  u, bank, ref_sim, bank_rows, mask, temperature: float, s=None, label_boost: float = 0.0
+):
+  """mean over valid rows of KL(softmax_j(r_ij / T) || softmax_j(h_ij / T)) over every bank
+  row j except i's own, h_ij = tanh(u_i) . tanh(U_j) / K (the bank held constant); with
+  label_boost = a > 0 the teacher is r_ij + a s_ij (related rows ahead by a)."""
+  h = jnp.tanh(u) @ jax.lax.stop_gradient(jnp.tanh(bank)).T / u.shape[-1]
+  if label_boost:
+    ref_sim = ref_sim + label_boost * s
+  other = jnp.arange(bank.shape[0])[None, :] != bank_rows[:, None]
+  log_p = jax.nn.log_softmax(jnp.where(other, ref_sim / temperature, -jnp.inf), axis=-1)
+  log_q = jax.nn.log_softmax(jnp.where(other, h / temperature, -jnp.inf), axis=-1)
+  kl = jnp.sum(jnp.where(other, jnp.exp(log_p) * (log_p - log_q), 0.0), axis=-1)
+  return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def loss_fn(
   u,
   logits,
@@ -218,6 +246,9 @@ def loss_fn(
   center_margin: float = 0.0,
   ref_sim=None,
   distill_weight: float = 0.0,
+  distill: str = "class",
+  distill_temperature: float = 0.05,
+  distill_label_boost: float = 0.0,
 ) -> Dict[str, Any]:
   """DHCNN loss of one batch. Returns dict(loss, pairwise, quant, ce, center, bank) where
   `bank` is the memory bank with this batch's rows written (the caller keeps it).
@@ -225,7 +256,8 @@ def loss_fn(
   u [B, K], logits [B, C] (computed from u), labels [B] (or multi-hot), bank_rows [B]
   rows of the batch in the bank [N, K], bank_labels [N]; mask [B] drops padded rows;
   centers [C, K] class targets (hash_centers), used when center_weight > 0; ref_sim [B, N]
-  cosines of the batch's reference features with the bank's, used when distill_weight > 0.
+  cosines of the batch's reference features with the bank's, used when distill_weight > 0
+  by the `distill` term ("class": distill_term, "listwise": listwise_distill_term).
   """
   if ce_to_classifier not in CE_MODES:
     raise errors.InvalidInput(
@@ -258,12 +290,19 @@ def loss_fn(
       raise errors.InvalidInput("dhcnn.center_weight > 0 needs the class targets (hash_centers)")
     center = center_term(u, labels, centers, mask, center_margin)
     total, reported = total + center_weight * center, reported + center_weight * center
-  distill = jnp.zeros((), jnp.float32)
+  distilled = jnp.zeros((), jnp.float32)
   if distill_weight:
     if ref_sim is None:
       raise errors.InvalidInput("dhcnn.distill_weight > 0 needs the reference similarities")
-    distill = distill_term(u, bank, s, ref_sim, bank_rows, mask)
-    total, reported = total + distill_weight * distill, reported + distill_weight * distill
+    if distill == "listwise":
+      distilled = listwise_distill_term(
+        u, bank, ref_sim, bank_rows, mask, distill_temperature, s, distill_label_boost
+      )
+    elif distill == "class":
+      distilled = distill_term(u, bank, s, ref_sim, bank_rows, mask)
+    else:
+      raise errors.InvalidInput(f"dhcnn.distill must be one of {DISTILL_KINDS}, got {distill!r}")
+    total, reported = total + distill_weight * distilled, reported + distill_weight * distilled
   return dict(
     loss=total,
     reported=reported,
@@ -271,7 +310,7 @@ def loss_fn(
     quant=quant / norm,
     ce=ce,
     center=center,
-    distill=distill,
+    distill=distilled,
     bank=bank,
   )
 

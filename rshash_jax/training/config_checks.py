@@ -110,6 +110,9 @@ def check_dhcnn(config):
   _range(config, "dhcnn.center_weight", 0.0, 1e6)
   _range(config, "dhcnn.distill_weight", 0.0, 1e6)
   _range(config, "dhcnn.center_margin", 0.0, 0.5)
+  _choice(config, "dhcnn.distill", dhcnn.DISTILL_KINDS)
+  _range(config, "dhcnn.distill_temperature", 0.0, 10.0, lo_open=True)
+  _range(config, "dhcnn.distill_label_boost", 0.0, 10.0)
   check_finetune_from(config)
 
 

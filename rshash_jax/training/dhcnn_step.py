@@ -61,6 +61,9 @@ def make_train_step(
         center_margin=dc.get("center_margin", 0.0),
         ref_sim=None if bank_reference is None else bank_reference[batch["row"]] @ bank_reference.T,
         distill_weight=dc.get("distill_weight", 0.0),
+        distill=dc.get("distill", "class"),
+        distill_temperature=dc.get("distill_temperature", 0.05),
+        distill_label_boost=dc.get("distill_label_boost", 0.0),
       )
       return out["loss"], out
 
