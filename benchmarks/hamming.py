@@ -135,6 +135,13 @@ def parse_args():
     default=None,
     help="HammingIndex's database chunk per device (default: HammingIndex's)",
   )
+  p.add_argument(
+    "--engine",
+    default="auto",
+    choices=("auto", "popcount", "matmul"),
+    help="HammingIndex's engine: popcount, matmul (+-1 matrix products, for GPUs' tensor "
+    "cores and TPUs' matrix units) or auto (matmul on accelerators for batches >= 64)",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument(
     "--learned",
@@ -311,15 +318,60 @@ def popcount_words_per_s():
   return 256 * db.size * reps / t
 
 
+def matmul_ops_per_s():
+  """The matrix unit's rate for the matmul engine's own product: 256 +-1 queries of 128
+  bits against 64K codes per device, in the platform's matmul dtype (int8 -> int32, bf16
+  on TPUs), multiply-adds per second (the probe of its roofline)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from rshash_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+
+  dtype = hamming.matmul_dtype(jax.devices()[0].platform)
+  acc = jnp.float32 if dtype == jnp.bfloat16 else jnp.int32
+  rng = np.random.default_rng(0)
+  x, _ = _sharded(np.where(rng.random((65536 * len(jax.devices()), 128)) < 0.5, 1, -1))
+  x = x.astype(dtype)
+  q = jnp.asarray(np.where(rng.random((256, 128)) < 0.5, 1, -1), dtype)
+  reps = 4
+
+  def body(q, x):
+    def one(i, s):
+      d = jax.lax.dot_general(q, x, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+      return s + jnp.min(d + i.astype(acc), axis=-1).sum().astype(jnp.float32)
+
+    return jax.lax.fori_loop(0, reps, one, jnp.float32(0))[None]
+
+  fn = jax.jit(
+    jax.shard_map(
+      body,
+      mesh=sharding.data_mesh(),
+      in_specs=(P(), P(sharding.DATA_AXIS)),
+      out_specs=P(sharding.DATA_AXIS),
+      check_vma=False,
+    )
+  )
+  fn(q, x).block_until_ready()
+  t, _ = best_time(lambda: fn(q, x).block_until_ready(), 3)
+  return 256 * x.size * reps / t
+
+
 def main():
   rng = np.random.default_rng(ARGS.seed)
   if faiss is not None:
     faiss.omp_set_num_threads(os.cpu_count())  # FAISS as its users run it: every core
   bw = read_bandwidth_gbs()
   pc = popcount_words_per_s()
+  on_accelerator = jax.devices()[0].platform != "cpu"
+  mm = (
+    matmul_ops_per_s()
+    if ARGS.engine == "matmul" or (ARGS.engine == "auto" and on_accelerator)
+    else None
+  )
   print(
     f"devices={jax.device_count()} ({jax.devices()[0].platform}), cores={os.cpu_count()}, "
-    f"read bandwidth {bw:.1f} GB/s, popcount {pc / 1e9:.2f} G words/s, Q={ARGS.queries}, "
+    f"read bandwidth {bw:.1f} GB/s, popcount {pc / 1e9:.2f} G words/s, "
+    + (f"matmul {mm / 1e12:.3f} T multiply-adds/s, " if mm else "")
+    + f"engine {ARGS.engine}, Q={ARGS.queries}, "
     f"k={ARGS.k}, faiss="
     + (
       f"{faiss.__version__} ({faiss.omp_get_max_threads()} threads, {faiss.get_compile_options()})"
@@ -346,7 +398,7 @@ def main():
           path = ARGS.learned.format(bits=bits)
           db = learned_packed(rng, path, n, bits, ARGS.flip)
           q = learned_packed(rng, path, ARGS.queries, bits, ARGS.flip)
-        cells.append(run_cell(kind, n, bits, db, q, bw, pc))
+        cells.append(run_cell(kind, n, bits, db, q, bw, pc, mm))
         db = None  # free the database before the next cell
   if ARGS.record:
     _record.write(
@@ -363,6 +415,8 @@ def main():
         "multi_index": ARGS.multi_index,
         "read_bandwidth_gbs": bw,
         "popcount_words_per_s": pc,
+        "engine": ARGS.engine,
+        "matmul_ops_per_s": mm,
         "cells": cells,
       },
     )
@@ -376,9 +430,9 @@ def main():
   return 0
 
 
-def run_cell(kind, n, bits, db, q, bw, pc) -> dict:
+def run_cell(kind, n, bits, db, q, bw, pc, mm=None) -> dict:
   """One timed cell: ours and FAISS interleaved, then every query checked exactly."""
-  index = hamming.HammingIndex(db, chunk_size=ARGS.chunk_size)
+  index = hamming.HammingIndex(db, chunk_size=ARGS.chunk_size, engine=ARGS.engine)
   index.search(q[: ARGS.query_batch], ARGS.k, query_batch=ARGS.query_batch)  # compile it
   nq = min(ARGS.numpy_queries, ARGS.queries)
   t_np, _ = timed(lambda: numpy_topk(q[:nq], db, ARGS.k))
@@ -422,6 +476,9 @@ def run_cell(kind, n, bits, db, q, bw, pc) -> dict:
     "scan_gbs": scanned * 4 / t_ours / 1e9,
     "scan_pct_bw": 100 * scanned * 4 / t_ours / 1e9 / bw,
     "pct_popcount": 100 * scanned / t_ours / pc,
+    "engine": index.engine_for(ARGS.query_batch),
+    # matmul engine: multiply-adds (Q x N x stored bits) per second over the probe's rate
+    "pct_matmul": 100 * scanned * 32 / t_ours / mm if mm else None,
     "db_gbs": streamed / t_ours / 1e9,
     "checked_queries": ARGS.queries,
     "reference": "faiss range_search" if fidx is not None else "numpy",
@@ -437,7 +494,8 @@ def run_cell(kind, n, bits, db, q, bw, pc) -> dict:
     f"{nq / t_np:>9.1f} | {np.median(ratios) if ratios is not None else np.nan:>12.2f} "
     f"{rr:>11} | {cell['scan_gbs']:>9.1f} {cell['scan_pct_bw']:>5.0f} "
     f"{cell['pct_popcount']:>8.0f} | {cell['db_gbs']:>7.1f} {100 * cell['db_gbs'] / bw:>5.0f} "
-    f"| {inexact}",
+    f"| {inexact}"
+    + (f" | {cell['pct_matmul']:.0f}% of the matmul probe" if cell["pct_matmul"] else ""),
     flush=True,
   )
   return cell

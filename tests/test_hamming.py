@@ -314,3 +314,55 @@ def test_topk_rejects_bad_input():
   for bad in (0, 2.5, True):
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
       hamming.HammingIndex(db, chunk_size=bad)
+
+
+@pytest.mark.parametrize(
+  "n, bits, k, chunk, devices",
+  [
+    (5000, 64, 100, 1 << 16, 1),  # one chunk, group pass in sub-blocks
+    (20000, 12, 100, 4096, 2),  # huge ties, many chunks, two devices
+    (9000, 128, 700, 1 << 11, 1),  # wide (uint64) words on CPU, k > group count
+    (3000, 40, 3000, 1 << 16, 1),  # k = N: the whole chunk ranked directly
+    (40000, 300, 10, 1 << 15, 2),  # distances past 255, several sub-blocks per chunk
+    (37, 7, 37, 8, 1),
+  ],
+)
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_matmul_engine_equals_the_popcount_engine(n, bits, k, chunk, devices, dtype, monkeypatch):
+  """The matrix-product engine (int8 as on GPUs, bf16 as on TPUs) gives the popcount
+  engine's distances, indices and tie order exactly."""
+  monkeypatch.setattr(hamming, "matmul_dtype", lambda platform: jnp.dtype(dtype))
+  rng = np.random.default_rng(n + bits)
+  db = hamming.pack_codes(random_codes(rng, n, bits, p=0.8))
+  q = hamming.pack_codes(random_codes(rng, 13, bits, p=0.8))
+  mesh = sharding.data_mesh(jax.devices()[:devices])
+  mm = hamming.HammingIndex(db, mesh=mesh, chunk_size=chunk, engine="matmul")
+  pc = hamming.HammingIndex(db, mesh=mesh, chunk_size=chunk, engine="popcount")
+  assert mm.engine_for(8) == "matmul" and pc.engine_for(8) == "popcount"
+  d, i = mm.search(q, k, query_batch=8)
+  rd, ri = np_topk(q, db, k)
+  np.testing.assert_array_equal(d, rd)
+  np.testing.assert_array_equal(i, ri)
+  pd, pi = pc.search(q, k, query_batch=8)
+  np.testing.assert_array_equal(d, pd)
+  np.testing.assert_array_equal(i, pi)
+
+
+def test_engine_choice_and_bad_engine():
+  db = hamming.pack_codes(random_codes(np.random.default_rng(0), 100, 64))
+  index = hamming.HammingIndex(db)
+  assert index.engine == "auto"
+  assert index.engine_for(256) == "popcount"  # CPU: the popcount, whatever the batch
+  index.platform = "gpu"  # the choice "auto" makes on an accelerator
+  assert index.engine_for(hamming.MATMUL_MIN_BATCH) == "matmul"
+  assert index.engine_for(hamming.MATMUL_MIN_BATCH - 1) == "popcount"
+  with pytest.raises(Exception, match="engine must be one of"):
+    hamming.HammingIndex(db, engine="gemm")
+
+
+def test_unpacked_products_are_distances():
+  """(B - <q, x>) / 2 over the unpacked +-1 words is the popcount of q ^ x."""
+  rng = np.random.default_rng(1)
+  words = rng.integers(0, 2**32, (20, 3), dtype=np.uint64).astype(np.uint32)
+  d = hamming._matmul_distances(hamming._unpack_pm(jnp.asarray(words[:4]), jnp.int8), words.T)
+  np.testing.assert_array_equal(np.asarray(d), np_distances(words[:4], words))

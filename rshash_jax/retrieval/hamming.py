@@ -26,6 +26,18 @@ words from 128 bits up (`_popcount_sum`, `HammingIndex`); padding rows are maske
 group, not per item (`_local_topk`).
 The database is sharded by rows across the devices of a ('data',) mesh; each device
 ranks its shard and the per-device lists are merged with the same exact selection.
+
+Two engines compute the distances of the group pass (`HammingIndex(engine=...)`):
+"popcount" (XOR + popcount, above) and "matmul": over +-1 codes of B stored bits,
+distance = (B - <q, x>) / 2, so a batch of queries against a chunk is one integer
+matrix product (int8 in, int32 out; bf16 in, f32 out on TPUs, exact: |<q, x>| <= B <=
+256 < 2^24), the chunk unpacked to +-1 on the device in sub-blocks of _MATMUL_BLOCK
+codes so that the [queries, block] product stays bounded. That is the work GPUs'
+tensor cores and TPUs' matrix units do best (a TPU has no fast popcount). Padding bits
+are 0 in queries and codes alike (-1 after unpacking): they add 1 to every product and
+B counts them, so they add nothing to a distance. Both engines give the same distances,
+hence the same selection and the same order. "auto" takes the matrix product on GPUs
+and TPUs for query batches of at least MATMUL_MIN_BATCH, else the popcount.
 """
 
 import contextlib
@@ -386,11 +398,56 @@ def _select_groups(gkey: jax.Array, kg: int) -> Tuple[jax.Array, jax.Array, jax.
   return gsel, lo, jnp.max(jnp.take_along_axis(gkey, gsel, axis=-1), axis=-1).astype(jnp.int32)
 
 
-def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices, bits_max, swar):
+ENGINES = ("auto", "popcount", "matmul")
+MATMUL_MIN_BATCH = 64  # "auto": smaller query batches leave a matrix unit mostly idle
+_MATMUL_BLOCK = 1 << 14  # codes unpacked and multiplied at once (matmul engine)
+
+
+def _unpack_pm(words: jax.Array, dtype) -> jax.Array:
+  """Stored words [..., W] (uint32 or uint64) -> +-1 [..., W * word bits] in `dtype`
+  (bit b of word w at position w * word bits + b; any fixed order serves, the same for
+  queries and codes)."""
+  nbits = jnp.iinfo(words.dtype).bits
+  shifts = jnp.arange(nbits, dtype=words.dtype)
+  b = (words[..., None] >> shifts) & jnp.asarray(1, words.dtype)
+  return (2 * b.astype(jnp.int32) - 1).astype(dtype).reshape(*words.shape[:-1], -1)
+
+
+def matmul_dtype(platform: str):
+  """The matmul engine's input type: bf16 on TPUs (their matrix unit's type), int8 elsewhere."""
+  return jnp.bfloat16 if platform == "tpu" else jnp.int8
+
+
+def _matmul_distances(q_pm: jax.Array, block_t: jax.Array) -> jax.Array:
+  """Distances int32 [Q, n] from +-1 queries q_pm [Q, B] and stored words block_t [W, n]:
+  (B - q . x) / 2, the block unpacked to +-1 here."""
+  x = _unpack_pm(block_t.T, q_pm.dtype)  # [n, B]
+  acc = jnp.float32 if q_pm.dtype == jnp.bfloat16 else jnp.int32
+  dot = lax.dot_general(q_pm, x, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+  return (q_pm.shape[1] - dot.astype(jnp.int32)) // 2
+
+
+def _matmul_group_min(q_pm: jax.Array, block_t: jax.Array, group: int) -> jax.Array:
+  """Each group's minimum distance [Q, n / group] over block_t [W, n], a sub-block of
+  _MATMUL_BLOCK codes at a time (the [Q, sub-block] product is all that is held)."""
+  w, n = block_t.shape
+  sub = math.gcd(n, _MATMUL_BLOCK)  # n and _MATMUL_BLOCK are multiples of group
+  blocks = block_t.reshape(w, n // sub, sub).transpose(1, 0, 2)
+
+  def one(b):
+    d = _matmul_distances(q_pm, b)
+    return jnp.min(d.reshape(d.shape[0], sub // group, group), axis=-1)
+
+  mins = lax.map(one, blocks)  # [n / sub, Q, sub / group]
+  return mins.transpose(1, 0, 2).reshape(q_pm.shape[0], n // group)
+
+
+def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices, bits_max, swar, matmul=None):
   """Per-device body: exact top-k of one database shard, merged over devices.
 
   q [Q, W] and db_t [W, n_local] hold uint32 words, or uint64 words (then traced
-  under `jax.enable_x64`: every integer here has an explicit 32-bit dtype).
+  under `jax.enable_x64`: every integer here has an explicit 32-bit dtype). matmul: None
+  (popcount engine) or the matmul engine's input dtype.
   """
   w, n_local = db_t.shape
   qn = q.shape[0]
@@ -401,6 +458,7 @@ def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices, bits_max, swar)
   kc = min(k, chunk)
   base = lax.axis_index(sharding.DATA_AXIS) * n_local
   offs = jnp.arange(group, dtype=jnp.int32)
+  q_pm = None if matmul is None else _unpack_pm(q, matmul)
 
   def chunk_topk(c):  # exact top-kc of chunk c, in index order
     start = jnp.asarray(c, jnp.int32) * chunk
@@ -408,15 +466,22 @@ def _local_topk(q, db_t, n_valid, *, k, chunk, group, n_devices, bits_max, swar)
     first = base + start
     if kg == n_groups:  # every group survives: rank the whole chunk directly
       pos = first + jnp.arange(chunk, dtype=jnp.int32)
-      d = popcount_sum((q[:, i, None], block[i].reshape(1, chunk)) for i in range(w))
+      if q_pm is None:
+        d = popcount_sum((q[:, i, None], block[i].reshape(1, chunk)) for i in range(w))
+      else:
+        d = _matmul_distances(q_pm, block.reshape(w, chunk))
       d = jnp.where(pos < n_valid, d, sentinel)
       cd, ci = _select_k(d, jnp.broadcast_to(pos, d.shape), kc, *_bounds(d))
     else:
-      d = popcount_sum((q[:, i, None, None], block[i][None]) for i in range(w))
       # (qn, G): each group's minimum distance, as uint8 (distances are <= bits + 1 <= 255
       # here): the smallest output the fused XOR/popcount/min loop can write, which makes
       # the pass faster than an int32 key carrying the index (docs/performance.md).
-      gkey = jnp.min(d, axis=-1).astype(jnp.uint8 if sentinel < 256 else jnp.int32)
+      if q_pm is None:
+        d = popcount_sum((q[:, i, None, None], block[i][None]) for i in range(w))
+        gmin = jnp.min(d, axis=-1)
+      else:
+        gmin = _matmul_group_min(q_pm, block.reshape(w, chunk), group)
+      gkey = gmin.astype(jnp.uint8 if sentinel < 256 else jnp.int32)
       # Padding rows (index >= n_valid) are masked per group, not per item: groups that
       # start past n_valid get the sentinel, and the one group that n_valid can cut
       # (g_cut; for any other group the recomputation gives the same minimum) is
@@ -478,7 +543,14 @@ class HammingIndex:
   O(query_batch * (chunk / L + k * L)) beyond the database itself.
   """
 
-  def __init__(self, db_packed, *, mesh: Optional[Mesh] = None, chunk_size: Optional[int] = None):
+  def __init__(
+    self,
+    db_packed,
+    *,
+    mesh: Optional[Mesh] = None,
+    chunk_size: Optional[int] = None,
+    engine: str = "auto",
+  ):
     """Places the database on the mesh.
 
     Args:
@@ -490,12 +562,17 @@ class HammingIndex:
         shared last-level cache while a query batch streams over it (10M x 128 bits,
         2 devices on 2 cores: 2^19 codes 1.09x the speed of 2^20, 2^21 0.69x; at 32
         and 64 bits 2^20 beats 2^19 and 2^21).
+      engine: "popcount", "matmul" or "auto" (module docstring): how the distances of
+        the scan are computed; every engine gives the same results.
     """
+    if engine not in ENGINES:
+      raise errors.InvalidInput(f"engine must be one of {ENGINES}, got {engine!r}")
+    self.engine = engine
     db = check_packed("db_packed", db_packed)
     self.mesh = mesh if mesh is not None else sharding.data_mesh()
     self.n_devices = self.mesh.devices.size
     self.num_codes, self.num_words = db.shape
-    platform = self.mesh.devices.flat[0].platform
+    platform = self.platform = self.mesh.devices.flat[0].platform
     if chunk_size is None:
       chunk_size = 1 << 20
       if platform == "cpu":
@@ -554,8 +631,14 @@ class HammingIndex:
   def _scope(self):
     return jax.enable_x64(True) if self._wide else contextlib.nullcontext()
 
-  def _search_fn(self, k: int):
-    if k not in self._fns:
+  def engine_for(self, batch: int) -> str:
+    """The engine a search with query batches of `batch` rows runs on."""
+    if self.engine != "auto":
+      return self.engine
+    return "matmul" if self.platform != "cpu" and batch >= MATMUL_MIN_BATCH else "popcount"
+
+  def _search_fn(self, k: int, engine: str):
+    if (k, engine) not in self._fns:
       bits_max = self.num_words * WORD_BITS
       body = functools.partial(
         _local_topk,
@@ -565,6 +648,7 @@ class HammingIndex:
         n_devices=self.n_devices,
         bits_max=bits_max,
         swar=self._swar,
+        matmul=matmul_dtype(self.platform) if engine == "matmul" else None,
       )
       fn = jax.shard_map(
         body,
@@ -573,8 +657,8 @@ class HammingIndex:
         out_specs=(P(), P()),
         check_vma=False,
       )
-      self._fns[k] = jax.jit(fn)
-    return self._fns[k]
+      self._fns[k, engine] = jax.jit(fn)
+    return self._fns[k, engine]
 
   def search(self, q_packed, k: int, *, query_batch: int = 256) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-k: returns (distances int32 [Q, k], indices int32 [Q, k]).
@@ -583,8 +667,8 @@ class HammingIndex:
     """
     q = check_queries(q_packed, k, self.num_words, self.num_codes)
     k = int(k)
-    fn = self._search_fn(k)
     batch = min(query_batch, 1 << math.ceil(math.log2(q.shape[0])))
+    fn = self._search_fn(k, self.engine_for(batch))
     rep = sharding.replicated(self.mesh)
     n_valid = jax.device_put(np.int32(self.num_codes), rep)
     out_d, out_i = [], []
@@ -605,7 +689,13 @@ class HammingIndex:
 
 
 def hamming_topk(
-  q_packed, db_packed, k: int, *, mesh: Optional[Mesh] = None, query_batch: int = 256
+  q_packed,
+  db_packed,
+  k: int,
+  *,
+  mesh: Optional[Mesh] = None,
+  query_batch: int = 256,
+  engine: str = "auto",
 ) -> Tuple[np.ndarray, np.ndarray]:
   """Exact Hamming top-k of packed queries [Q, W] in a packed database [N, W].
 
@@ -616,4 +706,4 @@ def hamming_topk(
   repeated searches build a `HammingIndex` once.
   """
   q, db = _check_pair(q_packed, db_packed)
-  return HammingIndex(db, mesh=mesh).search(q, k, query_batch=query_batch)
+  return HammingIndex(db, mesh=mesh, engine=engine).search(q, k, query_batch=query_batch)
