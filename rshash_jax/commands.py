@@ -199,11 +199,13 @@ def search(
   png: Optional[str] = None,
   geojson: Optional[str] = None,
   index_path: Optional[str] = None,
+  index_engine: str = "auto",
 ) -> List[Dict]:
   """Top-k of each query image in a codes file; prints a table (with each hit's WGS84
   coordinates where the codes file has them), optionally a PNG grid and a GeoJSON file.
   With `index_path` (written by `index` from the same codes file) the ranking is the
-  multi-index's: the same hits in the same order, without a scan of every code."""
+  multi-index's: the same hits in the same order, without a scan of every code
+  (`index_engine`: auto, the engine `index` measured faster at this k; multi_index; scan)."""
   enc = encoder_lib.load_encoder(encoder_path)
   db = codes_lib.load_codes(codes_path, enc)
   mi = multi_index.open_matching(index_path, db["codes"], codes_path) if index_path else None
@@ -222,7 +224,7 @@ def search(
   res = enc.encode(imgs)
   k = min(k, len(archive))
   if mi is not None:
-    dist, idx = mi.search(res["codes"], k)
+    dist, idx = mi.search(res["codes"], k, engine=index_engine)
   else:
     dist, idx = hamming.hamming_topk(res["codes"], db["codes"], k)
   # Every process ranks (the database is sharded over all of them); the primary prints.
@@ -279,14 +281,28 @@ def search(
   return out
 
 
-def build_index(codes_path: str, out: str, *, substrings: Optional[int] = None) -> str:
-  """Writes a multi-index (retrieval/multi_index.py) of a codes file's codes to `out`."""
+def build_index(
+  codes_path: str, out: str, *, substrings: Optional[int] = None, calibrate: bool = True
+) -> str:
+  """Writes a multi-index (retrieval/multi_index.py) of a codes file's codes to `out`;
+  with `calibrate`, times it against the scan here and stores the faster per k (what
+  `search --index` and `serve --index` then use, unless told otherwise)."""
   db = codes_lib.load_codes(codes_path)
   if distributed.agree(f"output {out} exists", os.path.exists(out)):
     raise errors.AlreadyExists(f"output exists, nothing overwritten: {out}")
 
   def write(tmp):  # the primary builds and writes; the other processes wait for the file
     index = multi_index.MultiIndex(db["codes"], bits=int(db["bits"]), substrings=substrings)
+    if calibrate:
+      for e in index.calibrate()["entries"]:
+        logging.info(
+          "k=%d: multi-index %.4f s, scan %.4f s per %d queries -> %s",
+          e["k"],
+          e["multi_index_s"],
+          e["scan_s"],
+          index.meta["crossover"]["queries"],
+          e["engine"],
+        )
     index.save(tmp, codes_file=os.path.abspath(codes_path), identity=str(db["identity"]))
     logging.info(
       "multi-index of %d codes (%d bits): %d substrings, tables %.1f MiB",

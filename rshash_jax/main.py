@@ -71,6 +71,19 @@ flags.DEFINE_string(
   "search/serve: a multi-index written by `index` from the same --codes file; ranks "
   "without a linear scan (the same hits in the same order).",
 )
+flags.DEFINE_enum(
+  "index_engine",
+  "auto",
+  ["auto", "multi_index", "scan"],
+  "search/serve with --index: auto (the engine `index` measured faster at the nearest k), "
+  "multi_index or scan; every engine gives the same hits in the same order.",
+)
+flags.DEFINE_bool(
+  "calibrate",
+  True,
+  "index: time the multi-index against the scan on 256 of the archive's own codes at k = 10 "
+  "and 100 and store the faster per k in the index (what --index_engine=auto follows).",
+)
 flags.DEFINE_integer(
   "substrings", None, "index: substrings (hash tables); default bits / log2(codes), rounded up."
 )
@@ -284,6 +297,7 @@ def _command(command, args):
       png=FLAGS.png,
       geojson=FLAGS.geojson,
       index_path=FLAGS.index,
+      index_engine=FLAGS.index_engine,
     )
     if FLAGS.png:
       _say(f"\ngrid: {FLAGS.png}")
@@ -291,7 +305,10 @@ def _command(command, args):
       _say(f"GeoJSON: {FLAGS.geojson}")
   elif command == "index":
     _require("index", "codes", "out")
-    _say(f"index: {commands.build_index(FLAGS.codes, FLAGS.out, substrings=FLAGS.substrings)}")
+    out = commands.build_index(
+      FLAGS.codes, FLAGS.out, substrings=FLAGS.substrings, calibrate=FLAGS.calibrate
+    )
+    _say(f"index: {out}")
   elif command == "serve":
     _require("serve", "encoder", "codes")
     import jax  # pylint: disable=g-import-not-at-top
@@ -317,6 +334,7 @@ def _command(command, args):
       allowed_hosts=FLAGS.allowed_hosts,
       allowed_origins=FLAGS.allowed_origins,
       index_path=FLAGS.index,
+      index_engine=FLAGS.index_engine,
     )
   else:
     _require("export", "workdir", "out")

@@ -169,3 +169,48 @@ def test_candidate_budget_hands_queries_to_the_scan_with_the_same_results(budget
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
   assert index.scanned_queries == (len(q) if budget == 1 else 0)
+
+
+def test_calibration_is_saved_and_auto_follows_it(tmp_path):
+  """`calibrate` times both engines per k; auto takes the faster at the nearest k; every
+  engine gives the scan's results; the choice survives save/load; a forged one is refused."""
+  rng = np.random.default_rng(7)
+  raw = _clustered(rng, 3000, 64)
+  db = hamming.pack_codes(raw, binary=True)
+  q = _queries(rng, raw)
+  index = multi_index.MultiIndex(db, bits=64)
+  assert index.engine_for(10) == "multi_index"  # nothing measured: the index
+  cross = index.calibrate(queries=64, repeats=1)
+  assert [e["k"] for e in cross["entries"]] == [10, 100] and cross["queries"] == 64
+  for e in cross["entries"]:
+    faster = "scan" if e["scan_s"] < e["multi_index_s"] else "multi_index"
+    assert e["engine"] == faster and e["multi_index_s"] > 0 and e["scan_s"] > 0
+  # The choice by hand: scan at k near 10, index at k near 100.
+  cross["entries"][0]["engine"], cross["entries"][1]["engine"] = "scan", "multi_index"
+  assert [index.engine_for(k) for k in (1, 10, 31, 32, 100, 5000)] == [
+    "scan",
+    "scan",
+    "scan",
+    "multi_index",
+    "multi_index",
+    "multi_index",
+  ]
+  want = hamming.HammingIndex(db).search(q, 10)
+  before = index.scanned_queries
+  for engine in ("auto", "scan", "multi_index"):
+    got = index.search(q, 10, engine=engine)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    if engine != "multi_index":  # whole-batch scans are not the index's fallbacks
+      assert index.scanned_queries == before
+  index.save(str(tmp_path / "idx"))
+  loaded = multi_index.MultiIndex.load(str(tmp_path / "idx"))
+  assert loaded.meta["crossover"] == cross and loaded.engine_for(10) == "scan"
+  with pytest.raises(errors.InvalidInput, match="engine must be one of"):
+    loaded.search(q, 10, engine="faiss")
+  meta_path = tmp_path / "idx" / multi_index.META
+  meta = json.loads(meta_path.read_text())
+  meta["crossover"]["entries"][0]["engine"] = "rm -rf"
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(errors.Corrupt, match="crossover"):
+    multi_index.MultiIndex.load(str(tmp_path / "idx"))

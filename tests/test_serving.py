@@ -424,10 +424,15 @@ def test_service_with_a_multi_index_answers_as_with_the_scan(trained, service, t
 
   engine, _, _ = service
   index = commands.build_index(engine.codes_path, str(tmp_path / "idx"))
-  indexed = service_lib.SearchEngine(trained[1], engine.codes_path, max_batch=2, index_path=index)
-  try:
-    for i in (0, 7, 25):
-      image = engine.read_archive_image(i)
-      assert indexed.search_pixels(image, 9)["hits"] == engine.search_pixels(image, 9)["hits"]
-  finally:
-    indexed.close()
+  for index_engine in ("auto", "multi_index"):
+    indexed = service_lib.SearchEngine(
+      trained[1], engine.codes_path, max_batch=2, index_path=index, index_engine=index_engine
+    )
+    try:
+      for i in (0, 7, 25):
+        image = engine.read_archive_image(i)
+        assert indexed.search_pixels(image, 9)["hits"] == engine.search_pixels(image, 9)["hits"]
+    finally:
+      indexed.close()
+  with pytest.raises(ValueError, match="index_engine='gpu' must be one of"):
+    service_lib.SearchEngine(trained[1], engine.codes_path, index_path=index, index_engine="gpu")

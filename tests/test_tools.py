@@ -1,5 +1,6 @@
 """encode / search / export / load_encoder on a tiny trained model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -85,10 +86,15 @@ def test_search_with_a_multi_index_gives_the_scans_hits(trained, tmp_path):
     commands.build_index(codes, str(tmp_path / "idx"))
   queries = [os.path.join(data, c) for c in ("class01", "class04")]
   scan = commands.search(workdir, codes, queries, k=12)
-  indexed = commands.search(workdir, codes, queries, k=12, index_path=index)
-  assert [[(h["distance"], h["path"]) for h in r["results"]] for r in indexed] == [
-    [(h["distance"], h["path"]) for h in r["results"]] for r in scan
-  ]
+  with open(os.path.join(index, "multi_index.json")) as f:
+    crossover = json.load(f)["crossover"]  # measured here at build time
+  n = len(np.load(codes)["codes"])
+  assert [e["k"] for e in crossover["entries"]] == [10, min(100, n)]  # k <= archive size
+  for engine in ("auto", "multi_index", "scan"):
+    indexed = commands.search(workdir, codes, queries, k=12, index_path=index, index_engine=engine)
+    assert [[(h["distance"], h["path"]) for h in r["results"]] for r in indexed] == [
+      [(h["distance"], h["path"]) for h in r["results"]] for r in scan
+    ]
   # An index of other codes is refused by name.
   z = dict(np.load(codes))
   z["codes"] = z["codes"][::-1].copy()

@@ -35,14 +35,24 @@ most 32 bits. A query whose probes outnumber the codes, or whose candidates pass
 same results, at little more than the scan's cost. Learned codes are far from uniform
 (clusters, duplicates), so their buckets are uneven: `benchmarks/hamming.py --multi_index`
 measures both kinds against the scan.
+
+Which engine answers (`search(engine=...)`): whether the index beats the scan depends on
+N, K, k, how the codes spread and the host, so the choice is measured where the index is
+built: `calibrate` times both, interleaved, on a sample of the archive's own codes as
+queries at k = 10 and 100 and stores the faster per k in the index's metadata
+(`crossover`); `engine="auto"` then follows the entry of the nearest k (in log k), and
+the multi-index where none was measured. "multi_index" and "scan" force one; every
+engine returns the same results.
 """
 
 import dataclasses
 import hashlib
+import platform
 import itertools
 import json
 import math
 import os
+import time
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -59,6 +69,8 @@ _PROBE_ELEMENTS = 1 << 21  # probes formed at once (queries x masks), bounds ste
 # ~0.2 ns per code and query in HammingIndex's batched scan): past N / 512 candidates a
 # query is cheaper to scan (benchmarks/hamming.py --multi_index).
 CANDIDATES_PER_SCAN = 512
+ENGINES = ("auto", "multi_index", "scan")
+CALIBRATION_KS = (10, 100)
 
 
 def codes_digest(codes: np.ndarray) -> str:
@@ -211,6 +223,7 @@ class MultiIndex:
       "num_words": self.num_words,
       "parts": [list(p) for p in self.parts],
       "codes_sha256": codes_digest(self.codes),
+      **({"crossover": self.meta["crossover"]} if "crossover" in self.meta else {}),
       **extra,
     }
     tmp = os.path.join(directory, META + ".tmp")
@@ -243,6 +256,7 @@ class MultiIndex:
     consistent = n >= 1 and w >= 1 and (w - 1) * 32 < bits <= w * 32 and parts
     if not consistent or split(bits, len(parts)) != parts or max(p[1] for p in parts) > 32:
       raise errors.Corrupt(f"{path}: inconsistent bits={bits}, words={w}, parts={parts}")
+    _check_crossover(path, meta.get("crossover"))
     mode = "r" if mmap else None
 
     def array(name, dtype, shape):
@@ -295,19 +309,74 @@ class MultiIndex:
       np.int16
     )
 
+  def calibrate(
+    self, *, queries: int = 256, ks=CALIBRATION_KS, repeats: int = 3, seed: int = 0
+  ) -> dict:
+    """Times the multi-index against the scan on `queries` of the archive's own codes
+    (a seeded sample) at each k of `ks`, interleaved, `repeats` times (the median counts),
+    after one untimed warm-up of each; stores and returns meta["crossover"]."""
+    rng = np.random.default_rng(seed)
+    n = self.num_codes
+    q = np.asarray(self.codes[np.sort(rng.choice(n, min(queries, n), replace=False))])
+    entries = []
+    for k in sorted({min(int(k), n) for k in ks}):
+      times = {"multi_index": [], "scan": []}
+      for rep in range(repeats + 1):
+        for engine in times:
+          t = time.perf_counter()
+          self.search(q, k, engine=engine)
+          if rep:  # the first round compiles the scan and warms the caches
+            times[engine].append(time.perf_counter() - t)
+      med = {e: float(np.median(v)) for e, v in times.items()}
+      entries.append(
+        {
+          "k": k,
+          "multi_index_s": med["multi_index"],
+          "scan_s": med["scan"],
+          "engine": min(med, key=med.get),
+        }
+      )
+    self.meta["crossover"] = {
+      "queries": int(q.shape[0]),
+      "repeats": repeats,
+      "host": platform.node(),
+      "entries": entries,
+    }
+    return self.meta["crossover"]
+
+  def engine_for(self, k: int) -> str:
+    """The engine `search(engine="auto")` takes at this k: the faster one measured by
+    `calibrate` at the nearest calibrated k (in log k); the multi-index if none was."""
+    entries = (self.meta.get("crossover") or {}).get("entries") or []
+    if not entries:
+      return "multi_index"
+    nearest = min(entries, key=lambda e: abs(math.log(max(int(e["k"]), 1)) - math.log(k)))
+    return "scan" if nearest.get("engine") == "scan" else "multi_index"
+
   def search(
-    self, q_packed, k: int, *, query_batch: int = 256, max_candidates: Optional[int] = None
+    self,
+    q_packed,
+    k: int,
+    *,
+    query_batch: int = 256,
+    max_candidates: Optional[int] = None,
+    engine: str = "auto",
   ) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-k: (distances int32 [Q, k], indices int32 [Q, k]), by (distance, index).
 
+    engine: "auto" (the calibrated choice, `engine_for`), "multi_index" or "scan".
     A query that would read more than `max_candidates` bucket entries (default
     N / CANDIDATES_PER_SCAN, at least 4k) is answered by the linear scan instead
     (`hamming.HammingIndex`): the same results, at about the scan's cost rather than many
     times it. `scanned_queries` counts them.
     """
     q = hamming.check_queries(q_packed, k, self.num_words, self.num_codes)
+    if engine not in ENGINES:
+      raise errors.InvalidInput(f"engine must be one of {ENGINES}, got {engine!r}")
     if query_batch < 1:
       raise errors.InvalidInput(f"query_batch must be >= 1, got {query_batch}")
+    if (self.engine_for(int(k)) if engine == "auto" else engine) == "scan":
+      return self._scan(q, int(k))
     if max_candidates is None:
       max_candidates = max(self.num_codes // CANDIDATES_PER_SCAN, 4 * int(k))
     out_d = np.zeros((q.shape[0], k), np.int32)
@@ -417,7 +486,24 @@ class MultiIndex:
       b.kept.append((qrow[keep], d[keep], ids[keep]))
 
 
-def open_matching(index_path: str, codes: np.ndarray, codes_path: str) -> MultiIndex:
+def _check_crossover(path: str, crossover) -> None:
+  """A saved crossover (`calibrate`) must be what calibrate writes, or absent."""
+  if crossover is None:
+    return
+  entries = crossover.get("entries") if isinstance(crossover, dict) else None
+  ok = isinstance(entries, list) and all(
+    isinstance(e, dict)
+    and isinstance(e.get("k"), int)
+    and not isinstance(e.get("k"), bool)
+    and e["k"] >= 1
+    and e.get("engine") in ("multi_index", "scan")
+    for e in entries
+  )
+  if not ok:
+    raise errors.Corrupt(f"{path}: field 'crossover' is malformed (rebuild the index)")
+
+
+def open_matching(index_path: str, codes: np.ndarray, codes_path: str) -> "MultiIndex":
   """A saved multi-index, refused unless it holds exactly these codes (by sha256)."""
   mi = MultiIndex.load(index_path)
   if mi.num_codes != codes.shape[0] or mi.meta.get("codes_sha256") != codes_digest(codes):

@@ -133,10 +133,15 @@ class SearchEngine:
     max_image_bytes: int = 64 << 20,
     image_budget_bytes: int = 1 << 30,
     index_path: Optional[str] = None,
+    index_engine: str = "auto",
   ):
     for name, v, hi in (("max_batch", max_batch, 1024), ("max_k", max_k, 100_000)):
       if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
         raise errors.InvalidInput(f"serve: {name}={v!r} must be an integer in [1, {hi}]")
+    if index_engine not in multi_index.ENGINES:
+      raise errors.InvalidInput(
+        f"serve: index_engine={index_engine!r} must be one of {multi_index.ENGINES}"
+      )
     self.max_image_bytes = int(max_image_bytes)
     self.image_budget = image_limits.Budget(image_budget_bytes)
     self.encoder = encoder_lib.load_encoder(encoder_path)
@@ -146,8 +151,10 @@ class SearchEngine:
     self.num_codes = len(self.archive)
     if self.num_codes == 0:
       raise errors.InvalidInput(f"{codes_path}: the codes file is empty")
+    self._search_kwargs = {}
     if index_path:
       self.index = multi_index.open_matching(index_path, db["codes"], codes_path)
+      self._search_kwargs = {"engine": index_engine}
     else:
       self.index = hamming.HammingIndex(db["codes"], mesh=self.encoder.mesh)
     self.max_batch = max_batch
@@ -252,7 +259,7 @@ class SearchEngine:
     res = self.encoder.encode(images)
     k_max = max(q.k for q in batch)
     k = next(b for b in self.k_buckets if b >= k_max)
-    dist, idx = self.index.search(res["codes"][:n], k)
+    dist, idx = self.index.search(res["codes"][:n], k, **self._search_kwargs)
     out = []
     multilabel = bool(self.encoder.meta.get("multilabel"))
     for r, q in enumerate(batch):
@@ -562,6 +569,7 @@ def serve(
   allowed_hosts=(),
   allowed_origins=(),
   index_path: Optional[str] = None,
+  index_engine: str = "auto",
 ):
   """Loads the index once and serves until interrupted (limits: see the module docstring).
   `allowed_hosts` adds Host names to loopback's (and to `host` itself); "*" allows any."""
@@ -575,6 +583,7 @@ def serve(
     max_image_bytes=int(max_image_mb * (1 << 20)),
     image_budget_bytes=int(image_budget_mb * (1 << 20)),
     index_path=index_path,
+    index_engine=index_engine,
   )
   hosts = list(LOOPBACK_HOSTS) + list(allowed_hosts)
   if host not in ("0.0.0.0", "::"):
