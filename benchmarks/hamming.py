@@ -279,13 +279,31 @@ def read_bandwidth_gbs():
   return x.nbytes / t / 1e9
 
 
+def _probe_seconds(body, q, db) -> float:
+  """Best of 3 of body(q, db shard) on every device (shard_map over the data mesh, jitted,
+  compiled first)."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from rshash_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+
+  fn = jax.jit(
+    jax.shard_map(
+      body,
+      mesh=sharding.data_mesh(),
+      in_specs=(P(), P(sharding.DATA_AXIS)),
+      out_specs=P(sharding.DATA_AXIS),
+      check_vma=False,
+    )
+  )
+  fn(q, db).block_until_ready()
+  t, _ = best_time(lambda: fn(q, db).block_until_ready(), 3)
+  return t
+
+
 def popcount_words_per_s():
   """The search's own fused XOR + popcount + group-minimum pass (one uint32 word per
   code, 256 queries, the platform's popcount form) over 64K codes per device, which
   stay in L2: our best per word here."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from rshash_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   db, n_dev = _sharded(
@@ -304,18 +322,7 @@ def popcount_words_per_s():
 
     return jax.lax.fori_loop(0, reps, one, jnp.int32(0))[None]
 
-  fn = jax.jit(
-    jax.shard_map(
-      body,
-      mesh=sharding.data_mesh(),
-      in_specs=(P(), P(sharding.DATA_AXIS)),
-      out_specs=P(sharding.DATA_AXIS),
-      check_vma=False,
-    )
-  )
-  fn(q, db).block_until_ready()
-  t, _ = best_time(lambda: fn(q, db).block_until_ready(), 3)
-  return 256 * db.size * reps / t
+  return 256 * db.size * reps / _probe_seconds(body, q, db)
 
 
 def matmul_ops_per_s():
@@ -323,8 +330,6 @@ def matmul_ops_per_s():
   bits against 64K codes per device, in the platform's matmul dtype (int8 -> int32, bf16
   on TPUs), multiply-adds per second (the probe of its roofline)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from rshash_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
 
   dtype = hamming.matmul_dtype(jax.devices()[0].platform)
   acc = jnp.float32 if dtype == jnp.bfloat16 else jnp.int32
@@ -341,18 +346,7 @@ def matmul_ops_per_s():
 
     return jax.lax.fori_loop(0, reps, one, jnp.float32(0))[None]
 
-  fn = jax.jit(
-    jax.shard_map(
-      body,
-      mesh=sharding.data_mesh(),
-      in_specs=(P(), P(sharding.DATA_AXIS)),
-      out_specs=P(sharding.DATA_AXIS),
-      check_vma=False,
-    )
-  )
-  fn(q, x).block_until_ready()
-  t, _ = best_time(lambda: fn(q, x).block_until_ready(), 3)
-  return 256 * x.size * reps / t
+  return 256 * x.size * reps / _probe_seconds(body, q, x)
 
 
 def main():
