@@ -1,4 +1,4 @@
-"""DHCNN settings selected on validation by a declared rule: three declared grids.
+"""DHCNN settings selected on validation by a declared rule: four declared grids.
 
     python benchmarks/dhcnn_neighbours.py --grid=local --data=../shared/data/ucmerced \
         --workdir=/tmp/dhcnn_select          # the `local` preset's optimiser, schedule, backbone
@@ -47,6 +47,11 @@ schedule of `local`, chosen on test before data.validation existed, and the back
   The values were narrowed by 13 single validation runs of seed 0 at 64 bits made while the
   option was written (weights 0.1-2, temperatures 0.02-0.1, margins 0.1-0.2, centre weights
   100-1000, boosts 0-0.5, with and without the hidden layer); no test split was read for them.
+
+--grid=partial (record benchmarks/results/dhcnn_partial_selection.json): `best` (partial
+fine-tuning of EfficientNet-Lite0's last block, class centres) against `best` with the
+overrides of the setting --grid=listwise chose (read from its record). About 8 minutes a
+run here; --bits=64 --seeds=0 is a look (the record says which ran), not a selection.
 
 Rule, every grid: for each setting, score = mean over both lengths and the three seeds of
 (map_tie_aware + neighbour_recall_at[10] + unseen_map_tie_aware) / 3; the setting with the
@@ -134,7 +139,31 @@ GRIDS = {
     (f"{o}_{b}", {**oo, **bo}) for (b, bo), (o, oo) in itertools.product(_BACKBONES, _OPTIMISERS)
   ],
 }
+# `best` (local,centers,partial: EfficientNet-Lite0's last block fine-tuned on cached
+# activations, 4 dihedral views, backbone at 0.1x) and `best` with the options that
+# --grid=listwise chose (read from its record when this grid runs).
+_PARTIAL = {
+  "train.mode": "finetune",
+  "train.finetune_from": "blocks_15",
+  "data.augment": True,
+  "train.cached_views": 4,
+  "train.backbone_lr_mult": 0.1,
+}
+
+
+def _partial_grid():
+  path = os.path.join(REPO, "benchmarks", "results", RECORDS["listwise"])
+  with open(path) as f:
+    chosen = json.load(f)["results"]["chosen"]
+  overrides = dict(GRIDS["listwise"])[chosen]
+  return [
+    ("best", {**_PARTIAL, "dhcnn.center_weight": 1.0}),
+    (f"best_{chosen}", {**_PARTIAL, **overrides}),
+  ]
+
+
 BASELINES = {
+  "partial": ("best",),
   "neighbours": ("baseline", "centers"),
   "listwise": ("neighbours",),
   "local": ("adam1e-3_log_lite0",),
@@ -142,6 +171,7 @@ BASELINES = {
 RECORDS = {
   "neighbours": "dhcnn_neighbours_selection.json",
   "listwise": "dhcnn_listwise_selection.json",
+  "partial": "dhcnn_partial_selection.json",
   "local": "dhcnn_local_selection.json",
 }
 BITS = (32, 64)
@@ -242,7 +272,7 @@ def summarise(rows, settings):
       for r in mine
     ]
     out[name] = {"score": sum(score) / len(score), "runs": len(mine)}
-    for bits in BITS:
+    for bits in sorted({r["bits"] for r in mine}):
       per = [r for r in mine if r["bits"] == bits]
       out[name][str(bits)] = {k: _mean_std(per, k) for k in MEASURES + REFERENCES}
   return out
@@ -254,12 +284,23 @@ def main():
   )
   p.add_argument("--data", default="../shared/data/ucmerced")
   p.add_argument("--workdir", default="/tmp/dhcnn_neighbours")
-  p.add_argument("--grid", default="neighbours", choices=sorted(GRIDS))
+  p.add_argument("--grid", default="neighbours", choices=sorted(GRIDS) + ["partial"])
+  p.add_argument(
+    "--bits", default=",".join(map(str, BITS)), help="code lengths (default: the declared ones)"
+  )
+  p.add_argument(
+    "--seeds",
+    default=",".join(map(str, SEEDS)),
+    help="seeds (default: the declared ones); fewer seeds make a look, not a selection: the "
+    "record says which ran",
+  )
   p.add_argument("--record", default=None, help="default: benchmarks/results/RECORDS[grid]")
   p.add_argument("--test", action="store_true", help="after the selection: the test split")
   args = p.parse_args()
   args.record = args.record or os.path.join(REPO, "benchmarks", "results", RECORDS[args.grid])
-  settings = GRIDS[args.grid]
+  settings = _partial_grid() if args.grid == "partial" else GRIDS[args.grid]
+  bits_list = tuple(int(b) for b in args.bits.split(","))
+  seeds = tuple(int(x) for x in args.seeds.split(","))
   logging.set_verbosity(logging.WARNING)
   input_pipeline.configure_tf()
   if args.test:
@@ -269,7 +310,7 @@ def main():
     chosen = res["chosen"]
     test_settings = [s for s in settings if s[0] in BASELINES[args.grid] + (chosen,)]
     rows = []
-    for setting, bits in itertools.product(test_settings, BITS):
+    for setting, bits in itertools.product(test_settings, bits_list):
       rows.append(run(args, "test", setting, bits, 0, unseen=0.0))
       rows.append(run(args, "test", setting, bits, 0, unseen=0.25))
     res["test"] = {
@@ -284,7 +325,8 @@ def main():
     os.replace(args.record + ".tmp", args.record)
     return
   rows = [
-    run(args, "validation", s, b, seed) for s, b, seed in itertools.product(settings, BITS, SEEDS)
+    run(args, "validation", s, b, seed)
+    for s, b, seed in itertools.product(settings, bits_list, seeds)
   ]
   summary = summarise(rows, settings)
   chosen = max((s[0] for s in settings), key=lambda n: summary[n]["score"])  # first of equals
@@ -295,8 +337,8 @@ def main():
       "grid": {
         "name": args.grid,
         "settings": settings,
-        "bits": BITS,
-        "seeds": SEEDS,
+        "bits": bits_list,
+        "seeds": seeds,
         "validation": 0.25,
         "unseen_classes": 0.25,
       },
