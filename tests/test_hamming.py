@@ -317,17 +317,19 @@ def test_topk_rejects_bad_input():
 
 
 @pytest.mark.parametrize(
-  "n, bits, k, chunk, devices",
+  "n, bits, k, chunk, devices, dtype",
   [
-    (5000, 64, 100, 1 << 16, 1),  # one chunk, group pass in sub-blocks
-    (20000, 12, 100, 4096, 2),  # huge ties, many chunks, two devices
-    (9000, 128, 700, 1 << 11, 1),  # wide (uint64) words on CPU, k > group count
-    (3000, 40, 3000, 1 << 16, 1),  # k = N: the whole chunk ranked directly
-    (40000, 300, 10, 1 << 15, 2),  # distances past 255, several sub-blocks per chunk
-    (37, 7, 37, 8, 1),
+    (5000, 64, 100, 1 << 16, 1, "int8"),  # one chunk, group pass in sub-blocks
+    (20000, 12, 100, 4096, 2, "int8"),  # huge ties, many chunks, two devices
+    (9000, 128, 700, 1 << 11, 1, "int8"),  # wide (uint64) words on CPU, k > group count
+    (3000, 40, 3000, 1 << 16, 1, "int8"),  # k = N: the whole chunk ranked directly
+    (40000, 300, 10, 1 << 15, 2, "int8"),  # distances past 255, several sub-blocks a chunk
+    (37, 7, 37, 8, 1, "int8"),
+    (5000, 64, 100, 1 << 16, 1, "bfloat16"),  # TPUs' type
+    (9000, 128, 700, 1 << 11, 2, "bfloat16"),
+    (3000, 40, 3000, 1 << 16, 1, "bfloat16"),
   ],
 )
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 def test_matmul_engine_equals_the_popcount_engine(n, bits, k, chunk, devices, dtype, monkeypatch):
   """The matrix-product engine (int8 as on GPUs, bf16 as on TPUs) gives the popcount
   engine's distances, indices and tie order exactly."""
