@@ -472,6 +472,8 @@ TABLES = {
   "serve_load": serve_load,
   "neighbours_validation": selection_validation("dhcnn_neighbours_selection.json"),
   "neighbours_test": selection_test("dhcnn_neighbours_selection.json"),
+  "listwise_validation": selection_validation("dhcnn_listwise_selection.json"),
+  "listwise_test": selection_test("dhcnn_listwise_selection.json"),
   "local_validation": selection_validation("dhcnn_local_selection.json"),
   "local_test": selection_test("dhcnn_local_selection.json"),
 }

@@ -30,10 +30,12 @@ Presets (`configs/dhcnn.py:ARGS`, comma-separated; `key=value` items set fields 
               chosen on the validation split by benchmarks/dhcnn_options.py (see "Chosen on
               validation" below). Same-class mAP only: it gives each class one code (see
               "Beyond same-class mAP").
-  neighbours  local on Adam 1e-3 (the base it was chosen on) with class targets as a margin
-              and within-class neighbourhood distillation (dhcnn.center_weight 100,
-              center_margin 0.2, distill_weight 2): codes that rank by appearance inside a
-              class, chosen on validation by benchmarks/dhcnn_neighbours.py (see "Beyond
+  neighbours  local on Adam 1e-3 (the base it was chosen on) with one hidden ReLU layer of
+              1024 before the hash layer, class targets as a margin (dhcnn.center_weight
+              100, center_margin 0.2) and listwise distillation of the frozen backbone's
+              neighbourhoods over the whole bank (distill listwise, weight 2, temperature
+              0.05, same-class boost 0.5): codes that rank by appearance, chosen on
+              validation by benchmarks/dhcnn_neighbours.py --grid=listwise (see "Beyond
               same-class mAP" below).
   bits=16|32|48|64, backbone=vgg_f|alexnet|efficientnet_lite0|squeezenet|..., mode=frozen|finetune
 
@@ -196,9 +198,15 @@ def _partial(c):
 
 
 def _neighbours(c):
+  # Chosen on validation by benchmarks/dhcnn_neighbours.py --grid=listwise (record
+  # benchmarks/results/dhcnn_listwise_selection.json; tests/test_dhcnn.py checks the match).
   _adam_local(c)
+  c.model.head_hidden = 1024
   c.dhcnn.center_weight = 100.0
   c.dhcnn.center_margin = 0.2
+  c.dhcnn.distill = "listwise"
+  c.dhcnn.distill_temperature = 0.05
+  c.dhcnn.distill_label_boost = 0.5
   c.dhcnn.distill_weight = 2.0
 
 

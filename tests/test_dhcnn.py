@@ -9,9 +9,12 @@ from rshash_jax.models import dhcnn, signs
 from rshash_jax.parallel import sharding
 from rshash_jax.training import dhcnn_step, train_state
 
-import sys, os  # noqa: E401
+import json
+import os
+import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
 import dhcnn as dhcnn_config  # noqa: E402  (configs/dhcnn.py)
 
 
@@ -409,10 +412,19 @@ def test_center_margin_leaves_codes_free_within_the_margin():
 
 
 def test_neighbours_preset_is_local_with_the_selected_options():
+  """`neighbours` is `local` (on Adam 1e-3, the base its grid ran on) with exactly the
+  overrides of the setting benchmarks/dhcnn_neighbours.py --grid=listwise chose."""
+  path = os.path.join(REPO, "benchmarks", "results", "dhcnn_listwise_selection.json")
+  with open(path) as f:
+    r = json.load(f)["results"]
+  overrides = dict(map(tuple, r["grid"]["settings"]))[r["chosen"]]
+  assert overrides["dhcnn.distill"] == "listwise"
   c, local = dhcnn_config.get_config("neighbours,bits=32"), dhcnn_config.get_config("local,bits=32")
-  assert (c.dhcnn.center_weight, c.dhcnn.center_margin, c.dhcnn.distill_weight) == (100.0, 0.2, 2.0)
   # `neighbours` was selected on `local` when it trained with Adam 1e-3; `local` now has 3e-4.
   assert (c.train.lr_start, local.train.lr_start) == (1e-3, 3e-4)
   local.train.lr_start = 1e-3
-  for block in ("data", "model", "train", "features", "eval"):
+  for key, value in overrides.items():
+    block, field = key.split(".")
+    local[block][field] = value
+  for block in ("data", "model", "train", "features", "eval", "dhcnn"):
     assert c[block].to_dict() == local[block].to_dict(), block
