@@ -157,6 +157,26 @@ def test_encode_on_two_processes_writes_the_codes_of_one(reference, tmp_path):
   )
   hits = [line for line in proc.stdout.splitlines() if "class02" in line and "relevant" in line]
   assert len(hits) == 3 and all(line.startswith("[process 0]") for line in hits)  # printed once
+  # A multi-index built by two processes (the primary builds and calibrates it on its own
+  # devices while the other waits) answers the same hits on two processes.
+  index = tmp_path / "idx"
+  _ok(_local(2, 2, "index", f"--codes={tmp_path / 'two.npz'}", f"--out={index}"))
+  assert (index / "multi_index.json").is_file()
+  proc = _ok(
+    _local(
+      2,
+      2,
+      "search",
+      f"--encoder={reference}",
+      f"--codes={tmp_path / 'two.npz'}",
+      f"--index={index}",
+      "--k=3",
+      query,
+    )
+  )
+  assert [
+    line for line in proc.stdout.splitlines() if "class02" in line and "relevant" in line
+  ] == hits
 
 
 def test_bad_process_setups_fail_with_a_clear_error(tmp_path):

@@ -55,9 +55,11 @@ import os
 import time
 from typing import List, Optional, Tuple
 
+import jax
 import numpy as np
 
 from rshash_jax import errors
+from rshash_jax.parallel import sharding
 from rshash_jax.retrieval import hamming
 
 FORMAT = "rshash_jax.multi_index/1"
@@ -442,9 +444,12 @@ class MultiIndex:
 
   def _scan(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-k by the linear scan (`hamming.HammingIndex`, built on first use), for
-    queries whose probes or candidates would cost more than reading every code."""
+    queries whose probes or candidates would cost more than reading every code. On this
+    process's devices only, as the index itself: every process holds all the codes, and
+    `index` calibrates on the primary process alone."""
     if self._scanner is None:
-      self._scanner = hamming.HammingIndex(np.asarray(self.codes))
+      mesh = sharding.data_mesh(jax.local_devices())
+      self._scanner = hamming.HammingIndex(np.asarray(self.codes), mesh=mesh)
     return self._scanner.search(q, k)
 
   def _step(self, b: _Batch, j: int, masks: np.ndarray, active: np.ndarray):
