@@ -473,6 +473,7 @@ TABLES = {
   "neighbours_validation": selection_validation("dhcnn_neighbours_selection.json"),
   "neighbours_test": selection_test("dhcnn_neighbours_selection.json"),
   "listwise_validation": selection_validation("dhcnn_listwise_selection.json"),
+  "partial_validation": selection_validation("dhcnn_partial_selection.json"),
   "listwise_test": selection_test("dhcnn_listwise_selection.json"),
   "local_validation": selection_validation("dhcnn_local_selection.json"),
   "local_test": selection_test("dhcnn_local_selection.json"),

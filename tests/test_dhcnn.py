@@ -428,3 +428,24 @@ def test_neighbours_preset_is_local_with_the_selected_options():
     local[block][field] = value
   for block in ("data", "model", "train", "features", "eval", "dhcnn"):
     assert c[block].to_dict() == local[block].to_dict(), block
+
+
+def test_best_preset_is_neighbours_on_the_partial_fine_tuning_selected():
+  """`best` is the setting benchmarks/dhcnn_neighbours.py --grid=partial chose: `local` on
+  Adam 1e-3 with the partial fine-tuning and the listwise overrides of its record."""
+  path = os.path.join(REPO, "benchmarks", "results", "dhcnn_partial_selection.json")
+  with open(path) as f:
+    r = json.load(f)["results"]
+  overrides = dict(map(tuple, r["grid"]["settings"]))[r["chosen"]]
+  assert overrides["train.finetune_from"] == "blocks_15"
+  c, local = dhcnn_config.get_config("best"), dhcnn_config.get_config("local")
+  local.train.lr_start = 1e-3
+  for key, value in overrides.items():
+    block, field = key.split(".")
+    local[block][field] = value
+  for block in ("data", "model", "train", "features", "eval", "dhcnn"):
+    assert c[block].to_dict() == local[block].to_dict(), block
+  # `classes` is the preset `best` was before: centres, no distillation.
+  old = dhcnn_config.get_config("classes")
+  assert (old.dhcnn.center_weight, old.dhcnn.distill_weight) == (1.0, 0.0)
+  assert old.train.finetune_from == "blocks_15"
