@@ -411,40 +411,39 @@ def test_center_margin_leaves_codes_free_within_the_margin():
   assert float(plain) == 0.0
 
 
-def test_neighbours_preset_is_local_with_the_selected_options():
-  """`neighbours` is `local` (on Adam 1e-3, the base its grid ran on) with exactly the
-  overrides of the setting benchmarks/dhcnn_neighbours.py --grid=listwise chose."""
-  path = os.path.join(REPO, "benchmarks", "results", "dhcnn_listwise_selection.json")
-  with open(path) as f:
+def _chosen_overrides(record: str) -> dict:
+  with open(os.path.join(REPO, "benchmarks", "results", record)) as f:
     r = json.load(f)["results"]
-  overrides = dict(map(tuple, r["grid"]["settings"]))[r["chosen"]]
-  assert overrides["dhcnn.distill"] == "listwise"
-  c, local = dhcnn_config.get_config("neighbours,bits=32"), dhcnn_config.get_config("local,bits=32")
-  # `neighbours` was selected on `local` when it trained with Adam 1e-3; `local` now has 3e-4.
-  assert (c.train.lr_start, local.train.lr_start) == (1e-3, 3e-4)
+  return dict(map(tuple, r["grid"]["settings"]))[r["chosen"]]
+
+
+def _assert_local_with(preset: str, overrides: dict):
+  """configs/dhcnn.py:PRESET is `local` on Adam 1e-3 (the base the grids ran on) with
+  exactly `overrides`."""
+  c, local = dhcnn_config.get_config(preset), dhcnn_config.get_config("local")
   local.train.lr_start = 1e-3
   for key, value in overrides.items():
     block, field = key.split(".")
     local[block][field] = value
   for block in ("data", "model", "train", "features", "eval", "dhcnn"):
     assert c[block].to_dict() == local[block].to_dict(), block
+
+
+def test_neighbours_preset_is_local_with_the_selected_options():
+  """`neighbours` is the setting benchmarks/dhcnn_neighbours.py --grid=listwise chose."""
+  overrides = _chosen_overrides("dhcnn_listwise_selection.json")
+  assert overrides["dhcnn.distill"] == "listwise"
+  # `neighbours` was selected on `local` when it trained with Adam 1e-3; `local` now has 3e-4.
+  assert dhcnn_config.get_config("local").train.lr_start == 3e-4
+  _assert_local_with("neighbours,bits=32", {"model.bits": 32, **overrides})
 
 
 def test_best_preset_is_neighbours_on_the_partial_fine_tuning_selected():
-  """`best` is the setting benchmarks/dhcnn_neighbours.py --grid=partial chose: `local` on
-  Adam 1e-3 with the partial fine-tuning and the listwise overrides of its record."""
-  path = os.path.join(REPO, "benchmarks", "results", "dhcnn_partial_selection.json")
-  with open(path) as f:
-    r = json.load(f)["results"]
-  overrides = dict(map(tuple, r["grid"]["settings"]))[r["chosen"]]
+  """`best` is the setting benchmarks/dhcnn_neighbours.py --grid=partial chose: partial
+  fine-tuning with the listwise overrides."""
+  overrides = _chosen_overrides("dhcnn_partial_selection.json")
   assert overrides["train.finetune_from"] == "blocks_15"
-  c, local = dhcnn_config.get_config("best"), dhcnn_config.get_config("local")
-  local.train.lr_start = 1e-3
-  for key, value in overrides.items():
-    block, field = key.split(".")
-    local[block][field] = value
-  for block in ("data", "model", "train", "features", "eval", "dhcnn"):
-    assert c[block].to_dict() == local[block].to_dict(), block
+  _assert_local_with("best", overrides)
   # `classes` is the preset `best` was before: centres, no distillation.
   old = dhcnn_config.get_config("classes")
   assert (old.dhcnn.center_weight, old.dhcnn.distill_weight) == (1.0, 0.0)
