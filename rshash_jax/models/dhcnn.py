@@ -177,6 +177,11 @@ def hash_centers(num_classes: int, bits: int, seed: int = 0) -> np.ndarray:
   return np.where(rng.random((num_classes, bits)) < 0.5, -1.0, 1.0).astype(np.float32)
 
 
+def _masked_mean(per_row, mask):
+  """Mean of per_row [B] over the rows with mask 1 (0 when none)."""
+  return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def center_term(u, labels, centers, mask, margin: float = 0.0):
   """mean over valid rows of ||t - u||^2 / K, t the class target of each row (multi-hot:
   the sign of the sum of its labels' targets, tied bits not counted); with margin > 0,
@@ -190,24 +195,32 @@ def center_term(u, labels, centers, mask, margin: float = 0.0):
     per_row = jnp.square(jax.nn.relu((1.0 - agree) / 2.0 - margin))
   else:
     per_row = jnp.mean(jnp.abs(t) * jnp.square(t - u), axis=-1)
-  return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return _masked_mean(per_row, mask)
+
+
+def _soft_agreement(u, bank):
+  """h_ij = tanh(u_i) . tanh(U_j) / K, the bank held constant: [B, N]."""
+  return jnp.tanh(u) @ jax.lax.stop_gradient(jnp.tanh(bank)).T / u.shape[-1]
+
+
+def _other_rows(bank_rows, n: int):
+  """[B, N] True where bank row j is not batch row i's own row."""
+  return jnp.arange(n)[None, :] != bank_rows[:, None]
 
 
 def distill_term(u, bank, s, ref_sim, bank_rows, mask):
   """mean over valid rows of 1 - corr_j(tanh(u_i) . tanh(U_j) / K, ref_sim_ij) over the bank
   rows j related to i (s_ij = 1), i's own row left out; rows with fewer than two such
   pairs, or a constant h or r, add 0."""
-  h = jnp.tanh(u) @ jax.lax.stop_gradient(jnp.tanh(bank)).T / u.shape[-1]
-  self_row = jnp.arange(bank.shape[0])[None, :] == bank_rows[:, None]
-  w = s * (1.0 - self_row.astype(jnp.float32))
+  h = _soft_agreement(u, bank)
+  w = s * _other_rows(bank_rows, bank.shape[0]).astype(jnp.float32)
   n = jnp.sum(w, axis=1, keepdims=True)
   mean = lambda x: jnp.sum(w * x, axis=1, keepdims=True) / jnp.maximum(n, 1.0)
   hc, rc = h - mean(h), ref_sim - mean(ref_sim)
   cov, vh, vr = mean(hc * rc), mean(hc * hc), mean(rc * rc)
   corr = cov / jnp.sqrt(jnp.maximum(vh * vr, 1e-12))
   ok = (n[:, 0] >= 2) & (vh[:, 0] > 1e-12) & (vr[:, 0] > 1e-12)
-  per_row = jnp.where(ok, 1.0 - corr[:, 0], 0.0) * mask
-  return jnp.sum(per_row) / jnp.maximum(jnp.sum(mask), 1.0)
+  return _masked_mean(jnp.where(ok, 1.0 - corr[:, 0], 0.0), mask)
 
 
 def listwise_distill_term(
@@ -216,14 +229,14 @@ def listwise_distill_term(
   """mean over valid rows of KL(softmax_j(r_ij / T) || softmax_j(h_ij / T)) over every bank
   row j except i's own, h_ij = tanh(u_i) . tanh(U_j) / K (the bank held constant); with
   label_boost = a > 0 the teacher is r_ij + a s_ij (related rows ahead by a)."""
-  h = jnp.tanh(u) @ jax.lax.stop_gradient(jnp.tanh(bank)).T / u.shape[-1]
+  h = _soft_agreement(u, bank)
   if label_boost:
     ref_sim = ref_sim + label_boost * s
-  other = jnp.arange(bank.shape[0])[None, :] != bank_rows[:, None]
+  other = _other_rows(bank_rows, bank.shape[0])
   log_p = jax.nn.log_softmax(jnp.where(other, ref_sim / temperature, -jnp.inf), axis=-1)
   log_q = jax.nn.log_softmax(jnp.where(other, h / temperature, -jnp.inf), axis=-1)
   kl = jnp.sum(jnp.where(other, jnp.exp(log_p) * (log_p - log_q), 0.0), axis=-1)
-  return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return _masked_mean(kl, mask)
 
 
 def loss_fn(
