@@ -47,11 +47,11 @@ engine returns the same results.
 
 import dataclasses
 import hashlib
-import platform
 import itertools
 import json
 import math
 import os
+import platform
 import time
 from typing import List, Optional, Tuple
 
