@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from rshash_jax import config_defaults, errors
-from rshash_jax.data import chunk_store, datasets, input_pipeline, rasters
+from rshash_jax.data import chunk_store, datasets, input_pipeline, rasters, scenes
 from rshash_jax.parallel import distributed
 from rshash_jax.retrieval import (
   codes as codes_lib,
@@ -97,8 +97,12 @@ def encode(
   chunk: int = 4096,
   threads: int = 0,
   labels_file: Optional[str] = None,
+  grid: Optional[scenes.Grid] = None,
 ) -> str:
   """Encodes `data` with the encoder at `encoder_path` into the codes file `out` (.npz).
+  With `grid`, `data` is a scene archive (a raster, a folder of rasters or a list file)
+  cut into windows (rshash_jax/data/scenes.py); each code keeps its scene, window and
+  footprint.
 
   Chunks of `chunk` images are shared out over the processes (each encodes its chunks on
   its own devices) and written to OUT.parts/ as they finish; a re-run continues at the
@@ -114,7 +118,15 @@ def encode(
     out += ".npz"
   if distributed.agree(f"codes {out} exists", os.path.exists(out)):
     raise errors.AlreadyExists(f"codes file exists, nothing overwritten: {out}")
-  table = image_table(data, enc.meta.get("degrade", 1), raster=enc.raster, labels_file=labels_file)
+  if grid is not None:
+    if labels_file:
+      raise errors.InvalidInput("--labels applies to image folders, not to --tile scene archives")
+    table = datasets.scene_table(data, grid, enc.raster)
+    table.degrade = enc.meta.get("degrade", 1)
+  else:
+    table = image_table(
+      data, enc.meta.get("degrade", 1), raster=enc.raster, labels_file=labels_file
+    )
   n = len(table)
   store = chunk_store.ChunkStore(
     out + ".parts",
@@ -160,8 +172,11 @@ def encode(
       lonlat=lonlat,
       predicted=arrays["predicted"],
       paths=paths,
-      class_names=table.class_names,
+      # An unlabelled archive (any tree, scenes) names the encoder's classes, which its
+      # `predicted` ids count.
+      class_names=table.class_names or list(enc.class_names),
       encoder=enc,
+      tiles=table.tiles,
     ),
     name="codes file",
   )
@@ -171,10 +186,16 @@ def encode(
   return out
 
 
-def _query_paths(queries: Sequence[str]) -> List[str]:
+def _query_paths(queries: Sequence[str], archive: hits_lib.Archive) -> List[str]:
+  """Image files and folders of images, in order; tile paths of the archive stay as given
+  (their stored codes are the queries)."""
   paths = []
   for q in queries:
-    if os.path.isdir(q):
+    if scenes.is_tile(q):
+      if archive.row(q) is None:
+        raise errors.NotFound(f"query tile {q} is not a window of the codes file")
+      paths.append(q)
+    elif os.path.isdir(q):
       paths += sorted(
         os.path.join(d, f)
         for d, _, fs in os.walk(q)
@@ -185,9 +206,68 @@ def _query_paths(queries: Sequence[str]) -> List[str]:
       paths.append(q)
     else:
       raise errors.NotFound(f"query image not found: {q}")
-  if not paths:
-    raise errors.InvalidInput(f"no query images in {list(queries)}")
   return paths
+
+
+def parse_region(bbox: Optional[Sequence[str]] = None, within: Optional[str] = None):
+  """A spatial filter as a WGS84 shapely geometry: --bbox=MINLON,MINLAT,MAXLON,MAXLAT and/or
+  --within=FILE (a GeoJSON geometry, Feature or FeatureCollection: their union); both
+  given: their intersection. None without either."""
+  import shapely  # pylint: disable=g-import-not-at-top
+
+  geoms = []
+  if bbox:
+    try:
+      v = [float(x) for x in bbox]
+    except ValueError:
+      v = []
+    if len(v) != 4 or not np.isfinite(v).all() or v[0] >= v[2] or v[1] >= v[3]:
+      raise errors.InvalidInput(
+        f"--bbox={','.join(map(str, bbox))} is invalid: MINLON,MINLAT,MAXLON,MAXLAT (WGS84, "
+        "min < max)"
+      )
+    geoms.append(shapely.box(*v))
+  if within:
+    geoms.append(read_geojson_geometry(within, "--within"))
+  if not geoms:
+    return None
+  return geoms[0] if len(geoms) == 1 else shapely.intersection(*geoms)
+
+
+MAX_GEOJSON_BYTES = 64 << 20
+
+
+def read_geojson_geometry(path: str, name: str):
+  """The union of the geometries of a GeoJSON file (WGS84), bounded in size; errors name
+  the file."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  import shapely  # pylint: disable=g-import-not-at-top
+  import shapely.geometry  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(path):
+    raise errors.NotFound(f"{name}: file not found: {path}")
+  if os.path.getsize(path) > MAX_GEOJSON_BYTES:
+    raise errors.TooLarge(f"{name}: {path} is over {MAX_GEOJSON_BYTES >> 20} MiB")
+  try:
+    with open(path, encoding="utf-8") as f:
+      doc = json.load(f)
+    kind = doc.get("type")
+    items = (
+      [ft.get("geometry") for ft in doc.get("features", [])]
+      if kind == "FeatureCollection"
+      else [doc.get("geometry")]
+      if kind == "Feature"
+      else [doc]
+    )
+    geoms = [shapely.geometry.shape(g) for g in items if g]
+  except (ValueError, AttributeError, TypeError, KeyError, shapely.errors.ShapelyError) as e:
+    raise errors.InvalidInput(f"{name}: {path} is not a GeoJSON geometry ({e})") from None
+  if not geoms:
+    raise errors.InvalidInput(f"{name}: {path} holds no geometry")
+  if not all(g.is_valid for g in geoms):
+    raise errors.InvalidInput(f"{name}: {path} holds an invalid geometry (self-intersecting?)")
+  return shapely.union_all(geoms)
 
 
 def search(
@@ -200,43 +280,97 @@ def search(
   geojson: Optional[str] = None,
   index_path: Optional[str] = None,
   index_engine: str = "auto",
+  points: Sequence[Sequence[float]] = (),
+  query_ids: Sequence[int] = (),
+  region=None,
 ) -> List[Dict]:
-  """Top-k of each query image in a codes file; prints a table (with each hit's WGS84
-  coordinates where the codes file has them), optionally a PNG grid and a GeoJSON file.
+  """Top-k of each query in a codes file; prints a table (with each hit's WGS84
+  coordinates where the codes file has them), optionally a PNG grid and a GeoJSON file
+  (footprint polygons for a scene archive's windows).
+
+  Queries: image files or folders (encoded), the archive's own tile paths, `query_ids`
+  (archive rows) and `points` ((lon, lat) in WGS84: the archive window that holds each);
+  archive entries are queried by their stored codes. `region` (a WGS84 shapely geometry,
+  parse_region) keeps only the archive entries it intersects, before ranking.
   With `index_path` (written by `index` from the same codes file) the ranking is the
   multi-index's: the same hits in the same order, without a scan of every code
-  (`index_engine`: auto, the engine `index` measured faster at this k; multi_index; scan)."""
+  (`index_engine`: auto, the engine `index` measured faster at this k; multi_index; scan);
+  a region filter ranks its entries by a scan."""
   enc = encoder_lib.load_encoder(encoder_path)
   db = codes_lib.load_codes(codes_path, enc)
   mi = multi_index.open_matching(index_path, db["codes"], codes_path) if index_path else None
   for out_path in (png, geojson):
     if out_path and distributed.agree(f"output {out_path} exists", os.path.exists(out_path)):
       raise errors.AlreadyExists(f"output exists, nothing overwritten: {out_path}")
-  paths = _query_paths(queries)
-  degrade = enc.meta.get("degrade", 1)
-  imgs = np.stack(
-    [
-      input_pipeline.load_image(p, enc.image_size, degrade=degrade, raster=enc.raster)
-      for p in paths
-    ]
-  )
   archive = hits_lib.Archive(db)
-  res = enc.encode(imgs)
-  k = min(k, len(archive))
-  if mi is not None:
+  paths = _query_paths(queries, archive)
+  rows: List[Optional[int]] = [archive.row(p) if scenes.is_tile(p) else None for p in paths]
+  for i in query_ids:
+    if isinstance(i, bool) or not 0 <= int(i) < len(archive):
+      raise errors.NotFound(f"--query_id={i}: the codes file has ids 0..{len(archive) - 1}")
+    paths.append(archive.paths[int(i)])
+    rows.append(int(i))
+  for lon, lat in points:
+    r = archive.locate(float(lon), float(lat))
+    if r is None:
+      raise errors.NotFound(
+        f"--point={lon},{lat}: no window or image of {codes_path} holds this point"
+      )
+    paths.append(archive.paths[r])
+    rows.append(r)
+  if not paths:
+    raise errors.InvalidInput(f"no query images in {list(queries)}")
+  degrade = enc.meta.get("degrade", 1)
+  files = [i for i, r in enumerate(rows) if r is None]
+  res = {"codes": np.zeros((len(paths), db["codes"].shape[1]), np.uint32)}
+  if files:
+    imgs = np.stack(
+      [
+        input_pipeline.load_image(paths[i], enc.image_size, degrade=degrade, raster=enc.raster)
+        for i in files
+      ]
+    )
+    encoded = enc.encode(imgs)
+    for key, v in encoded.items():
+      if key != "codes":
+        res[key] = np.zeros((len(paths),) + v.shape[1:], v.dtype)
+      res[key][files] = v
+  stored = [i for i, r in enumerate(rows) if r is not None]
+  res["codes"][stored] = db["codes"][[rows[i] for i in stored]]
+  subset = None
+  if region is not None:
+    subset = np.nonzero(archive.region(region))[0]
+    if not len(subset):
+      raise errors.InvalidInput(f"the spatial filter keeps none of the {len(archive)} entries")
+  n_db = len(archive) if subset is None else len(subset)
+  k = min(k, n_db)
+  if subset is not None:
+    dist, idx = hamming.hamming_topk(res["codes"], db["codes"][subset], k)
+    idx = subset[np.asarray(idx)]
+  elif mi is not None:
     dist, idx = mi.search(res["codes"], k, engine=index_engine)
   else:
     dist, idx = hamming.hamming_topk(res["codes"], db["codes"], k)
   # Every process ranks (the database is sharded over all of them); the primary prints.
   say = print if distributed.is_primary() else (lambda *a, **k: None)
+  if subset is not None:
+    say(f"spatial filter: {len(subset)} of {len(archive)} archive entries ranked")
   out = []
   coords = archive.has_coordinates
   for qi, p in enumerate(paths):
-    q_lab = archive.query_labels(p, archive.row(p))
-    pred = hits_lib.predicted(enc.class_names, bool(enc.meta.get("multilabel")), res, qi)
-    q_lonlat = rasters.center_lonlat(p) if rasters.is_raster(p) else (float("nan"), float("nan"))
+    row = rows[qi] if rows[qi] is not None else archive.row(p)
+    q_lab = archive.query_labels(p, row)
+    if rows[qi] is not None:
+      p_id = int(db["predicted"][row])  # the encoder's class when it encoded the archive
+      pred = archive.class_names[p_id] if 0 <= p_id < len(archive.class_names) else None
+      entry = archive.entry(row)
+    else:
+      pred = hits_lib.predicted(enc.class_names, bool(enc.meta.get("multilabel")), res, qi)
+      q_lonlat = rasters.center_lonlat(p) if rasters.is_raster(p) else (np.nan, np.nan)
+      ok = np.isfinite(q_lonlat).all()
+      entry = {"lon": float(q_lonlat[0]) if ok else None, "lat": float(q_lonlat[1]) if ok else None}
     where = (
-      f"  at lon {q_lonlat[0]:.6f}, lat {q_lonlat[1]:.6f}" if np.isfinite(q_lonlat).all() else ""
+      f"  at lon {entry['lon']:.6f}, lat {entry['lat']:.6f}" if entry["lon"] is not None else ""
     )
     say(f"\nquery {p}" + (f"  predicted: {pred}" if pred else "") + where)
     say(
@@ -255,15 +389,8 @@ def search(
           else f"{'-':>11} {'-':>10}  "
         )
       say(f"  {h['rank']:>4} {h['distance']:>4}  {h['label'] or '-':<20} {where}{h['path']}{mark}")
-    out.append(
-      dict(
-        query=p,
-        predicted=pred,
-        results=hits,
-        lon=q_lonlat[0] if np.isfinite(q_lonlat[0]) else None,
-        lat=q_lonlat[1] if np.isfinite(q_lonlat[1]) else None,
-      )
-    )
+    q = {k_: v for k_, v in entry.items() if k_ in ("lon", "lat", "scene", "window", "footprint")}
+    out.append(dict(query=p, predicted=pred, results=hits, **q))
   if not archive.has_coordinates and geojson:
     say(
       f"\nnote: {codes_path} has no coordinates (no georeferenced GeoTIFFs): the GeoJSON's hits "

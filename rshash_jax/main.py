@@ -7,9 +7,16 @@ r"""rshash_jax command line: train, encode, search, index, export, serve.
   # encode an image folder (or tfds:NAME[:split]) with a trained model into a codes file
   python -m rshash_jax.main encode --encoder=/tmp/dhcnn --data=../shared/data/ucmerced \
       --out=/tmp/ucm_codes.npz
+  # encode a scene archive (rasters of any size, any CRS) in windows of 256 px every 128 px
+  python -m rshash_jax.main encode --encoder=/tmp/dhcnn --data=/data/scenes --tile=256 \
+      --stride=128 [--gsd=10] --out=/tmp/scene_codes.npz
   # search: query images (files or folders) against a codes file; table + PNG grid
   python -m rshash_jax.main search --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz --k=8 \
       --png=/tmp/hits.png [--geojson=/tmp/hits.geojson] QUERY.tif [MORE ...]
+  # search a scene archive from a place (the window holding lon, lat), in a bounding box,
+  # and write the hits' footprints as GeoJSON polygons
+  python -m rshash_jax.main search --encoder=/tmp/dhcnn --codes=/tmp/scene_codes.npz \
+      --point=2.35,48.85 --bbox=-5,42,8,51 --geojson=/tmp/hits.geojson
   # index: a multi-index of a codes file (exact, sublinear); search --index then uses it
   python -m rshash_jax.main index --codes=/tmp/ucm_codes.npz --out=/tmp/ucm_index
   python -m rshash_jax.main search --encoder=/tmp/dhcnn --codes=/tmp/ucm_codes.npz \
@@ -54,6 +61,21 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string(
   "data", None, "encode: class-folder root, any image folder, or tfds:NAME[:split]."
+)
+flags.DEFINE_string(
+  "tile",
+  None,
+  "encode: --data is a scene archive (a raster, a folder of rasters, or a text file listing "
+  "them) cut into windows of this size: output pixels (256) or metres on the ground (2560m).",
+)
+flags.DEFINE_string(
+  "stride", None, "encode --tile: step between windows, in the unit of --tile (default: --tile)."
+)
+flags.DEFINE_string(
+  "gsd",
+  None,
+  "encode --tile: every window resampled to this ground sampling distance (metres per "
+  "pixel), whatever each scene's resolution; default: each scene's own.",
 )
 flags.DEFINE_string(
   "labels", None, "encode: a multi-label CSV (path,label1;label2) for the images under --data."
@@ -118,6 +140,24 @@ flags.DEFINE_list(
   "serve: browser origins (scheme://host:port) allowed besides the service's own ('*': any).",
 )
 flags.DEFINE_integer("k", 10, "search: results per query.")
+flags.DEFINE_multi_string(
+  "point",
+  [],
+  "search: LON,LAT (WGS84): query with the window of the scene archive that holds this point "
+  "(repeatable).",
+)
+flags.DEFINE_multi_integer(
+  "query_id", [], "search: query with the archive entry of this id (its stored code; repeatable)."
+)
+flags.DEFINE_list(
+  "bbox", [], "search: MINLON,MINLAT,MAXLON,MAXLAT: rank only the archive entries in this box."
+)
+flags.DEFINE_string(
+  "within",
+  None,
+  "search: a GeoJSON file: rank only the archive entries its geometry intersects "
+  "(with --bbox: both).",
+)
 flags.DEFINE_string("png", None, "search: write a retrieval grid PNG here.")
 flags.DEFINE_string(
   "geojson",
@@ -269,13 +309,15 @@ def _exit_with(e: BaseException, show_traceback: bool):
 
 def _command(command, args):
   from rshash_jax import commands  # pylint: disable=g-import-not-at-top
-  from rshash_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from rshash_jax.data import input_pipeline, scenes  # pylint: disable=g-import-not-at-top
 
   input_pipeline.configure_tf()
   if command == "train":
     _train()
   elif command == "encode":
     _require("encode", "encoder", "data", "out")
+    if (FLAGS.stride or FLAGS.gsd) and not FLAGS.tile:
+      raise app.UsageError("--stride and --gsd apply with --tile (a scene archive)")
     codes = commands.encode(
       FLAGS.encoder,
       FLAGS.data,
@@ -283,12 +325,17 @@ def _command(command, args):
       batch_size=FLAGS.batch_size,
       chunk=FLAGS.chunk,
       labels_file=FLAGS.labels,
+      grid=scenes.Grid.parse(FLAGS.tile, FLAGS.stride or "", FLAGS.gsd or "")
+      if FLAGS.tile
+      else None,
     )
     _say(f"codes: {codes}")
   elif command == "search":
     _require("search", "encoder", "codes")
-    if not args:
-      raise app.UsageError("search needs one or more query images or folders after the flags")
+    if not (args or FLAGS.point or FLAGS.query_id):
+      raise app.UsageError(
+        "search needs query images or folders after the flags, --point or --query_id"
+      )
     commands.search(
       FLAGS.encoder,
       FLAGS.codes,
@@ -298,6 +345,9 @@ def _command(command, args):
       geojson=FLAGS.geojson,
       index_path=FLAGS.index,
       index_engine=FLAGS.index_engine,
+      points=[_lonlat(p) for p in FLAGS.point],
+      query_ids=FLAGS.query_id,
+      region=commands.parse_region(FLAGS.bbox, FLAGS.within),
     )
     if FLAGS.png:
       _say(f"\ngrid: {FLAGS.png}")
@@ -344,6 +394,17 @@ def _command(command, args):
       _say(f"SavedModel: {saved_model.export_saved_model(FLAGS.workdir, FLAGS.out)}")
     else:
       _say(f"encoder: {commands.export(FLAGS.workdir, FLAGS.out)}")
+
+
+def _lonlat(text: str):
+  """--point's LON,LAT."""
+  try:
+    lon, lat = (float(v) for v in text.split(","))
+  except ValueError:
+    raise errors.InvalidInput(f"--point={text!r} is invalid: LON,LAT in degrees (WGS84)") from None
+  if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+    raise errors.InvalidInput(f"--point={text!r} is outside -180..180, -90..90")
+  return lon, lat
 
 
 def _parse_flags(argv):

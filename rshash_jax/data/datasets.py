@@ -22,7 +22,7 @@ from absl import logging
 from PIL import Image
 
 from rshash_jax import errors
-from rshash_jax.data import image_limits, rasters
+from rshash_jax.data import image_limits, rasters, scenes
 from rshash_jax.parallel import distributed
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -51,6 +51,8 @@ class ImageTable:
   degrade: int = 1
   # How GeoTIFF/TIFF files become 8-bit images (data.bands, data.scale; rshash_jax/data/rasters.py).
   raster: rasters.RasterSpec = dataclasses.field(default_factory=rasters.RasterSpec)
+  # A scene archive's windows (rshash_jax/data/scenes.py): `paths` are then tile paths.
+  tiles: Optional[scenes.Tiles] = None
 
   @property
   def ids(self) -> np.ndarray:
@@ -72,6 +74,8 @@ class ImageTable:
     transform and CRS (every non-raster, every TFDS example)."""
     if self.paths is None:
       return np.full((len(self), 2), np.nan)
+    if self.tiles is not None:
+      return self.tiles.centre
     if getattr(self, "_lonlat", None) is None:
       self._lonlat = rasters.table_lonlat(self.paths)  # pylint: disable=attribute-defined-outside-init
     return self._lonlat
@@ -87,6 +91,8 @@ class ImageTable:
           f"{pictures[0]}: not a GeoTIFF/TIFF raster; data.bands=all takes rasters only "
           f"({len(pictures)} of the {len(self.paths)} images are not)"
         )
+    if self.tiles is not None:  # every scene's header was checked when it was cut
+      return dataclasses.replace(self, tiles=self.tiles, raster=_resolve_tiles(self, spec))
     lonlat = None if self.paths is None else np.full((len(self.paths), 2), np.nan)
     for i, p in enumerate(self.paths or []):
       if rasters.is_raster(p):
@@ -131,6 +137,37 @@ class ImageTable:
     for p in self.paths or []:
       h.update(p.encode())
     return h.hexdigest()[:12]
+
+
+def _resolve_tiles(table: "ImageTable", spec: rasters.RasterSpec) -> rasters.RasterSpec:
+  """A scene table under another raster spec: every scene's header checked against it."""
+  for path in table.tiles.scenes:
+    count, numbers = rasters.check(path, spec)
+    if spec.all_bands and not spec.count:
+      spec = spec.with_count(count, path)
+    if not spec.numbers:
+      spec = dataclasses.replace(spec, numbers=numbers)
+  return spec
+
+
+def scene_table(
+  data: str, grid: scenes.Grid, raster: Optional[rasters.RasterSpec] = None
+) -> ImageTable:
+  """A scene archive (a scene, a folder of scenes or a list file; scenes.scene_paths) cut
+  into windows by `grid`: one row per window, tile paths, no labels (-1)."""
+  paths = scenes.scene_paths(data)
+  tiles, spec = scenes.scene_tiles(paths, grid, raster)
+  return ImageTable(
+    name=os.path.basename(os.path.abspath(data).rstrip(os.sep)),
+    labels=np.full(len(tiles), -1, np.int32),
+    class_names=[],
+    paths=tiles.paths(),
+    description=f"{len(tiles)} windows of {len(paths)} scene(s) under {data} ({grid.describe()}"
+    + (f"; {tiles.skipped} nodata-only windows left out" if tiles.skipped else "")
+    + ")",
+    raster=spec,
+    tiles=tiles,
+  )
 
 
 def class_folder(root: str, name: Optional[str] = None, check_images: bool = True) -> ImageTable:
@@ -178,6 +215,10 @@ def class_folder(root: str, name: Optional[str] = None, check_images: bool = Tru
 def check_image(path: str):
   """Raises InvalidInput naming `path` if it is not a readable image, TooLarge if its header
   declares more pixels than image_limits allows (nothing is decoded)."""
+  if scenes.is_tile(path):
+    scene, _, _ = scenes.parse_tile(path)
+    rasters.open_raster(scene).close()
+    return
   if rasters.is_raster(path):  # rasterio reads what PIL cannot (many bands, 16-bit, float)
     rasters.open_raster(path).close()
     return
@@ -208,7 +249,10 @@ def decode_pil(path: str) -> np.ndarray:
 
 
 def decode_other(path: str, raster: Optional[rasters.RasterSpec] = None) -> np.ndarray:
-  """Files TensorFlow does not decode: rasters through rasterio, the rest through PIL."""
+  """Files TensorFlow does not decode: rasters (and scene windows) through rasterio, the
+  rest through PIL."""
+  if scenes.is_tile(path):
+    return scenes.read_tile(path, raster or rasters.RasterSpec())
   if rasters.is_raster(path):
     return rasters.read(path, raster or rasters.RasterSpec())
   return decode_pil(path)

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from rshash_jax import errors
-from rshash_jax.data import chunk_store, datasets, image_limits, rasters
+from rshash_jax.data import chunk_store, datasets, image_limits, rasters, scenes
 
 
 def _options(threads: int) -> tf.data.Options:
@@ -106,7 +106,7 @@ def decode_file(path: str, raster=None):
   """One file's pixels, uint8 [H, W, 3] ([H, W, C] under data.bands=all), by the decoder
   its format gets in the pipelines (rasters by `raster`, a rasters.RasterSpec). The header's
   size is checked against image_limits first."""
-  if not rasters.is_raster(path):
+  if not rasters.is_raster(path) and not scenes.is_tile(path):
     _refuse_picture(path, raster)
   if path.lower().endswith(TF_FORMATS):
     datasets.check_image(path)

@@ -278,7 +278,7 @@ def open_raster(path: str):
     raise errors.NotAnImage(f"corrupt or unreadable raster: {path} ({e})") from None
 
 
-def _checked_bands(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
+def checked_bands(src, spec: RasterSpec, path: str) -> Tuple[int, ...]:
   """The band indexes `spec` picks from the open raster `src`, after checking that they
   exist and that their type can be scaled to 0..255."""
   idx = _band_indexes(src, spec, path)
@@ -300,7 +300,7 @@ def check(path: str, spec: RasterSpec) -> Tuple[int, Tuple[int, ...]]:
 def header(path: str, spec: RasterSpec) -> Tuple[int, Tuple[int, ...], Tuple[float, float]]:
   """`check`, and the centre's WGS84 (lon, lat) (`center_lonlat`), from one opening."""
   with open_raster(path) as src:
-    return src.count, _checked_bands(src, spec, path), _lonlat(src)
+    return src.count, checked_bands(src, spec, path), _lonlat(src)
 
 
 def read_bands(path: str, spec: RasterSpec) -> np.ma.MaskedArray:
@@ -312,7 +312,7 @@ def read_bands(path: str, spec: RasterSpec) -> np.ma.MaskedArray:
 def _read_open(
   src, spec: RasterSpec, name: str, max_bytes: Optional[int] = None
 ) -> np.ma.MaskedArray:
-  idx = _checked_bands(src, spec, name)
+  idx = checked_bands(src, spec, name)
   image_limits.check_raster(src, len(idx), name, max_bytes)
   try:
     data = src.read(idx, masked=True, out_dtype="float32")
@@ -458,12 +458,12 @@ def _lonlat(src) -> Tuple[float, float]:
   if src.crs is None or src.transform == Affine.identity():
     return float("nan"), float("nan")
   x, y = src.xy(src.height / 2.0, src.width / 2.0, offset="ul")  # the centre point, in the CRS
-  lon, lat = _to_wgs84(src.crs.to_wkt()).transform(x, y)
+  lon, lat = to_wgs84(src.crs.to_wkt()).transform(x, y)
   return float(lon), float(lat)
 
 
 @functools.lru_cache(maxsize=64)
-def _to_wgs84(wkt: str):
+def to_wgs84(wkt: str):
   """One pyproj transformer per CRS of an archive (building one costs more than a header)."""
   from pyproj import CRS, Transformer  # pylint: disable=g-import-not-at-top
 

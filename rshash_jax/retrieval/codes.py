@@ -9,6 +9,12 @@ Arrays (one row per archive image, in its stable id order):
   paths        str [N]: image paths (or tfds:NAME:SPLIT[i])
   lon, lat     float [N]: WGS84 centres of georeferenced rasters (NaN elsewhere)
   class_names  str [C]
+  scene archives (`encode --tile`; rshash_jax/data/scenes.py), besides:
+  scenes       str [S]: the scene files;  scene_crs  str [S]: each one's CRS (WKT, "" none)
+  scene        int32 [N]: each window's scene;  window  int64 [N, 4]: col, row, width,
+               height in scene pixels;  corners  float64 [N, 4, 2]: the window's corners
+               in its scene's CRS;  footprint  float64 [N, 4, 2]: the same in WGS84
+               (lon, lat; NaN without a CRS)
   bits, identity, method, backbone: the encoder that wrote it (codes of another encoder
                are refused: their bits mean something else)
 Written with allow_pickle=False and read through safe_arrays (no pickle; every member's
@@ -39,8 +45,20 @@ def write_codes(
   paths: Sequence[str],
   class_names: Sequence[str],
   encoder: encoder_lib.Encoder,
+  tiles=None,
 ):
-  """Writes a codes file at `path` (a plain write: callers make it atomic)."""
+  """Writes a codes file at `path` (a plain write: callers make it atomic); `tiles` (a
+  scenes.Tiles) adds a scene archive's windows and footprints."""
+  extra = {}
+  if tiles is not None:
+    extra = dict(
+      scenes=np.asarray(tiles.scenes, dtype=str),
+      scene_crs=np.asarray(tiles.crs, dtype=str),
+      scene=tiles.scene,
+      window=tiles.window,
+      corners=tiles.corners,
+      footprint=tiles.footprint,
+    )
   with open(path, "wb") as f:
     np.savez(
       f,
@@ -57,6 +75,7 @@ def write_codes(
       identity=encoder.identity,
       method=encoder.meta["method"],
       backbone=encoder.meta["backbone"],
+      **extra,
     )
 
 
@@ -119,5 +138,35 @@ def _check_fields(path: str, z: Dict[str, np.ndarray]):
     bad("labels", f"multi-hot of {labels.shape[1]} columns for {len(names)} classes")
   if labels.ndim == 1 and n and (labels.min() < -1 or labels.max() >= max(len(names), 1)):
     bad("labels", f"with class ids outside -1..{len(names) - 1}")
+  _check_scene_fields(z, n, bad)
   if n and (z["predicted"].min() < -1 or z["predicted"].max() >= max(len(names), 1)):
     bad("predicted", f"with class ids outside -1..{len(names) - 1}")
+
+
+SCENE_FIELDS = ("scenes", "scene_crs", "scene", "window", "corners", "footprint")
+
+
+def _check_scene_fields(z: Dict[str, np.ndarray], n: int, bad):
+  """A scene archive's fields: all or none, each of its shape and type, scene ids in range."""
+  have = [k for k in SCENE_FIELDS if k in z]
+  if not have:
+    return
+  if len(have) != len(SCENE_FIELDS):
+    bad(
+      sorted(set(SCENE_FIELDS) - set(have))[0],
+      "missing (a scene archive has all of " + ", ".join(SCENE_FIELDS) + ")",
+    )
+  for k in ("scenes", "scene_crs"):
+    if z[k].dtype.kind != "U" or z[k].ndim != 1:
+      bad(k, f"of type {z[k].dtype} {list(z[k].shape)}, not strings [S]")
+  if z["scene_crs"].shape != z["scenes"].shape:
+    bad("scene_crs", "not one CRS per scene")
+  shapes = {"scene": (n,), "window": (n, 4), "corners": (n, 4, 2), "footprint": (n, 4, 2)}
+  kinds = {"scene": "iu", "window": "iu", "corners": "f", "footprint": "f"}
+  for k, shape in shapes.items():
+    if z[k].shape != shape or z[k].dtype.kind not in kinds[k]:
+      bad(k, f"{z[k].dtype} {list(z[k].shape)}, not {list(shape)}")
+  if n and (z["scene"].min() < 0 or z["scene"].max() >= len(z["scenes"])):
+    bad("scene", f"with scene ids outside 0..{len(z['scenes']) - 1}")
+  if n and (z["window"][:, :2].min() < 0 or z["window"][:, 2:].min() < 1):
+    bad("window", "with a negative offset or an empty window")

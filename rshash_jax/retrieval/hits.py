@@ -1,11 +1,14 @@
 """What a hit shows: one formatter for `search`, the service's JSON and GeoJSON.
 
-A hit is {"rank", "id", "path", "distance", "label", "relevant", "lon", "lat"}:
+A hit is {"rank", "id", "path", "distance", "label", "relevant", "lon", "lat"}, plus
+"scene", "window" and "footprint" for the windows of a scene archive:
   label     every label of the archive image, ";"-joined (a class name, or the labels of a
             multi-hot row); None where the codes file has none.
   relevant  whether it shares the query's class (class ids) or at least one of its labels
             (multi-hot rows); None where the query's labels are unknown.
-  lon, lat  WGS84 centre of a georeferenced raster, else None.
+  lon, lat  WGS84 centre of a georeferenced raster or window, else None.
+  scene, window, footprint   a window's scene file, [col, row, width, height] in scene
+            pixels, and its corners [[lon, lat] x 4] in WGS84 (None without a CRS).
 A query's predicted labels follow one rule: a multi-label encoder predicts every label
 whose logit is > 0 (";"-joined, "-" for none), a single-label one the argmax class.
 """
@@ -15,6 +18,8 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from rshash_jax.data import scenes
 
 
 class Archive:
@@ -28,6 +33,11 @@ class Archive:
     self.lon = np.asarray(db["lon"], np.float64) if "lon" in db else np.full(n, np.nan)
     self.lat = np.asarray(db["lat"], np.float64) if "lat" in db else np.full(n, np.nan)
     self.has_coordinates = bool(np.isfinite(self.lon).any())
+    self.scenes = [str(p) for p in db["scenes"]] if "scenes" in db else None
+    if self.scenes is not None:
+      self.scene = np.asarray(db["scene"])
+      self.window = np.asarray(db["window"])
+      self.footprint = np.asarray(db["footprint"], np.float64)
     self._rows = {p: i for i, p in enumerate(self.paths)}
 
   def __len__(self) -> int:
@@ -72,9 +82,34 @@ class Archive:
     return (float(self.lon[i]), float(self.lat[i])) if ok else (None, None)
 
   def entry(self, i: int) -> Dict[str, Any]:
-    """{"id", "path", "label", "lon", "lat"} of archive image i."""
+    """{"id", "path", "label", "lon", "lat"} of archive image i (and "scene", "window",
+    "footprint" of a scene archive's window)."""
     lon, lat = self.lonlat(i)
-    return {"id": int(i), "path": self.paths[i], "label": self.label(i), "lon": lon, "lat": lat}
+    out = {"id": int(i), "path": self.paths[i], "label": self.label(i), "lon": lon, "lat": lat}
+    if self.scenes is not None:
+      fp = self.footprint[i]
+      out["scene"] = self.scenes[int(self.scene[i])]
+      out["window"] = [int(v) for v in self.window[i]]
+      out["footprint"] = fp.tolist() if np.isfinite(fp).all() else None
+    return out
+
+  def locate(self, lon: float, lat: float) -> Optional[int]:
+    """The window of a scene archive that holds WGS84 (lon, lat) (scenes.lookup), or None
+    (and None for archives of images: an image's extent is not stored)."""
+    if self.scenes is None or not (np.isfinite(lon) and np.isfinite(lat)):
+      return None
+    return scenes.lookup(self.footprint, lon, lat)
+
+  def region(self, geometry) -> np.ndarray:
+    """bool [N]: the archive entries a WGS84 shapely geometry intersects (a window's
+    footprint, else an image's centre); entries without coordinates are outside."""
+    import shapely  # pylint: disable=g-import-not-at-top
+
+    inside = shapely.intersects_xy(geometry, np.nan_to_num(self.lon), np.nan_to_num(self.lat))
+    inside &= np.isfinite(self.lon) & np.isfinite(self.lat)
+    if self.scenes is not None:
+      inside |= scenes.within(self.footprint, geometry)
+    return np.asarray(inside, bool)
 
   def hits(self, dist: np.ndarray, idx: np.ndarray, query_labels=None) -> List[Dict[str, Any]]:
     """One query's ranked hits from its row of distances and archive indices."""
@@ -97,30 +132,38 @@ def predicted(
   return class_names[int(result["predicted"][row])]
 
 
+def geometry(item: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+  """A hit's or query's GeoJSON geometry: a window's footprint as a Polygon (WGS84, the
+  ring closed), else its centre as a Point, else None (nothing is invented)."""
+  fp = item.get("footprint")
+  if fp is not None:
+    return {"type": "Polygon", "coordinates": [[list(map(float, c)) for c in fp + fp[:1]]]}
+  if item.get("lon") is not None and item.get("lat") is not None:
+    return {"type": "Point", "coordinates": [item["lon"], item["lat"]]}
+  return None
+
+
+_WINDOW_KEYS = ("scene", "window")
+
+
 def write_geojson(results: List[Dict], path: str):
   """Queries and their hits (as `search` returns them) as one GeoJSON FeatureCollection:
-  WGS84 points; a feature without coordinates has geometry null (nothing is invented)."""
+  windows of a scene archive as footprint polygons (with their scene and window), other
+  georeferenced images as points; a feature without coordinates has geometry null."""
 
-  def feature(lon, lat, props):
-    geom = (
-      {"type": "Point", "coordinates": [lon, lat]} if lon is not None and lat is not None else None
-    )
-    return {"type": "Feature", "geometry": geom, "properties": props}
+  def feature(item, props):
+    props.update({k: item[k] for k in _WINDOW_KEYS if item.get(k) is not None})
+    return {"type": "Feature", "geometry": geometry(item), "properties": props}
 
   feats = []
   for qi, r in enumerate(results):
     feats.append(
-      feature(
-        r["lon"],
-        r["lat"],
-        {"role": "query", "query": qi, "path": r["query"], "predicted": r["predicted"]},
-      )
+      feature(r, {"role": "query", "query": qi, "path": r["query"], "predicted": r["predicted"]})
     )
     for h in r["results"]:
       feats.append(
         feature(
-          h["lon"],
-          h["lat"],
+          h,
           {
             "role": "hit",
             "query": qi,

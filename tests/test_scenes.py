@@ -1,0 +1,357 @@
+"""Scene archives (rshash_jax/data/scenes.py): windows, nodata, footprints, ground units,
+windowed reads, and encode / search over whole scenes with footprints and places."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from pyproj import Transformer
+from rasterio.transform import from_origin
+
+from rshash_jax import errors
+from rshash_jax.data import datasets, scenes
+from rshash_jax.retrieval import codes as codes_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(path, data, crs="EPSG:32631", transform=None, nodata=None, **kw):
+  c, h, w = data.shape
+  profile = dict(driver="GTiff", width=w, height=h, count=c, dtype=data.dtype.name)
+  if crs:
+    profile.update(crs=crs, transform=transform or from_origin(500000, 5000000, 10, 10))
+  if nodata is not None:
+    profile["nodata"] = nodata
+  profile.update(kw)
+  with warnings.catch_warnings():  # a plain TIFF without coordinates is meant here
+    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+    with rasterio.open(path, "w", **profile) as d:
+      d.write(data)
+  return str(path)
+
+
+def _scene_a(tmp_path, name="a.tif"):
+  """600 x 500 px, 10 m, UTM 31N; the left 200 columns and a 40 x 40 hole are nodata (0)."""
+  rng = np.random.default_rng(0)
+  a = rng.integers(1, 255, (3, 500, 600), dtype=np.uint8)
+  a[:, :, :200] = 0
+  a[:, 300:340, 400:440] = 0
+  return _write(tmp_path / name, a, nodata=0, tiled=True, blockxsize=128, blockysize=128), a
+
+
+def test_grid_parse_names_the_flag():
+  assert scenes.Grid.parse("256", "128") == scenes.Grid(256, 128, "px", 0.0)
+  assert scenes.Grid.parse("2560m", "", "10") == scenes.Grid(2560, 2560, "m", 10.0)
+  for tile, stride, gsd, flag in (
+    ("0", "", "", "--tile"),
+    ("25.5", "", "", "--tile"),
+    ("abc", "", "", "--tile"),
+    ("256", "-3", "", "--stride"),
+    ("256", "128m", "", "--stride"),
+    ("256", "", "0", "--gsd"),
+    ("256", "", "nan", "--gsd"),
+  ):
+    with pytest.raises(errors.InvalidInput, match=flag):
+      scenes.Grid.parse(tile, stride, gsd)
+
+
+def test_windows_cover_the_scene_skip_nodata_and_carry_footprints(tmp_path):
+  path, a = _scene_a(tmp_path)
+  tiles, spec = scenes.scene_tiles([path], scenes.Grid.parse("64", "48"))
+  cols = list(range(0, 600 - 64 + 1, 48)) + [600 - 64]  # the last flush with the edge
+  rows = list(range(0, 500 - 64 + 1, 48)) + [500 - 64]
+  valid = a[0] > 0
+  expect = [(c, r) for r in rows for c in cols if valid[r : r + 64, c : c + 64].any()]
+  assert sorted(map(tuple, tiles.window[:, :2].tolist())) == sorted(expect)
+  assert tiles.skipped == len(rows) * len(cols) - len(expect) > 0
+  assert (tiles.window[:, 2:] == 64).all() and (tiles.out == 64).all()
+  assert spec.numbers == (1, 2, 3)
+  # Footprints: the window's corners through the transform, then to WGS84 by pyproj.
+  t = Transformer.from_crs("EPSG:32631", "EPSG:4326", always_xy=True)
+  for i in (0, len(tiles) // 2, len(tiles) - 1):
+    c, r, w, h = tiles.window[i]
+    xs = 500000 + 10 * np.array([c, c + w, c + w, c])
+    ys = 5000000 - 10 * np.array([r, r, r + h, r + h])
+    np.testing.assert_allclose(tiles.corners[i], np.stack([xs, ys], 1))
+    np.testing.assert_allclose(tiles.footprint[i], np.stack(t.transform(xs, ys), 1), atol=1e-9)
+    np.testing.assert_allclose(
+      tiles.centre[i], t.transform(500000 + 10 * (c + w / 2), 5000000 - 10 * (r + h / 2))
+    )
+  # Each tile path reads exactly its window.
+  for p, (c, r, w, h) in zip(tiles.paths()[:5], tiles.window[:5]):
+    np.testing.assert_array_equal(
+      scenes.read_tile(p), a[:, r : r + h, c : c + w].transpose(1, 2, 0)
+    )
+
+
+def test_ground_units_over_two_crs_and_resolutions(tmp_path):
+  rng = np.random.default_rng(1)
+  a = _write(tmp_path / "utm31_10m.tif", rng.integers(0, 255, (3, 320, 320), dtype=np.uint8))
+  b = _write(
+    tmp_path / "utm33_20m.tif",
+    rng.integers(0, 255, (3, 160, 160), dtype=np.uint8),
+    crs="EPSG:32633",
+    transform=from_origin(400000, 5100000, 20, 20),
+  )
+  tiles, _ = scenes.scene_tiles([a, b], scenes.Grid.parse("32", "32", "10"))  # 320 m windows
+  in_a, in_b = tiles.scene == 0, tiles.scene == 1
+  assert in_a.sum() == in_b.sum() == 100
+  assert (tiles.window[in_a, 2:] == 32).all() and (tiles.window[in_b, 2:] == 16).all()
+  assert (tiles.out == 32).all()  # the same output size and ground size everywhere
+  sides = tiles.corners[:, 1, 0] - tiles.corners[:, 0, 0]
+  np.testing.assert_allclose(sides, 320.0)
+  img = scenes.read_tile(tiles.paths()[int(np.nonzero(in_b)[0][0])])
+  assert img.shape == (32, 32, 3)
+  # The same in metres, at each scene's own resolution: windows of 32 and 16 px.
+  own, _ = scenes.scene_tiles([a, b], scenes.Grid.parse("320m"))
+  assert (own.out[own.scene == 1] == 16).all() and (own.out[own.scene == 0] == 32).all()
+  assert tiles.crs[0] != tiles.crs[1]
+
+
+def test_bad_scenes_and_windows_are_named(tmp_path):
+  rng = np.random.default_rng(2)
+  geo = _write(
+    tmp_path / "wgs84.tif",
+    rng.integers(0, 255, (3, 64, 64), dtype=np.uint8),
+    crs="EPSG:4326",
+    transform=from_origin(2.0, 48.0, 1e-4, 1e-4),
+  )
+  with pytest.raises(errors.InvalidInput, match="wgs84.tif.*geographic"):
+    scenes.scene_tiles([geo], scenes.Grid.parse("32", "", "10"))
+  scenes.scene_tiles([geo], scenes.Grid.parse("32"))  # pixels: fine in any CRS
+  plain = _write(
+    tmp_path / "plain.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), crs=None
+  )
+  with pytest.raises(errors.InvalidInput, match="plain.tif.*no CRS"):
+    scenes.scene_tiles([plain], scenes.Grid.parse("320m"))
+  with pytest.raises(errors.InvalidInput, match="plain.tif.*smaller than one window"):
+    scenes.scene_tiles([plain], scenes.Grid.parse("128"))
+  empty = _write(tmp_path / "empty.tif", np.zeros((3, 64, 64), np.uint8), nodata=0)
+  with pytest.raises(errors.InvalidInput, match="nodata only"):
+    scenes.scene_tiles([empty], scenes.Grid.parse("32"))
+  bad = tmp_path / "corrupt.tif"
+  bad.write_bytes(b"II*\x00" + b"\x00" * 64)
+  with pytest.raises(errors.NotAnImage, match="corrupt.tif"):
+    scenes.scene_tiles([str(bad)], scenes.Grid.parse("32"))
+  with pytest.raises(errors.InvalidInput, match="plain.tif: window 40,0 of 32 x 32 px goes past"):
+    scenes.read_tile(scenes.tile_path(plain, (40, 0, 32, 32), (32, 32)))
+  with pytest.raises(errors.NotFound, match="gone.tif"):
+    scenes.read_tile(scenes.tile_path(str(tmp_path / "gone.tif"), (0, 0, 8, 8), (8, 8)))
+  # A truncated scene: its header reads, a block does not; the error names scene and window.
+  path, _ = _scene_a(tmp_path, "truncated.tif")
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[: len(data) // 2])
+  with pytest.raises(errors.NotAnImage, match="truncated.tif"):
+    tiles, _ = scenes.scene_tiles([path], scenes.Grid.parse("64"))
+    for p in tiles.paths():
+      scenes.read_tile(p)
+
+
+def test_no_scene_is_read_whole(tmp_path, monkeypatch):
+  """A scene whose whole decode is over the image limit is cut and read window by window."""
+  rng = np.random.default_rng(3)
+  data = rng.integers(1, 10000, (3, 800, 800), dtype=np.uint16)
+  path = _write(tmp_path / "big.tif", data, nodata=0, tiled=True, blockxsize=128, blockysize=128)
+  monkeypatch.setenv("RSHASH_MAX_IMAGE_MB", "1")  # the scene, read whole: 7.3 MiB of float32
+  spec = datasets.rasters.RasterSpec.parse("", "10000")
+  with pytest.raises(errors.TooLarge, match="big.tif"):
+    datasets.rasters.read(path, spec)
+  table = datasets.scene_table(path, scenes.Grid.parse("128"), spec)
+  assert len(table) == 49 and table.tiles.skipped == 0
+  img = datasets.decode_other(table.paths[-1], table.raster)
+  expect = np.clip(np.round(data[:, 672:, 672:] / 10000 * 255), 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(img, expect.transpose(1, 2, 0))
+
+
+def _mosaic(tmp_path, data_root, name, crs, origin, grid_w=4):
+  """A scene of the generated 32 x 32 class images laid out on a grid; returns the scene
+  path and {(col, row): class name} of each 32 px cell."""
+  classes = sorted(d for d in os.listdir(data_root) if os.path.isdir(os.path.join(data_root, d)))
+  imgs = []
+  for c in classes:
+    files = sorted(os.listdir(os.path.join(data_root, c)))[:grid_w]
+    imgs += [
+      (c, np.asarray(Image.open(os.path.join(data_root, c, f)).convert("RGB"))) for f in files
+    ]
+  rows = -(-len(imgs) // grid_w)
+  a = np.zeros((rows * 32, grid_w * 32, 3), np.uint8)
+  where = {}
+  for i, (c, img) in enumerate(imgs):
+    r, q = divmod(i, grid_w)
+    a[r * 32 : r * 32 + 32, q * 32 : q * 32 + 32] = img
+    where[(q * 32, r * 32)] = c
+  path = _write(
+    tmp_path / name, a.transpose(2, 0, 1), crs=crs, transform=from_origin(*origin, 10, 10)
+  )
+  return path, where
+
+
+def test_encode_and_search_a_scene_archive(trained, tmp_path):
+  root, workdir, data = trained
+  scene_dir = tmp_path / "scenes"
+  scene_dir.mkdir()
+  a, where_a = _mosaic(scene_dir, data, "north.tif", "EPSG:32631", (500000, 5000000))
+  b, _ = _mosaic(scene_dir, data, "east.tif", "EPSG:32633", (300000, 5100000))
+  out = tmp_path / "codes.npz"
+  cli = [sys.executable, "-m", "rshash_jax.main"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  r = subprocess.run(
+    cli
+    + [
+      "encode",
+      f"--encoder={workdir}",
+      f"--data={scene_dir}",
+      f"--out={out}",
+      "--tile=32",
+      "--stride=32",
+      "--chunk=16",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
+  assert r.returncode == 0, r.stderr
+  db = codes_lib.load_codes(str(out))
+  n_a = len(where_a)
+  assert len(db["codes"]) == 2 * n_a  # every cell of both mosaics, nothing else
+  assert list(db["scenes"]) == sorted([a, b])
+  assert db["footprint"].shape == (2 * n_a, 4, 2) and np.isfinite(db["footprint"]).all()
+  # The codes of the windows are the codes of the images placed there.
+  from rshash_jax.retrieval import encoder as encoder_lib
+
+  enc = encoder_lib.load_encoder(workdir)
+  rows_a = np.nonzero(db["scenes"][db["scene"]] == a)[0]
+  tiles = [datasets.decode_other(str(db["paths"][i])) for i in rows_a]
+  np.testing.assert_array_equal(enc.encode(np.stack(tiles))["codes"], db["codes"][rows_a])
+
+  # Search from a place: the window holding the point is the query; its own window is
+  # among the hits at distance 0 (the tiny model has ties); the GeoJSON has footprint
+  # polygons with scene and window.
+  i = int(rows_a[5])
+  lon, lat = db["footprint"][i].mean(axis=0)
+  geo = tmp_path / "hits.geojson"
+  bbox = db["footprint"][rows_a].reshape(-1, 2)
+  box = [*(bbox.min(0) - 1e-6), *(bbox.max(0) + 1e-6)]
+  r = subprocess.run(
+    cli
+    + [
+      "search",
+      f"--encoder={workdir}",
+      f"--codes={out}",
+      f"--k={n_a}",
+      f"--point={lon},{lat}",
+      f"--geojson={geo}",
+      "--bbox=" + ",".join(map(str, box)),
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
+  assert r.returncode == 0, r.stderr
+  assert f"spatial filter: {n_a} of {2 * n_a} archive entries ranked" in r.stdout
+  fc = json.loads(geo.read_text())
+  q = fc["features"][0]
+  assert q["properties"]["role"] == "query" and q["properties"]["path"] == str(db["paths"][i])
+  assert q["geometry"]["type"] == "Polygon" and len(q["geometry"]["coordinates"][0]) == 5
+  hits = [f for f in fc["features"] if f["properties"]["role"] == "hit"]
+  assert len(hits) == n_a and hits[0]["properties"]["distance"] == 0
+  zero = [h["properties"]["path"] for h in hits if h["properties"]["distance"] == 0]
+  assert str(db["paths"][i]) in zero
+  assert all(h["properties"]["scene"] == a for h in hits)  # the box holds scene a only
+  for h in hits:
+    np.testing.assert_allclose(
+      h["geometry"]["coordinates"][0][:4],
+      db["footprint"][list(db["paths"]).index(h["properties"]["path"])],
+    )
+  # In process: the tile path and the id as queries, a --within polygon as the filter.
+  from rshash_jax import commands
+
+  poly = {
+    "type": "Polygon",
+    "coordinates": [db["footprint"][i].tolist() + [db["footprint"][i][0].tolist()]],
+  }
+  (tmp_path / "place.geojson").write_text(json.dumps({"type": "Feature", "geometry": poly}))
+  res = commands.search(
+    workdir,
+    str(out),
+    [str(db["paths"][i])],
+    k=3,
+    query_ids=[i],
+    region=commands.parse_region(within=str(tmp_path / "place.geojson")),
+  )
+  near = {
+    str(db["paths"][j])
+    for j in range(len(db["paths"]))
+    if db["scene"][j] == db["scene"][i]
+    and abs(db["window"][j, 0] - db["window"][i, 0]) <= 32
+    and abs(db["window"][j, 1] - db["window"][i, 1]) <= 32
+  }
+  for q in res:  # the polygon touches the window and its 8 neighbours' edges only
+    assert q["query"] == str(db["paths"][i]) and q["footprint"] is not None
+    assert {h["path"] for h in q["results"]} <= near and len(q["results"]) == 3
+  with pytest.raises(errors.InvalidInput, match="--bbox=3,2,1,4 is invalid"):
+    commands.parse_region(["3", "2", "1", "4"])
+  # A point outside every window, a tile that is not in the archive: named errors.
+  r = subprocess.run(
+    cli + ["search", f"--encoder={workdir}", f"--codes={out}", "--point=-120,10"],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
+  assert r.returncode == 2 and "--point=-120.0,10.0: no window" in r.stderr
+  r = subprocess.run(
+    cli
+    + [
+      "encode",
+      f"--encoder={workdir}",
+      f"--data={scene_dir}",
+      "--stride=3",
+      f"--out={tmp_path / 'x.npz'}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
+  assert r.returncode != 0 and "--stride and --gsd apply with --tile" in r.stderr
+
+
+def test_codes_file_scene_fields_are_checked(tmp_path):
+  z = {
+    "scenes": np.asarray(["a.tif"]),
+    "scene_crs": np.asarray([""]),
+    "scene": np.zeros(2, np.int32),
+    "window": np.asarray([[0, 0, 8, 8], [8, 0, 8, 8]], np.int64),
+    "corners": np.zeros((2, 4, 2)),
+    "footprint": np.zeros((2, 4, 2)),
+  }
+
+  def bad(field, what):
+    raise errors.Corrupt(f"field {field!r} is {what}")
+
+  codes_lib._check_scene_fields(z, 2, bad)  # pylint: disable=protected-access
+  for field, value, match in (
+    ("scene", np.asarray([0, 1], np.int32), "'scene' is with scene ids"),
+    ("window", np.asarray([[0, 0, 0, 8], [8, 0, 8, 8]]), "'window' is with a negative"),
+    ("footprint", np.zeros((2, 4)), "'footprint'"),
+  ):
+    broken = dict(z, **{field: value})
+    with pytest.raises(errors.Corrupt, match=match):
+      codes_lib._check_scene_fields(broken, 2, bad)  # pylint: disable=protected-access
+  partial = {k: v for k, v in z.items() if k != "corners"}
+  with pytest.raises(errors.Corrupt, match="'corners' is missing"):
+    codes_lib._check_scene_fields(partial, 2, bad)  # pylint: disable=protected-access
