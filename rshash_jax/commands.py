@@ -339,14 +339,13 @@ def search(
   res["codes"][stored] = db["codes"][[rows[i] for i in stored]]
   subset = None
   if region is not None:
-    subset = np.nonzero(archive.region(region))[0]
+    subset = archive.region(region)
     if not len(subset):
       raise errors.InvalidInput(f"the spatial filter keeps none of the {len(archive)} entries")
   n_db = len(archive) if subset is None else len(subset)
   k = min(k, n_db)
   if subset is not None:
-    dist, idx = hamming.hamming_topk(res["codes"], db["codes"][subset], k)
-    idx = subset[np.asarray(idx)]
+    dist, idx = hamming.subset_topk(res["codes"], db["codes"], subset, k)
   elif mi is not None:
     dist, idx = mi.search(res["codes"], k, engine=index_engine)
   else:

@@ -125,6 +125,16 @@ flags.DEFINE_float(
   "(MiB; each reserves 6x its decoded size).",
 )
 flags.DEFINE_integer("max_k", 1000, "serve: largest k a client may ask for.")
+flags.DEFINE_string(
+  "basemap",
+  "",
+  "serve: an XYZ tile URL the page's map draws under the footprints, e.g. "
+  "https://tile.openstreetmap.org/{z}/{x}/{y}.png (the browser fetches it); default none: "
+  "a graticule.",
+)
+flags.DEFINE_string(
+  "basemap_attribution", "", "serve --basemap: the attribution its provider requires."
+)
 flags.DEFINE_float(
   "request_timeout_s", 30, "serve: a request (line, headers, body) must arrive within this."
 )
@@ -385,6 +395,8 @@ def _command(command, args):
       allowed_origins=FLAGS.allowed_origins,
       index_path=FLAGS.index,
       index_engine=FLAGS.index_engine,
+      basemap=FLAGS.basemap,
+      basemap_attribution=FLAGS.basemap_attribution,
     )
   else:
     _require("export", "workdir", "out")

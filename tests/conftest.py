@@ -43,6 +43,89 @@ def trained(tmp_path_factory):
   return root, str(root / "w"), data
 
 
+CHROMIUM = os.environ.get("RSHASH_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture
+def serve_in_thread():
+  """start(app) -> URL: an ASGI app served by uvicorn on a free 127.0.0.1 port in a thread;
+  every server started is stopped after the test."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  import uvicorn  # pylint: disable=g-import-not-at-top
+
+  started = []
+
+  def start(app):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    server = uvicorn.Server(
+      uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        limit_concurrency=32,
+        timeout_keep_alive=2,
+      )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    started.append((server, thread))
+    deadline = time.monotonic() + 30
+    while not server.started:
+      assert time.monotonic() < deadline and thread.is_alive(), "the server did not start in 30 s"
+      time.sleep(0.05)
+    return f"http://127.0.0.1:{port}"
+
+  yield start
+  for server, thread in started:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def chromium():
+  """A context manager giving a headless Debian chromium driven by Playwright (skipped
+  without the browser; failed instead when RSHASH_REQUIRE_BROWSER is set, as in CI)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+
+  if not os.path.exists(CHROMIUM):
+    if os.environ.get("RSHASH_REQUIRE_BROWSER"):
+      pytest.fail(
+        f"no browser at {CHROMIUM} (RSHASH_REQUIRE_BROWSER is set: .ci/run installs chromium)"
+      )
+    pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)")
+  from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
+
+  @contextlib.contextmanager
+  def launch():
+    with sync_playwright() as p:
+      browser = p.chromium.launch(
+        executable_path=CHROMIUM,
+        headless=True,
+        timeout=60_000,
+        args=[  # the flags this machine's closed network needs (no background fetches)
+          "--no-sandbox",
+          "--disable-gpu",
+          "--disable-quic",
+          "--no-first-run",
+          "--disable-background-networking",
+          "--disable-component-update",
+          "--disable-sync",
+        ],
+      )
+      try:
+        yield browser
+      finally:
+        browser.close()
+
+  return launch
+
+
 @pytest.fixture
 def ucmerced_dir():
   if not UCMERCED.is_dir():

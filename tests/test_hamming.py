@@ -368,3 +368,19 @@ def test_unpacked_products_are_distances():
   words = rng.integers(0, 2**32, (20, 3), dtype=np.uint64).astype(np.uint32)
   d = hamming._matmul_distances(hamming._unpack_pm(jnp.asarray(words[:4]), jnp.int8), words.T)
   np.testing.assert_array_equal(np.asarray(d), np_distances(words[:4], words))
+
+
+def test_subset_topk_is_the_scan_of_the_subset_in_archive_ids():
+  """A spatial filter's ranking: the exact scan of the kept rows, ties by archive id."""
+  rng = np.random.default_rng(7)
+  db = hamming.pack_codes(random_codes(rng, 3000, 24, p=0.85))
+  q = hamming.pack_codes(random_codes(rng, 5, 24, p=0.85))
+  rows = np.sort(rng.choice(3000, 700, replace=False))
+  d, i = hamming.subset_topk(q, db, rows[::-1], 50)  # any order in, ids out
+  rd, ri = hamming.HammingIndex(db[rows]).search(q, 50)
+  np.testing.assert_array_equal(d, rd)
+  np.testing.assert_array_equal(i, rows[ri])
+  with pytest.raises(ValueError, match="k must be an integer in"):
+    hamming.subset_topk(q, db, rows, 701)
+  with pytest.raises(ValueError, match="indices in 0..2999"):
+    hamming.subset_topk(q, db, [3000], 1)

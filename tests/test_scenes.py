@@ -355,3 +355,110 @@ def test_codes_file_scene_fields_are_checked(tmp_path):
   partial = {k: v for k, v in z.items() if k != "corners"}
   with pytest.raises(errors.Corrupt, match="'corners' is missing"):
     codes_lib._check_scene_fields(partial, 2, bad)  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope="module")
+def scene_service(trained, tmp_path_factory):
+  """(engine, app): the service over the tiny model's codes of two mosaics in two CRSs."""
+  from rshash_jax import commands
+  from rshash_jax.serving import service as service_lib
+
+  _, workdir, data = trained
+  root = tmp_path_factory.mktemp("scene_service")
+  (root / "scenes").mkdir()
+  _mosaic(root / "scenes", data, "north.tif", "EPSG:32631", (500000, 5000000))
+  _mosaic(root / "scenes", data, "east.tif", "EPSG:32633", (300000, 5100000))
+  codes = commands.encode(
+    workdir, str(root / "scenes"), str(root / "codes.npz"), grid=scenes.Grid.parse("32")
+  )
+  engine = service_lib.SearchEngine(workdir, codes, max_batch=4)
+  yield engine, service_lib.create_app(engine)
+  engine.close()
+
+
+def test_service_searches_by_place_and_region(scene_service):
+  from starlette.testclient import TestClient
+
+  engine, app = scene_service
+  client = TestClient(app, base_url="http://127.0.0.1")
+  info = client.get("/api/info").json()
+  assert info["has_footprints"] and info["basemap"] == ""
+  w, s, e, n = info["bounds"]
+  fp = engine.archive.footprint
+  assert (w, s, e, n) == (fp[..., 0].min(), fp[..., 1].min(), fp[..., 0].max(), fp[..., 1].max())
+  i = 30
+  lon, lat = fp[i].mean(axis=0)
+  r = client.post("/api/search?k=4", json={"lon": lon, "lat": lat})
+  assert r.status_code == 200, r.text
+  body = r.json()
+  assert body["query"]["id"] == i and body["query"]["footprint"] == fp[i].tolist()
+  assert body["hits"][0]["distance"] == 0 and body["hits"][0]["window"] is not None
+  # A box around scene 0's windows: only they are ranked, in the scan's order.
+  rows = np.nonzero(engine.archive.scene == 0)[0]
+  box = np.r_[fp[rows].reshape(-1, 2).min(0) + 1e-7, fp[rows].reshape(-1, 2).max(0) - 1e-7]
+  r = client.post(f"/api/search?k=48&bbox={','.join(map(str, box))}", json={"id": int(rows[3])})
+  assert r.status_code == 200, r.text
+  got = [h["id"] for h in r.json()["hits"]]
+  assert sorted(got) == list(rows) and all(
+    h["scene"] == engine.archive.scenes[0] for h in r.json()["hits"]
+  )
+  for body, status, match in (
+    ({"lon": -120.0, "lat": 10.0}, 404, "no window of the archive holds"),
+    ({"lon": "x", "lat": 10.0}, 400, "lon must be a number"),
+    ({"lon": 200.0, "lat": 10.0}, 400, "outside"),
+  ):
+    r = client.post("/api/search", json=body)
+    assert r.status_code == status and match in r.json()["error"]
+  r = client.post("/api/search?bbox=1,2,0,3", json={"id": 0})
+  assert r.status_code == 400 and "bbox" in r.json()["error"]
+  r = client.post("/api/search?bbox=-120,10,-119,11", json={"id": 0})
+  assert r.status_code == 404 and "no archive entry lies in bbox" in r.json()["error"]
+  assert client.get("/static/vendor/leaflet/leaflet.js").status_code == 200
+  assert client.get("/static/../service.py").status_code == 404
+
+
+def test_map_page_in_headless_chromium(scene_service, serve_in_thread, chromium, tmp_path):
+  """The page's map in a real browser: with no basemap a graticule; click the map to search
+  from that place (the window there is the query); the hits' footprints are drawn; click
+  one to see its chip. Writes serve_map.png (RSHASH_SCREENSHOT_DIR, default tmp)."""
+  engine, app = scene_service
+  url = serve_in_thread(app)
+  shots = os.environ.get("RSHASH_SCREENSHOT_DIR", str(tmp_path))
+  os.makedirs(shots, exist_ok=True)
+  i = 45
+  lon, lat = engine.archive.footprint[i].mean(axis=0)
+  with chromium() as browser:
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(30_000)
+    page.goto(url + "/")
+    page.wait_for_selector("#archive img")
+    assert f"{engine.num_codes} windows" in page.inner_text("#info")
+    assert page.is_visible("#map")
+    assert page.eval_on_selector_all(".leaflet-overlay-pane path", "els => els.length") > 2
+    assert page.eval_on_selector_all(".grid-label", "els => els.length") > 2
+    assert page.eval_on_selector_all("path.scene-outline", "els => els.length") == 2
+    page.fill("#k", "6")
+    page.evaluate(f"rshashMap.setView([{float(lat)}, {float(lon)}], 15, {{animate: false}})")
+    x, y = page.evaluate(
+      "([lat, lon]) => { const p = rshashMap.latLngToContainerPoint([lat, lon]); "
+      "return [p.x, p.y]; }",
+      [float(lat), float(lon)],
+    )
+    box = page.locator("#map").bounding_box()
+    page.mouse.click(box["x"] + x, box["y"] + y)
+    page.wait_for_selector("path.footprint.hit", state="attached")
+    assert page.get_attribute("#query img", "src") == f"/api/images/{i}?size=256"
+    hit_ids = page.eval_on_selector_all("path.footprint.hit", "els => els.map(e => e.dataset.id)")
+    want = engine.search_pixels(engine.read_archive_image(i), 6)["hits"]
+    assert sorted(map(int, hit_ids)) == sorted(h["id"] for h in want)
+    assert page.eval_on_selector_all("path.footprint.query", "els => els.length") == 1
+    # Click the best hit's footprint: its chip appears (and no new search starts).
+    best = want[0]["id"]
+    page.dispatch_event(f"path.footprint.hit[data-id='{best}']", "click")
+    page.wait_for_selector("#chip img")
+    assert page.get_attribute("#chip img", "src") == f"/api/images/{best}?size=256"
+    page.wait_for_function("document.querySelector('#chip img').naturalWidth > 0")
+    assert page.get_attribute("#query img", "src") == f"/api/images/{i}?size=256"
+    page.screenshot(path=os.path.join(shots, "serve_map.png"), full_page=True)
+    assert page.inner_text("#error") == ""
+  assert os.path.getsize(os.path.join(shots, "serve_map.png")) > 10_000

@@ -210,119 +210,64 @@ def test_service_batches_concurrent_queries_with_the_same_answers(service):
   assert sum(batches) == 10 and max(batches) > 1, batches
 
 
-CHROMIUM = os.environ.get("RSHASH_CHROMIUM", "/usr/bin/chromium")
-
-
 @pytest.fixture
-def live_server(service):
+def live_server(service, serve_in_thread):
   """The service on a free 127.0.0.1 port (uvicorn in a thread), stopped after the test."""
-  import socket  # pylint: disable=g-import-not-at-top
-  import threading  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  import uvicorn  # pylint: disable=g-import-not-at-top
-
-  _, app, _ = service
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = uvicorn.Server(
-    uvicorn.Config(
-      app,
-      host="127.0.0.1",
-      port=port,
-      log_level="warning",
-      limit_concurrency=32,
-      timeout_keep_alive=2,
-    )
-  )
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 30
-  while not server.started:
-    assert time.monotonic() < deadline and thread.is_alive(), "the server did not start within 30 s"
-    time.sleep(0.05)
-  yield f"http://127.0.0.1:{port}"
-  server.should_exit = True
-  thread.join(timeout=10)
+  return serve_in_thread(service[1])
 
 
-def test_web_page_in_headless_chromium(live_server, service, tmp_path):
+def test_web_page_in_headless_chromium(live_server, service, chromium, tmp_path):
   """The page in a real browser (Debian's chromium driven by Playwright): pick an archive
   image, then upload a file; the hit grid shows distances in order; a bad upload shows the
   service's error. Writes a screenshot (RSHASH_SCREENSHOT_DIR, default the test's tmp dir)."""
-  if not os.path.exists(CHROMIUM):
-    if os.environ.get("RSHASH_REQUIRE_BROWSER"):
-      pytest.fail(
-        f"no browser at {CHROMIUM} (RSHASH_REQUIRE_BROWSER is set: .ci/run installs chromium)"
-      )
-    pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)")
-  from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
-
   engine, _, _ = service
   entry = engine.archive.entry(25)
   bad = tmp_path / "notes.txt"
   bad.write_text("not an image")
   shots = os.environ.get("RSHASH_SCREENSHOT_DIR", str(tmp_path))
   os.makedirs(shots, exist_ok=True)
-  with sync_playwright() as p:
-    browser = p.chromium.launch(
-      executable_path=CHROMIUM,
-      headless=True,
-      timeout=60_000,
-      args=[
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-      ],
+  with chromium() as browser:
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.set_default_timeout(30_000)
+    page.goto(live_server + "/")
+    page.wait_for_selector("#archive img")
+    assert f"{engine.num_codes} images" in page.inner_text("#info")
+    # Pick an archive image: the hits appear, sorted by distance, the first at distance 0.
+    page.fill("#k", "8")
+    page.click("#archive img[data-id='3']")
+    page.wait_for_selector("figure.hit")
+    dist = [
+      int(d)
+      for d in page.eval_on_selector_all("figure.hit", "els => els.map(e => e.dataset.distance)")
+    ]
+    assert len(dist) == 8 and dist == sorted(dist) and dist[0] == 0
+    # Upload a file: the grid is that query's answer.
+    page.set_input_files("#file", entry["path"])
+    page.click("#search")
+    page.wait_for_function(
+      "document.querySelector('#query').textContent.includes('upload') || "
+      "document.querySelectorAll('figure.hit').length > 0"
     )
-    try:
-      page = browser.new_page(viewport={"width": 1100, "height": 800})
-      page.set_default_timeout(30_000)
-      page.goto(live_server + "/")
-      page.wait_for_selector("#archive img")
-      assert f"{engine.num_codes} images" in page.inner_text("#info")
-      # Pick an archive image: the hits appear, sorted by distance, the first at distance 0.
-      page.fill("#k", "8")
-      page.click("#archive img[data-id='3']")
-      page.wait_for_selector("figure.hit")
-      dist = [
-        int(d)
-        for d in page.eval_on_selector_all("figure.hit", "els => els.map(e => e.dataset.distance)")
-      ]
-      assert len(dist) == 8 and dist == sorted(dist) and dist[0] == 0
-      # Upload a file: the grid is that query's answer.
-      page.set_input_files("#file", entry["path"])
-      page.click("#search")
-      page.wait_for_function(
-        "document.querySelector('#query').textContent.includes('upload') || "
-        "document.querySelectorAll('figure.hit').length > 0"
-      )
-      page.wait_for_function(
-        "document.querySelector('#query img') && "
-        "document.querySelector('#query img').src.startsWith('blob:')"
-      )
-      ids = page.eval_on_selector_all("figure.hit", "els => els.map(e => Number(e.dataset.id))")
-      want = engine.search_pixels(engine.read_archive_image(25), 8)["hits"]
-      assert ids == [h["id"] for h in want]
-      page.wait_for_function(
-        "Array.from(document.querySelectorAll('figure.hit img')).every(i => i.complete && "
-        "i.naturalWidth > 0)"
-      )
-      page.screenshot(path=os.path.join(shots, "serve_page.png"), full_page=True)
-      # A bad upload: the page shows the service's message, and the next search works.
-      page.set_input_files("#file", str(bad))
-      page.click("#search")
-      page.wait_for_function("document.querySelector('#error').textContent.length > 0")
-      assert "notes.txt: not an image" in page.inner_text("#error")
-      page.click("#archive img[data-id='3']")
-      page.wait_for_selector("figure.hit")
-      assert page.inner_text("#error") == ""
-    finally:
-      browser.close()
+    page.wait_for_function(
+      "document.querySelector('#query img') && "
+      "document.querySelector('#query img').src.startsWith('blob:')"
+    )
+    ids = page.eval_on_selector_all("figure.hit", "els => els.map(e => Number(e.dataset.id))")
+    want = engine.search_pixels(engine.read_archive_image(25), 8)["hits"]
+    assert ids == [h["id"] for h in want]
+    page.wait_for_function(
+      "Array.from(document.querySelectorAll('figure.hit img')).every(i => i.complete && "
+      "i.naturalWidth > 0)"
+    )
+    page.screenshot(path=os.path.join(shots, "serve_page.png"), full_page=True)
+    # A bad upload: the page shows the service's message, and the next search works.
+    page.set_input_files("#file", str(bad))
+    page.click("#search")
+    page.wait_for_function("document.querySelector('#error').textContent.length > 0")
+    assert "notes.txt: not an image" in page.inner_text("#error")
+    page.click("#archive img[data-id='3']")
+    page.wait_for_selector("figure.hit")
+    assert page.inner_text("#error") == ""
   assert os.path.getsize(os.path.join(shots, "serve_page.png")) > 10_000
 
 

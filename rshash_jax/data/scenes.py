@@ -416,36 +416,22 @@ def read_tile(path: str, spec: Optional[rasters.RasterSpec] = None) -> np.ndarra
   return rasters.to_uint8(data, spec, path)
 
 
-def lookup(footprint: np.ndarray, lon: float, lat: float) -> Optional[int]:
-  """The row of the window holding WGS84 (lon, lat) among footprints [N, 4, 2] (the one
-  whose centre is nearest where windows overlap), or None."""
-  fp = np.asarray(footprint, np.float64)
-  inside = _contains(fp, lon, lat)
-  rows = np.nonzero(inside)[0]
-  if not len(rows):
-    return None
-  centre = fp[rows].mean(axis=1)
-  d = (centre[:, 0] - lon) ** 2 + (centre[:, 1] - lat) ** 2
-  return int(rows[np.argmin(d)])
-
-
-def _contains(fp: np.ndarray, lon: float, lat: float) -> np.ndarray:
-  """bool [N]: whether each quadrilateral footprint [N, 4, 2] holds the point (even-odd
-  rule; a point on an edge counts)."""
-  shapely = _shapely()
-  polys = shapely.polygons(np.concatenate([fp, fp[:, :1]], axis=1))
-  return shapely.intersects_xy(polys, lon, lat) & np.isfinite(fp).all(axis=(1, 2))
-
-
-def _shapely():
+def spatial_index(footprint: Optional[np.ndarray], lon: np.ndarray, lat: np.ndarray):
+  """(shapely STRtree, ids): footprints [N, 4, 2] as polygons where given and finite,
+  else centres as points; entries without coordinates are left out. `tree.query(g,
+  predicate="intersects")` returns positions into `ids`."""
   import shapely  # pylint: disable=g-import-not-at-top
 
-  return shapely
-
-
-def within(fp: np.ndarray, geometry) -> np.ndarray:
-  """bool [N]: which footprints [N, 4, 2] (WGS84) intersect a shapely geometry (WGS84)."""
-  shapely = _shapely()
-  ok = np.isfinite(fp).all(axis=(1, 2))
-  polys = shapely.polygons(np.concatenate([np.nan_to_num(fp), np.nan_to_num(fp[:, :1])], 1))
-  return shapely.intersects(polys, geometry) & ok
+  lon, lat = np.asarray(lon, np.float64), np.asarray(lat, np.float64)
+  has_fp = np.zeros(len(lon), bool)
+  geoms, ids = [], []
+  if footprint is not None:
+    fp = np.asarray(footprint, np.float64)
+    has_fp = np.isfinite(fp).all(axis=(1, 2))
+    rows = np.nonzero(has_fp)[0]
+    geoms.append(shapely.polygons(np.concatenate([fp[rows], fp[rows, :1]], axis=1)))
+    ids.append(rows)
+  pts = np.nonzero(~has_fp & np.isfinite(lon) & np.isfinite(lat))[0]
+  geoms.append(shapely.points(lon[pts], lat[pts]))
+  ids.append(pts)
+  return shapely.STRtree(np.concatenate(geoms)), np.concatenate(ids)

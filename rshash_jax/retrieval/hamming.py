@@ -707,3 +707,26 @@ def hamming_topk(
   """
   q, db = _check_pair(q_packed, db_packed)
   return HammingIndex(db, mesh=mesh, engine=engine).search(q, k, query_batch=query_batch)
+
+
+def subset_topk(q_packed, db_packed, rows, k: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Exact Hamming top-k of packed queries [Q, W] among the database rows `rows` (a spatial
+  filter's survivors), on the host: (distances int32 [Q, k], database indices int64
+  [Q, k]) in the scan's order, by distance, ties by lower database index. One pass of
+  NumPy popcounts over the rows per query (no compilation per subset size): meant for
+  the subsets a filter keeps, not for whole archives (HammingIndex)."""
+  q, db = _check_pair(q_packed, db_packed)
+  rows = np.unique(np.asarray(rows, np.int64))  # sorted: a stable sort keeps ties by index
+  if not len(rows) or rows[0] < 0 or rows[-1] >= len(db):
+    raise errors.InvalidInput(
+      f"subset_topk: rows must be one or more indices in 0..{len(db) - 1} of the database"
+    )
+  check_queries(q, k, db.shape[1], len(rows))
+  sub = db[rows]
+  dist = np.empty((len(q), k), np.int32)
+  idx = np.empty((len(q), k), np.int64)
+  for i, one in enumerate(q):
+    d = np.bitwise_count(sub ^ one).sum(axis=1, dtype=np.int32)
+    order = np.argsort(d, kind="stable")[:k]
+    dist[i], idx[i] = d[order], rows[order]
+  return dist, idx

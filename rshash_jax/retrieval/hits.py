@@ -33,6 +33,7 @@ class Archive:
     self.lon = np.asarray(db["lon"], np.float64) if "lon" in db else np.full(n, np.nan)
     self.lat = np.asarray(db["lat"], np.float64) if "lat" in db else np.full(n, np.nan)
     self.has_coordinates = bool(np.isfinite(self.lon).any())
+    self._tree = None  # the spatial index of `region`, built on first use
     self.scenes = [str(p) for p in db["scenes"]] if "scenes" in db else None
     if self.scenes is not None:
       self.scene = np.asarray(db["scene"])
@@ -93,23 +94,61 @@ class Archive:
       out["footprint"] = fp.tolist() if np.isfinite(fp).all() else None
     return out
 
-  def locate(self, lon: float, lat: float) -> Optional[int]:
-    """The window of a scene archive that holds WGS84 (lon, lat) (scenes.lookup), or None
-    (and None for archives of images: an image's extent is not stored)."""
-    if self.scenes is None or not (np.isfinite(lon) and np.isfinite(lat)):
+  def bounds(self) -> Optional[List[float]]:
+    """[min lon, min lat, max lon, max lat] of the archive's coordinates (footprints
+    included), or None without any."""
+    lon, lat = self.lon, self.lat
+    if self.scenes is not None:
+      lon = np.concatenate([lon, self.footprint[..., 0].ravel()])
+      lat = np.concatenate([lat, self.footprint[..., 1].ravel()])
+    ok = np.isfinite(lon) & np.isfinite(lat)
+    if not ok.any():
       return None
-    return scenes.lookup(self.footprint, lon, lat)
+    return [float(lon[ok].min()), float(lat[ok].min()), float(lon[ok].max()), float(lat[ok].max())]
 
-  def region(self, geometry) -> np.ndarray:
-    """bool [N]: the archive entries a WGS84 shapely geometry intersects (a window's
-    footprint, else an image's centre); entries without coordinates are outside."""
+  def scene_outlines(self, limit: int = 2000) -> List[Dict[str, Any]]:
+    """[{"name", "outline": [[lon, lat], ...]}]: each scene's coverage, the convex hull of
+    its windows' footprints in WGS84 (at most `limit` scenes; none without footprints)."""
     import shapely  # pylint: disable=g-import-not-at-top
 
-    inside = shapely.intersects_xy(geometry, np.nan_to_num(self.lon), np.nan_to_num(self.lat))
-    inside &= np.isfinite(self.lon) & np.isfinite(self.lat)
-    if self.scenes is not None:
-      inside |= scenes.within(self.footprint, geometry)
-    return np.asarray(inside, bool)
+    if self.scenes is None:
+      return []
+    out = []
+    for s, name in enumerate(self.scenes[:limit]):
+      fp = self.footprint[self.scene == s].reshape(-1, 2)
+      fp = fp[np.isfinite(fp).all(axis=1)]
+      if len(fp):
+        hull = shapely.convex_hull(shapely.multipoints(fp))
+        ring = hull.exterior.coords if hull.geom_type == "Polygon" else hull.coords
+        out.append({"name": os.path.basename(name), "outline": [list(c) for c in ring]})
+    return out
+
+  def locate(self, lon: float, lat: float) -> Optional[int]:
+    """The window of a scene archive that holds WGS84 (lon, lat) (where windows overlap,
+    the one whose centre is nearest), or None (and None for archives of images: an
+    image's extent is not stored)."""
+    import shapely  # pylint: disable=g-import-not-at-top
+
+    if self.scenes is None or not (np.isfinite(lon) and np.isfinite(lat)):
+      return None
+    rows = self.region(shapely.Point(lon, lat))
+    rows = rows[np.isfinite(self.footprint[rows]).all(axis=(1, 2))]
+    if not len(rows):
+      return None
+    centre = self.footprint[rows].mean(axis=1)  # where windows overlap: the nearest centre
+    return int(rows[np.argmin((centre[:, 0] - lon) ** 2 + (centre[:, 1] - lat) ** 2)])
+
+  def region(self, geometry) -> np.ndarray:
+    """The sorted ids of the archive entries a WGS84 shapely geometry intersects (a
+    window's footprint, else an image's centre); entries without coordinates are outside.
+    A spatial index (shapely's STRtree) is built on the first call: later calls touch
+    only the entries near the geometry."""
+    if self._tree is None:
+      self._tree = scenes.spatial_index(
+        self.footprint if self.scenes is not None else None, self.lon, self.lat
+      )
+    tree, ids = self._tree
+    return np.unique(ids[tree.query(geometry, predicate="intersects")])
 
   def hits(self, dist: np.ndarray, idx: np.ndarray, query_labels=None) -> List[Dict[str, Any]]:
     """One query's ranked hits from its row of distances and archive indices."""

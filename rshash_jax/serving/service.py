@@ -11,17 +11,29 @@ is the small, well-kept ASGI toolkit FastAPI itself is built on; it has what thi
 (routing, multipart uploads, an in-process test client) and nothing we would not use.
 
 API (every error is JSON {"error": message} with a 4xx status; the service keeps serving):
-  GET  /api/info             encoder (method, backbone, bits, identity, classes) and index size
+  GET  /api/info             encoder (method, backbone, bits, identity, classes), index size,
+                             the archive's WGS84 bounds, whether it has window footprints,
+                             each scene's outline (the hull of its windows; <= 2000 scenes)
+                             and the basemap (serve --basemap)
   GET  /api/archive?offset=&limit=   archive entries [{id, path, label}] (limit <= 200)
-  POST /api/search?k=N       query: multipart field `image` (an image file: PNG, JPEG, BMP,
+  POST /api/search?k=N[&bbox=MINLON,MINLAT,MAXLON,MAXLAT]
+                             query: multipart field `image` (an image file: PNG, JPEG, BMP,
                              GIF, WebP, TIFF), or JSON {"path": P} / {"id": I} naming an
-                             archive image. -> {"query": {...}, "hits": [{"rank", "id",
-                             "path", "distance", "label", "relevant", "lon", "lat"}]}
-                             sorted by (distance, id), as retrieval.hits formats them for
-                             `search` too; "predicted" label(s) for DHCNN encoders.
-  GET  /api/images/{id}?size=S   an archive image as PNG (longer side <= S if given)
-  GET  /                     the web page (static/index.html): upload or pick a query, see
-                             the hits with their distances.
+                             archive image, or {"lon": X, "lat": Y}: the window of a scene
+                             archive that holds that place. -> {"query": {...}, "hits":
+                             [{"rank", "id", "path", "distance", "label", "relevant", "lon",
+                             "lat"} (+ "scene", "window", "footprint" for windows)]} sorted
+                             by (distance, id), as retrieval.hits formats them for `search`
+                             too; "predicted" label(s) for DHCNN encoders. With bbox, only
+                             the archive entries in the box are ranked (an exact scan of
+                             them, found through a spatial index).
+  GET  /api/images/{id}?size=S   an archive image or window as PNG (longer side <= S)
+  GET  /                     the web page (static/index.html): upload or pick a query, or
+                             click the map; the hits with their distances and, for a
+                             georeferenced archive, on a map (Leaflet, vendored under
+                             static/vendor/leaflet: footprints over the --basemap tiles, or
+                             over a graticule without one); click a footprint for its chip.
+  GET  /static/...           the page's files (no directory listing)
 Status codes, decided by the error's type (rshash_jax.errors), never by its text: 400 bad
 request (k, JSON, missing field), 403 a Host or Origin not allowed, 404 unknown id/path, 413
 an upload over --max_upload_mb or an image whose header declares more than --max_image_mb
@@ -59,7 +71,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from rshash_jax import errors
-from rshash_jax.data import image_limits, input_pipeline
+from rshash_jax.data import image_limits, input_pipeline, scenes
 from rshash_jax.retrieval import (
   codes as codes_lib,
   encoder as encoder_lib,
@@ -116,6 +128,7 @@ class _Query:
   k: int
   done: concurrent.futures.Future
   labels: Any = None  # the query's labels when it is an archive image
+  rows: Optional[np.ndarray] = None  # a spatial filter's archive ids (None: all)
 
 
 class SearchEngine:
@@ -134,6 +147,8 @@ class SearchEngine:
     image_budget_bytes: int = 1 << 30,
     index_path: Optional[str] = None,
     index_engine: str = "auto",
+    basemap: str = "",
+    basemap_attribution: str = "",
   ):
     for name, v, hi in (("max_batch", max_batch, 1024), ("max_k", max_k, 100_000)):
       if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
@@ -143,10 +158,12 @@ class SearchEngine:
         f"serve: index_engine={index_engine!r} must be one of {multi_index.ENGINES}"
       )
     self.max_image_bytes = int(max_image_bytes)
+    self.basemap, self.basemap_attribution = basemap, basemap_attribution
     self.image_budget = image_limits.Budget(image_budget_bytes)
     self.encoder = encoder_lib.load_encoder(encoder_path)
     db = codes_lib.load_codes(codes_path, self.encoder)
     self.codes_path = codes_path
+    self.codes = db["codes"]
     self.archive = hits.Archive(db)
     self.num_codes = len(self.archive)
     if self.num_codes == 0:
@@ -187,11 +204,44 @@ class SearchEngine:
       )
     return i
 
+  def locate(self, lon: Any, lat: Any) -> int:
+    """The archive window holding WGS84 (lon, lat) (hits.Archive.locate)."""
+    for name, v in (("lon", lon), ("lat", lat)):
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise HTTPError(400, f"{name} must be a number, got {v!r}")
+    if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+      raise HTTPError(400, f"lon, lat = {lon}, {lat} is outside -180..180, -90..90")
+    if self.archive.scenes is None:
+      raise HTTPError(400, "this archive has no window footprints: query by image, path or id")
+    i = self.archive.locate(float(lon), float(lat))
+    if i is None:
+      raise HTTPError(404, f"no window of the archive holds lon {lon}, lat {lat}")
+    return i
+
+  def region_rows(self, bbox: Optional[str]) -> Optional[np.ndarray]:
+    """The archive ids in a `bbox` parameter (MINLON,MINLAT,MAXLON,MAXLAT), or None."""
+    if bbox is None:
+      return None
+    import shapely  # pylint: disable=g-import-not-at-top
+
+    try:
+      v = [float(x) for x in bbox.split(",")]
+    except ValueError:
+      v = []
+    if len(v) != 4 or not np.isfinite(v).all() or v[0] >= v[2] or v[1] >= v[3]:
+      raise HTTPError(400, f"bbox={bbox[:100]!r}: expected MINLON,MINLAT,MAXLON,MAXLAT, min < max")
+    rows = self.archive.region(shapely.box(*v))
+    if not len(rows):
+      raise HTTPError(404, f"no archive entry lies in bbox {bbox}")
+    return rows
+
   def read_archive_image(self, i: int) -> np.ndarray:
     path = self.archive.paths[i]
+    if scenes.is_tile(path):  # a window of a scene: read from its scene file
+      path = scenes.parse_tile(path)[0]
     if not os.path.isfile(path):
       raise HTTPError(404, f"archive image {i} is not a readable file here: {path}")
-    return input_pipeline.decode_file(path, self.encoder.raster).numpy()
+    return input_pipeline.decode_file(self.archive.paths[i], self.encoder.raster).numpy()
 
   def decode_upload(self, data: bytes, name: str) -> np.ndarray:
     """An upload's pixels resized for the encoder: its header checked against
@@ -211,13 +261,23 @@ class SearchEngine:
     return resized
 
   def search_pixels(
-    self, image: np.ndarray, k: int, query_labels=None, resized: bool = False
+    self,
+    image: np.ndarray,
+    k: int,
+    query_labels=None,
+    resized: bool = False,
+    rows: Optional[np.ndarray] = None,
   ) -> Dict[str, Any]:
     """uint8 [H, W, 3] (already the encoder's size if `resized`) -> {"hits": [...],
     "predicted": label(s) or None} (retrieval.hits); blocks until done. query_labels (an
-    archive query's) mark the hits relevant or not."""
+    archive query's) mark the hits relevant or not; `rows` (region_rows) ranks only those
+    archive entries."""
     q = _Query(
-      image if resized else self._resize(image), k, concurrent.futures.Future(), query_labels
+      image if resized else self._resize(image),
+      k,
+      concurrent.futures.Future(),
+      query_labels,
+      rows,
     )
     self._queue.put(q)
     return q.done.result()
@@ -263,9 +323,13 @@ class SearchEngine:
     out = []
     multilabel = bool(self.encoder.meta.get("multilabel"))
     for r, q in enumerate(batch):
+      d, i = dist[r, : q.k], idx[r, : q.k]
+      if q.rows is not None:  # a spatial filter: the exact scan of its entries
+        kr = min(q.k, len(q.rows))
+        d, i = (a[0] for a in hamming.subset_topk(res["codes"][r : r + 1], self.codes, q.rows, kr))
       out.append(
         {
-          "hits": self.archive.hits(dist[r, : q.k], idx[r, : q.k], q.labels),
+          "hits": self.archive.hits(d, i, q.labels),
           "predicted": hits.predicted(self.encoder.class_names, multilabel, res, r),
         }
       )
@@ -365,7 +429,8 @@ def create_app(
   from starlette.concurrency import run_in_threadpool  # pylint: disable=g-import-not-at-top
   from starlette.exceptions import HTTPException  # pylint: disable=g-import-not-at-top
   from starlette.responses import FileResponse, JSONResponse, Response  # pylint: disable=g-import-not-at-top
-  from starlette.routing import Route  # pylint: disable=g-import-not-at-top
+  from starlette.routing import Mount, Route  # pylint: disable=g-import-not-at-top
+  from starlette.staticfiles import StaticFiles  # pylint: disable=g-import-not-at-top
 
   def int_param(request, name, default, lo, hi):
     raw = request.query_params.get(name)
@@ -383,6 +448,8 @@ def create_app(
     del request
     return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
 
+  scene_outlines = engine.archive.scene_outlines()  # computed once
+
   async def info(request):
     del request
     enc = engine.encoder
@@ -397,6 +464,11 @@ def create_app(
         "num_codes": engine.num_codes,
         "codes_file": os.path.basename(engine.codes_path),
         "has_coordinates": engine.archive.has_coordinates,
+        "has_footprints": engine.archive.scenes is not None,
+        "bounds": engine.archive.bounds(),
+        "scene_outlines": scene_outlines,
+        "basemap": engine.basemap,
+        "basemap_attribution": engine.basemap_attribution,
         "max_upload_bytes": max_upload_bytes,
       }
     )
@@ -432,9 +504,16 @@ def create_app(
         body = json.loads(await request.body())
       except (ValueError, RecursionError) as e:
         raise HTTPError(400, f"request body is not JSON, or nested too deeply: {e}") from None
-      if not isinstance(body, dict) or not ({"path", "id"} & set(body)):
-        raise HTTPError(400, 'JSON body must be {"path": archive path} or {"id": archive id}')
-      i = engine.archive_id(path=body.get("path"), id_=body.get("id"))
+      if not isinstance(body, dict) or not ({"path", "id", "lon"} & set(body)):
+        raise HTTPError(
+          400,
+          'JSON body must be {"path": archive path}, {"id": archive id} or {"lon": ..., '
+          '"lat": ...}',
+        )
+      if "lon" in body:
+        i = engine.locate(body.get("lon"), body.get("lat"))
+      else:
+        i = engine.archive_id(path=body.get("path"), id_=body.get("id"))
       image = await run_in_threadpool(engine.read_archive_image, i)
       query = engine.archive.entry(i)
       labels, resized = engine.archive.labels[i], False
@@ -444,7 +523,8 @@ def create_app(
         "send the query as multipart/form-data (field `image`) or as JSON "
         '{"path": ...} / {"id": ...}',
       )
-    result = await run_in_threadpool(engine.search_pixels, image, k, labels, resized)
+    rows = await run_in_threadpool(engine.region_rows, request.query_params.get("bbox"))
+    result = await run_in_threadpool(engine.search_pixels, image, k, labels, resized, rows)
     return JSONResponse({"query": query, "k": k, **result})
 
   async def image(request):
@@ -485,6 +565,7 @@ def create_app(
       Route("/api/archive", archive),
       Route("/api/search", search, methods=["POST"]),
       Route("/api/images/{id}", image),
+      Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ],
     exception_handlers={
       HTTPError: on_http_error,
@@ -570,6 +651,8 @@ def serve(
   allowed_origins=(),
   index_path: Optional[str] = None,
   index_engine: str = "auto",
+  basemap: str = "",
+  basemap_attribution: str = "",
 ):
   """Loads the index once and serves until interrupted (limits: see the module docstring).
   `allowed_hosts` adds Host names to loopback's (and to `host` itself); "*" allows any."""
@@ -584,6 +667,8 @@ def serve(
     image_budget_bytes=int(image_budget_mb * (1 << 20)),
     index_path=index_path,
     index_engine=index_engine,
+    basemap=basemap,
+    basemap_attribution=basemap_attribution,
   )
   hosts = list(LOOPBACK_HOSTS) + list(allowed_hosts)
   if host not in ("0.0.0.0", "::"):
