@@ -459,7 +459,45 @@ def multi_index_cpu():
   return _table(head, rows) + "\n\n" + note + "\n" + provenance(name, rec)
 
 
+def scenes():
+  name = "scenes.json"
+  rec = load(name)
+  r = rec["results"]
+  rows = [
+    (
+      e["archive"],
+      f"{e['items']:,}",
+      f"{e['wall_s']:.0f}",
+      f"{e['items_per_s']:.1f}",
+      f"{e['peak_rss_anon_mib']:.0f}",
+      f"{e['peak_vmrss_mib']:.0f}",
+    )
+    for e in r["encode"]
+  ]
+  head = ("encode", "windows / images", "wall s", "per s", "peak RssAnon MiB", "peak VmRSS MiB")
+  ret = [(q["archive"], f"{q['p_at_10']:.4f}", f"{q['p_at_100']:.4f}") for q in r["retrieval"]]
+  ex = r["exact_windows"]
+  note = (
+    f"Scenes: {r['scenes']} of {r['cells']} x {r['cells']} cells of 256 px "
+    f"({r['pixel_bytes'] / 1e9:.2f} GB of pixels, two UTM zones); small: "
+    f"{r['small_cells']} x {r['small_cells']} cells ({r['small_pixel_bytes'] / 1e9:.2f} GB). "
+    f"Windows/s / files' images/s: {r['ratios']['windows_per_s_vs_files']:.2f}; peak RssAnon "
+    f"full / small: {r['ratios']['rss_anon_full_vs_small']:.3f}. Unrotated 256-px cells: "
+    f"{ex['equal_codes']} of {ex['checked']} windows have their file's code."
+  )
+  return (
+    _table(head, rows)
+    + "\n\n"
+    + _table((f"{r['queries']} held-out queries against", "P@10", "P@100"), ret)
+    + "\n\n"
+    + note
+    + "\n"
+    + provenance(name, rec)
+  )
+
+
 TABLES = {
+  "scenes": scenes,
   "multi_index_cpu": multi_index_cpu,
   "scale_decode": scale_decode,
   "scale_memory": scale_memory,

@@ -81,20 +81,24 @@ def _status(pid: int):
 
 
 def run(cmd, env=None):
-  """(wall s, peak RssAnon MiB, peak VmRSS MiB, stdout) of a command, polling /proc."""
-  t0 = time.perf_counter()
-  proc = subprocess.Popen(
-    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
-  anon = rss = 0.0
-  while proc.poll() is None:
-    st = _status(proc.pid)
-    anon, rss = max(anon, st.get("RssAnon", 0)), max(rss, st.get("VmRSS", 0))
-    time.sleep(0.02)
-  out, err = proc.communicate()
-  if proc.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-  return time.perf_counter() - t0, anon, rss, out
+  """(wall s, peak RssAnon MiB, peak VmRSS MiB, stdout) of a command, polling /proc. Its
+  output goes to temporary files (a pipe nobody reads would stall a talkative child)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+    anon = rss = 0.0
+    while proc.poll() is None:
+      st = _status(proc.pid)
+      anon, rss = max(anon, st.get("RssAnon", 0)), max(rss, st.get("VmRSS", 0))
+      time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    out.seek(0)
+    err.seek(0)
+    if proc.returncode:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
+    return wall, anon, rss, out.read()
 
 
 def train_cmd(data, workdir, cache):

@@ -20,7 +20,8 @@ DHCNN_KS = (1, 11, 21, 31) + tuple(range(50, 1001, 50))
 
 def data() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.source = "tfds:uc_merced"  # auto | generated | folder:DIR | tfds:NAME (MrHash also release:DIR)
+  d.source = "tfds:uc_merced"  # auto | generated | folder:DIR | scenes:DIR | tfds:NAME
+  # (MrHash also release:DIR)
   d.name = ""  # display name (default: folder/TFDS name)
   d.image_root = ""  # MrHash release format: image paths relative to this (default DIR)
   d.train_ratio = 0.8  # per-class split (UCMD 0.8, AID 0.5)
@@ -38,6 +39,12 @@ def data() -> ml_collections.ConfigDict:
   d.labels_file = ""  # multi-label CSV (path,label1;label2) for data.source=folder:DIR
   d.bands = ""  # GeoTIFF bands: "" (1,2,3), "4,3,2", "B4,B3,B2", or all[:R,G,B] (rasters.py)
   d.scale = ""  # GeoTIFF values to 0..255: "" (8-bit as is), "10000", "stretch[:2,98]"
+  # data.source=scenes:DIR (rasters of any size, cut into windows; rshash_jax/data/scenes.py)
+  d.tile = ""  # window size: output pixels (256) or metres (2560m)
+  d.stride = ""  # step between windows, in the unit of data.tile ("" = data.tile)
+  d.gsd = ""  # metres per output pixel ("" = each scene's own)
+  d.scene_labels = ""  # labelled points / polygons (GeoJSON, GeoPackage, ...: pyogrio)
+  d.scene_label_field = "class"  # the label file's field holding the class name
   d.generated_classes = 6
   d.generated_per_class = 20
   d.generated_size = 64

@@ -462,3 +462,116 @@ def test_map_page_in_headless_chromium(scene_service, serve_in_thread, chromium,
     page.screenshot(path=os.path.join(shots, "serve_map.png"), full_page=True)
     assert page.inner_text("#error") == ""
   assert os.path.getsize(os.path.join(shots, "serve_map.png")) > 10_000
+
+
+def _cell_polygon(path, col, row, size=32, shrink=4):
+  """A polygon (scene CRS) inside the cell at (col, row) of a mosaic, and its WGS84 form."""
+  with rasterio.open(path) as src:
+    t, crs = src.transform, src.crs.to_string()
+  x0, y0 = t @ (col + shrink, row + shrink)
+  x1, y1 = t @ (col + size - shrink, row + size - shrink)
+  ring = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+  tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+  return ring, [list(tr.transform(x, y)) for x, y in ring], crs
+
+
+def test_scene_labels_from_geojson_and_geopackage(trained, tmp_path):
+  import pyogrio.raw
+  import shapely
+
+  _, _, data = trained
+  (tmp_path / "s").mkdir()
+  a, where_a = _mosaic(tmp_path / "s", data, "north.tif", "EPSG:32631", (500000, 5000000))
+  grid = scenes.Grid.parse("32")
+  feats, rings, classes = [], [], []
+  for (c, r), cls in where_a.items():  # a polygon inside every cell, the class placed there
+    ring, ring84, crs = _cell_polygon(a, c, r)
+    rings.append(shapely.Polygon(ring))
+    classes.append(cls)
+    feats.append(
+      {
+        "type": "Feature",
+        "properties": {"class": cls},
+        "geometry": {"type": "Polygon", "coordinates": [ring84]},
+      }
+    )
+  # Two points of different classes in the first cell: that window is left out.
+  (c, r), _ = next(iter(where_a.items()))
+  _, ring84, _ = _cell_polygon(a, c, r)
+  for cls in ("x_one", "x_two"):
+    feats.append(
+      {
+        "type": "Feature",
+        "properties": {"class": cls},
+        "geometry": {"type": "Point", "coordinates": ring84[0]},
+      }
+    )
+  gj = tmp_path / "labels.geojson"
+  gj.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+  table = datasets.scene_table(str(tmp_path / "s"), grid, labels=str(gj))
+  assert len(table) == len(where_a) - 1 and "conflicting labels (1)" in table.description
+  assert "x_one" not in table.class_names
+  for p, lab in zip(table.paths, table.labels):
+    _, (c, r, _, _), _ = scenes.parse_tile(p)
+    assert table.class_names[lab] == where_a[(c, r)]
+  # The same polygons in a GeoPackage in the scene's own CRS: the same table.
+  gpkg = tmp_path / "labels.gpkg"
+  pyogrio.raw.write(
+    str(gpkg),
+    shapely.to_wkb(np.asarray(rings)),
+    [np.asarray(classes, dtype=object)],
+    fields=["class"],
+    crs=crs,
+    driver="GPKG",
+    geometry_type="Polygon",
+  )
+  table2 = datasets.scene_table(str(tmp_path / "s"), grid, labels=str(gpkg))
+  assert len(table2) == len(where_a)
+  for p, lab in zip(table2.paths, table2.labels):
+    _, (c, r, _, _), _ = scenes.parse_tile(p)
+    assert table2.class_names[lab] == where_a[(c, r)]
+  # Errors name the file, the field and the feature.
+  with pytest.raises(errors.InvalidInput, match="no field 'kind'.*class"):
+    datasets.scene_table(str(tmp_path / "s"), grid, labels=str(gj), label_field="kind")
+  far = dict(feats[0], geometry={"type": "Point", "coordinates": [-120.0, 10.0]})
+  gj.write_text(json.dumps({"type": "FeatureCollection", "features": feats + [far]}))
+  with pytest.raises(errors.InvalidInput, match=f"feature {len(feats)} .* outside every window"):
+    datasets.scene_table(str(tmp_path / "s"), grid, labels=str(gj))
+
+
+def test_dhcnn_trains_on_labelled_scene_windows(trained, tmp_path):
+  """data.source=scenes:DIR with polygon labels: the windows of a mosaic of the class-folder
+  images, labelled by polygons, are the same table as the folder (same pixels, labels and
+  order): the tiny DHCNN trained on either gives the same mAP."""
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import dhcnn as dhcnn_config
+  from rshash_jax.training import train_dhcnn
+
+  _, _, data = trained
+  (tmp_path / "s").mkdir()
+  a, where_a = _mosaic(
+    tmp_path / "s", data, "north.tif", "EPSG:32631", (500000, 5000000), grid_w=10
+  )
+  feats = []
+  for (c, r), cls in where_a.items():
+    _, ring84, _ = _cell_polygon(a, c, r)
+    feats.append(
+      {
+        "type": "Feature",
+        "properties": {"class": cls},
+        "geometry": {"type": "Polygon", "coordinates": [ring84]},
+      }
+    )
+  (tmp_path / "labels.geojson").write_text(
+    json.dumps({"type": "FeatureCollection", "features": feats})
+  )
+  c = dhcnn_config.get_config("tiny")
+  c.data.source = f"scenes:{tmp_path / 's'}"
+  c.data.tile = "32"
+  c.data.scene_labels = str(tmp_path / "labels.geojson")
+  res = train_dhcnn.train_and_evaluate(c, str(tmp_path / "w"))
+  assert "labelled windows of 1 scene(s)" in res["dataset_description"]
+  c.data.source = f"folder:{data}"
+  folder = train_dhcnn.train_and_evaluate(c, str(tmp_path / "w_folder"))
+  assert res["num_classes"] == folder["num_classes"] == 6
+  assert res["map"] == folder["map"] and res["accuracy"] == folder["accuracy"]

@@ -151,12 +151,37 @@ def _resolve_tiles(table: "ImageTable", spec: rasters.RasterSpec) -> rasters.Ras
 
 
 def scene_table(
-  data: str, grid: scenes.Grid, raster: Optional[rasters.RasterSpec] = None
+  data: str,
+  grid: scenes.Grid,
+  raster: Optional[rasters.RasterSpec] = None,
+  labels: str = "",
+  label_field: str = "class",
 ) -> ImageTable:
   """A scene archive (a scene, a folder of scenes or a list file; scenes.scene_paths) cut
-  into windows by `grid`: one row per window, tile paths, no labels (-1)."""
+  into windows by `grid`: one row per window, tile paths, no labels (-1). With `labels`
+  (a point / polygon file, scenes.read_labels), only the windows a label covers, with
+  their classes (sorted names; scenes.label_windows)."""
   paths = scenes.scene_paths(data)
   tiles, spec = scenes.scene_tiles(paths, grid, raster)
+  if labels:
+    geoms, classes = scenes.read_labels(labels, label_field)
+    names, conflicts = scenes.label_windows(tiles, geoms, classes, labels)
+    keep = np.nonzero(names != "")[0]
+    if not len(keep):
+      raise errors.InvalidInput(f"data.scene_labels: {labels} labels none of the windows")
+    class_names = sorted(set(names[keep]))
+    tiles = scenes.take(tiles, keep)
+    return ImageTable(
+      name=os.path.basename(os.path.abspath(data).rstrip(os.sep)),
+      labels=np.asarray([class_names.index(n) for n in names[keep]], np.int32),
+      class_names=class_names,
+      paths=tiles.paths(),
+      description=f"{len(tiles)} labelled windows of {len(paths)} scene(s) under {data} "
+      f"({grid.describe()}; labels from {labels}; {len(names) - len(keep)} windows without "
+      f"a label or with conflicting labels ({conflicts}) left out)",
+      raster=spec,
+      tiles=tiles,
+    )
   return ImageTable(
     name=os.path.basename(os.path.abspath(data).rstrip(os.sep)),
     labels=np.full(len(tiles), -1, np.int32),
@@ -522,6 +547,19 @@ def from_config(data_cfg, workdir: str) -> ImageTable:
         f"are relative to), got {source!r}"
       )
     table = label_file(data_cfg.labels_file, source[len("folder:") :])
+  elif source.startswith("scenes:"):
+    if not data_cfg.get("scene_labels") or not data_cfg.get("tile"):
+      raise errors.InvalidInput(
+        f"data.source={source!r} needs data.tile (window size: 256 or 2560m) and "
+        "data.scene_labels (a GeoJSON / GeoPackage of labelled points or polygons)"
+      )
+    table = scene_table(
+      source[len("scenes:") :],
+      scenes.Grid.parse(data_cfg.tile, data_cfg.get("stride", ""), data_cfg.get("gsd", "")),
+      rasters.RasterSpec.parse(data_cfg.get("bands", ""), data_cfg.get("scale", "")),
+      labels=data_cfg.scene_labels,
+      label_field=data_cfg.get("scene_label_field", "class"),
+    )
   elif source.startswith("folder:"):
     table = class_folder(source[len("folder:") :], name=data_cfg.get("name") or None)
   elif source.startswith("tfds:"):
@@ -542,7 +580,8 @@ def from_config(data_cfg, workdir: str) -> ImageTable:
     )
   else:
     raise errors.InvalidInput(
-      f"data.source must be 'auto', 'generated', 'folder:DIR' or 'tfds:NAME', got {source!r}"
+      "data.source must be 'auto', 'generated', 'folder:DIR', 'scenes:DIR' or 'tfds:NAME', "
+      f"got {source!r}"
     )
   spec = rasters.RasterSpec.parse(data_cfg.get("bands", ""), data_cfg.get("scale", ""))
   if (

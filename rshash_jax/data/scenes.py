@@ -435,3 +435,98 @@ def spatial_index(footprint: Optional[np.ndarray], lon: np.ndarray, lat: np.ndar
   geoms.append(shapely.points(lon[pts], lat[pts]))
   ids.append(pts)
   return shapely.STRtree(np.concatenate(geoms)), np.concatenate(ids)
+
+
+MAX_LABEL_BYTES = 1 << 30  # a label file read whole (GeoJSON has no index)
+
+
+def read_labels(path: str, field: str):
+  """A label file (GeoJSON, GeoPackage, Shapefile, FlatGeobuf: anything OGR reads, through
+  pyogrio, geopandas' own reader) -> (WGS84 shapely geometries [M], class names [M]).
+  Errors name the file, the field and the feature."""
+  import pyogrio  # pylint: disable=g-import-not-at-top
+  import pyogrio.raw  # pylint: disable=g-import-not-at-top
+  import shapely  # pylint: disable=g-import-not-at-top
+
+  if not os.path.exists(path):
+    raise errors.NotFound(f"data.scene_labels: file not found: {path}")
+  if os.path.isfile(path) and os.path.getsize(path) > MAX_LABEL_BYTES:
+    raise errors.TooLarge(f"data.scene_labels: {path} is over {MAX_LABEL_BYTES >> 20} MiB")
+  try:
+    meta, _, wkb, fields = pyogrio.raw.read(path)
+  except Exception as e:  # pyogrio.errors.DataSourceError and friends
+    raise errors.InvalidInput(f"data.scene_labels: cannot read {path} ({e})") from None
+  names = [str(n) for n in meta["fields"]]
+  if field not in names:
+    raise errors.InvalidInput(
+      f"data.scene_labels: {path} has no field {field!r} (data.scene_label_field); its "
+      f"fields: {', '.join(names) or '(none)'}"
+    )
+  if wkb is None or not len(wkb):
+    raise errors.InvalidInput(f"data.scene_labels: {path} holds no geometry")
+  geoms = shapely.from_wkb(wkb)
+  classes = fields[names.index(field)]
+  for i, (g, c) in enumerate(zip(geoms, classes)):
+    if g is None or g.is_empty:
+      raise errors.InvalidInput(f"data.scene_labels: {path}, feature {i} has no geometry")
+    if c is None or (isinstance(c, float) and not np.isfinite(c)) or not str(c).strip():
+      raise errors.InvalidInput(f"data.scene_labels: {path}, feature {i} has no {field!r}")
+    if g.geom_type not in ("Point", "MultiPoint", "Polygon", "MultiPolygon"):
+      raise errors.InvalidInput(
+        f"data.scene_labels: {path}, feature {i} is a {g.geom_type}: points or polygons only"
+      )
+  crs = meta.get("crs") or "EPSG:4326"
+  from pyproj import CRS  # pylint: disable=g-import-not-at-top
+
+  if not CRS.from_user_input(crs).equals(CRS.from_epsg(4326), ignore_axis_order=True):
+    t = rasters.to_wgs84(CRS.from_user_input(crs).to_wkt())
+    geoms = shapely.transform(geoms, lambda xy: np.stack(t.transform(xy[:, 0], xy[:, 1]), 1))
+  return geoms, np.asarray([str(c).strip() for c in classes])
+
+
+def label_windows(tiles: Tiles, geoms, classes: np.ndarray, path: str):
+  """Each window's class from label geometries (WGS84): the polygon(s) holding the window's
+  centre, else the points inside its footprint; a window whose labels disagree, or that
+  has none, gets "" (left out of training). Every geometry must touch some scene:
+  one that lies outside all of them is an error naming it."""
+  import shapely  # pylint: disable=g-import-not-at-top
+
+  fp = tiles.footprint
+  if not np.isfinite(fp).all():
+    raise errors.InvalidInput(
+      "data.scene_labels: labels need georeferenced scenes (a scene has no CRS)"
+    )
+  polys = shapely.polygons(np.concatenate([fp, fp[:, :1]], axis=1))
+  centres = shapely.points(tiles.centre)
+  out = np.full(len(tiles), "", dtype=object)
+  conflict = np.zeros(len(tiles), bool)
+  tree = shapely.STRtree(polys)
+  for i, (g, c) in enumerate(zip(geoms, classes)):
+    hit = tree.query(g, predicate="intersects")
+    if not len(hit):
+      raise errors.InvalidInput(
+        f"data.scene_labels: {path}, feature {i} ({c!r}, {g.geom_type} at "
+        f"{g.representative_point().x:.5f}, {g.representative_point().y:.5f}) lies outside "
+        "every window of every scene"
+      )
+    if g.geom_type in ("Polygon", "MultiPolygon"):
+      hit = hit[shapely.contains(g, centres[hit]) | shapely.touches(g, centres[hit])]
+    for w in hit:
+      if out[w] and out[w] != c:
+        conflict[w] = True
+      out[w] = c
+  out[conflict] = ""
+  return out.astype(str), int(conflict.sum())
+
+
+def take(tiles: Tiles, rows: np.ndarray) -> Tiles:
+  """The windows `rows` of `tiles`, in that order."""
+  return dataclasses.replace(
+    tiles,
+    scene=tiles.scene[rows],
+    window=tiles.window[rows],
+    out=tiles.out[rows],
+    corners=tiles.corners[rows],
+    footprint=tiles.footprint[rows],
+    centre=tiles.centre[rows],
+  )

@@ -66,9 +66,11 @@ def check_common(config):
   """Fields shared by every method."""
   src = _get(config, "data.source")
   if not isinstance(src, str) or not (
-    src in ("auto", "generated") or src.startswith(("folder:", "tfds:"))
+    src in ("auto", "generated") or src.startswith(("folder:", "tfds:", "scenes:"))
   ):
-    _fail("data.source", src, "expected 'auto', 'generated', 'folder:DIR' or 'tfds:NAME'")
+    _fail(
+      "data.source", src, "expected 'auto', 'generated', 'folder:DIR', 'scenes:DIR' or 'tfds:NAME'"
+    )
   _open_fraction(config, "data.train_ratio", "the test split would be empty")
   if _get(config, "data.validation") != 0.0:
     _open_fraction(config, "data.validation", "the database would be empty")
