@@ -299,3 +299,45 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path, referenc
   res = _results(work)
   # Chance is ~0.2 on 6 classes; the resumed run ends at 0.89.
   assert res["step"] == 400 * 6 and res["map"] >= 0.85, res["map"]
+
+
+def test_scene_windows_encode_on_two_processes_as_on_one(reference, tmp_path):
+  """encode --tile: the windows of a scene archive are shared out over two processes like
+  images; the codes file (footprints included) is the one of a single process."""
+  import rasterio
+  from PIL import Image
+  from rasterio.transform import from_origin
+
+  data = _results(reference)["dataset_description"].split(" in ", 1)[1]
+  files = sorted(
+    os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs if f.endswith(".png")
+  )[:40]
+  cells = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])  # 32 x 32 each
+  mosaic = cells.reshape(5, 8, 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(160, 256, 3)
+  (tmp_path / "scenes").mkdir()
+  with rasterio.open(
+    tmp_path / "scenes" / "a.tif",
+    "w",
+    driver="GTiff",
+    width=256,
+    height=160,
+    count=3,
+    dtype="uint8",
+    crs="EPSG:32631",
+    transform=from_origin(500000, 5000000, 10, 10),
+  ) as dst:
+    dst.write(mosaic.transpose(2, 0, 1))
+  args = [
+    "encode",
+    f"--encoder={reference}",
+    f"--data={tmp_path / 'scenes'}",
+    "--tile=32",
+    "--stride=16",
+    "--chunk=16",
+  ]
+  _ok(_single(1, *args, f"--out={tmp_path / 'one.npz'}"))
+  _ok(_local(2, 2, *args, f"--out={tmp_path / 'two.npz'}"))
+  one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+  assert len(one["codes"]) == 9 * 15 and "footprint" in one.files
+  for key in one.files:
+    np.testing.assert_array_equal(one[key], two[key], err_msg=key)

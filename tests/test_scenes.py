@@ -135,6 +135,13 @@ def test_bad_scenes_and_windows_are_named(tmp_path):
   empty = _write(tmp_path / "empty.tif", np.zeros((3, 64, 64), np.uint8), nodata=0)
   with pytest.raises(errors.InvalidInput, match="nodata only"):
     scenes.scene_tiles([empty], scenes.Grid.parse("32"))
+  far = _write(
+    tmp_path / "far.tif",
+    rng.integers(0, 255, (3, 64, 64), dtype=np.uint8),
+    transform=from_origin(1e30, 1e30, 10, 10),
+  )
+  with pytest.raises(errors.InvalidInput, match="far.tif: its CRS cannot be transformed"):
+    scenes.scene_tiles([far], scenes.Grid.parse("32"))
   bad = tmp_path / "corrupt.tif"
   bad.write_bytes(b"II*\x00" + b"\x00" * 64)
   with pytest.raises(errors.NotAnImage, match="corrupt.tif"):

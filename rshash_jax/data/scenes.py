@@ -225,10 +225,9 @@ def _valid_windows(src, bands: Tuple[int, ...], cols, rows, win, name: str) -> n
   from rasterio.enums import MaskFlags  # pylint: disable=g-import-not-at-top
   from rasterio.windows import Window  # pylint: disable=g-import-not-at-top
 
-  keep = np.ones((len(rows), len(cols)), bool)
   flags = [src.mask_flag_enums[b - 1] for b in bands]
   if all(f == [MaskFlags.all_valid] for f in flags):
-    return keep
+    return np.ones((len(rows), len(cols)), bool)
   b = _BLOCK
   bw, bh = -(-src.width // b), -(-src.height // b)
   any_valid = np.zeros((bh, bw), bool)
@@ -249,22 +248,19 @@ def _valid_windows(src, bands: Tuple[int, ...], cols, rows, win, name: str) -> n
   sat = np.zeros((bh + 1, bw + 1), np.int64)
   sat[1:, 1:] = any_valid.cumsum(0).cumsum(1)
 
-  def count(y0, x0, y1, x1):  # blocks [y0, y1) x [x0, x1)
-    if y1 <= y0 or x1 <= x0:
-      return 0
+  def count(y0, x0, y1, x1):  # valid blocks in [y0, y1) x [x0, x1), per window
+    y1, x1 = np.maximum(y1, y0), np.maximum(x1, x0)
     return sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
 
   w, h = win
-  for i, r in enumerate(rows):
-    for j, c in enumerate(cols):
-      inside = count(-(-r // b), -(-c // b), (r + h) // b, (c + w) // b)
-      if inside:
-        continue
-      touching = count(r // b, c // b, -(-(r + h) // b), -(-(c + w) // b))
-      if not touching:
-        keep[i, j] = False
-      else:  # a boundary case: this window's own mask decides
-        keep[i, j] = bool(_mask(src, bands, Window(int(c), int(r), w, h)).any())
+  r, c = np.meshgrid(rows, cols, indexing="ij")
+  inside = count(-(-r // b), -(-c // b), (r + h) // b, (c + w) // b)
+  touching = count(r // b, c // b, -(-(r + h) // b), -(-(c + w) // b))
+  keep = (inside > 0) | (touching > 0)
+  # Windows that touch valid blocks but hold none whole: their own mask decides.
+  for i, j in zip(*np.nonzero((inside == 0) & (touching > 0))):
+    window = Window(int(cols[j]), int(rows[i]), w, h)
+    keep[i, j] = bool(_mask(src, bands, window).any())
   return keep
 
 
@@ -312,7 +308,7 @@ def scene_tiles(
       )
       georef = src.crs is not None and not src.transform.is_identity
       crs_list.append(src.crs.to_wkt() if georef else "")
-      corners, footprint, centre = _footprints(src.transform, crs_list[-1], win)
+      corners, footprint, centre = _footprints(src.transform, crs_list[-1], win, path)
       parts.append((si, win, out, corners, footprint, centre))
   if not sum(len(p[1]) for p in parts):
     raise errors.InvalidInput(f"every window of the {len(paths)} scene(s) is nodata only")
@@ -330,7 +326,7 @@ def scene_tiles(
   return tiles, spec
 
 
-def _footprints(transform, wkt: str, win: np.ndarray):
+def _footprints(transform, wkt: str, win: np.ndarray, name: str):
   """Corners [N, 4, 2] in the scene's CRS (pixel coordinates without one), the same in
   WGS84 and the centre in WGS84 (NaN without a CRS)."""
   c, r, w, h = (win[:, i].astype(np.float64) for i in range(4))
@@ -351,8 +347,9 @@ def _footprints(transform, wkt: str, win: np.ndarray):
   centre = np.stack([np.asarray(clon, np.float64), np.asarray(clat, np.float64)], axis=-1)
   if not (np.isfinite(footprint).all() and np.isfinite(centre).all()):
     raise errors.InvalidInput(
-      f"the scene's CRS cannot be transformed to WGS84 for every window "
-      f"({wkt[:60]}...): check its georeferencing"
+      f"{name}: its CRS cannot be transformed to WGS84 for every window (coordinates "
+      f"{xs.min():.6g}..{xs.max():.6g}, {ys.min():.6g}..{ys.max():.6g}): check its "
+      "georeferencing"
     )
   return corners, footprint, centre.reshape(n, 2)
 
