@@ -411,6 +411,22 @@ def scale_memory():
   )
 
 
+def scale_mrhash():
+  name = "scale_mrhash.json"
+  rec = load(name)
+  rows = [
+    (
+      f"{m['images']:,}",
+      f"{m['wall_s']:.0f}",
+      f"{m['peak_rss_anon_mib']:.0f}",
+      f"{m['peak_vmrss_mib']:.0f}",
+    )
+    for m in rec["results"]["mrhash_memory"]
+  ]
+  head = ("images", "MrHash wall s", "peak RssAnon MiB", "peak VmRSS MiB")
+  return _table(head, rows) + "\n\n" + provenance(name, rec)
+
+
 def multi_index_cpu():
   name = "multi_index_cpu.json"
   rec = load(name)
@@ -501,6 +517,7 @@ TABLES = {
   "multi_index_cpu": multi_index_cpu,
   "scale_decode": scale_decode,
   "scale_memory": scale_memory,
+  "scale_mrhash": scale_mrhash,
   "hamming_random": hamming("random"),
   "hamming_learned": hamming("learned"),
   "networks_cpu": networks,

@@ -16,6 +16,8 @@ once into --archive, ~45 s):
      Flat in N means the anonymous peak does not grow with the archive.
   3. wall time of the same training run (cache present) on 1 process with 2 devices and on
      2 processes with 1 device each (launch/local.sh), the same global batch.
+  4. (--parts=mrhash) peak memory of MrHash tiny runs at 64 px (features of both sources
+     extracted, both stages, eval) on the first N images, for each N of --sizes.
 """
 
 import argparse
@@ -121,6 +123,49 @@ def train_cmd(data, workdir, cache):
   ]
 
 
+def mrhash_cmd(data, workdir, cache):
+  """MrHash tiny at 64 px on the archive: both stages, 1 epoch each, 2% queries."""
+  return [
+    sys.executable,
+    "-m",
+    "rshash_jax.main",
+    "--config=configs/mrhash.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.data.source=folder:{data}",
+    "--config.model.image_size=64",
+    "--config.mrhash.ae_epochs=1",
+    "--config.mrhash.ae_batch_size=256",
+    "--config.mrhash.num_clusters=10",
+    "--config.train.epochs=1",
+    "--config.train.batch_size=64",
+    "--config.data.train_ratio=0.98",
+    f"--config.features.cache_dir={cache}",
+    "--config.features.batch_size=256",
+    "--config.eval.batch_size=256",
+    "--config.train.checkpoint_every_steps=100000",
+    "--config.train.log_every_steps=100",
+  ]
+
+
+def mrhash_memory(result, env):
+  """Peak memory of MrHash runs (feature extraction of both sources, both stages, eval) on
+  the first N images, for each N of --sizes."""
+  result["mrhash_memory"] = []
+  print(
+    "\n| images | MrHash run | wall s | peak RssAnon MiB | peak VmRSS MiB |\n|---|---|---|---|---|"
+  )
+  for n in [int(s) for s in ARGS.sizes.split(",")]:
+    data = archive(ARGS.archive, n)
+    work = os.path.join(ARGS.archive, f"mrhash_{n}_{os.getpid()}")
+    wall, anon, rss, _ = run(
+      mrhash_cmd(data, os.path.join(work, "w"), os.path.join(work, "c")), env
+    )
+    result["mrhash_memory"].append(
+      {"images": n, "wall_s": wall, "peak_rss_anon_mib": anon, "peak_vmrss_mib": rss}
+    )
+    print(f"| {n} | extraction + both stages + eval | {wall:.0f} | {anon:.0f} | {rss:.0f} |")
+
+
 def main():
   global ARGS
   p = argparse.ArgumentParser(
@@ -131,7 +176,9 @@ def main():
   p.add_argument("--sizes", default="10000,50000")
   p.add_argument("--decode_count", type=int, default=4096)
   p.add_argument(
-    "--parts", default="decode,memory", help="decode, memory (also runs the 1 vs 2 processes)"
+    "--parts",
+    default="decode,memory",
+    help="decode, memory (also runs the 1 vs 2 processes), mrhash (MrHash's peak memory)",
   )
   p.add_argument("--record", default=None, help="write a JSON record here (benchmarks/_record.py)")
   ARGS = p.parse_args()
@@ -153,6 +200,8 @@ def main():
       print(f"| {threads} | {np.median(rates[threads]):.0f} |", flush=True)
     result["decode_images_per_s"] = {str(t): _record.spread(v) for t, v in rates.items()}
     result["decode_count"] = ARGS.decode_count
+  if "mrhash" in parts:
+    mrhash_memory(result, dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   if "memory" not in parts:
     _write(result)
     return

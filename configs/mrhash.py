@@ -46,7 +46,11 @@ Settings of ours:
 
 Undeclared until now, kept as they are (the numbers below were measured with them):
   k-means: scipy's kmeans2 with its default 10 Lloyd iterations per restart (best of
-      mrhash.kmeans_n_init = 20 restarts by inertia), not run to convergence.
+      mrhash.kmeans_n_init = 20 restarts by inertia), not run to convergence. Archives
+      whose latents pass 256 MiB (N > 524,288; mrhash.kmeans=auto) get the same 10
+      iterations per restart chunked over a memory-mapped file (k-means++ on a 65,536-row
+      sample; rshash_jax/models/kmeans.py); the stage-2 targets and codes are computed in
+      slices of 65,536 rows, so no device holds the archive's features.
   Epochs use full batches only: the remainder is dropped, in a new order every epoch
       (UC Merced 80%: 144 of 1680 rows per stage-1 epoch at ae_batch_size 512, 16 per
       stage-2 epoch at batch 128).
@@ -133,6 +137,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mrhash.release_sources = ("msi", "vhr")  # release format: feature-file source names
   c.mrhash.num_clusters = 64  # paper: 16 (EuroSAT, 10 classes); see the docstring
   c.mrhash.kmeans_n_init = 20
+  # auto: scipy in memory while the latents fit 256 MiB (N <= 524,288), else chunked Lloyd
+  # over a memory-mapped file (rshash_jax/models/kmeans.py); exact | streamed force one.
+  c.mrhash.kmeans = "auto"
   c.mrhash.ae_epochs = 200
   c.mrhash.ae_batch_size = 512
   c.mrhash.ae_lr = 1e-3

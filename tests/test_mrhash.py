@@ -310,3 +310,58 @@ def test_partial_finetune_from_cache_equals_without(tmp_path):
       params["yes"][name],
       params["no"][name],
     )
+
+
+def test_streamed_kmeans_is_lloyd_as_scipy_runs_it():
+  """Chunked Lloyd iterations (models/kmeans.py) from given centres equal scipy's kmeans2
+  from the same centres, and the chunked pass equals the in-memory one."""
+  from scipy.cluster import vq
+
+  from rshash_jax.models import kmeans as kmeans_lib
+
+  rng = np.random.default_rng(5)
+  z = np.concatenate([rng.normal(c, 0.7, (200, 4)) for c in (-2, 0, 1, 3)])
+  init = kmeans_lib.plus_plus(z, 6, np.random.default_rng(0))
+  ref, _ = vq.kmeans2(z, init.copy(), iter=10, minit="matrix")
+  whole = kmeans_lib.lloyd(z, init, 10, chunk=len(z))
+  chunked = kmeans_lib.lloyd(z, init, 10, chunk=7)
+  np.testing.assert_allclose(whole, ref, rtol=0, atol=1e-10)
+  np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-10)
+  # An empty cluster keeps its centre (scipy's missing="warn" does the same).
+  far = np.vstack([init[:5], [[100.0] * 4]])
+  np.testing.assert_array_equal(kmeans_lib.lloyd(z, far, 3, chunk=50)[5], far[5])
+  # Best of n restarts, read through a sample and chunks.
+  z3 = np.concatenate([rng.normal(c, 0.1, (300, 2)) for c in (-3, 0, 3)])
+  centres = kmeans_lib.kmeans(z3, 3, n_init=4, seed=0, chunk=64, sample=100)
+  np.testing.assert_allclose(np.sort(centres[:, 0]), [-3, 0, 3], atol=0.05)
+  with pytest.raises(ValueError, match="3 clusters need 1..2 rows"):
+    kmeans_lib.kmeans(z3[:2], 3)
+
+
+def test_initial_centres_exact_and_streamed_and_row_slices(tmp_path):
+  """The latents pass in row slices equals one pass; `streamed` k-means over the
+  memory-mapped latents is models/kmeans.py's on the same latents, `exact` scipy's, and
+  neither leaves a file behind."""
+  import ml_collections
+
+  from rshash_jax.models import kmeans as kmeans_lib
+  from rshash_jax.parallel import sharding
+
+  mesh = sharding.data_mesh()
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(700, 64)).astype(np.float32)
+  x[:350] += 3
+  mmapped = np.lib.format.open_memmap(
+    tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape
+  )
+  mmapped[:] = x
+  fn = jax.jit(lambda v: v * 2.0)
+  np.testing.assert_array_equal(train_mrhash.rows_apply(fn, mmapped, mesh, 64, chunk=96), 2 * x)
+  hc = ml_collections.ConfigDict({"num_clusters": 2, "kmeans_n_init": 2, "kmeans": "streamed"})
+  streamed = train_mrhash.initial_centres(fn, mmapped, mesh, hc, 0, str(tmp_path / "tmp"))
+  np.testing.assert_allclose(streamed, kmeans_lib.kmeans(2 * x, 2, n_init=2, seed=0), atol=1e-6)
+  assert os.listdir(tmp_path / "tmp") == []
+  hc.kmeans = "exact"
+  exact = train_mrhash.initial_centres(fn, mmapped, mesh, hc, 0, str(tmp_path / "tmp"))
+  np.testing.assert_allclose(exact, train_mrhash.kmeans(2 * x, 2, 2, 0), atol=1e-6)
+  np.testing.assert_allclose(np.sort(exact[:, 0]), np.sort(streamed[:, 0]), atol=1e-3)

@@ -170,6 +170,8 @@ def check_mrhash(config):
   check_finetune_from(config)
   _positive_int(config, "mrhash.num_clusters")
   _positive_int(config, "mrhash.kmeans_n_init")
+  if "kmeans" in config.mrhash:
+    _choice(config, "mrhash.kmeans", ("auto", "exact", "streamed"))
   _positive_int(config, "mrhash.ae_epochs")
   _positive_int(config, "mrhash.ae_batch_size")
   _positive_int(config, "eval.map_at_r")

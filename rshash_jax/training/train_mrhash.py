@@ -28,7 +28,7 @@ from scipy.cluster import vq
 
 from rshash_jax import config_defaults, errors
 from rshash_jax.data import datasets, features, input_pipeline, multisource
-from rshash_jax.models import backbones, baselines, mrhash, signs
+from rshash_jax.models import backbones, baselines, kmeans as kmeans_lib, mrhash, signs
 from rshash_jax.parallel import distributed, sharding
 from rshash_jax.retrieval import encoder, hamming, metrics
 from rshash_jax.training import config_checks, evaluation, inputs as inputs_lib, loop
@@ -164,8 +164,17 @@ def _stage1(config, workdir, mesh, xs, writer):
   return (distributed.to_host(state.params) if finished else None), ae
 
 
+# mrhash.kmeans=auto: scipy's in-memory k-means while the latents take at most this many
+# bytes (as float64), the chunked one (models/kmeans.py) over a memory-mapped file beyond.
+KMEANS_IN_MEMORY_BYTES = 256 << 20
+KMEANS_CHOICES = ("auto", "exact", "streamed")
+# Rows per slice of a whole-training-set pass (latents, targets, codes): the only part of
+# the archive's features on the devices at once.
+ROW_CHUNK = 1 << 16
+
+
 def kmeans(z: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
-  """Best-of-n_init k-means++ centres (scipy), by inertia."""
+  """Best-of-n_init k-means++ centres (scipy), by inertia: the exact, in-memory variant."""
   best, best_inertia = None, np.inf
   for i in range(n_init):
     centres, assign = vq.kmeans2(
@@ -175,6 +184,42 @@ def kmeans(z: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
     if inertia < best_inertia:
       best, best_inertia = centres, inertia
   return best.astype(np.float32)
+
+
+def rows_apply(fn, x, mesh, out_dim: int, out=None, chunk: int = ROW_CHUNK) -> np.ndarray:
+  """fn (rows -> rows [n, out_dim]) over a host array x [N, ...] (memory-mapped or not) in
+  slices of `chunk` rows, each replicated over `mesh` in turn: no whole-archive array on
+  any device. Results go to `out` (e.g. a memory-mapped file) or a new float32 array."""
+  out = np.empty((x.shape[0], out_dim), np.float32) if out is None else out
+  for i in range(0, x.shape[0], chunk):
+    part = distributed.replicate(np.ascontiguousarray(x[i : i + chunk]), mesh)
+    out[i : i + chunk] = distributed.to_host(fn(part))
+  return out
+
+
+def initial_centres(encode, x1, mesh, hc, seed: int, tmp_dir: str) -> np.ndarray:
+  """k-means centres of the autoencoder's latents of x1 (mrhash.kmeans: `exact` is scipy's
+  k-means on the latents in memory; `streamed` writes them to a memory-mapped file in
+  `tmp_dir` and runs chunked Lloyd iterations (models/kmeans.py); `auto` picks exact while
+  they take at most KMEANS_IN_MEMORY_BYTES)."""
+  choice = hc.get("kmeans", "auto")
+  n, d = x1.shape[0], mrhash.LATENT
+  if choice == "auto":
+    choice = "exact" if n * d * 8 <= KMEANS_IN_MEMORY_BYTES else "streamed"
+  if choice == "exact":
+    z = rows_apply(encode, x1, mesh, d)
+    return kmeans(z, hc.num_clusters, hc.kmeans_n_init, seed)
+  os.makedirs(tmp_dir, exist_ok=True)
+  path = os.path.join(tmp_dir, f"latents_{os.getpid()}.f32")
+  try:
+    z = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
+    rows_apply(encode, x1, mesh, d, out=z)
+    z.flush()
+    logging.info("k-means (streamed) over %d latents of %d dims in %s", n, d, path)
+    return kmeans_lib.kmeans(z, hc.num_clusters, n_init=hc.kmeans_n_init, seed=seed)
+  finally:
+    if os.path.exists(path):
+      os.remove(path)
 
 
 def _stage2_batches(inputs: inputs_lib.Inputs, train_idx, arrays, global_batch, seed, start, stop):
@@ -248,24 +293,31 @@ def _stage2(
     params["hashnet"]["hash"]["kernel"] = (itq.projection * s).astype(np.float32)
     params["hashnet"]["hash"]["bias"] = (-(itq.mean @ itq.projection) * s).astype(np.float32)
   if stage.fresh:  # k-means only for a fresh stage 2
-    z = np.asarray(
-      mrhash.batched_apply(
-        lambda x: model.apply({"params": params}, x, method=lambda m, x: m.ae.encode(x)),
-        jnp.asarray(xs[0]),
+    init = distributed.replicate(params, mesh)  # the stage-1 autoencoder, initial centres
+    encode = jax.jit(
+      lambda p, x: mrhash.batched_apply(
+        lambda v: model.apply({"params": p}, v, method=lambda m, v: m.ae.encode(v)), x
       )
     )
-    params["centres"] = kmeans(z, hc.num_clusters, hc.kmeans_n_init, config.seed)
+    params["centres"] = initial_centres(
+      lambda x: encode(init, x), xs[0], mesh, hc, config.seed, os.path.join(workdir, "tmp")
+    )
+    del init
   state = stage.restore(
     stage.initial_state(params, constants, {"p": jnp.zeros((n, hc.num_clusters), jnp.float32)})
   )
-  x1_all = distributed.replicate(xs[0], mesh)
-
-  @jax.jit
-  def targets(params):
-    q = mrhash.batched_apply(
-      lambda x: model.apply({"params": params}, x, method=lambda m, x: m.feature_assign(x)), x1_all
+  assign = jax.jit(
+    lambda p, x: mrhash.batched_apply(
+      lambda v: model.apply({"params": p}, v, method=lambda m, v: m.feature_assign(v)), x
     )
-    return mrhash.target_distribution(q)
+  )
+  normalise = jax.jit(mrhash.target_distribution, out_shardings=sharding.replicated(mesh))
+
+  def targets(params):
+    """The target distribution of every training row: soft assignments in row slices (the
+    features stay on the host, memory-mapped), then p = q^2 / f, rows normalised."""
+    q = rows_apply(lambda x: assign(params, x), xs[0], mesh, hc.num_clusters)
+    return normalise(distributed.replicate(q, mesh))
 
   def before_step(step, state):
     if step % spe == 0:  # the target is fixed within an epoch and stored in the state
@@ -313,11 +365,14 @@ def _stage2(
     return None
   params = distributed.to_host(state.params)
   variables = {"params": params, **constants}
-  if inputs.mode == "features":
-    h = mrhash.batched_apply(
-      lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)), jnp.asarray(all_feats)
+  if inputs.mode == "features":  # in row slices: the features stay on the host
+    rep_vars = distributed.replicate(variables, mesh)
+    codes_of = jax.jit(
+      lambda v, x: mrhash.batched_apply(
+        lambda r: model.apply(v, r, method=lambda m, r: m.codes(r)), x
+      )
     )
-    return np.asarray(h), params
+    return rows_apply(lambda x: codes_of(rep_vars, x), all_feats, mesh, config.model.bits), params
   if inputs.mode == "activations":  # view 0 of every example: the image as it is
     codes = jax.jit(lambda x: model.apply(variables, x, method=lambda m, x: m.codes(x)))
     return np.asarray(
