@@ -103,6 +103,19 @@ def run(cmd, env=None):
     return wall, anon, rss, out.read()
 
 
+def _run_flags(cache):
+  """The flags every timed training run shares: 2% queries, a shared feature cache, big
+  evaluation batches, no checkpoints or logs in the way."""
+  return [
+    "--config.data.train_ratio=0.98",
+    f"--config.features.cache_dir={cache}",
+    "--config.features.batch_size=256",
+    "--config.eval.batch_size=256",
+    "--config.train.checkpoint_every_steps=100000",
+    "--config.train.log_every_steps=100",
+  ]
+
+
 def train_cmd(data, workdir, cache):
   return [
     sys.executable,
@@ -114,13 +127,7 @@ def train_cmd(data, workdir, cache):
     "--config.model.image_size=64",
     "--config.train.epochs=1",
     "--config.train.batch_size=64",
-    "--config.data.train_ratio=0.98",
-    f"--config.features.cache_dir={cache}",
-    "--config.features.batch_size=256",
-    "--config.eval.batch_size=256",
-    "--config.train.checkpoint_every_steps=100000",
-    "--config.train.log_every_steps=100",
-  ]
+  ] + _run_flags(cache)
 
 
 def mrhash_cmd(data, workdir, cache):
@@ -138,13 +145,7 @@ def mrhash_cmd(data, workdir, cache):
     "--config.mrhash.num_clusters=10",
     "--config.train.epochs=1",
     "--config.train.batch_size=64",
-    "--config.data.train_ratio=0.98",
-    f"--config.features.cache_dir={cache}",
-    "--config.features.batch_size=256",
-    "--config.eval.batch_size=256",
-    "--config.train.checkpoint_every_steps=100000",
-    "--config.train.log_every_steps=100",
-  ]
+  ] + _run_flags(cache)
 
 
 def mrhash_memory(result, env):

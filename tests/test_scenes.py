@@ -200,6 +200,19 @@ def _mosaic(tmp_path, data_root, name, crs, origin, grid_w=4):
   return path, where
 
 
+def run(args):
+  """The command line in a child process with one CPU device."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run(
+    [sys.executable, "-m", "rshash_jax.main", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
+
+
 def test_encode_and_search_a_scene_archive(trained, tmp_path):
   root, workdir, data = trained
   scene_dir = tmp_path / "scenes"
@@ -207,11 +220,8 @@ def test_encode_and_search_a_scene_archive(trained, tmp_path):
   a, where_a = _mosaic(scene_dir, data, "north.tif", "EPSG:32631", (500000, 5000000))
   b, _ = _mosaic(scene_dir, data, "east.tif", "EPSG:32633", (300000, 5100000))
   out = tmp_path / "codes.npz"
-  cli = [sys.executable, "-m", "rshash_jax.main"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  r = subprocess.run(
-    cli
-    + [
+  r = run(
+    [
       "encode",
       f"--encoder={workdir}",
       f"--data={scene_dir}",
@@ -219,12 +229,7 @@ def test_encode_and_search_a_scene_archive(trained, tmp_path):
       "--tile=32",
       "--stride=32",
       "--chunk=16",
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=REPO,
-    timeout=300,
+    ]
   )
   assert r.returncode == 0, r.stderr
   db = codes_lib.load_codes(str(out))
@@ -248,9 +253,8 @@ def test_encode_and_search_a_scene_archive(trained, tmp_path):
   geo = tmp_path / "hits.geojson"
   bbox = db["footprint"][rows_a].reshape(-1, 2)
   box = [*(bbox.min(0) - 1e-6), *(bbox.max(0) + 1e-6)]
-  r = subprocess.run(
-    cli
-    + [
+  r = run(
+    [
       "search",
       f"--encoder={workdir}",
       f"--codes={out}",
@@ -258,12 +262,7 @@ def test_encode_and_search_a_scene_archive(trained, tmp_path):
       f"--point={lon},{lat}",
       f"--geojson={geo}",
       "--bbox=" + ",".join(map(str, box)),
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=REPO,
-    timeout=300,
+    ]
   )
   assert r.returncode == 0, r.stderr
   assert f"spatial filter: {n_a} of {2 * n_a} archive entries ranked" in r.stdout
@@ -310,29 +309,16 @@ def test_encode_and_search_a_scene_archive(trained, tmp_path):
   with pytest.raises(errors.InvalidInput, match="--bbox=3,2,1,4 is invalid"):
     commands.parse_region(["3", "2", "1", "4"])
   # A point outside every window, a tile that is not in the archive: named errors.
-  r = subprocess.run(
-    cli + ["search", f"--encoder={workdir}", f"--codes={out}", "--point=-120,10"],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=REPO,
-    timeout=300,
-  )
+  r = run(["search", f"--encoder={workdir}", f"--codes={out}", "--point=-120,10"])
   assert r.returncode == 2 and "--point=-120.0,10.0: no window" in r.stderr
-  r = subprocess.run(
-    cli
-    + [
+  r = run(
+    [
       "encode",
       f"--encoder={workdir}",
       f"--data={scene_dir}",
       "--stride=3",
       f"--out={tmp_path / 'x.npz'}",
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=REPO,
-    timeout=300,
+    ]
   )
   assert r.returncode != 0 and "--stride and --gsd apply with --tile" in r.stderr
 
