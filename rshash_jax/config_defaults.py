@@ -108,6 +108,11 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.features.cache_dir or os.path.join(workdir, "cache")
 
 
+def scratch_dir(workdir: str) -> str:
+  """Where a run's scratch arrays go (rshash_jax/scratch.py: unnamed memory-mapped files)."""
+  return os.path.join(workdir, "tmp")
+
+
 def apply_presets(
   c: ml_collections.ConfigDict,
   arg: str,

@@ -5,7 +5,7 @@
   retrieval/                                     (4)
   data/                                          (3)
   models/, parallel/                             (2)
-  config_defaults, untrusted/                    (1)
+  config_defaults, scratch, untrusted/           (1)
   errors                                         (0)
 
 A module imports modules of a lower layer, or of its own folder. Only main.py and the
@@ -19,6 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "rshash_jax"
 LAYERS = {
   "errors": 0,
   "config_defaults": 1,
+  "scratch": 1,
   "untrusted": 1,
   "models": 2,
   "parallel": 2,

@@ -253,10 +253,13 @@ def ref_neighbour_recall(qc, dbc, qf, df, k):
   return float(np.mean(out))
 
 
-def test_neighbour_recall_against_a_plain_loop():
+@pytest.mark.parametrize("tied", [False, True])
+def test_neighbour_recall_against_a_plain_loop(tied):
   rng = np.random.default_rng(1)
   qc, dbc = rng.integers(0, 2, (9, 6)), rng.integers(0, 2, (40, 6))
   qf, df = rng.normal(size=(9, 5)), rng.normal(size=(40, 5))
+  if tied:  # repeated reference rows: equal cosines, the true neighbours taken by index
+    df = np.concatenate([df[:10]] * 4)
   got = metrics.neighbour_recall(
     hamming.pack_codes(qc, binary=True), hamming.pack_codes(dbc, binary=True), qf, df, ks=(1, 5, 10)
   )

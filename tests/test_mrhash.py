@@ -122,6 +122,35 @@ def test_itq_and_lsh():
     baselines.fit_itq(x[:5], 8)
 
 
+def test_itq_in_row_slices_is_itq_of_the_whole_matrix(tmp_path, monkeypatch):
+  """The sliced fit (covariance PCA, V in a scratch file) equals the textbook fit in memory
+  (SVD PCA, the same sign rule, the same rotation start), whatever the slice size."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((300, 12)) @ rng.standard_normal((12, 12)) + 2.0
+  xc = x - x.mean(0)
+  _, _, vt = np.linalg.svd(xc, full_matrices=False)
+  pca = vt[:6].T
+  pca = pca * np.sign(pca[np.abs(pca).argmax(0), np.arange(6)])
+  v = xc @ pca
+  r, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))
+  for _ in range(50):
+    u, _, wt = np.linalg.svd(np.where(v @ r >= 0, 1.0, -1.0).T @ v)
+    r = (u @ wt).T
+  for rows in (7, 1000):
+    itq = baselines.fit_itq(x, 6, seed=0, method="sliced", rows=rows, directory=str(tmp_path))
+    np.testing.assert_allclose(itq.mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(itq.projection, pca @ r, atol=1e-8)
+    np.testing.assert_array_equal(itq(x, rows=rows), np.where(xc @ pca @ r >= 0, 1, -1))
+  assert list(tmp_path.iterdir()) == []
+  # auto: the exact fit (SVD in memory) on small data, the sliced one past the budget.
+  exact = baselines.fit_itq(x, 6, seed=0, method="exact").projection
+  np.testing.assert_array_equal(baselines.fit_itq(x, 6, seed=0).projection, exact)
+  monkeypatch.setattr(baselines, "ITQ_IN_MEMORY_BYTES", x.nbytes - 1)
+  np.testing.assert_allclose(baselines.fit_itq(x, 6, seed=0).projection, pca @ r, atol=1e-8)
+  with pytest.raises(ValueError, match="ITQ method"):
+    baselines.fit_itq(x, 6, method="svd")
+
+
 def test_kmeans_best_of_n():
   rng = np.random.default_rng(2)
   z = np.concatenate([rng.normal(c, 0.1, (30, 2)) for c in (-3, 0, 3)])

@@ -57,9 +57,7 @@ from rshash_jax.retrieval import hamming
 NORMALIZATIONS = ("retrieved", "min", "all")
 NO_RELEVANT = ("zero", "skip")
 
-_MAX_BLOCK = (
-  1 << 22
-)  # elements of a [queries, database] block held at once (~100 MB of temporaries)
+_MAX_BLOCK = 1 << 20  # elements of a [queries, database] block held at once (~30 MB of temporaries)
 
 
 def _codes(name: str, codes) -> Tuple[np.ndarray, Optional[int]]:
@@ -322,6 +320,17 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _top_k_mask(sim: np.ndarray, k: int) -> np.ndarray:
+  """Per row of sim [B, N], a mask of its k largest entries, ties at the k-th value to the
+  lower index (the set a stable descending sort puts first), without sorting the row."""
+  kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1 : k]
+  above = sim > kth
+  tied = sim == kth
+  # The first (k - #above) tied entries of each row, by index.
+  room = (k - above.sum(1, keepdims=True)).astype(np.int32)
+  return above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= room))
+
+
 def neighbour_recall(
   q_codes, db_codes, q_reference, db_reference, ks: Sequence[int] = (10, 100)
 ) -> Dict[int, float]:
@@ -329,7 +338,11 @@ def neighbour_recall(
   embeddings [Q, D] / [N, D] of the same queries and database items, for each k < N."""
   q, _ = _codes("q_codes", q_codes)
   db, _ = _codes("db_codes", db_codes)
-  qr, dr = unit_rows(q_reference), unit_rows(db_reference)
+  # The database reference may be memory-mapped: read as it is, scaled by its rows' inverse
+  # norms in each block rather than copied to unit rows.
+  qr = unit_rows(q_reference)
+  dr = db_reference if getattr(db_reference, "dtype", None) == np.float32 else None
+  dr = np.asarray(db_reference, np.float32) if dr is None else dr
   if qr.shape[0] != q.shape[0] or dr.shape[0] != db.shape[0] or qr.shape[1] != dr.shape[1]:
     raise errors.InvalidInput(
       f"reference embeddings {qr.shape} / {dr.shape} do not match {q.shape[0]} queries and "
@@ -337,18 +350,28 @@ def neighbour_recall(
     )
   # k >= N finds every item whatever the codes: such k are left out.
   ks = tuple(k for k in _valid_ks(ks, db.shape[0]) if k < db.shape[0])
+  inv_norm = np.empty(dr.shape[0], np.float32)
+  for i in range(0, dr.shape[0], 1 << 16):
+    rows = slice(i, i + (1 << 16))
+    inv_norm[rows] = 1 / np.maximum(np.linalg.norm(dr[rows], axis=1), 1e-12)
   found = {k: [] for k in ks}
   step = max(1, _MAX_BLOCK // db.shape[0])
   for s in range(0, q.shape[0], step):
     e = min(s + step, q.shape[0])
-    d = np.asarray(hamming.hamming_distances(q[s:e], db)).astype(np.int64)
-    order = np.argsort(-(qr[s:e] @ dr.T), axis=1, kind="stable")
+    d = np.asarray(hamming.hamming_distances(q[s:e], db))  # int32
+    sim = (qr[s:e] @ dr.T) * inv_norm
     for k in ks:
+      true = _top_k_mask(sim, k)
       kth = np.partition(d, k - 1, axis=1)[:, k - 1 : k]  # the k-th smallest distance
-      below = (d < kth).sum(1, keepdims=True)
-      at = (d == kth).sum(1, keepdims=True)
-      p_in = np.where(d < kth, 1.0, np.where(d == kth, (k - below) / at, 0.0))
-      found[k].append(np.take_along_axis(p_in, order[:, :k], axis=1).sum(1) / k)
+      below, at = d < kth, d == kth
+      # Expected hits among the true neighbours: every item below the k-th distance is
+      # in the Hamming top k; the (k - #below) places left go to the #at tied items with
+      # equal probability.
+      p_at = (k - below.sum(1)) / at.sum(1)
+      hit = (below & true).sum(1) + p_at * (at & true).sum(1)
+      found[k].append(hit / k)
+      del true, below, at
+    del d, sim
   return {k: float(np.concatenate(v).mean()) for k, v in found.items()}
 
 

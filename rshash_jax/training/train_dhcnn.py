@@ -31,6 +31,7 @@ from absl import logging
 from clu import metric_writers
 
 from rshash_jax import config_defaults, errors
+from rshash_jax import scratch
 from rshash_jax.data import datasets, features
 from rshash_jax.models import backbones, baselines, dhcnn
 from rshash_jax.parallel import distributed, sharding
@@ -183,6 +184,9 @@ def evaluate(
   q_u, q_logits = encode(s, state.params, state.constants, s.test_idx)
   db_labels, q_labels = s.table.labels[s.train_idx], s.table.labels[s.test_idx]
   ref = _reference_features(s)
+  if ref is not None:  # gathered once, into scratch files: not held in process memory
+    tmp = config_defaults.scratch_dir(workdir)
+    ref_db, ref_q = scratch.take(ref, s.train_idx, tmp), scratch.take(ref, s.test_idx, tmp)
   report = evaluation.evaluate_codes(
     db_u,
     q_u,
@@ -192,20 +196,14 @@ def evaluate(
     ks=tuple(config.eval.ks),
     q_predictions=np.argmax(q_logits, axis=1),
     q_logits=q_logits,
-    db_reference=None if ref is None else ref[s.train_idx],
-    q_reference=None if ref is None else ref[s.test_idx],
+    db_reference=None if ref is None else ref_db,
+    q_reference=None if ref is None else ref_q,
   )
   itq = None
   if ref is not None:  # the same run's ITQ on the reference features of the seen classes
-    itq = baselines.fit_itq(ref[s.train_idx], config.model.bits, seed=config.seed)
+    itq = baselines.fit_itq(ref_db, config.model.bits, seed=config.seed)
     ref_report = evaluation.evaluate_codes(
-      itq(ref[s.train_idx]),
-      itq(ref[s.test_idx]),
-      db_labels,
-      q_labels,
-      ks=(1,),
-      db_reference=ref[s.train_idx],
-      q_reference=ref[s.test_idx],
+      itq(ref_db), itq(ref_q), db_labels, q_labels, ks=(1,), db_reference=ref_db, q_reference=ref_q
     )
     report["reference_itq"] = {
       k: ref_report[k]

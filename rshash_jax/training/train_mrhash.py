@@ -27,6 +27,7 @@ from clu import metric_writers
 from scipy.cluster import vq
 
 from rshash_jax import config_defaults, errors
+from rshash_jax import scratch
 from rshash_jax.data import datasets, features, input_pipeline, multisource
 from rshash_jax.models import backbones, baselines, kmeans as kmeans_lib, mrhash, signs
 from rshash_jax.parallel import distributed, sharding
@@ -77,12 +78,6 @@ def load_data(config, workdir: str):
     )
   image_feats = features.cached_features(bb, img_view, cache, **kw)
   return table, train_idx, test_idx, image_feats, sources, bb, img_view
-
-
-def _standardiser(x_train):
-  """One global scale per source, its root-mean-square over the training set (after the
-  optional row normalisation; it keeps MSE magnitudes comparable across backbones)."""
-  return float(np.sqrt(np.mean(np.square(x_train))) + 1e-12)
 
 
 def _make_step(loss_of, tx, mesh):
@@ -209,17 +204,9 @@ def initial_centres(encode, x1, mesh, hc, seed: int, tmp_dir: str) -> np.ndarray
   if choice == "exact":
     z = rows_apply(encode, x1, mesh, d)
     return kmeans(z, hc.num_clusters, hc.kmeans_n_init, seed)
-  os.makedirs(tmp_dir, exist_ok=True)
-  path = os.path.join(tmp_dir, f"latents_{os.getpid()}.f32")
-  try:
-    z = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
-    rows_apply(encode, x1, mesh, d, out=z)
-    z.flush()
-    logging.info("k-means (streamed) over %d latents of %d dims in %s", n, d, path)
-    return kmeans_lib.kmeans(z, hc.num_clusters, n_init=hc.kmeans_n_init, seed=seed)
-  finally:
-    if os.path.exists(path):
-      os.remove(path)
+  z = rows_apply(encode, x1, mesh, d, out=scratch.empty((n, d), np.float32, tmp_dir))
+  logging.info("k-means (streamed) over %d latents of %d dims (scratch file in %s)", n, d, tmp_dir)
+  return kmeans_lib.kmeans(z, hc.num_clusters, n_init=hc.kmeans_n_init, seed=seed)
 
 
 def _stage2_batches(inputs: inputs_lib.Inputs, train_idx, arrays, global_batch, seed, start, stop):
@@ -239,7 +226,6 @@ def _stage2(
   params), or None when stopped early. all_feats: normalised, scaled features of every
   example (the frozen hash network's input; fine-tuning reads the images instead)."""
   hc, tc = config.mrhash, config.train
-  image_feats = all_feats[train_idx]
   finetune = tc.mode == "finetune"
   # Frozen: the cached features; fine-tuning: images, or the activation cache at a split point
   # (partial fine-tuning, as DHCNN's; config_checks: finetune mode only).
@@ -261,7 +247,7 @@ def _stage2(
     feature_scale=scale,
     backbone_start=point,
   )
-  n = image_feats.shape[0]
+  n = len(train_idx)
   gb = min(tc.batch_size, n - n % mesh.devices.size)
   # config.train is stage 2's; fine-tuning trains the backbone at backbone_lr_mult x the rate.
   stage = loop.Stage(
@@ -287,6 +273,7 @@ def _stage2(
   if hc.hash_init == "itq":  # config_checks: only with a linear hash layer (head_hidden=0)
     # Start the hash layer at ITQ's projection of the same features (scaled so tanh sees
     # unit-variance inputs); the KL loss then moves the codes towards the multisource clusters.
+    image_feats = np.asarray(all_feats[train_idx])
     itq = baselines.fit_itq(image_feats, config.model.bits, seed=config.seed)
     proj = (image_feats - itq.mean) @ itq.projection
     s = 1.0 / (proj.std(axis=0) + 1e-12)
@@ -300,7 +287,7 @@ def _stage2(
       )
     )
     params["centres"] = initial_centres(
-      lambda x: encode(init, x), xs[0], mesh, hc, config.seed, os.path.join(workdir, "tmp")
+      lambda x: encode(init, x), xs[0], mesh, hc, config.seed, config_defaults.scratch_dir(workdir)
     )
     del init
   state = stage.restore(
@@ -409,17 +396,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   data_seconds = time.perf_counter() - t_data
   hc = config.mrhash
   t0 = time.perf_counter()
-  norm = lambda x: np.asarray(mrhash.normalize_features(x, hc.feature_norm), np.float32)
-  image_feats = norm(image_feats)
-  scale = _standardiser(image_feats[train_idx])
-  image_feats = image_feats / scale
+  # Normalised, standardised features in unnamed memory-mapped files (rshash_jax/scratch.py): the
+  # process's own memory stays flat in the archive size.
+  tmp, l2 = config_defaults.scratch_dir(workdir), hc.feature_norm == "l2"
+  image_feats, scale = scratch.standardised(image_feats, l2=l2, fit=train_idx, directory=tmp)
   if hc.baseline:
     fit = baselines.fit_lsh if hc.baseline == "lsh" else baselines.fit_itq
     h = fit(image_feats[train_idx], config.model.bits, seed=config.seed)(image_feats)
     method = hc.baseline
   else:
-    xs = [norm(s[train_idx]) for s in sources]
-    xs = [x / _standardiser(x) for x in xs]
+    xs = [scratch.standardised(s, train_idx, l2=l2, directory=tmp)[0] for s in sources]
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     ae_params, _ = _stage1(config, workdir, mesh, xs, writer)
     if ae_params is None:
@@ -456,7 +442,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     **(
       {}
       if config.eval.reference == "none"
-      else {"db_reference": image_feats[train_idx], "q_reference": image_feats[test_idx]}
+      else {
+        "db_reference": scratch.take(image_feats, train_idx, tmp),
+        "q_reference": scratch.take(image_feats, test_idx, tmp),
+      }
     ),
   )
   r = min(config.eval.map_at_r, len(train_idx))
