@@ -114,6 +114,28 @@ def test_ground_units_over_two_crs_and_resolutions(tmp_path):
   assert tiles.crs[0] != tiles.crs[1]
 
 
+def test_ground_units_in_a_geographic_crs(tmp_path):
+  """A small scene in degrees is cut at its central latitude's ground scale (WGS84): at
+  47.997N, 1e-4 degree pixels are about 7.46 m wide and 11.12 m tall."""
+  rng = np.random.default_rng(4)
+  geo = _write(
+    tmp_path / "wgs84.tif",
+    rng.integers(0, 255, (3, 64, 64), dtype=np.uint8),
+    crs="EPSG:4326",
+    transform=from_origin(2.0, 48.0, 1e-4, 1e-4),
+  )
+  tiles, _ = scenes.scene_tiles([geo], scenes.Grid.parse("32", "", "10"))  # 320 m windows
+  assert (tiles.window[:, 2:] == [43, 29]).all() and (tiles.out == 32).all()
+  lat = np.radians(tiles.centre[:, 1])
+  lon_m = 111412.84 * np.cos(lat) - 93.5 * np.cos(3 * lat) + 0.118 * np.cos(5 * lat)
+  lat_m = 111132.92 - 559.82 * np.cos(2 * lat) + 1.175 * np.cos(4 * lat)
+  width = (tiles.footprint[:, 1, 0] - tiles.footprint[:, 0, 0]) * lon_m
+  height = np.abs(tiles.footprint[:, 2, 1] - tiles.footprint[:, 1, 1]) * lat_m
+  np.testing.assert_allclose(width, 320, rtol=0.01)  # whole pixels: within 1% of 320 m
+  np.testing.assert_allclose(height, 320, rtol=0.02)
+  assert scenes.read_tile(tiles.paths()[0]).shape == (32, 32, 3)
+
+
 def test_bad_scenes_and_windows_are_named(tmp_path):
   rng = np.random.default_rng(2)
   geo = _write(
@@ -122,9 +144,15 @@ def test_bad_scenes_and_windows_are_named(tmp_path):
     crs="EPSG:4326",
     transform=from_origin(2.0, 48.0, 1e-4, 1e-4),
   )
-  with pytest.raises(errors.InvalidInput, match="wgs84.tif.*geographic"):
-    scenes.scene_tiles([geo], scenes.Grid.parse("32", "", "10"))
-  scenes.scene_tiles([geo], scenes.Grid.parse("32"))  # pixels: fine in any CRS
+  wide = _write(
+    tmp_path / "wide.tif",
+    rng.integers(0, 255, (3, 64, 64), dtype=np.uint8),
+    crs="EPSG:4326",
+    transform=from_origin(2.0, 60.0, 0.05, 0.05),  # 3.2 degrees of latitude at 58N
+  )
+  with pytest.raises(errors.InvalidInput, match="wide.tif.*geographic.*latitudes 56.8"):
+    scenes.scene_tiles([wide], scenes.Grid.parse("32", "", "10"))
+  scenes.scene_tiles([geo, wide], scenes.Grid.parse("32"))  # pixels: fine in any CRS
   plain = _write(
     tmp_path / "plain.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), crs=None
   )

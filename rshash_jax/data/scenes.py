@@ -26,8 +26,11 @@ whole), resampled to the output size when it differs (average when shrinking, wh
 serves from a COG's overviews where it has them; bilinear when enlarging), then scaled to
 8 bits by the table's `rasters.RasterSpec` like any raster. Scenes of different CRSs and
 resolutions live in one archive: each is cut in its own CRS, and with `gsd` every window
-covers the same ground size at the same output resolution. Ground units need a projected
-CRS (metres, or feet converted); a geographic (degree) CRS is refused by name.
+covers the same ground size at the same output resolution. Ground units in a projected CRS
+are its linear unit converted (metres, feet); in a geographic CRS (degrees) a scene is cut
+at the ground scale of its central latitude (WGS84 ellipsoid), allowed where a degree of
+longitude changes by at most 1% over the scene's latitudes (about 1 degree of latitude at
+45N) and refused by name beyond.
 
 A window is addressed by its tile path, `SCENE#COL,ROW,WIDTH,HEIGHT@OUTWxOUTH` (scene
 pixels, output pixels), wherever a path is taken (codes files, `search`, the service).
@@ -141,14 +144,16 @@ class Grid:
         f"{name}: has no CRS and transform: windows in metres or at a --gsd need a "
         "georeferenced scene (use --tile/--stride in pixels without --gsd)"
       )
-    if not src.crs.is_projected:
+    if src.crs.is_projected:
+      metres = float(src.crs.linear_units_factor[1])  # metres per CRS unit
+      res_x, res_y = (abs(float(r)) * metres for r in src.res)  # metres per scene pixel
+    elif src.crs.is_geographic:
+      res_x, res_y = _geographic_res(src, name)
+    else:
       raise errors.InvalidInput(
-        f"{name}: its CRS ({src.crs.to_string()}) is geographic (degrees): windows in "
-        "metres or at a --gsd need a projected CRS (reproject it, e.g. gdalwarp -t_srs "
-        "EPSG:32633), or use --tile/--stride in pixels without --gsd"
+        f"{name}: its CRS ({src.crs.to_string()}) is neither projected nor geographic: "
+        "windows in metres or at a --gsd need one that is, or use --tile/--stride in pixels"
       )
-    metres = float(src.crs.linear_units_factor[1])  # metres per CRS unit
-    res_x, res_y = (abs(float(r)) * metres for r in src.res)  # metres per scene pixel
     if self.unit == "m":
       tile_m, stride_m = self.tile, self.stride
       out = self.tile / self.gsd if self.gsd else None
@@ -160,6 +165,43 @@ class Grid:
     if max(o) > 1 << 15:
       raise errors.TooLarge(f"{name}: windows of {o[0]} x {o[1]} output pixels")
     return (*win, *step), o
+
+
+# A geographic scene is cut by ground units at one scale for the whole scene: allowed while
+# the metres in a degree of longitude change by at most this fraction over its latitudes.
+GEOGRAPHIC_SCALE_TOLERANCE = 0.01
+
+
+def _metres_per_degree(lat_deg: float) -> Tuple[float, float]:
+  """(metres per degree of longitude, of latitude) on the WGS84 ellipsoid at a latitude
+  (the usual cosine series, accurate to about a centimetre)."""
+  p = math.radians(lat_deg)
+  lon = 111412.84 * math.cos(p) - 93.5 * math.cos(3 * p) + 0.118 * math.cos(5 * p)
+  lat = 111132.92 - 559.82 * math.cos(2 * p) + 1.175 * math.cos(4 * p) - 0.0023 * math.cos(6 * p)
+  return lon, lat
+
+
+def _geographic_res(src, name: str) -> Tuple[float, float]:
+  """Metres per scene pixel (x, y) of a scene in a geographic CRS (degrees), at its central
+  latitude; refused by name where that scale is not close to constant over the scene."""
+  unit = src.crs.units_factor  # (name, radians per unit) of the angular unit
+  to_deg = math.degrees(float(unit[1])) if unit and unit[1] else 1.0
+  b = src.bounds
+  lats = sorted((b.bottom * to_deg, b.top * to_deg))
+  if lats[0] < -90 or lats[1] > 90:
+    raise errors.InvalidInput(f"{name}: latitudes {lats[0]:g}..{lats[1]:g} are out of range")
+  per_lon = [_metres_per_degree(v)[0] for v in (lats[0], lats[1], sum(lats) / 2)]
+  spread = (max(per_lon[:2]) - min(per_lon[:2])) / max(per_lon[2], 1e-9)
+  if lats[0] < -89 or lats[1] > 89 or spread > GEOGRAPHIC_SCALE_TOLERANCE:
+    raise errors.InvalidInput(
+      f"{name}: its CRS ({src.crs.to_string()}) is geographic and the scene spans latitudes "
+      f"{lats[0]:.3f}..{lats[1]:.3f}, over which a degree of longitude changes by "
+      f"{100 * spread:.1f}% on the ground (at most {100 * GEOGRAPHIC_SCALE_TOLERANCE:g}%): "
+      "windows in metres or at a --gsd need a projected CRS for it (reproject it, e.g. "
+      "gdalwarp -t_srs EPSG:32633), or use --tile/--stride in pixels without --gsd"
+    )
+  lon_m, lat_m = _metres_per_degree(sum(lats) / 2)
+  return abs(float(src.res[0])) * to_deg * lon_m, abs(float(src.res[1])) * to_deg * lat_m
 
 
 def _offsets(size: int, win: int, step: int) -> np.ndarray:
