@@ -43,3 +43,12 @@ def test_standardised_equals_the_formula_in_memory(tmp_path, monkeypatch, l2, su
   np.testing.assert_allclose(y, want / want_scale, rtol=1e-6)
   if l2 and fit is None:  # unit rows scaled to a unit RMS entry: every row has norm sqrt(D)
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.sqrt(6), rtol=1e-5)
+
+
+def test_release_collects_and_trims(monkeypatch):
+  calls = []
+  monkeypatch.setattr(scratch, "_malloc_trim", lambda: calls.append)
+  scratch.release()
+  assert calls == [0]  # glibc's malloc_trim(0): every arena, nothing kept
+  monkeypatch.setattr(scratch, "_malloc_trim", lambda: None)  # not glibc: a no-op
+  scratch.release()

@@ -72,9 +72,9 @@ def fit_itq(
     method = "exact" if n * d * 8 <= ITQ_IN_MEMORY_BYTES else "sliced"
   rng = np.random.default_rng(seed)
   if method == "exact":
-    x = np.asarray(train, np.float64)
-    mean = x.mean(axis=0)
-    xc = x - mean
+    xc = np.array(train, np.float64)  # a copy, centred in place: one N x D array, not two
+    mean = xc.mean(axis=0)
+    xc -= mean
     _, _, vt = np.linalg.svd(xc, full_matrices=False)  # PCA: top right singular vectors
     pca = vt[:bits].T
     v = xc @ pca

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
-from rshash_jax import config_defaults
+from rshash_jax import config_defaults, scratch
 from rshash_jax.models import signs
 from rshash_jax.parallel import distributed
 from rshash_jax.retrieval import hamming, metrics
@@ -72,6 +72,7 @@ def evaluate_codes(
   bits = db_codes.shape[1]
   db_p, q_p = hamming.pack_codes(signs.signs(db_codes)), hamming.pack_codes(signs.signs(q_codes))
   report = metrics.retrieval_report(q_p, db_p, q_labels, db_labels, map_ks=map_ks, ks=ks, bits=bits)
+  scratch.release()
   report["bits"] = int(bits)
   report["bit_balance"] = float(np.mean(signs.bits(np.asarray(db_codes))))
   report.update(metrics.code_usage(db_p, bits=bits))
@@ -79,6 +80,7 @@ def evaluate_codes(
     report["neighbour_recall_at"] = metrics.neighbour_recall(
       q_p, db_p, q_reference, db_reference, neighbour_ks
     )
+    scratch.release()
   multilabel = np.asarray(q_labels).ndim == 2
   report["relevance"] = "shares at least one label" if multilabel else "same class"
   if multilabel and q_logits is not None:

@@ -182,6 +182,7 @@ def evaluate(
   t = time.perf_counter()
   db_u, _ = encode(s, state.params, state.constants, s.train_idx)
   q_u, q_logits = encode(s, state.params, state.constants, s.test_idx)
+  scratch.release()
   db_labels, q_labels = s.table.labels[s.train_idx], s.table.labels[s.test_idx]
   ref = _reference_features(s)
   if ref is not None:  # gathered once, into scratch files: not held in process memory
@@ -279,6 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   t_setup = time.perf_counter()
   s = _setup(config, workdir)
   setup_seconds = time.perf_counter() - t_setup
+  scratch.release()  # feature extraction's freed temporaries, before training's
   tc = config.train
   global_batch = tc.batch_size
   if global_batch % jax.process_count():
@@ -349,6 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     "train_seconds": time.perf_counter() - t_train,
     "train_steps": stop - start,
   }
+  scratch.release()  # training's freed temporaries, before evaluation's
   results = evaluate(s, state, workdir, timing)
   params = distributed.to_host(state.params)
   # The trained backbone layers (all, or finetune_from and above) over the pretrained ones.

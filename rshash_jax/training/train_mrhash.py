@@ -428,6 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     h, params = stage2
     method = "mrhash" if len(set(hc.sources)) > 1 else "mrhash_unisource"
   train_seconds = time.perf_counter() - t0
+  scratch.release()  # training's freed temporaries, before evaluation's
   t_eval = time.perf_counter()
   db_codes, q_codes = h[train_idx], h[test_idx]
   report = evaluation.evaluate_codes(
