@@ -385,6 +385,19 @@ def scale_decode():
   return _table(head, rows) + "\n\n" + provenance(name, rec)
 
 
+def _anon(m) -> str:
+  """A peak RssAnon cell: the median (min..max) of repeated runs, or the one run's."""
+  a = (m.get("runs") or {}).get("peak_rss_anon_mib")
+  if not a:
+    return f"{m['peak_rss_anon_mib']:.0f}"
+  return f"{a['median']:.0f} ({a['min']:.0f}..{a['max']:.0f})"
+
+
+def _repeats(entries) -> str:
+  n = {m.get("repeats", 1) for m in entries}
+  return "" if n == {1} else f" (median of {', '.join(str(x) for x in sorted(n))} runs)"
+
+
 def scale_memory():
   name = "scale.json"
   rec = load(name)
@@ -395,12 +408,12 @@ def scale_memory():
       f"{m['images']:,}",
       what[m["run"]],
       f"{m['wall_s']:.0f}",
-      f"{m['peak_rss_anon_mib']:.0f}",
+      _anon(m),
       f"{m['peak_vmrss_mib']:.0f}",
     )
     for m in r["memory"]
   ]
-  head = ("images", "run", "wall s", "peak RssAnon MiB", "peak VmRSS MiB")
+  head = ("images", "run" + _repeats(r["memory"]), "wall s", "peak RssAnon MiB", "peak VmRSS MiB")
   procs = [(f"{p['processes']} x {p['devices']}", f"{p['wall_s']:.1f}") for p in r["processes"]]
   return (
     _table(head, rows)
@@ -418,12 +431,13 @@ def scale_mrhash():
     (
       f"{m['images']:,}",
       f"{m['wall_s']:.0f}",
-      f"{m['peak_rss_anon_mib']:.0f}",
+      _anon(m),
       f"{m['peak_vmrss_mib']:.0f}",
     )
     for m in rec["results"]["mrhash_memory"]
   ]
-  head = ("images", "MrHash wall s", "peak RssAnon MiB", "peak VmRSS MiB")
+  mem = rec["results"]["mrhash_memory"]
+  head = ("images" + _repeats(mem), "MrHash wall s", "peak RssAnon MiB", "peak VmRSS MiB")
   return _table(head, rows) + "\n\n" + provenance(name, rec)
 
 

@@ -13,7 +13,9 @@ once into --archive, ~45 s):
      then a run that trains and evaluates from that cache. Each is a fresh process, polled
      every 20 ms: peak RssAnon (the process's own memory) and peak VmRSS (which also counts
      pages of the memory-mapped feature cache that were read, file-backed and reclaimable).
-     Flat in N means the anonymous peak does not grow with the archive.
+     Flat in N means the anonymous peak does not grow with the archive. Each is run
+     --repeats times (3), interleaved over the sizes; the median and the range are recorded
+     (one run's peak varied by ~40 MiB here).
   3. wall time of the same training run (cache present) on 1 process with 2 devices and on
      2 processes with 1 device each (launch/local.sh), the same global batch.
   4. (--parts=mrhash) peak memory of MrHash tiny runs at 64 px (features of both sources
@@ -148,23 +150,36 @@ def mrhash_cmd(data, workdir, cache):
   ] + _run_flags(cache)
 
 
+def _median_entry(entry: dict, runs) -> dict:
+  """entry with the medians of runs [(wall, anon, rss), ...] and every run's values."""
+  keys = ("wall_s", "peak_rss_anon_mib", "peak_vmrss_mib")
+  spreads = {k: _record.spread([r[i] for r in runs]) for i, k in enumerate(keys)}
+  return {**entry, **{k: spreads[k]["median"] for k in keys}, "repeats": len(runs), "runs": spreads}
+
+
 def mrhash_memory(result, env):
   """Peak memory of MrHash runs (feature extraction of both sources, both stages, eval) on
-  the first N images, for each N of --sizes."""
-  result["mrhash_memory"] = []
+  the first N images, for each N of --sizes; --repeats runs each, interleaved, medians."""
+  sizes = [int(s) for s in ARGS.sizes.split(",")]
+  runs = {n: [] for n in sizes}
+  for rep in range(ARGS.repeats):
+    for n in sizes:
+      data = archive(ARGS.archive, n)
+      work = os.path.join(ARGS.archive, f"mrhash_{n}_{os.getpid()}_{rep}")
+      runs[n].append(
+        run(mrhash_cmd(data, os.path.join(work, "w"), os.path.join(work, "c")), env)[:3]
+      )
+  result["mrhash_memory"] = [_median_entry({"images": n}, runs[n]) for n in sizes]
   print(
-    "\n| images | MrHash run | wall s | peak RssAnon MiB | peak VmRSS MiB |\n|---|---|---|---|---|"
+    f"\n| images | MrHash run (median of {ARGS.repeats}) | wall s | peak RssAnon MiB (min..max) "
+    "| peak VmRSS MiB |\n|---|---|---|---|---|"
   )
-  for n in [int(s) for s in ARGS.sizes.split(",")]:
-    data = archive(ARGS.archive, n)
-    work = os.path.join(ARGS.archive, f"mrhash_{n}_{os.getpid()}")
-    wall, anon, rss, _ = run(
-      mrhash_cmd(data, os.path.join(work, "w"), os.path.join(work, "c")), env
+  for m in result["mrhash_memory"]:
+    a = m["runs"]["peak_rss_anon_mib"]
+    print(
+      f"| {m['images']} | extraction + both stages + eval | {m['wall_s']:.0f} | "
+      f"{a['median']:.0f} ({a['min']:.0f}..{a['max']:.0f}) | {m['peak_vmrss_mib']:.0f} |"
     )
-    result["mrhash_memory"].append(
-      {"images": n, "wall_s": wall, "peak_rss_anon_mib": anon, "peak_vmrss_mib": rss}
-    )
-    print(f"| {n} | extraction + both stages + eval | {wall:.0f} | {anon:.0f} | {rss:.0f} |")
 
 
 def main():
@@ -176,6 +191,9 @@ def main():
   p.add_argument("--max", type=int, default=50000)
   p.add_argument("--sizes", default="10000,50000")
   p.add_argument("--decode_count", type=int, default=4096)
+  p.add_argument(
+    "--repeats", type=int, default=3, help="runs of each memory measurement (interleaved; medians)"
+  )
   p.add_argument(
     "--parts",
     default="decode,memory",
@@ -209,44 +227,37 @@ def main():
   result["memory"], result["processes"] = [], []
 
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  print("\n| images | run | wall s | peak RssAnon MiB | peak VmRSS MiB |\n|---|---|---|---|---|")
   sizes = [int(s) for s in ARGS.sizes.split(",")]
+  runs = {(n, kind): [] for n in sizes for kind in ("extract", "cached")}
+  for rep in range(ARGS.repeats):  # interleaved over sizes; each repeat extracts afresh
+    for n in sizes:
+      data = archive(ARGS.archive, n)
+      work = os.path.join(ARGS.archive, f"runs_{n}_{os.getpid()}_{rep}")
+      cache = os.path.join(work, "cache")
+      for kind in ("extract", "cached"):
+        runs[n, kind].append(run(train_cmd(data, os.path.join(work, kind), cache), env)[:3])
+  what = {
+    "extract": "feature extraction + training + eval",
+    "cached": "training + eval (cached features)",
+  }
+  print(
+    f"\n| images | run (median of {ARGS.repeats}) | wall s | peak RssAnon MiB (min..max) | "
+    "peak VmRSS MiB |\n|---|---|---|---|---|"
+  )
   for n in sizes:
-    data = archive(ARGS.archive, n)
-    work = os.path.join(ARGS.archive, f"runs_{n}_{os.getpid()}")
-    cache = os.path.join(work, "cache")
-    wall, anon, rss, _ = run(train_cmd(data, os.path.join(work, "extract"), cache), env)
-    result["memory"].append(
-      {
-        "images": n,
-        "run": "extract",
-        "wall_s": wall,
-        "peak_rss_anon_mib": anon,
-        "peak_vmrss_mib": rss,
-      }
-    )
-    print(
-      f"| {n} | feature extraction + training + eval | {wall:.0f} | {anon:.0f} | {rss:.0f} |",
-      flush=True,
-    )
-    wall, anon, rss, out = run(train_cmd(data, os.path.join(work, "train"), cache), env)
-    result["memory"].append(
-      {
-        "images": n,
-        "run": "cached",
-        "wall_s": wall,
-        "peak_rss_anon_mib": anon,
-        "peak_vmrss_mib": rss,
-      }
-    )
-    print(
-      f"| {n} | training + eval (cached features) | {wall:.0f} | {anon:.0f} | {rss:.0f} |",
-      flush=True,
-    )
+    for kind in ("extract", "cached"):
+      m = _median_entry({"images": n, "run": kind}, runs[n, kind])
+      result["memory"].append(m)
+      a = m["runs"]["peak_rss_anon_mib"]
+      print(
+        f"| {n} | {what[kind]} | {m['wall_s']:.0f} | {a['median']:.0f} "
+        f"({a['min']:.0f}..{a['max']:.0f}) | {m['peak_vmrss_mib']:.0f} |",
+        flush=True,
+      )
 
   n = sizes[0]
   data = archive(ARGS.archive, n)
-  cache = os.path.join(ARGS.archive, f"runs_{n}_{os.getpid()}", "cache")
+  cache = os.path.join(ARGS.archive, f"runs_{n}_{os.getpid()}_0", "cache")
   print("\n| processes x devices | training + eval wall s (cached features) |\n|---|---|")
   wall, _, _, _ = run(train_cmd(data, os.path.join(ARGS.archive, f"p1_{os.getpid()}"), cache), env)
   print(f"| 1 x 2 | {wall:.1f} |", flush=True)
