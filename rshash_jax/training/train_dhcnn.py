@@ -30,8 +30,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from rshash_jax import config_defaults, errors
-from rshash_jax import scratch
+from rshash_jax import config_defaults, errors, scratch
 from rshash_jax.data import datasets, features
 from rshash_jax.models import backbones, baselines, dhcnn
 from rshash_jax.parallel import distributed, sharding

@@ -26,8 +26,7 @@ from absl import logging
 from clu import metric_writers
 from scipy.cluster import vq
 
-from rshash_jax import config_defaults, errors
-from rshash_jax import scratch
+from rshash_jax import config_defaults, errors, scratch
 from rshash_jax.data import datasets, features, input_pipeline, multisource
 from rshash_jax.models import backbones, baselines, kmeans as kmeans_lib, mrhash, signs
 from rshash_jax.parallel import distributed, sharding
