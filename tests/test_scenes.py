@@ -114,16 +114,16 @@ def test_ground_units_over_two_crs_and_resolutions(tmp_path):
   assert tiles.crs[0] != tiles.crs[1]
 
 
+def _degrees(path, rng, top: float, res: float):
+  """A 64 x 64 px scene in EPSG:4326 (lon/lat degrees) from (2E, top) with pixels of res."""
+  data = rng.integers(0, 255, (3, 64, 64), dtype=np.uint8)
+  return _write(path, data, crs="EPSG:4326", transform=from_origin(2.0, top, res, res))
+
+
 def test_ground_units_in_a_geographic_crs(tmp_path):
   """A small scene in degrees is cut at its central latitude's ground scale (WGS84): at
   47.997N, 1e-4 degree pixels are about 7.46 m wide and 11.12 m tall."""
-  rng = np.random.default_rng(4)
-  geo = _write(
-    tmp_path / "wgs84.tif",
-    rng.integers(0, 255, (3, 64, 64), dtype=np.uint8),
-    crs="EPSG:4326",
-    transform=from_origin(2.0, 48.0, 1e-4, 1e-4),
-  )
+  geo = _degrees(tmp_path / "wgs84.tif", np.random.default_rng(4), 48.0, 1e-4)
   tiles, _ = scenes.scene_tiles([geo], scenes.Grid.parse("32", "", "10"))  # 320 m windows
   assert (tiles.window[:, 2:] == [43, 29]).all() and (tiles.out == 32).all()
   lat = np.radians(tiles.centre[:, 1])
@@ -138,18 +138,8 @@ def test_ground_units_in_a_geographic_crs(tmp_path):
 
 def test_bad_scenes_and_windows_are_named(tmp_path):
   rng = np.random.default_rng(2)
-  geo = _write(
-    tmp_path / "wgs84.tif",
-    rng.integers(0, 255, (3, 64, 64), dtype=np.uint8),
-    crs="EPSG:4326",
-    transform=from_origin(2.0, 48.0, 1e-4, 1e-4),
-  )
-  wide = _write(
-    tmp_path / "wide.tif",
-    rng.integers(0, 255, (3, 64, 64), dtype=np.uint8),
-    crs="EPSG:4326",
-    transform=from_origin(2.0, 60.0, 0.05, 0.05),  # 3.2 degrees of latitude at 58N
-  )
+  geo = _degrees(tmp_path / "wgs84.tif", rng, 48.0, 1e-4)
+  wide = _degrees(tmp_path / "wide.tif", rng, 60.0, 0.05)  # 3.2 degrees of latitude at 58N
   with pytest.raises(errors.InvalidInput, match="wide.tif.*geographic.*latitudes 56.8"):
     scenes.scene_tiles([wide], scenes.Grid.parse("32", "", "10"))
   scenes.scene_tiles([geo, wide], scenes.Grid.parse("32"))  # pixels: fine in any CRS
