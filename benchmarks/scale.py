@@ -150,6 +150,11 @@ def mrhash_cmd(data, workdir, cache):
   ] + _run_flags(cache)
 
 
+def _cell(spread: dict) -> str:
+  """A table cell of repeated runs: median (min..max)."""
+  return f"{spread['median']:.0f} ({spread['min']:.0f}..{spread['max']:.0f})"
+
+
 def _median_entry(entry: dict, runs) -> dict:
   """entry with the medians of runs [(wall, anon, rss), ...] and every run's values."""
   keys = ("wall_s", "peak_rss_anon_mib", "peak_vmrss_mib")
@@ -175,10 +180,9 @@ def mrhash_memory(result, env):
     "| peak VmRSS MiB |\n|---|---|---|---|---|"
   )
   for m in result["mrhash_memory"]:
-    a = m["runs"]["peak_rss_anon_mib"]
     print(
       f"| {m['images']} | extraction + both stages + eval | {m['wall_s']:.0f} | "
-      f"{a['median']:.0f} ({a['min']:.0f}..{a['max']:.0f}) | {m['peak_vmrss_mib']:.0f} |"
+      f"{_cell(m['runs']['peak_rss_anon_mib'])} | {m['peak_vmrss_mib']:.0f} |"
     )
 
 
@@ -248,10 +252,9 @@ def main():
     for kind in ("extract", "cached"):
       m = _median_entry({"images": n, "run": kind}, runs[n, kind])
       result["memory"].append(m)
-      a = m["runs"]["peak_rss_anon_mib"]
       print(
-        f"| {n} | {what[kind]} | {m['wall_s']:.0f} | {a['median']:.0f} "
-        f"({a['min']:.0f}..{a['max']:.0f}) | {m['peak_vmrss_mib']:.0f} |",
+        f"| {n} | {what[kind]} | {m['wall_s']:.0f} | {_cell(m['runs']['peak_rss_anon_mib'])} | "
+        f"{m['peak_vmrss_mib']:.0f} |",
         flush=True,
       )
 

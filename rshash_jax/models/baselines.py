@@ -26,7 +26,7 @@ class LinearHash:
   mean: np.ndarray
   projection: np.ndarray
 
-  def __call__(self, x: np.ndarray, rows: int = 1 << 16) -> np.ndarray:
+  def __call__(self, x: np.ndarray, rows: int = scratch.ROWS) -> np.ndarray:
     """Codes of x [N, D] (memory-mapped or not), in slices of `rows` rows."""
     if x.shape[0] <= rows:
       return signs.signs((np.asarray(x, np.float64) - self.mean) @ self.projection)

@@ -50,7 +50,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from rshash_jax import config_defaults, errors
+from rshash_jax import config_defaults, errors, scratch
 from rshash_jax.parallel import sharding
 from rshash_jax.retrieval import hamming
 
@@ -338,11 +338,9 @@ def neighbour_recall(
   embeddings [Q, D] / [N, D] of the same queries and database items, for each k < N."""
   q, _ = _codes("q_codes", q_codes)
   db, _ = _codes("db_codes", db_codes)
-  # The database reference may be memory-mapped: read as it is, scaled by its rows' inverse
-  # norms in each block rather than copied to unit rows.
-  qr = unit_rows(q_reference)
-  dr = db_reference if getattr(db_reference, "dtype", None) == np.float32 else None
-  dr = np.asarray(db_reference, np.float32) if dr is None else dr
+  # The database reference may be memory-mapped: read as it is (no copy when float32),
+  # scaled by its rows' inverse norms in each block rather than copied to unit rows.
+  qr, dr = unit_rows(q_reference), np.asarray(db_reference, np.float32)
   if qr.shape[0] != q.shape[0] or dr.shape[0] != db.shape[0] or qr.shape[1] != dr.shape[1]:
     raise errors.InvalidInput(
       f"reference embeddings {qr.shape} / {dr.shape} do not match {q.shape[0]} queries and "
@@ -351,8 +349,8 @@ def neighbour_recall(
   # k >= N finds every item whatever the codes: such k are left out.
   ks = tuple(k for k in _valid_ks(ks, db.shape[0]) if k < db.shape[0])
   inv_norm = np.empty(dr.shape[0], np.float32)
-  for i in range(0, dr.shape[0], 1 << 16):
-    rows = slice(i, i + (1 << 16))
+  for i in range(0, dr.shape[0], scratch.ROWS):
+    rows = slice(i, i + scratch.ROWS)
     inv_norm[rows] = 1 / np.maximum(np.linalg.norm(dr[rows], axis=1), 1e-12)
   found = {k: [] for k in ks}
   step = max(1, _MAX_BLOCK // db.shape[0])

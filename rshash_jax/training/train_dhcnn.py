@@ -184,6 +184,7 @@ def evaluate(
   scratch.release()
   db_labels, q_labels = s.table.labels[s.train_idx], s.table.labels[s.test_idx]
   ref = _reference_features(s)
+  ref_db = ref_q = None
   if ref is not None:  # gathered once, into scratch files: not held in process memory
     tmp = config_defaults.scratch_dir(workdir)
     ref_db, ref_q = scratch.take(ref, s.train_idx, tmp), scratch.take(ref, s.test_idx, tmp)
@@ -196,8 +197,8 @@ def evaluate(
     ks=tuple(config.eval.ks),
     q_predictions=np.argmax(q_logits, axis=1),
     q_logits=q_logits,
-    db_reference=None if ref is None else ref_db,
-    q_reference=None if ref is None else ref_q,
+    db_reference=ref_db,
+    q_reference=ref_q,
   )
   itq = None
   if ref is not None:  # the same run's ITQ on the reference features of the seen classes
